@@ -1,0 +1,1 @@
+"""Benchmark entry points; each prints its figures and saves them under results/."""

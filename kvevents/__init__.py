@@ -1,0 +1,1 @@
+"""Engine-facing KV-cache events: wire codecs, subscribers, block keys, tokenizers."""

@@ -1,0 +1,1 @@
+"""The router node: membership, gossip, routing policies, HTTP API and CLI."""

@@ -1,0 +1,45 @@
+"""The ``kvmesh`` command.
+
+Each subcommand lives in its own module that exposes ``register(subparsers)``;
+the module adds its parser and sets ``func`` (``argparse.Namespace -> int``).
+Modules are imported lazily by name so ``kvmesh --help`` stays fast and a
+broken optional dependency only breaks its own subcommand. Adding a
+subcommand is one line in ``SUBCOMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+# name -> (module path, one-line help). Keep sorted by name.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "version": ("mesh.cli_version", "print the kvmesh version"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmesh",
+        description="A decentralized CRDT mesh of LLM inference routers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in sorted(SUBCOMMANDS.items()):
+        register: Callable[[argparse.ArgumentParser], None] = importlib.import_module(
+            module
+        ).register
+        register(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

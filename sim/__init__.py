@@ -1,0 +1,1 @@
+"""The engine simulator, workloads and the discrete-event simulator."""
