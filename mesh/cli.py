@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 # name -> (module path, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("mesh.cli_bench", "run a benchmark or evaluation scenario (--list)"),
     "version": ("mesh.cli_version", "print the kvmesh version"),
 }
 
