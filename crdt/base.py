@@ -40,14 +40,21 @@ class Replicated(Protocol[D]):
 
     def digest(self) -> dict[str, Version]: ...
 
-    def delta_since(self, peer: Digest, max_bytes: int | None = None) -> D:
-        """What a peer with digest ``peer`` lacks, cut to ``max_bytes`` (stalest origins first)."""
+    def delta_since(self, peer: Digest, now: float, max_bytes: int | None = None) -> D:
+        """What a peer with digest ``peer`` lacks, cut to ``max_bytes`` (stalest origins first).
+
+        ``now`` is the caller's monotonic clock, for types that ship ages (load records).
+        """
         ...
 
     def delta_from_wire(self, obj: object) -> D:
         """Rebuild a delta from ``Delta.to_wire()`` output; raises ``DecodeError`` only."""
         ...
 
-    def merge(self, delta: D) -> bool:
-        """Join ``delta`` into this state; True when anything changed."""
+    def merge(self, delta: D, now: float) -> bool:
+        """Join ``delta`` into this state; True when anything changed.
+
+        ``now`` is the caller's monotonic clock: it stamps receipt (ages, expiry), it never
+        orders versions.
+        """
         ...
