@@ -1,0 +1,122 @@
+# Shared helpers for kvmesh's setup scripts. Every step is idempotent: it checks
+# before it acts, so a second run takes seconds.
+# shellcheck shell=bash
+
+KVMESH_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+KVMESH_VENV="${KVMESH_VENV:-$KVMESH_ROOT/.venv}"
+KVMESH_BASE_IMAGE="${KVMESH_BASE_IMAGE:-kvmesh-base:bookworm}"
+KVMESH_IMAGE="${KVMESH_IMAGE:-kvmesh:dev}"
+KVMESH_CACHE="${KVMESH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kvmesh}"
+
+log() { printf '[kvmesh setup] %s\n' "$*" >&2; }
+die() { printf '[kvmesh setup] error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        die "need root to run: $*"; fi
+}
+
+_apt_updated=0
+apt_install() {  # apt_install PKG... — installs only the missing ones
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+    if [ "$_apt_updated" -eq 0 ]; then
+        log "apt-get update"
+        as_root apt-get update -qq >/dev/null
+        _apt_updated=1
+    fi
+    log "installing ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_python() {  # venv with kvmesh (editable) and the extras given, e.g. ensure_python test
+    local extras="${1:-}" spec="."
+    [ -n "$extras" ] && spec=".[$extras]"
+    if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+        apt_install python3-venv
+    fi
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "kvmesh needs Python >= 3.11 (found $(python3 --version 2>&1))"
+    [ -x "$KVMESH_VENV/bin/python" ] || { log "creating $KVMESH_VENV"; python3 -m venv "$KVMESH_VENV"; }
+    local stamp="$KVMESH_VENV/.kvmesh-installed" want
+    want="$(sha256sum "$KVMESH_ROOT/pyproject.toml" | cut -c1-16) $spec"
+    if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+        log "pip install -e '$spec'"
+        "$KVMESH_VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        (cd "$KVMESH_ROOT" && "$KVMESH_VENV/bin/python" -m pip install -q -e "$spec") \
+            || die "pip install failed"
+        echo "$want" >> "$stamp"
+    fi
+}
+
+ensure_redis() {
+    command -v redis-server >/dev/null || apt_install redis-server
+    # Debian starts a system redis on 6379 where systemd runs; tests start their own.
+}
+
+ensure_docker() {
+    command -v dockerd >/dev/null || apt_install docker.io
+    if docker info >/dev/null 2>&1; then return 0; fi
+    if ! pgrep -x dockerd >/dev/null; then
+        log "starting dockerd"
+        as_root sh -c 'setsid dockerd >/var/log/kvmesh-dockerd.log 2>&1 < /dev/null &'
+    fi
+    local i
+    for i in $(seq 1 60); do
+        docker info >/dev/null 2>&1 && return 0
+        sleep 1
+    done
+    die "dockerd did not answer within 60 s (see /var/log/kvmesh-dockerd.log)"
+}
+
+ensure_base_image() {
+    # No registry is reachable here, so the base image is built from Debian packages.
+    if docker image inspect "$KVMESH_BASE_IMAGE" >/dev/null 2>&1; then return 0; fi
+    apt_install debootstrap
+    mkdir -p "$KVMESH_CACHE"
+    local tarball="$KVMESH_CACHE/base-bookworm.tar"
+    if [ ! -s "$tarball" ]; then
+        local rootfs
+        rootfs="$(mktemp -d "$KVMESH_CACHE/rootfs.XXXXXX")"
+        log "debootstrap bookworm (python3, redis-server) into $rootfs"
+        as_root debootstrap --variant=minbase \
+            --include=python3,python3-venv,redis-server,procps,iproute2 \
+            bookworm "$rootfs" http://deb.debian.org/debian >/dev/null \
+            || die "debootstrap failed"
+        as_root tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+        as_root rm -rf "$rootfs"
+    fi
+    log "docker import $KVMESH_BASE_IMAGE"
+    docker import "$tarball" "$KVMESH_BASE_IMAGE" >/dev/null || die "docker import failed"
+}
+
+ensure_kvmesh_image() {
+    # Rebuilt when the source changes: the tag carries a hash of the tracked tree.
+    local src_hash
+    src_hash="$(cd "$KVMESH_ROOT" && { git ls-files -z -- pyproject.toml mesh crdt kvevents sim bench deploy/Dockerfile 2>/dev/null \
+        | xargs -0 sha256sum 2>/dev/null; } | sha256sum | cut -c1-12)"
+    if docker image inspect "$KVMESH_IMAGE" --format '{{ index .Config.Labels "kvmesh.src" }}' 2>/dev/null \
+        | grep -qx "$src_hash"; then return 0; fi
+    local ctx
+    ctx="$(mktemp -d)"
+    log "building wheels for the kvmesh image"
+    # async-timeout: redis needs it on Python < 3.11.3 (Debian bookworm ships 3.11.2).
+    "$KVMESH_VENV/bin/python" -m pip wheel -q --wheel-dir "$ctx/wheels" "$KVMESH_ROOT" \
+        "async-timeout>=4.0.3" >/dev/null \
+        || die "pip wheel failed"
+    cp "$KVMESH_ROOT/deploy/Dockerfile" "$ctx/Dockerfile"
+    log "docker build $KVMESH_IMAGE (BASE_IMAGE=$KVMESH_BASE_IMAGE)"
+    if ! docker build --build-arg "BASE_IMAGE=$KVMESH_BASE_IMAGE" --label "kvmesh.src=$src_hash" \
+        -t "$KVMESH_IMAGE" "$ctx" >"$ctx.log" 2>&1; then
+        tail -n 30 "$ctx.log" >&2
+        die "docker build failed"
+    fi
+    rm -f "$ctx.log"
+    rm -rf "$ctx"
+    docker image prune -f >/dev/null 2>&1 || true
+}

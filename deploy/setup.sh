@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sets up everything kvmesh needs on a Debian machine, idempotently.
+#   deploy/setup.sh          Python venv with kvmesh (enough for `kvmesh demo`)
+#   deploy/setup.sh --full   plus the test extras, Redis, Docker, the base and kvmesh images
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+if [ "${1:-}" = "--full" ]; then
+    ensure_python test
+    ensure_redis
+    ensure_docker
+    ensure_base_image
+    ensure_kvmesh_image
+else
+    ensure_python ""
+fi
+log "ready"
