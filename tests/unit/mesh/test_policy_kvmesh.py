@@ -1,0 +1,101 @@
+"""The default policy: expected TTFT, stale-load discount, own dispatches, near-tie spread."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
+from mesh.policies.ttft import ExpectedTtft
+
+
+class Index:
+    def __init__(self, held: Mapping[str, int]) -> None:
+        self.held = held
+
+    def match(self, keys: Sequence[int]) -> Mapping[str, int]:
+        return {r: min(n, len(keys)) for r, n in self.held.items()}
+
+
+REGIONS = {"us": RegionView("us"), "eu": RegionView("eu", rtt=0.09),
+           "asia": RegionView("asia", rtt=0.2)}
+REQ = Request("r", token_ids=list(range(2048)), keys=list(range(128)), block_size=16)
+PARAMS = {"prefill_rate": 4000.0}
+
+
+def rep(name: str, region: str = "us", **kw: object) -> ReplicaView:
+    return ReplicaView(replica=f"http://{name}", region=region, **kw)  # type: ignore[arg-type]
+
+
+def test_cached_prefix_wins_and_the_cost_parts_add_up() -> None:
+    v = View("us", (rep("a"), rep("b")), REGIONS, prefix=Index({"http://b": 120}))
+    d = make_policy("kvmesh", PARAMS).decide(REQ, v, 0.0, random.Random(0))
+    assert d.replica == "http://b" and d.matched_blocks == 120
+    best = d.candidates[0]
+    parts = dict(best.parts)
+    assert abs(parts["prefill"] - (2048 - 120 * 16) / 4000.0) < 1e-12
+    assert abs(best.cost - (parts["rtt"] + parts["queue"] + parts["prefill"] + parts["decode"])) \
+        < 1e-12
+    assert d.reason.startswith("kvmesh ttft=") and "prefix=120/128" in d.reason
+
+
+def test_remote_cache_is_used_when_it_beats_the_round_trip() -> None:
+    reps = (rep("a"), rep("e", "eu"), rep("s", "asia"))
+    v = View("us", reps, REGIONS, prefix=Index({"http://e": 128, "http://s": 128}))
+    # Local cold prefill: 0.51 s; eu: 0.09 s + 1 token -> eu (asia is farther).
+    assert make_policy("kvmesh", PARAMS).decide(REQ, v, 0.0, random.Random(0)).replica == "http://e"
+    short = Request("s", token_ids=list(range(200)), keys=list(range(12)), block_size=16)
+    # 200 cold tokens at home (0.05 s) beat a 0.09 s round trip.
+    assert make_policy("kvmesh", PARAMS).decide(short, v, 0.0, random.Random(0)).replica == \
+        "http://a"
+
+
+def test_saturated_home_region_pushes_work_abroad() -> None:
+    reps = (rep("a", waiting=30, running=40), rep("b", waiting=25, running=40), rep("e", "eu"))
+    v = View("us", reps, REGIONS, mean_prompt_tokens=500)
+    d = make_policy("kvmesh", PARAMS).decide(REQ, v, 0.0, random.Random(0))
+    assert d.replica == "http://e"
+    assert dict(d.candidates[0].parts)["rtt"] == 0.09
+
+
+def test_own_dispatches_count_at_once() -> None:
+    policy = ExpectedTtft(PARAMS)
+    reps = [rep(n) for n in "abcd"]
+    rng = random.Random(7)
+    picks = []
+    for _ in range(8):
+        d = policy.decide(REQ, View("us", tuple(reps), REGIONS), 0.0, rng)
+        picks.append(d.replica)
+        reps = [replace(r, fresh=r.fresh + 1) if r.replica == d.replica else r for r in reps]
+    assert Counter(picks) == {f"http://{n}": 2 for n in "abcd"}
+
+
+def test_herd_many_routers_sharing_one_stale_view_spread_their_choices() -> None:
+    # One replica looked idle 10 s ago, the others had a short queue. Thirty-two routers
+    # share that view and decide at the same moment.
+    reps = tuple(
+        rep(f"r{i}", waiting=0.0 if i == 0 else 2.0, load_age=10.0) for i in range(8)
+    )
+    stale = View("us", reps, REGIONS)
+    picks = Counter(
+        ExpectedTtft(PARAMS).decide(REQ, stale, 0.0, random.Random(seed)).replica
+        for seed in range(32)
+    )
+    assert len(picks) >= 4
+    assert max(picks.values()) <= 16
+    # The same figures measured just now are trusted: everybody takes the idle replica.
+    fresh = View("us", tuple(replace(r, load_age=0.0) for r in reps), REGIONS)
+    fresh_picks = Counter(
+        ExpectedTtft(PARAMS).decide(REQ, fresh, 0.0, random.Random(seed)).replica
+        for seed in range(32)
+    )
+    assert fresh_picks == {"http://r0": 32}
+
+
+def test_gossiped_inflight_from_other_routers_counts_as_queue() -> None:
+    reps = (rep("a", inflight=6), rep("b"))
+    d = make_policy("kvmesh", PARAMS).decide(REQ, View("us", reps, REGIONS), 0.0,
+                                             random.Random(0))
+    assert d.replica == "http://b"
