@@ -78,7 +78,12 @@ def test_every_repeats_until_stopped() -> None:
 def test_stop_returns_after_the_current_event() -> None:
     loop = EventLoop()
     seen: list[int] = []
-    loop.at(1.0, lambda: (seen.append(1), loop.stop()))
+
+    def first() -> None:
+        seen.append(1)
+        loop.stop()
+
+    loop.at(1.0, first)
     loop.at(2.0, seen.append, 2)
     loop.run()
     assert seen == [1]

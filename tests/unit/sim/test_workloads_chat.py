@@ -85,7 +85,8 @@ def _similarity(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 def test_within_user_similarity_exceeds_cross_user_similarity() -> None:
     reqs = _drive(chat_workload(ARENA, {"us": 12}, seed=2, horizon_s=60), 10)
     firsts = [r for r in reqs if r.turn == 0]
-    within, across = [], []
+    within: list[float] = []
+    across: list[float] = []
     for i, a in enumerate(firsts):
         for b in firsts[i + 1 :]:
             (within if a.user == b.user else across).append(_similarity(a.prompt, b.prompt))
