@@ -1,0 +1,239 @@
+"""The router's HTTP surface: OpenAI-compatible inference routes plus probes and metrics.
+
+Requests are parsed and validated here, before any routing: a body that is not a JSON
+object, a missing ``model``, empty ``messages`` or a malformed ``prompt`` is a 400 in
+OpenAI's error format (``{"error": {"message", "type", "param", "code"}}``), counted, and
+never reaches an engine. Every other error the router produces (404, 405, 503 when no
+replica can serve, 502 when every attempt failed) uses the same format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from kvevents.tokenizer import Tokenizer
+
+log = logging.getLogger("kvmesh.api")
+
+MAX_BODY = 64 * 1024 * 1024
+SESSION_HEADERS = ("x-session-id", "x-kvmesh-session", "x-hash-key", "x-user-id")
+"""Headers a session (affinity) key is read from, in this order; then the body's ``user``."""
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def response(self, headers: Mapping[str, str] | None = None) -> web.Response:
+        return error_response(self.status, self.message, type=self.type, param=self.param,
+                              code=self.code, headers=headers)
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class Inference:
+    """A validated inference request, with the prompt tokens the engine will see."""
+
+    kind: str
+    """``chat`` or ``completion``."""
+    path: str
+    body: dict[str, Any]
+    raw: bytes
+    model: str
+    stream: bool
+    token_ids: list[int]
+    session: str | None
+    max_tokens: int
+
+
+def _require_model(body: Mapping[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "you must provide a model parameter", param="model")
+    return model
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    )
+
+
+def parse_inference(
+    kind: str, path: str, raw: bytes, headers: Mapping[str, str], tokenizer: Tokenizer
+) -> Inference:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    model = _require_model(body)
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", param="stream")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        raise ApiError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+    tokens = _chat_tokens if kind == "chat" else _prompt_tokens
+    token_ids = tokens(body, tokenizer)
+    session = None
+    for h in SESSION_HEADERS:
+        if headers.get(h):
+            session = headers[h]
+            break
+    user = body.get("user")
+    if session is None and isinstance(user, str) and user:
+        session = user
+    return Inference(kind, path, body, raw, model, stream, token_ids, session, max_tokens or 0)
+
+
+def _chat_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty array of messages", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        if not isinstance(m.get("role"), str) or not m["role"]:
+            raise ApiError(400, f"messages[{i}].role must be a non-empty string",
+                           param=f"messages[{i}].role")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise ApiError(400, f"messages[{i}].content must be a string or an array of parts",
+                           param=f"messages[{i}].content")
+    try:
+        text = tokenizer.apply_chat_template(messages)
+    except ValueError as exc:
+        raise ApiError(400, f"cannot render messages: {exc}", param="messages") from None
+    return tokenizer.encode(text)
+
+
+def _prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if _int_list(prompt) and prompt:
+        return list(prompt)
+    if isinstance(prompt, list) and prompt:
+        # A batch: route on its first prompt, the engine serves them all.
+        first = prompt[0]
+        if all(isinstance(p, str) for p in prompt):
+            return tokenizer.encode(first)
+        if all(_int_list(p) and p for p in prompt):
+            return list(first)
+    raise ApiError(
+        400,
+        "'prompt' must be a string, an array of strings, an array of token ids, "
+        "or an array of token-id arrays",
+        param="prompt",
+    )
+
+
+class Service(Protocol):
+    """What the HTTP layer needs from the router."""
+
+    tokenizer: Tokenizer
+
+    async def infer(self, request: web.Request, inference: Inference) -> web.StreamResponse: ...
+
+    async def models(self, request: web.Request) -> web.Response: ...
+
+    async def health(self, request: web.Request) -> web.Response: ...
+
+    async def ready(self, request: web.Request) -> web.Response: ...
+
+    async def metrics(self, request: web.Request) -> web.Response: ...
+
+    async def status(self, request: web.Request) -> web.Response: ...
+
+    def count_rejected(self, path: str, reason: str) -> None: ...
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """404/405/413 and unexpected failures as OpenAI error JSON, never HTML or a trace."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        message = exc.reason
+        if exc.status == 404:
+            message = f"no route for {request.method} {request.path}"
+        elif exc.status == 413:
+            message = f"request body is larger than {MAX_BODY} bytes"
+        return error_response(exc.status, message, type=kind, headers=None)
+
+
+def build_app(
+    service: Service, extra_routes: Iterable[web.AbstractRouteDef] = ()
+) -> web.Application:
+    app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY)
+
+    def inference(kind: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            raw = await request.read()
+            try:
+                parsed = parse_inference(kind, request.path, raw, request.headers,
+                                         service.tokenizer)
+            except ApiError as exc:
+                service.count_rejected(request.path, exc.param or "body")
+                log.info("rejected %s: %s", request.path, exc.message)
+                return exc.response()
+            return await service.infer(request, parsed)
+
+        return handle
+
+    app.add_routes([
+        web.post("/v1/completions", inference("completion")),
+        web.post("/v1/chat/completions", inference("chat")),
+        web.get("/v1/models", service.models),
+        web.get("/health", service.health),
+        web.get("/ready", service.ready),
+        web.get("/metrics", service.metrics),
+        web.get("/mesh/status", service.status),
+    ])
+    app.add_routes(list(extra_routes))
+    return app

@@ -1,0 +1,346 @@
+"""Router configuration: a YAML file, then ``KVMESH_<KEY>`` variables, then flags.
+
+Every problem is one :class:`ConfigError` that names the offending key, so
+``kvmesh router`` can print one line and exit with status 2. ``${NAME}`` in a string
+value of the file is replaced by the environment variable ``NAME`` (a missing variable
+is an error naming the key). Policy parameters are checked by building the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from mesh.policies import DEFAULT_POLICY, PolicyError, make_policy
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message starts with the key at fault."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    url: str
+    """The engine's OpenAI-compatible base URL; also the replica's id across the mesh."""
+    kv_events: str | None = None
+    """ZMQ endpoint (``tcp://host:5557``) or Redis stream URL (``redis://host:6379/0#stream``)."""
+    replay: str | None = None
+    """ZMQ replay (ROUTER) endpoint for gap recovery, if the engine offers one."""
+    prefill_rate: float | None = None
+    """Prefill tokens/s of the engine's profile (the kvmesh cost model); None: policy default."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    region: str
+    listen: str = "0.0.0.0:8000"
+    node_id: str = ""
+    advertise: str = ""
+    engines: tuple[EngineConfig, ...] = ()
+    peers: tuple[str, ...] = ()
+    mesh_key: str | None = None
+    policy: str = DEFAULT_POLICY
+    policy_params: Mapping[str, object] = field(default_factory=dict)
+    tokenizer: str = "builtin"
+    block_size: int = 16
+    health_interval: float = 0.1
+    """Seconds between engine /health + /metrics scrapes."""
+    health_timeout: float = 1.0
+    connect_timeout: float = 2.0
+    request_timeout: float = 600.0
+    max_attempts: int = 3
+    """Dispatch attempts per request (retries before the first byte on the next-best target)."""
+    max_queue: int = 10_000
+    """Requests allowed to wait in this router's FCFS queue (selective pushing); then 503."""
+    rtt: Mapping[str, float] = field(default_factory=dict)
+    """Static round-trip estimates to other regions, seconds (used until measured)."""
+    emulate_rtt: Mapping[str, float] = field(default_factory=dict)
+    """User-space emulated round trip added to forwards into each region, seconds (demo)."""
+    gossip: Mapping[str, object] = field(default_factory=dict)
+    """Options handed to the gossip node as they are."""
+    seed: int | None = None
+    log_level: str = "info"
+
+    @property
+    def host(self) -> str:
+        return split_hostport(self.listen, "listen")[0]
+
+    @property
+    def port(self) -> int:
+        return split_hostport(self.listen, "listen")[1]
+
+
+KEYS = tuple(f.name for f in fields(RouterConfig))
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_LOG_LEVELS = {"debug", "info", "warning", "error"}
+
+
+def split_hostport(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _http_url(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected an http(s) URL, got {value!r}")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(key, f"expected an http(s) URL, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {value!r}") from None
+    return value.rstrip("/")
+
+
+def _event_source(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"expected a ZMQ endpoint or a Redis URL, got {value!r}")
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in {"tcp", "ipc", "inproc", "redis", "rediss"}:
+        raise ConfigError(key, f"expected tcp://, ipc:// or redis:// endpoint, got {value!r}")
+    return value
+
+
+def _string(value: object, key: str, *, allow_empty: bool = False) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or (not value and not allow_empty):
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _number(value: object, key: str, *, integer: bool = False, minimum: float = 0) -> Any:
+    if isinstance(value, str):
+        with contextlib.suppress(yaml.YAMLError):
+            value = yaml.safe_load(value)
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"expected {kind} >= {minimum:g}, got {value!r}")
+    if (integer and not isinstance(value, int)) or value < minimum or value != value:
+        raise ConfigError(key, f"expected {kind} >= {minimum:g}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _mapping(value: object, key: str) -> dict[str, object]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = _parse_structured(value, key)
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(key, f"expected a mapping, got {value!r}")
+    return dict(value)
+
+
+def _region_seconds(value: object, key: str) -> dict[str, float]:
+    return {k: _number(v, f"{key}.{k}") for k, v in _mapping(value, key).items()}
+
+
+def _parse_structured(text: str, key: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"not valid YAML or JSON: {exc}") from None
+
+
+def _engines(value: object) -> tuple[EngineConfig, ...]:
+    if isinstance(value, str):
+        value = _parse_structured(value, "engines")
+    if value is None:
+        return ()
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ConfigError("engines", f"expected a list of engines, got {value!r}")
+    out = []
+    seen = set()
+    for i, item in enumerate(value):
+        key = f"engines[{i}]"
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, Mapping):
+            raise ConfigError(key, f"expected a mapping with 'url', got {item!r}")
+        unknown = set(item) - {"url", "kv_events", "replay", "prefill_rate"}
+        if unknown:
+            raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown engine key "
+                              "(known: url, kv_events, replay, prefill_rate)")
+        if "url" not in item:
+            raise ConfigError(f"{key}.url", "missing")
+        url = _http_url(item["url"], f"{key}.url")
+        if url in seen:
+            raise ConfigError(f"{key}.url", f"engine {url} is listed twice")
+        seen.add(url)
+        ev = item.get("kv_events")
+        rp = item.get("replay")
+        rate = item.get("prefill_rate")
+        out.append(
+            EngineConfig(
+                url=url,
+                kv_events=_event_source(ev, f"{key}.kv_events") if ev is not None else None,
+                replay=_event_source(rp, f"{key}.replay") if rp is not None else None,
+                prefill_rate=(
+                    _number(rate, f"{key}.prefill_rate", minimum=1e-9)
+                    if rate is not None else None
+                ),
+            )
+        )
+    return tuple(out)
+
+
+def _peers(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [p for p in value.replace(",", " ").split() if p]
+    if value is None:
+        return ()
+    if not isinstance(value, Sequence):
+        raise ConfigError("peers", f"expected a list of router URLs, got {value!r}")
+    return tuple(_http_url(p, f"peers[{i}]") for i, p in enumerate(value))
+
+
+def _expand(value: object, key: str, env: Mapping[str, str]) -> object:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise ConfigError(key, f"environment variable {name} is not set")
+            return env[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, f"{key}[{i}]", env) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{key}.{k}", env) for k, v in value.items()}
+    return value
+
+
+def read_file(path: str, env: Mapping[str, str] | None = None) -> dict[str, object]:
+    env = os.environ if env is None else env
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of keys")
+    return {str(k): _expand(v, str(k), env) for k, v in raw.items()}
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, object]:
+    """``KVMESH_<KEY>`` for every key (``KVMESH_MESH_KEY``, ``KVMESH_PEERS``=a,b ...)."""
+    out: dict[str, object] = {}
+    for key in KEYS:
+        name = f"KVMESH_{key.upper()}"
+        if name in env:
+            out[key] = env[name]
+    return out
+
+
+def build(raw: Mapping[str, object]) -> RouterConfig:
+    """Validate merged raw values into a ``RouterConfig``."""
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key (known: {', '.join(KEYS)})")
+    if raw.get("region") in (None, ""):
+        raise ConfigError("region", "missing: every router belongs to a region")
+    region = _string(raw["region"], "region")
+    listen = _string(raw.get("listen", "0.0.0.0:8000"), "listen")
+    host, port = split_hostport(listen, "listen")
+    policy = raw.get("policy", DEFAULT_POLICY)
+    params = _mapping(raw.get("policy_params"), "policy_params")
+    if isinstance(policy, Mapping):
+        # policy: {name: kvmesh, prefill_rate: 4000} is the same as policy + policy_params.
+        policy = dict(policy)
+        name = policy.pop("name", None)
+        params = {**policy, **params}
+        policy = name
+    policy = _string(policy, "policy")
+    try:
+        make_policy(policy, params)
+    except PolicyError as exc:
+        msg = str(exc)
+        key, _, problem = msg.partition(": ")
+        raise ConfigError(key, problem) from None
+    advertise = raw.get("advertise") or ""
+    if advertise:
+        advertise = _http_url(advertise, "advertise")
+    else:
+        adv_host = host if host not in {"0.0.0.0", "::", ""} else "127.0.0.1"
+        advertise = f"http://{adv_host}:{port}"
+    node_id = _string(raw.get("node_id") or f"{region}-{socket.gethostname()}-{port}", "node_id")
+    mesh_key = raw.get("mesh_key")
+    if mesh_key is not None:
+        mesh_key = _string(mesh_key, "mesh_key")
+    log_level = _string(raw.get("log_level", "info"), "log_level").lower()
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError("log_level", f"expected one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
+    seed = raw.get("seed")
+    tokenizer = _string(raw.get("tokenizer", "builtin"), "tokenizer")
+    if tokenizer != "builtin" and not tokenizer.startswith("hf:"):
+        raise ConfigError(
+            "tokenizer", f"expected 'builtin' or 'hf:<path or name>', got {tokenizer!r}"
+        )
+    d = RouterConfig(region="x")
+    return RouterConfig(
+        region=region,
+        listen=listen,
+        node_id=node_id,
+        advertise=advertise,
+        engines=_engines(raw.get("engines")),
+        peers=_peers(raw.get("peers")),
+        mesh_key=mesh_key,
+        policy=policy,
+        policy_params=params,
+        tokenizer=tokenizer,
+        block_size=_number(raw.get("block_size", d.block_size), "block_size", integer=True,
+                           minimum=1),
+        health_interval=_number(raw.get("health_interval", d.health_interval),
+                                "health_interval", minimum=0.001),
+        health_timeout=_number(raw.get("health_timeout", d.health_timeout), "health_timeout",
+                               minimum=0.001),
+        connect_timeout=_number(raw.get("connect_timeout", d.connect_timeout),
+                                "connect_timeout", minimum=0.001),
+        request_timeout=_number(raw.get("request_timeout", d.request_timeout),
+                                "request_timeout", minimum=0.001),
+        max_attempts=_number(raw.get("max_attempts", d.max_attempts), "max_attempts",
+                             integer=True, minimum=1),
+        max_queue=_number(raw.get("max_queue", d.max_queue), "max_queue", integer=True),
+        rtt=_region_seconds(raw.get("rtt"), "rtt"),
+        emulate_rtt=_region_seconds(raw.get("emulate_rtt"), "emulate_rtt"),
+        gossip=_mapping(raw.get("gossip"), "gossip"),
+        seed=None if seed is None else _number(seed, "seed", integer=True),
+        log_level=log_level,
+    )
+
+
+def load(
+    path: str | None = None,
+    overrides: Mapping[str, object] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> RouterConfig:
+    """File, then ``KVMESH_*`` variables, then ``overrides`` (the command-line flags)."""
+    env = os.environ if env is None else env
+    raw: dict[str, object] = read_file(path, env) if path else {}
+    raw.update(from_env(env))
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build(raw)

@@ -1,0 +1,131 @@
+"""The router's Prometheus metrics, one registry per router (tests run several in a process).
+
+Counters and histograms are updated on the request path; gauges that mirror state (replica
+load, queue length, event ingest, gossip) are read when ``/metrics`` is scraped, through
+``providers``: callables that return ready-made metric families, so the subsystems that own
+those figures need not know about Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+Provider = Callable[[], Iterable[Metric]]
+
+_LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+    10.0, 30.0,
+)
+_FAST_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)
+
+
+class _Providers(Collector):
+    def __init__(self) -> None:
+        self.providers: list[Provider] = []
+
+    def collect(self) -> Iterator[Metric]:
+        for p in self.providers:
+            try:
+                yield from p()
+            except Exception:  # a broken provider must not break the whole scrape
+                continue
+
+
+class RouterMetrics:
+    def __init__(self, hit_window: int = 1000) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "kvmesh_router_requests", "Inference requests answered, by route and status code",
+            ["route", "code"], registry=r,
+        )
+        self.rejected = Counter(
+            "kvmesh_router_rejected", "Malformed requests rejected with 400, by route and field",
+            ["route", "field"], registry=r,
+        )
+        self.decisions = Counter(
+            "kvmesh_router_decisions",
+            "Routing decisions by policy and outcome (local, remote, region, pinned, wait, none)",
+            ["policy", "outcome"], registry=r,
+        )
+        self.forwards = Counter(
+            "kvmesh_router_forwards", "Requests forwarded one hop to another region's router",
+            ["region"], registry=r,
+        )
+        self.forwarded_in = Counter(
+            "kvmesh_router_forwarded_in",
+            "Forwarded requests received, by how they were placed (pinned, repicked)",
+            ["placement"], registry=r,
+        )
+        self.retries = Counter(
+            "kvmesh_router_retries",
+            "Dispatch attempts that failed before the first byte and were retried elsewhere",
+            ["kind"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "kvmesh_router_prompt_tokens", "Prompt tokens of routed requests", registry=r,
+        )
+        self.cached_tokens = Counter(
+            "kvmesh_router_estimated_cached_tokens",
+            "Prompt tokens the chosen replica was believed to hold (KV events)", registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "kvmesh_router_decision_seconds", "Time to build the view and run the policy",
+            buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "kvmesh_router_tokenize_seconds", "Time to render and tokenize a prompt",
+            buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.first_byte_seconds = Histogram(
+            "kvmesh_router_time_to_first_byte_seconds",
+            "From request arrival to the first body byte relayed to the client",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "kvmesh_router_queue_wait_seconds", "Time requests waited in the FCFS queue",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self._hits: deque[tuple[int, int]] = deque(maxlen=hit_window)
+        self._providers = _Providers()
+        r.register(self._providers)
+        self.add_provider(self._hit_ratio)
+
+    def add_provider(self, provider: Provider) -> None:
+        self._providers.providers.append(provider)
+
+    def observe_hit(self, cached: int, prompt: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.cached_tokens.inc(cached)
+        self._hits.append((cached, prompt))
+
+    def hit_ratio(self) -> float:
+        total = sum(p for _, p in self._hits)
+        return sum(c for c, _ in self._hits) / total if total else 0.0
+
+    def _hit_ratio(self) -> Iterable[Metric]:
+        g = GaugeMetricFamily(
+            "kvmesh_router_estimated_cache_hit_ratio",
+            "Estimated prefix-cache hit ratio of the last routed requests (cached/prompt tokens)",
+        )
+        g.add_metric([], self.hit_ratio())
+        yield g
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def gauge(
+    name: str, doc: str, labels: list[str], rows: Iterable[tuple[list[str], float]]
+) -> Metric:
+    g = GaugeMetricFamily(name, doc, labels=labels)
+    for values, v in rows:
+        g.add_metric(values, v)
+    return g
