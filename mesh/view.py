@@ -1,0 +1,159 @@
+"""Builds the routing :class:`~mesh.policies.View` from what this router knows.
+
+Sources, each with one writer:
+
+- this router's engine monitor: health and load of the local engines, measured here;
+- the replicated load vector: every replica's last load record (with its age) and the
+  in-flight counts every router publishes;
+- this router's own dispatch ledger (:class:`Dispatches`): requests in flight right now,
+  counted the moment they are dispatched, never waiting for a scrape or a gossip round;
+- membership: regions, their routers and the measured round trips;
+- the prefix index: which replica holds which blocks.
+
+A replica's ``inflight`` is the other routers' published counts plus this router's live
+count, and ``fresh`` is this router's in-flight requests dispatched after the replica's
+load record was measured, so :func:`~mesh.policies.base.estimate_load` counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from mesh.policies.base import NoPrefixes, PrefixLookup, RegionView, ReplicaView, View
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """One replica's load as the replicated state has it (local or remote)."""
+
+    replica: str
+    region: str
+    healthy: bool
+    waiting: float
+    running: float
+    kv_usage: float
+    age: float
+    """Seconds since the record was measured, on the reporting router's clock."""
+    others_inflight: int = 0
+    """In-flight requests to it published by routers other than this one."""
+    prefill_rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRecord:
+    region: str
+    rtt: float | None
+    """Measured round trip to the region's routers, seconds (None: not measured yet)."""
+    routers: tuple[str, ...]
+    """Base URLs of live routers in that region."""
+    queue: int = 0
+
+
+@dataclass(slots=True)
+class Ticket:
+    id: int
+    replica: str
+    region: str
+    at: float
+    tokens: int
+
+
+@dataclass(slots=True)
+class Dispatches:
+    """This router's requests in flight, by replica: the one writer of our in-flight counts."""
+
+    _ids: itertools.count[int] = field(default_factory=itertools.count)
+    _open: dict[str, dict[int, Ticket]] = field(default_factory=dict)
+    version: int = 0
+    """Bumped on every change, so publishers know when to write the load vector."""
+
+    def start(self, replica: str, region: str, tokens: int, now: float) -> Ticket:
+        t = Ticket(next(self._ids), replica, region, now, tokens)
+        self._open.setdefault(replica, {})[t.id] = t
+        self.version += 1
+        return t
+
+    def done(self, ticket: Ticket) -> None:
+        by = self._open.get(ticket.replica)
+        if by is not None and by.pop(ticket.id, None) is not None:
+            self.version += 1
+            if not by:
+                del self._open[ticket.replica]
+
+    def inflight(self, replica: str) -> int:
+        return len(self._open.get(replica, ()))
+
+    def fresh(self, replica: str, since: float) -> int:
+        return sum(1 for t in self._open.get(replica, {}).values() if t.at > since)
+
+    def counts(self) -> dict[str, int]:
+        return {r: len(ts) for r, ts in self._open.items()}
+
+    def total(self) -> int:
+        return sum(len(ts) for ts in self._open.values())
+
+
+@dataclass(slots=True)
+class ViewBuilder:
+    region: str
+    dispatches: Dispatches
+    records: Callable[[float], Iterable[ReplicaRecord]]
+    """Every replica's record (local ones included) at ``now``."""
+    regions: Callable[[float], Mapping[str, RegionRecord]]
+    prefix: PrefixLookup = field(default_factory=NoPrefixes)
+    static_rtt: Mapping[str, float] = field(default_factory=dict)
+    """Configured round trips, used until one is measured."""
+    emulated_rtt: Mapping[str, float] = field(default_factory=dict)
+    """Round trip the forwarding client adds in user space (demo), on top of the measured."""
+    default_rtt: float = 0.1
+    """Round trip assumed for a region with routers but neither a measurement nor a setting."""
+
+    def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0) -> View:
+        replicas = []
+        seen_regions: set[str] = set()
+        for rec in self.records(now):
+            seen_regions.add(rec.region)
+            own = self.dispatches.inflight(rec.replica)
+            replicas.append(
+                ReplicaView(
+                    replica=rec.replica,
+                    region=rec.region,
+                    healthy=rec.healthy,
+                    waiting=rec.waiting,
+                    running=rec.running,
+                    kv_usage=rec.kv_usage,
+                    load_age=rec.age,
+                    inflight=rec.others_inflight + own,
+                    fresh=self.dispatches.fresh(rec.replica, now - rec.age) if own else 0,
+                    prefill_rate=rec.prefill_rate,
+                )
+            )
+        regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
+        known = self.regions(now)
+        for name in seen_regions | set(known):
+            if name == self.region:
+                continue
+            info = known.get(name)
+            regions[name] = RegionView(
+                region=name,
+                rtt=self.rtt(name, info),
+                reachable=info is not None and bool(info.routers),
+                queue=info.queue if info is not None else 0,
+            )
+        return View(
+            region=self.region,
+            replicas=tuple(sorted(replicas, key=lambda r: r.replica)),
+            regions=regions,
+            prefix=self.prefix,
+            queue=queue,
+            mean_prompt_tokens=mean_prompt_tokens,
+        )
+
+    def rtt(self, region: str, info: RegionRecord | None) -> float:
+        if info is not None and info.rtt is not None:
+            base = info.rtt
+        else:
+            base = self.static_rtt.get(region, self.default_rtt)
+        return base + self.emulated_rtt.get(region, 0.0)
