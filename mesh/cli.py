@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mesh.cli_bench", "run a benchmark or evaluation scenario (--list)"),
     "netdelay": ("sim.netdelay", "user-space TCP delay proxy between regions (no netem needed)"),
+    "router": ("mesh.cli_router", "run a router node (kvmesh router --config FILE)"),
     "version": ("mesh.cli_version", "print the kvmesh version"),
 }
 

@@ -624,3 +624,8 @@ class Router:
                     [([], float(len(self._queue)))])
         yield gauge("kvmesh_router_inflight", "This router's requests in flight, by target",
                     ["replica"], [([k], float(v)) for k, v in self.dispatches.counts().items()])
+
+
+def build_router(config: RouterConfig) -> Router:
+    """The router for ``config``, with the mesh backend when peers or events are configured."""
+    return Router(config)
