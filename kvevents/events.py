@@ -22,6 +22,8 @@ class BlockStored:
     lora_name: str | None = None
     extra_keys: Sequence[object] | None = None
     group_idx: int | None = None
+    cache_salt: str | None = None
+    """SGLang's salted chains (``metadata.cache_salt``); vLLM carries the salt in ``extra_keys``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,10 @@ class EventBatch:
     data_parallel_rank: int | None = None
     unknown_events: int = field(default=0, compare=False)
     """Events of unknown type skipped while decoding (counted, not fatal)."""
+    unknown_fields: int = field(default=0, compare=False)
+    """Fields no known engine version sends (ignored, counted)."""
+    malformed_events: int = field(default=0, compare=False)
+    """Events of a known type with unusable fields (skipped, counted)."""
 
 
 class IndexWriter(Protocol):
