@@ -24,6 +24,10 @@ def run(args: argparse.Namespace) -> int:
     if args.name not in BENCHES:
         print(f"kvmesh bench: unknown benchmark {args.name!r}; see 'kvmesh bench --list'")
         return 2
+    # "package.module" runs its main(argv); "package.module:func" runs func(argv), so one
+    # module can hold several entry points (the evaluation scenarios).
     module, _ = BENCHES[args.name]
-    bench_main: Callable[[list[str]], int] = importlib.import_module(module).main
+    module, _, func = module.partition(":")
+    loaded = importlib.import_module(module)
+    bench_main: Callable[[list[str]], int] = getattr(loaded, func or "main")
     return bench_main(list(args.args))
