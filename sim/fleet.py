@@ -1,0 +1,836 @@
+"""Engines, routers and the network between them, in virtual time.
+
+The pieces that decide are the production ones: every engine is a
+:class:`sim.engine_model.EngineModel`; every router runs a real policy object over a
+:class:`mesh.policies.View` built by the router's own :class:`mesh.view.ViewBuilder` from its
+own :class:`mesh.view.Dispatches` ledger; block keys come from :mod:`kvevents.keys`. What the
+fleet adds is only what the asyncio shells do in production: moving messages (with a delay
+drawn from :class:`sim.topology.Topology`), scraping engines on a timer, queueing requests a
+policy told to wait, and forwarding one hop.
+
+How a router learns about replicas is the *plane*:
+
+``probe``
+    What SkyLB and single global balancers have: the router scrapes the engines it manages
+    every ``probe_interval`` (100 ms), and regional routers exchange heartbeats carrying their
+    queue length and their engines' last load (SkyLB's LB-to-LB probes). Prefix knowledge is
+    either none or, with ``prefix="approx"``, a tree of what this router itself sent where
+    (SkyLB's local trie plus its snapshot trie of what it pushed to each remote region).
+``oracle``
+    An instant, perfect global view: every router reads every engine's live load and a
+    prefix index that every engine's KV events update the moment they happen. The upper
+    bound a decentralized design can approach.
+``mesh``
+    kvmesh: each router ingests its own region's KV events and scrapes its own engines into
+    its replicated state, and the routers gossip it (see :mod:`sim.mesh_plane`).
+
+A request's life: the client sends it to a router of its region (or the nearest region that
+has one); the router decides; the request goes straight to the engine if the router manages
+it, else one hop to a router of the target region, which either uses the replica the first
+router picked or picks one itself, and never forwards again. The first token and the last
+token travel back along the same path.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
+
+from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvevents.keys import EngineKeyMap, request_keys
+from mesh.policies import Decision, Policy, Request, make_policy
+from mesh.policies.base import NoPrefixes, PrefixLookup, cached_tokens
+from mesh.policies.cache_aware import ApproxTree
+from mesh.view import Dispatches, RegionRecord, ReplicaRecord, Ticket, ViewBuilder
+from sim.des import EventLoop, Timer
+from sim.engine_model import EngineConfig, EngineModel, RequestOutput, StepResult
+from sim.metrics import RequestRecord, RunCounters
+from sim.profiles import Profile
+from sim.textgen import OutputPlan, TextGenerator
+from sim.topology import Topology
+from sim.workloads.base import Client, SimRequest, Workload
+
+PLANES = ("probe", "oracle", "mesh")
+PREFIX_SOURCES = ("none", "approx", "events")
+
+
+@dataclass(frozen=True, slots=True)
+class RouterLayout:
+    """``global_region`` set: one router there manages every engine (a single global LB).
+    Otherwise ``per_region`` routers in every region, each managing its region's engines."""
+
+    global_region: str | None = None
+    per_region: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"global@{self.global_region}" if self.global_region else f"{self.per_region}/region"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpec:
+    topology: Topology
+    replicas: Mapping[str, int]
+    """Engines per region."""
+    profile: Profile
+    policy: str
+    policy_params: Mapping[str, object] = field(default_factory=dict)
+    layout: RouterLayout = RouterLayout()
+    plane: str = "mesh"
+    prefix: str = "events"
+    """Where the view's prefix knowledge comes from (``approx`` only on the probe plane)."""
+    block_size: int = 16
+    probe_interval_s: float = 0.1
+    heartbeat_interval_s: float = 0.1
+    engine_config: EngineConfig | None = None
+    seed: int = 0
+    label: str = ""
+    mesh_options: Mapping[str, object] = field(default_factory=dict)
+    """Passed to the mesh plane (gossip interval, fanout...)."""
+
+    def __post_init__(self) -> None:
+        if self.plane not in PLANES:
+            raise ValueError(f"plane must be one of {PLANES}, got {self.plane!r}")
+        if self.prefix not in PREFIX_SOURCES:
+            raise ValueError(f"prefix must be one of {PREFIX_SOURCES}, got {self.prefix!r}")
+        if self.prefix == "approx" and self.plane != "probe":
+            raise ValueError("prefix='approx' is the probe plane's request-derived tree")
+        for region in self.replicas:
+            if region not in self.topology.regions:
+                raise ValueError(f"replicas in unknown region {region!r}")
+        g = self.layout.global_region
+        if g is not None and g not in self.topology.regions:
+            raise ValueError(f"global router in unknown region {g!r}")
+
+
+class ScriptedText(TextGenerator):
+    """Output tokens chosen by the workload: the engine generates exactly the reply the
+    client's next turn will quote, so follow-up turns can hit the cached reply blocks."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.next_tokens: tuple[int, ...] | None = None
+
+    def plan(
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int | None,
+        natural_range: tuple[int, int] = (16, 256),
+    ) -> OutputPlan:
+        scripted, self.next_tokens = self.next_tokens, None
+        if scripted is None:
+            return super().plan(prompt_token_ids, max_tokens, natural_range)
+        return OutputPlan(scripted, stops_naturally=False)
+
+
+class Flight:
+    """One request's journey through the fleet."""
+
+    __slots__ = (
+        "client",
+        "engine",
+        "entry",
+        "entry_ticket",
+        "forwarded",
+        "pinned",
+        "policy_request",
+        "rec",
+        "req",
+        "via",
+        "via_ticket",
+    )
+
+    def __init__(self, req: SimRequest, client: Client, rec: RequestRecord) -> None:
+        self.req = req
+        self.client = client
+        self.rec = rec
+        self.policy_request: Request | None = None
+        self.entry: SimRouter | None = None
+        self.via: SimRouter | None = None
+        self.engine: SimEngine | None = None
+        self.entry_ticket: Ticket | None = None
+        self.via_ticket: Ticket | None = None
+        self.forwarded = False
+        self.pinned: str | None = None
+
+
+class SimEngine:
+    """One replica: the engine model stepped by the event loop."""
+
+    def __init__(self, fleet: Fleet, replica: str, region: str, seed: int) -> None:
+        self.fleet = fleet
+        self.replica = replica
+        self.region = region
+        self.text = ScriptedText(seed)
+        spec = fleet.spec
+        self.model = EngineModel(spec.profile, spec.engine_config, seed=seed, textgen=self.text)
+        self.flights: dict[str, Flight] = {}
+        self.stepping = False
+        self.batches = 0
+        self.block_size = self.model.config.block_size
+
+    def submit(self, flight: Flight) -> None:
+        now = self.fleet.loop.now
+        req = flight.req
+        self.text.next_tokens = req.output
+        try:
+            self.model.add_request(str(req.rid), req.prompt, req.output_len, now)
+        except ValueError:
+            self.text.next_tokens = None
+            self.fleet.reject(flight, self.region)
+            return
+        self.flights[str(req.rid)] = flight
+        flight.engine = self
+        if not self.stepping:
+            self.stepping = True
+            self.fleet.loop.at(now, self._step)
+
+    def _step(self) -> None:
+        loop = self.fleet.loop
+        result = self.model.step(loop.now)
+        if result.events:
+            self.batches += 1
+            self.fleet.publish_kv(self, result.events)
+        if result.duration <= 0 and not result.outputs:
+            self.stepping = False
+            return
+        loop.at(result.end, self._step_done, result)
+
+    def _step_done(self, result: StepResult) -> None:
+        for out in result.outputs:
+            flight = self.flights.get(out.req_id)
+            if flight is None:
+                continue
+            if out.first_token:
+                self.fleet.first_token(flight, out)
+            if out.finished:
+                del self.flights[out.req_id]
+                self.fleet.finished(flight, out)
+        if self.model.has_work():
+            self._step()
+        else:
+            self.stepping = False
+
+    def load(self) -> tuple[int, int, float]:
+        """(waiting, running, KV usage): what a /metrics scrape reads."""
+        s = self.model.scheduler
+        return len(s.waiting), len(s.running), self.model.kv.usage
+
+
+@dataclass(slots=True)
+class _Waiting:
+    flight: Flight
+    forwarded: bool
+    since: float
+
+
+class SimRouter:
+    """One router: its policy, dispatch ledger, view builder and FCFS wait queue."""
+
+    def __init__(self, fleet: Fleet, router_id: str, region: str, managed: list[SimEngine]) -> None:
+        self.fleet = fleet
+        self.id = router_id
+        self.region = region
+        self.managed = {e.replica: e for e in managed}
+        self.policy: Policy = make_policy(fleet.spec.policy, fleet.spec.policy_params)
+        self.rng = random.Random(f"{fleet.spec.seed}/router/{router_id}")
+        self.dispatches = Dispatches()
+        self.mean_prompt_tokens = 256.0
+        self.queue: deque[_Waiting] = deque()
+        self._pump: Timer | None = None
+        self.views: ViewBuilder = ViewBuilder(
+            region=region,
+            dispatches=self.dispatches,
+            records=lambda now: fleet.plane.records(self, now),
+            regions=lambda now: fleet.plane.regions(self, now),
+            prefix=NoPrefixes(),
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+    def receive(self, flight: Flight, forwarded: bool) -> None:
+        """A request arrives (from a client, or forwarded by a peer router)."""
+        now = self.fleet.loop.now
+        if forwarded and flight.pinned is not None and flight.pinned in self.managed:
+            self.fleet.dispatch(self, flight, self.managed[flight.pinned], forwarded=True)
+            return
+        self.queue.append(_Waiting(flight, forwarded, now))
+        if len(self.queue) == 1:
+            self.pump()
+
+    def pump(self) -> None:
+        self._pump = None
+        loop = self.fleet.loop
+        while self.queue:
+            head = self.queue[0]
+            decision = self.decide(head.flight, head.forwarded)
+            if decision.wait:
+                self.fleet.counters.waits += 1
+                self._pump = loop.after(max(decision.retry_after, 1e-4), self.pump)
+                return
+            self.queue.popleft()
+            head.flight.rec.queued_at_router += loop.now - head.since
+            self.fleet.route(self, head.flight, decision, head.forwarded)
+
+    def decide(self, flight: Flight, forwarded: bool) -> Decision:
+        now = self.fleet.loop.now
+        preq = flight.policy_request
+        assert preq is not None
+        view = self.views.build(now, max(0, len(self.queue) - 1), self.mean_prompt_tokens)
+        if forwarded:
+            view = view.local_only()
+        decision = self.policy.decide(preq, view, now, self.rng)
+        self.fleet.counters.decisions += 1
+        if decision.routed and not decision.wait:
+            if not forwarded or flight.rec.staleness is None:
+                chosen = decision.replica
+                for r in view.replicas:
+                    if r.replica == chosen:
+                        flight.rec.staleness = r.load_age
+                        break
+            self._note_prompt(preq, decision)
+        return decision
+
+    def _note_prompt(self, req: Request, d: Decision) -> None:
+        uncached = req.num_tokens - cached_tokens(req, d.matched_blocks)
+        self.mean_prompt_tokens += 0.05 * (uncached - self.mean_prompt_tokens)
+
+
+class Plane(Protocol):
+    """How routers learn about replicas (see the module docstring)."""
+
+    name: str
+
+    def start(self, fleet: Fleet) -> None: ...
+
+    def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]: ...
+
+    def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]: ...
+
+    def prefix(self, router: SimRouter) -> PrefixLookup: ...
+
+    def on_kv_events(self, engine: SimEngine, events: Sequence[KVEvent], now: float) -> None: ...
+
+    def on_routed(self, router: SimRouter, flight: Flight, target: str, region: str) -> None: ...
+
+
+class KeyIndex:
+    """Block key -> replicas holding it, fed by ``EngineKeyMap`` changes: the oracle's truth.
+
+    ``match`` answers like the prefix index: consecutive leading keys each replica holds.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[int, set[str]] = {}
+        self._maps: dict[str, EngineKeyMap] = {}
+
+    def apply(self, replica: str, events: Sequence[KVEvent]) -> None:
+        km = self._maps.get(replica)
+        if km is None:
+            km = self._maps[replica] = EngineKeyMap()
+        holders = self._holders
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                for k in km.stored(ev):
+                    holders.setdefault(k, set()).add(replica)
+            elif isinstance(ev, BlockRemoved):
+                for k in km.removed(ev):
+                    hs = holders.get(k)
+                    if hs is not None:
+                        hs.discard(replica)
+                        if not hs:
+                            del holders[k]
+            elif isinstance(ev, AllBlocksCleared):
+                for k in km.held_keys():
+                    hs = holders.get(k)
+                    if hs is not None:
+                        hs.discard(replica)
+                        if not hs:
+                            del holders[k]
+                km.clear()
+
+    def match(self, keys: Sequence[int]) -> Mapping[str, int]:
+        out: dict[str, int] = {}
+        if not keys:
+            return out
+        alive = set(self._holders.get(keys[0], ()))
+        depth = 0
+        while alive:
+            depth += 1
+            if depth == len(keys):
+                for r in alive:
+                    out[r] = depth
+                break
+            nxt = self._holders.get(keys[depth])
+            if nxt is None:
+                for r in alive:
+                    out[r] = depth
+                break
+            for r in alive - nxt:
+                out[r] = depth
+            alive &= nxt
+        return out
+
+
+class SnapshotPrefix:
+    """SkyLB's tries as a prefix lookup: what this router sent to each local replica, and
+    what it pushed to each remote region (every replica of that region inherits the match)."""
+
+    def __init__(self, fleet: Fleet, max_entries: int = 1 << 20) -> None:
+        self.tree = ApproxTree(max_entries)
+        self._fleet = fleet
+
+    def match(self, keys: Sequence[int]) -> Mapping[str, int]:
+        raw = self.tree.match(keys)
+        out: dict[str, int] = {}
+        for tenant, depth in raw.items():
+            if tenant.startswith("@"):
+                for e in self._fleet.by_region.get(tenant[1:], ()):
+                    out[e.replica] = max(out.get(e.replica, 0), depth)
+            else:
+                out[tenant] = max(out.get(tenant, 0), depth)
+        return out
+
+
+@dataclass(slots=True)
+class _Probe:
+    waiting: int
+    running: int
+    kv: float
+    measured_at: float
+
+
+@dataclass(slots=True)
+class _Heartbeat:
+    queue: int
+    records: dict[str, _Probe]
+
+
+class ProbePlane:
+    """Scrapes + LB heartbeats, no KV events (SkyLB and single global balancers)."""
+
+    name = "probe"
+
+    def __init__(self, approx_prefix: bool) -> None:
+        self.approx = approx_prefix
+        self._own: dict[str, dict[str, _Probe]] = {}
+        self._heard: dict[str, dict[str, _Heartbeat]] = {}
+        self._prefix: dict[str, PrefixLookup] = {}
+
+    def start(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        spec = fleet.spec
+        for router in fleet.routers:
+            self._own[router.id] = {}
+            self._heard[router.id] = {}
+            self._prefix[router.id] = SnapshotPrefix(fleet) if self.approx else NoPrefixes()
+            router.views.prefix = self._prefix[router.id]
+            offset = fleet.rng.uniform(0, spec.probe_interval_s)
+            fleet.loop.every(spec.probe_interval_s, partial(self._probe, router), first=offset)
+            if len(fleet.routers) > 1:
+                fleet.loop.every(
+                    spec.heartbeat_interval_s, partial(self._heartbeat, router), first=offset
+                )
+
+    def _probe(self, router: SimRouter) -> None:
+        fleet = self.fleet
+        by_region: dict[str, list[SimEngine]] = {}
+        for e in router.managed.values():
+            by_region.setdefault(e.region, []).append(e)
+        for region, engines in by_region.items():
+            out = fleet.topology.one_way_s(router.region, region, fleet.rng)
+            fleet.loop.after(out, self._read, router, engines)
+
+    def _read(self, router: SimRouter, engines: list[SimEngine]) -> None:
+        fleet = self.fleet
+        now = fleet.loop.now
+        got = {e.replica: _Probe(*e.load(), now) for e in engines}
+        back = fleet.topology.one_way_s(engines[0].region, router.region, fleet.rng)
+        fleet.loop.after(back, self._own[router.id].update, got)
+        fleet.counters.load_reports += len(got)
+
+    def _heartbeat(self, router: SimRouter) -> None:
+        fleet = self.fleet
+        own = dict(self._own[router.id])
+        for peer in fleet.routers:
+            if peer is router:
+                continue
+            beat = _Heartbeat(len(router.queue), own)
+            fleet.counters.gossip_bytes += 32 + 40 * len(own)
+            fleet.counters.gossip_messages += 1
+            delay = fleet.topology.one_way_s(router.region, peer.region, fleet.rng)
+            fleet.loop.after(delay, self._heard_from, peer, router.id, beat)
+
+    def _heard_from(self, peer: SimRouter, sender: str, beat: _Heartbeat) -> None:
+        self._heard[peer.id][sender] = beat
+
+    def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
+        own = self._own[router.id]
+        rate = self.fleet.prefill_rate
+        for replica, e in router.managed.items():
+            p = own.get(replica)
+            if p is None:
+                yield ReplicaRecord(replica, e.region, True, 0, 0, 0.0, math.inf, 0, rate)
+            else:
+                yield ReplicaRecord(
+                    replica,
+                    e.region,
+                    True,
+                    p.waiting,
+                    p.running,
+                    p.kv,
+                    now - p.measured_at,
+                    0,
+                    rate,
+                )
+        for beat in self._heard[router.id].values():
+            for replica, p in beat.records.items():
+                if replica in router.managed:
+                    continue
+                region = self.fleet.engines[replica].region
+                yield ReplicaRecord(
+                    replica,
+                    region,
+                    True,
+                    p.waiting,
+                    p.running,
+                    p.kv,
+                    now - p.measured_at,
+                    0,
+                    rate,
+                )
+
+    def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
+        fleet = self.fleet
+        out: dict[str, RegionRecord] = {}
+        queues: dict[str, int] = {}
+        for sender, beat in self._heard[router.id].items():
+            region = fleet.router_by_id[sender].region
+            queues[region] = queues.get(region, 0) + beat.queue
+        for region in fleet.by_region:
+            if region == router.region:
+                continue
+            routers = fleet.routers_in.get(region)
+            names = tuple(r.id for r in routers) if routers else ("direct",)
+            out[region] = RegionRecord(
+                region,
+                fleet.topology.mean_rtt_s(router.region, region),
+                names,
+                queues.get(region, 0),
+            )
+        return out
+
+    def prefix(self, router: SimRouter) -> PrefixLookup:
+        return self._prefix[router.id]
+
+    def on_kv_events(self, engine: SimEngine, events: Sequence[KVEvent], now: float) -> None:
+        return None
+
+    def on_routed(self, router: SimRouter, flight: Flight, target: str, region: str) -> None:
+        lookup = self._prefix.get(router.id)
+        if isinstance(lookup, SnapshotPrefix) and flight.policy_request is not None:
+            lookup.tree.insert(flight.policy_request.keys, target)
+
+
+class OraclePlane:
+    """Every router sees every engine's live load and cache contents, instantly."""
+
+    name = "oracle"
+
+    def __init__(self) -> None:
+        self.index = KeyIndex()
+
+    def start(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        for router in fleet.routers:
+            router.views.prefix = self.index
+
+    def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
+        rate = self.fleet.prefill_rate
+        routers = self.fleet.routers
+        for e in self.fleet.engine_list:
+            waiting, running, kv = e.load()
+            others = 0
+            for r in routers:
+                if r is not router:
+                    others += r.dispatches.inflight(e.replica)
+            yield ReplicaRecord(e.replica, e.region, True, waiting, running, kv, 0.0, others, rate)
+
+    def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
+        fleet = self.fleet
+        out: dict[str, RegionRecord] = {}
+        for region in fleet.by_region:
+            if region == router.region:
+                continue
+            routers = fleet.routers_in.get(region)
+            names = tuple(r.id for r in routers) if routers else ("direct",)
+            queue = sum(len(r.queue) for r in routers) if routers else 0
+            out[region] = RegionRecord(
+                region, fleet.topology.mean_rtt_s(router.region, region), names, queue
+            )
+        return out
+
+    def prefix(self, router: SimRouter) -> PrefixLookup:
+        return self.index
+
+    def on_kv_events(self, engine: SimEngine, events: Sequence[KVEvent], now: float) -> None:
+        self.index.apply(engine.replica, events)
+        self.fleet.counters.kv_events += len(events)
+
+    def on_routed(self, router: SimRouter, flight: Flight, target: str, region: str) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class FleetResult:
+    records: list[RequestRecord]
+    counters: RunCounters
+    wall_s: float
+    events: int
+    virtual_s: float
+
+
+class Fleet:
+    """Build once per run: engines, routers, plane and clients share one event loop."""
+
+    def __init__(self, spec: FleetSpec, plane: Plane | None = None) -> None:
+        self.spec = spec
+        self.topology = spec.topology
+        self.loop = EventLoop()
+        self.rng = random.Random(f"{spec.seed}/network")
+        self.counters = RunCounters()
+        self.prefill_rate = 1024 / spec.profile.prefill_time(1024)
+        self.engines: dict[str, SimEngine] = {}
+        self.by_region: dict[str, list[SimEngine]] = {}
+        for region in sorted(spec.replicas):
+            for i in range(spec.replicas[region]):
+                replica = f"{region}-e{i}"
+                e = SimEngine(self, replica, region, seed=zlib.crc32(replica.encode()) ^ spec.seed)
+                self.engines[replica] = e
+                self.by_region.setdefault(region, []).append(e)
+        self.engine_list = list(self.engines.values())
+        self.routers: list[SimRouter] = []
+        g = spec.layout.global_region
+        if g is not None:
+            self.routers.append(SimRouter(self, f"{g}-lb0", g, self.engine_list))
+        else:
+            for region in spec.topology.regions:
+                for i in range(spec.layout.per_region):
+                    managed = self.by_region.get(region, [])
+                    self.routers.append(SimRouter(self, f"{region}-lb{i}", region, managed))
+        self.router_by_id = {r.id: r for r in self.routers}
+        self.routers_in: dict[str, list[SimRouter]] = {}
+        for r in self.routers:
+            self.routers_in.setdefault(r.region, []).append(r)
+        self.plane: Plane = plane or make_plane(spec)
+        self.records: list[RequestRecord] = []
+        self.outstanding = 0
+        self._horizon = math.inf
+        self._keys_cache: dict[int, list[int]] = {}
+
+    # -- clients -----------------------------------------------------------------------------
+    def entry_router(self, client: Client) -> SimRouter:
+        routers = self.routers_in.get(client.region)
+        if not routers:
+            region = self.topology.nearest(client.region, self.routers_in)
+            routers = self.routers_in[region]
+        return routers[zlib.crc32(client.cid.encode()) % len(routers)]
+
+    def _schedule(self, client: Client, reqs: Iterable[SimRequest]) -> None:
+        for req in reqs:
+            if req.sent_at < self._horizon:
+                self.loop.at(req.sent_at, self._send, client, req)
+
+    def _send(self, client: Client, req: SimRequest) -> None:
+        now = self.loop.now
+        rec = RequestRecord(
+            rid=req.rid,
+            client=req.client,
+            region=req.region,
+            user=req.user,
+            kind=req.kind,
+            sent=now,
+            prompt_tokens=req.prompt_len,
+            output_tokens=req.output_len,
+        )
+        self.records.append(rec)
+        self.outstanding += 1
+        flight = Flight(req, client, rec)
+        flight.policy_request = Request(
+            request_id=str(req.rid),
+            token_ids=req.prompt,
+            keys=request_keys(req.prompt, self.spec.block_size),
+            block_size=self.spec.block_size,
+            session=req.user,
+            max_tokens=req.output_len,
+            arrival=now,
+        )
+        router = self.entry_router(client)
+        flight.entry = router
+        rec.router = router.id
+        rec.router_region = router.region
+        self._schedule(client, client.on_sent(req, now))
+        delay = self.topology.one_way_s(client.region, router.region, self.rng)
+        self.loop.after(delay, router.receive, flight, False)
+
+    # -- routing -----------------------------------------------------------------------------
+    def route(self, router: SimRouter, flight: Flight, d: Decision, forwarded: bool) -> None:
+        if not d.routed:
+            self.reject(flight, router.region)
+            return
+        if d.replica is not None and d.replica in router.managed:
+            self.dispatch(router, flight, router.managed[d.replica], forwarded)
+            return
+        region = d.region or router.region
+        peers = self.routers_in.get(region)
+        if forwarded or region == router.region or not peers:
+            self.reject(flight, router.region)
+            return
+        peer = peers[0] if len(peers) == 1 else router.rng.choice(peers)
+        target = d.replica or f"{region}-router"
+        flight.entry_ticket = router.dispatches.start(
+            target, region, flight.req.prompt_len, self.loop.now
+        )
+        self.plane.on_routed(router, flight, d.replica or f"@{region}", region)
+        flight.via = peer
+        flight.forwarded = True
+        flight.pinned = d.replica
+        flight.rec.forwards += 1
+        delay = self.topology.one_way_s(router.region, region, self.rng)
+        self.loop.after(delay, peer.receive, flight, True)
+
+    def dispatch(
+        self, router: SimRouter, flight: Flight, engine: SimEngine, forwarded: bool
+    ) -> None:
+        ticket = router.dispatches.start(
+            engine.replica, engine.region, flight.req.prompt_len, self.loop.now
+        )
+        if forwarded:
+            flight.via_ticket = ticket
+        else:
+            flight.entry_ticket = ticket
+        self.plane.on_routed(router, flight, engine.replica, engine.region)
+        flight.rec.replica = engine.replica
+        flight.rec.replica_region = engine.region
+        flight.rec.decided = self.loop.now
+        delay = self.topology.one_way_s(router.region, engine.region, self.rng)
+        self.loop.after(delay, engine.submit, flight)
+
+    # -- responses ---------------------------------------------------------------------------
+    def _back_path(
+        self, flight: Flight, engine_region: str
+    ) -> list[tuple[SimRouter | None, float]]:
+        """Hops back to the client: (router reached or None for the client, delay)."""
+        hops: list[tuple[SimRouter | None, float]] = []
+        here = engine_region
+        for router in (flight.via, flight.entry):
+            if router is None:
+                continue
+            hops.append((router, self.topology.one_way_s(here, router.region, self.rng)))
+            here = router.region
+        hops.append((None, self.topology.one_way_s(here, flight.req.region, self.rng)))
+        return hops
+
+    def first_token(self, flight: Flight, out: RequestOutput) -> None:
+        assert flight.engine is not None
+        flight.rec.cached_tokens = out.num_cached_tokens
+        total = sum(d for _, d in self._back_path(flight, flight.engine.region))
+        flight.rec.first_token = self.loop.now + total
+
+    def finished(self, flight: Flight, out: RequestOutput) -> None:
+        assert flight.engine is not None
+        t = self.loop.now
+        for router, delay in self._back_path(flight, flight.engine.region):
+            t += delay
+            if router is not None:
+                self.loop.at(t, self._release, flight, router)
+        self.loop.at(t, self._complete, flight, True)
+
+    def reject(self, flight: Flight, where: str) -> None:
+        """Nothing could serve it: an error travels back to the client."""
+        self.counters.rejected += 1
+        t = self.loop.now
+        for router in (flight.via, flight.entry):
+            if router is not None:
+                self._release(flight, router)
+        t += self.topology.one_way_s(where, flight.req.region, self.rng)
+        self.loop.at(t, self._complete, flight, False)
+
+    def _release(self, flight: Flight, router: SimRouter) -> None:
+        if router is flight.via and flight.via_ticket is not None:
+            router.dispatches.done(flight.via_ticket)
+            flight.via_ticket = None
+        if router is flight.entry and flight.entry_ticket is not None:
+            router.dispatches.done(flight.entry_ticket)
+            flight.entry_ticket = None
+
+    def _complete(self, flight: Flight, ok: bool) -> None:
+        now = self.loop.now
+        self.outstanding -= 1
+        if ok:
+            flight.rec.done = now
+        else:
+            flight.rec.first_token = None
+        self._schedule(flight.client, flight.client.on_complete(flight.req, now))
+
+    # -- engines -----------------------------------------------------------------------------
+    def publish_kv(self, engine: SimEngine, events: Sequence[KVEvent]) -> None:
+        self.plane.on_kv_events(engine, events, self.loop.now)
+
+    def _sample_load(self) -> None:
+        loads = [w + r for w, r, _ in (e.load() for e in self.engine_list)]
+        mean = statistics.fmean(loads) if loads else 0.0
+        if mean > 0:
+            self.counters.load_cv_samples.append(statistics.pstdev(loads) / mean)
+
+    # -- running -----------------------------------------------------------------------------
+    def run(
+        self,
+        workload: Workload,
+        *,
+        drain_s: float = 60.0,
+        progress: Callable[[float], None] | None = None,
+    ) -> FleetResult:
+        """Run ``workload`` until its horizon, then let requests in flight finish (at most
+        ``drain_s`` more virtual seconds)."""
+        started = time.perf_counter()
+        self._horizon = workload.horizon_s
+        self.plane.start(self)
+        self.loop.every(1.0, self._sample_load, first=1.0)
+        for client in workload.clients:
+            self._schedule(client, client.start(0.0))
+        self.loop.run(until=workload.horizon_s, on_progress=progress)
+        end = workload.horizon_s + drain_s
+
+        def check_drained() -> None:
+            if self.outstanding <= 0:
+                self.loop.stop()
+
+        self.loop.every(0.5, check_drained)
+        check_drained()
+        if self.outstanding > 0:
+            self.loop.run(until=end, on_progress=progress)
+        return FleetResult(
+            records=self.records,
+            counters=self.counters,
+            wall_s=time.perf_counter() - started,
+            events=self.loop.events_run,
+            virtual_s=self.loop.now,
+        )
+
+
+def make_plane(spec: FleetSpec) -> Plane:
+    if spec.plane == "probe":
+        if spec.prefix == "events":
+            raise ValueError("the probe plane has no KV events; use prefix='none' or 'approx'")
+        return ProbePlane(approx_prefix=spec.prefix == "approx")
+    if spec.plane == "oracle":
+        return OraclePlane()
+    raise NotImplementedError("the mesh plane needs crdt.prefix_index and mesh.gossip")
