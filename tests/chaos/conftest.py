@@ -1,21 +1,55 @@
-"""Fixtures for chaos tests: a Docker engine and the locally built images.
+"""Fixtures for chaos tests: a Docker engine, the locally built images, and one shared
+3-region deployment that scenarios break and restore.
 
 ``deploy/setup.sh --full`` starts dockerd and builds ``kvmesh-base:bookworm``
 (debootstrap + docker import: no registry is reachable) and ``kvmesh:dev``.
+
+The deployment (``mesh``) is session-scoped: starting 15 containers costs more than most
+scenarios, so every scenario leaves it as it found it, and ``restored_mesh`` checks that
+(and repairs what a failed scenario left behind) before the next one runs. Each scenario
+fills a ``record``; the session-finish hook writes the records to ``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterator
+import shlex
+import sys
+import time
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+# Before testcontainers is imported (below, through chaos_topology): Ryuk's image cannot be
+# pulled here, and every container and network is removed by the fixtures themselves.
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
+
+from chaos_load import LoadGenerator
+from chaos_record import RECORDS, ScenarioRecord, write
+from chaos_topology import Mesh, MeshSpec, sweep
 
 BASE_IMAGE = os.environ.get("KVMESH_BASE_IMAGE", "kvmesh-base:bookworm")
 KVMESH_IMAGE = os.environ.get("KVMESH_IMAGE", "kvmesh:dev")
+ROOT = Path(__file__).resolve().parents[2]
+
+# Engines small and fast: a few hundred blocks so evictions (BlockRemoved) happen under the
+# load, and simulated time 20x faster than real so 2 cores keep up.
+ENGINE_ARGS = ("--speedup", "20", "--num-gpu-blocks", "256", "--block-size", "16")
+# Failure detection tuned for a test: probes every 0.5 s, suspicion a few probe intervals.
+ROUTER_CONFIG: dict[str, Any] = {
+    "gossip": {
+        "profile": "local",
+        "probe_interval": 0.5,
+        "gossip_interval": 0.2,
+    },
+    "health_interval": 0.2,
+    "connect_timeout": 1.0,
+    "request_timeout": 10.0,
+    "seed": 7,
+}
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +74,91 @@ def base_image(docker_client: Any) -> str:
     except docker.errors.ImageNotFound:
         pytest.skip(f"image {BASE_IMAGE} missing; run deploy/setup.sh --full")
     return BASE_IMAGE
+
+
+@pytest.fixture(scope="session")
+def kvmesh_image(docker_client: Any) -> str:
+    import docker.errors
+
+    try:
+        docker_client.images.get(KVMESH_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.skip(f"image {KVMESH_IMAGE} missing; run deploy/setup.sh --full")
+    return KVMESH_IMAGE
+
+
+@pytest.fixture(scope="session")
+def mesh(kvmesh_image: str, docker_client: Any) -> Iterator[Mesh]:
+    """3 regions x (2 routers + 2 simulated engines) + 3 delay gateways, ready to serve."""
+    _started.append(time.monotonic())
+    sweep(docker_client)  # containers left by test sessions that died without cleaning up
+    spec = MeshSpec(router_config=ROUTER_CONFIG, engine_args=ENGINE_ARGS)
+    deployment = Mesh(spec, kvmesh_image, docker_client)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.close()
+
+
+@pytest.fixture
+def restored_mesh(mesh: Mesh) -> Iterator[Mesh]:
+    """The shared deployment, whole: checked before the scenario, repaired after it."""
+    mesh.restore()
+    yield mesh
+    mesh.restore()
+
+
+@pytest.fixture
+def load(restored_mesh: Mesh) -> Iterator[Callable[..., LoadGenerator]]:
+    """``load(**options)`` -> a started generator on the mesh's routers; stopped at teardown."""
+    started: list[LoadGenerator] = []
+
+    def make(**options: Any) -> LoadGenerator:
+        generator = LoadGenerator(restored_mesh.targets, restored_mesh.spec.regions, **options)
+        started.append(generator.start())
+        return generator
+
+    yield make
+    for generator in started:
+        with contextlib.suppress(Exception):
+            generator.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call" or report.failed:
+        item.stash[_RESULT] = report.outcome
+
+
+_RESULT = pytest.StashKey[str]()
+
+
+@pytest.fixture
+def record(request: pytest.FixtureRequest) -> Iterator[ScenarioRecord]:
+    """This scenario's row in docs/reliability.md (result filled in at teardown)."""
+    doc = (request.function.__doc__ or "").strip().splitlines()
+    _started.append(time.monotonic())
+    rec = ScenarioRecord(scenario=doc[0].rstrip(".") if doc else request.node.name)
+    RECORDS.append(rec)
+    yield rec
+    rec.result = request.node.stash.get(_RESULT, "error")
+
+
+_started: list[float] = []
+"""When the first scenario began: the doc reports the chaos suite's own wall time."""
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not RECORDS:
+        return
+    args = [a for a in session.config.invocation_params.args]
+    command = "TESTCONTAINERS_RYUK_DISABLED=true " + shlex.join(
+        [".venv/bin/python", "-m", "pytest", *args]
+    )
+    path = write(RECORDS, command, time.monotonic() - _started[0], ROOT)
+    print(f"\nchaos: wrote {path}", file=sys.stderr)

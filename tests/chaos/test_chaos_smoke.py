@@ -37,7 +37,9 @@ def test_redis_container_pause_and_unpause(base_image: str, docker_client: Any) 
         with container:
             host = container.get_container_host_ip()
             port = int(container.get_exposed_port(6379))
-            client = redis.Redis(host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5)
+            client = redis.Redis(
+                host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5
+            )
             try:
                 assert _wait_ping(client, 20.0), "redis in the container never answered"
                 client.set("k", "v")

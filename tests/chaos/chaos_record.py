@@ -1,0 +1,103 @@
+"""Per-scenario records of a chaos run, and the reliability page written from them.
+
+Each scenario fills one :class:`ScenarioRecord` (faults, requests, losses, convergence and
+its bound, health figures); the session-finish hook in ``conftest.py`` renders the records
+of the session into ``docs/reliability.md`` together with the command that produced them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RECORDS: list[ScenarioRecord] = []
+"""Records of this session, in the order the scenarios ran."""
+
+DOC_ENV = "KVMESH_RELIABILITY_DOC"
+"""Where the page goes (default ``docs/reliability.md``; set it for partial dev runs)."""
+
+
+@dataclass(slots=True)
+class ScenarioRecord:
+    scenario: str
+    faults: str = ""
+    sent: int = 0
+    lost: int = 0
+    retried: int = 0
+    convergence_s: float | None = None
+    bound_s: float | None = None
+    peak_rss_mib: float | None = None
+    crash_restarts: int = 0
+    result: str = "not finished"
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def _fmt_s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} s"
+
+
+def render(records: list[ScenarioRecord], command: str, wall_s: float, root: Path) -> str:
+    rev = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Reliability: chaos scenarios and their latest results",
+        "",
+        "Written by the chaos suite (`tests/chaos/`) at the end of every run that includes it;",
+        "do not edit by hand. `bash deploy/test.sh` runs it together with every other test.",
+        "",
+        "**Setup.** 3 regions (us, eu, asia), each with 2 routers and 2 simulated engines in",
+        "containers of the `kvmesh:dev` image on one Docker network per region. Traffic between",
+        "regions crosses a `kvmesh netdelay` gateway per region (user-space round trips of",
+        "40 / 60 / 80 ms; the kernel has no netem). A host-side asyncio client per region sends",
+        "a steady, bounded stream of completions to its region's routers (published ports) and",
+        "retries on the region's other router after a refused connection, a timeout or a 5xx.",
+        "",
+        "**Checks in every scenario.** Requests lost where a healthy path existed: 0;",
+        "convergence (failure declared, or every router's view equal to the engines' own",
+        "caches) within the scenario's bound; no crash loops (every container meant to run is",
+        "running, restart count 0); memory bounded (peak RSS per container under its bound).",
+        "",
+        f"**Latest run:** {now}, commit `{rev}`, {wall_s:.0f} s wall time for the chaos suite.",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "| scenario | faults injected | requests sent | lost | retried | convergence | bound"
+        " | peak RSS | crash restarts | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        rss = "—" if r.peak_rss_mib is None else f"{r.peak_rss_mib:.0f} MiB"
+        lines.append(
+            f"| {r.scenario} | {r.faults} | {r.sent} | {r.lost} | {r.retried} "
+            f"| {_fmt_s(r.convergence_s)} | {_fmt_s(r.bound_s)} | {rss} "
+            f"| {r.crash_restarts} | {r.result} |"
+        )
+    notes = [(r.scenario, n) for r in records for n in r.notes]
+    if notes:
+        lines += ["", "Notes:", ""]
+        lines += [f"- **{scenario}**: {text}" for scenario, text in notes]
+    return "\n".join(lines) + "\n"
+
+
+def write(records: list[ScenarioRecord], command: str, wall_s: float, root: Path) -> Path:
+    target = Path(os.environ.get(DOC_ENV) or root / "docs" / "reliability.md")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render(records, command, wall_s, root))
+    return target
