@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from testcontainers.core.container import DockerContainer
 from testcontainers.core.network import Network
 
@@ -37,8 +39,14 @@ def test_redis_container_pause_and_unpause(base_image: str, docker_client: Any) 
         with container:
             host = container.get_container_host_ip()
             port = int(container.get_exposed_port(6379))
+            # No client-side retries: a paused server must fail the ping at once, not after
+            # redis-py's default backoff (seconds of it).
             client = redis.Redis(
-                host=host, port=port, socket_timeout=0.5, socket_connect_timeout=0.5
+                host=host,
+                port=port,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
             )
             try:
                 assert _wait_ping(client, 20.0), "redis in the container never answered"
