@@ -7,4 +7,15 @@ told otherwise with ``--out``.
 
 from __future__ import annotations
 
-BENCHES: dict[str, tuple[str, str]] = {}
+BENCHES: dict[str, tuple[str, str]] = {
+    "diurnal-cycle": ("bench.scenarios:diurnal_cycle", "sim: one day, local vs shared capacity"),
+    "diurnal-skew": ("bench.scenarios:diurnal_skew", "sim: SkyLB diurnal skew, 9 shared vs 12"),
+    "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
+    "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
+    "skylb-arena-332": ("bench.scenarios:skylb_arena_332", "sim: SkyLB Arena-like, 3/3/2"),
+    "skylb-arena-444": ("bench.scenarios:skylb_arena_444", "sim: SkyLB Arena-like, 4/4/4"),
+    "skylb-mixed-tree": ("bench.scenarios:skylb_mixed_tree", "sim: SkyLB Mixed Tree"),
+    "skylb-tot": ("bench.scenarios:skylb_tot", "sim: SkyLB Tree-of-Thoughts"),
+    "skylb-wildchat-332": ("bench.scenarios:skylb_wildchat_332", "sim: SkyLB WildChat-like, 3/3/2"),
+    "skylb-wildchat-444": ("bench.scenarios:skylb_wildchat_444", "sim: SkyLB WildChat-like, 4/4/4"),
+}

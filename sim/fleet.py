@@ -95,6 +95,8 @@ class FleetSpec:
     label: str = ""
     mesh_options: Mapping[str, object] = field(default_factory=dict)
     """Passed to the mesh plane (gossip interval, fanout...)."""
+    region_local: bool = False
+    """Routers know and use only their own region's engines (per-region reserved capacity)."""
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
@@ -109,6 +111,8 @@ class FleetSpec:
         g = self.layout.global_region
         if g is not None and g not in self.topology.regions:
             raise ValueError(f"global router in unknown region {g!r}")
+        if g is not None and self.region_local:
+            raise ValueError("region_local needs routers in every region, not a global one")
 
 
 class ScriptedText(TextGenerator):
@@ -434,7 +438,7 @@ class ProbePlane:
             router.views.prefix = self._prefix[router.id]
             offset = fleet.rng.uniform(0, spec.probe_interval_s)
             fleet.loop.every(spec.probe_interval_s, partial(self._probe, router), first=offset)
-            if len(fleet.routers) > 1:
+            if len(fleet.routers) > 1 and not spec.region_local:
                 fleet.loop.every(
                     spec.heartbeat_interval_s, partial(self._heartbeat, router), first=offset
                 )
@@ -510,6 +514,8 @@ class ProbePlane:
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
         fleet = self.fleet
         out: dict[str, RegionRecord] = {}
+        if fleet.spec.region_local:
+            return out
         queues: dict[str, int] = {}
         for sender, beat in self._heard[router.id].items():
             region = fleet.router_by_id[sender].region
@@ -555,7 +561,10 @@ class OraclePlane:
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
         rate = self.fleet.prefill_rate
         routers = self.fleet.routers
+        local = self.fleet.spec.region_local
         for e in self.fleet.engine_list:
+            if local and e.region != router.region:
+                continue
             waiting, running, kv = e.load()
             others = 0
             for r in routers:
@@ -566,6 +575,8 @@ class OraclePlane:
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
         fleet = self.fleet
         out: dict[str, RegionRecord] = {}
+        if fleet.spec.region_local:
+            return out
         for region in fleet.by_region:
             if region == router.region:
                 continue

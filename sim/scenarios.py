@@ -1,0 +1,615 @@
+"""The evaluation scenarios: the papers' setups, as fleets, workloads and policy variants.
+
+Every scenario names its source (SkyLB/SkyWalker, GORGO, the diurnal case) and what it keeps
+and changes; ``docs/evaluation.md`` has the mapping in prose and the latest results. A
+*variant* is one way to route the same workload on the same engines: a policy, where its
+routers sit (one global balancer in the US, or one per region), and how they learn about
+replicas (the fleet's plane). Every variant of a scenario sees the same requests: workloads
+are seeded per client, so only timing differs between variants.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from sim.fleet import Fleet, FleetResult, FleetSpec, RouterLayout
+from sim.metrics import Summary, summarize
+from sim.profiles import H100_LLAMA_3_1_8B, L4_LLAMA_3_1_8B, Profile
+from sim.report import RunResult, ScenarioReport
+from sim.topology import Topology, mesh_topology
+from sim.traces import SessionTraceSpec, records_to_lines, synthesize_sessions, trace_workload
+from sim.workloads import (
+    ARENA,
+    MIXED_TREE_US,
+    WILDCHAT,
+    DiurnalShape,
+    Workload,
+    chat_workload,
+    diurnal_workload,
+    tree_workload,
+)
+
+REGIONS = ("us", "eu", "asia")
+
+SKYLB_TOPOLOGY = Topology.build(
+    REGIONS,
+    {("us", "eu"): (95, 105), ("us", "asia"): (140, 160), ("eu", "asia"): (220, 240)},
+    intra_ms=(1, 2),
+)
+"""us-east-2 / eu-central-1 / ap-northeast-1 as public inter-region RTT tables give them;
+the paper only says cross-region latency adds up to 200 ms."""
+
+GORGO_TOPOLOGY = Topology.build(
+    REGIONS,
+    {("us", "eu"): (90, 130), ("us", "asia"): (260, 466), ("eu", "asia"): (230, 400)},
+    intra_ms=(26, 40),
+)
+"""GORGO's measured RTTs from its Ashburn proxy: US-East 26-40 ms (taken for every in-region
+hop), Frankfurt 90-130 ms, Seoul 260-466 ms. Frankfurt-Seoul is not reported: assumed."""
+
+GLOBAL_US = RouterLayout(global_region="us")
+PER_REGION = RouterLayout(per_region=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    label: str
+    policy: str
+    plane: str
+    prefix: str
+    layout: RouterLayout
+    params: Mapping[str, object] = field(default_factory=dict)
+    replicas: Mapping[str, int] | None = None
+    """Overrides the scenario's replicas (e.g. 9 shared vs 12 region-local)."""
+    region_local: bool = False
+    """Routers know and use only their own region's engines (reserved per-region capacity)."""
+    note: str = ""
+
+    def describe(self) -> str:
+        where = self.layout.label
+        local = ", region-local" if self.region_local else ""
+        return f"{self.policy} ({where}, {self.plane} plane, prefix {self.prefix}{local})"
+
+
+WorkloadFactory = Callable[[int, float], Workload]
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    title: str
+    source: str
+    """The paper setup this maps to, and what differs."""
+    topology: Topology
+    replicas: Mapping[str, int]
+    profile: Profile
+    workload: WorkloadFactory
+    variants: tuple[Variant, ...]
+    horizon_s: float = 300.0
+    warmup_s: float = 60.0
+    drain_s: float = 120.0
+    extra_variants: tuple[Variant, ...] = ()
+    """Analysis variants run with ``--extra`` (they separate information from algorithm)."""
+    target: str = "kvmesh"
+    mesh_options: Mapping[str, object] = field(default_factory=dict)
+
+
+BASELINES_GLOBAL = (
+    Variant("round_robin", "round_robin", "probe", "none", GLOBAL_US),
+    Variant("least_load", "least_load", "probe", "none", GLOBAL_US),
+    Variant("consistent_hash", "consistent_hash", "probe", "none", GLOBAL_US),
+    Variant("cache_aware_approx", "cache_aware_approx", "probe", "none", GLOBAL_US),
+)
+SKYLB = Variant("skylb", "skylb", "probe", "approx", PER_REGION)
+KVMESH = Variant("kvmesh", "kvmesh", "mesh", "events", PER_REGION)
+ORACLE = Variant("oracle", "kvmesh", "oracle", "events", PER_REGION)
+ANALYSIS = (
+    Variant(
+        "skylb+events",
+        "skylb",
+        "mesh",
+        "events",
+        PER_REGION,
+        note="SkyLB's algorithm on kvmesh's replicated state",
+    ),
+    Variant(
+        "gorgo-mesh",
+        "gorgo",
+        "mesh",
+        "events",
+        PER_REGION,
+        note="GORGO's cost on kvmesh's replicated state, one router per region",
+    ),
+    Variant("least_load-mesh", "least_load", "mesh", "events", PER_REGION),
+)
+SKYLB_VARIANTS = (*BASELINES_GLOBAL, SKYLB, KVMESH, ORACLE)
+
+UNBALANCED = {"us": 3, "asia": 3, "eu": 2}
+BALANCED = {"us": 4, "eu": 4, "asia": 4}
+_SKYLB_SOURCE = (
+    "SkyWalker (EuroSys'26) §5: L4 + Llama-3.1-8B replicas in US/EU/Asia, clients in all "
+    "three regions, baselines as one global balancer in the US, SkyWalker with one balancer "
+    "per region. Here: simulated engines (docs/simulator.md), per-region RTTs from public "
+    "tables, synthetic datasets shaped after the real ones."
+)
+
+
+def _arena(per_region: int) -> WorkloadFactory:
+    def make(seed: int, horizon: float) -> Workload:
+        return chat_workload(
+            ARENA, dict.fromkeys(REGIONS, per_region), seed=seed, horizon_s=horizon
+        )
+
+    return make
+
+
+def _wildchat(seed: int, horizon: float) -> Workload:
+    return chat_workload(WILDCHAT, {"us": 40, "eu": 30, "asia": 30}, seed=seed, horizon_s=horizon)
+
+
+def _tot(seed: int, horizon: float) -> Workload:
+    return tree_workload({"us": 40, "eu": 20, "asia": 20}, seed=seed, horizon_s=horizon)
+
+
+def _mixed_tree(seed: int, horizon: float) -> Workload:
+    return tree_workload(
+        {"us": 2, "eu": 20, "asia": 20},
+        seed=seed,
+        horizon_s=horizon,
+        profiles={"us": MIXED_TREE_US},
+    )
+
+
+def _skewed_arena(seed: int, horizon: float) -> Workload:
+    return chat_workload(ARENA, {"us": 120, "eu": 40, "asia": 40}, seed=seed, horizon_s=horizon)
+
+
+DIURNAL_SHAPE = DiurnalShape(day_s=600.0, peak_hour=14.0, peak_to_trough=8.0)
+
+
+def _diurnal(seed: int, horizon: float) -> Workload:
+    profile = replace(ARENA, think_time_s=3.0)
+    return diurnal_workload(
+        profile,
+        dict.fromkeys(REGIONS, 2.0),
+        seed=seed,
+        horizon_s=horizon,
+        shape=DIURNAL_SHAPE,
+        users_per_region=400,
+    )
+
+
+GORGO_SESSIONS = SessionTraceSpec(
+    users=90,
+    requests_per_user=40,
+    system_blocks=4,
+    shared_system_blocks=2,
+    new_tokens_mean=1200,
+    max_input=24_000,
+    output_mean=96,
+    max_output=128,
+    rate_per_s=6.0,
+    reset_p=0.08,
+)
+
+
+def _gorgo_trace(seed: int, horizon: float) -> Workload:
+    lines = records_to_lines(synthesize_sessions(GORGO_SESSIONS, seed))
+    return trace_workload(lines, list(REGIONS), seed=seed, horizon_s=horizon, name="sessions")
+
+
+def _scale_workload(regions: Sequence[str], clients_per_region: int) -> WorkloadFactory:
+    def make(seed: int, horizon: float) -> Workload:
+        return chat_workload(
+            ARENA, dict.fromkeys(regions, clients_per_region), seed=seed, horizon_s=horizon
+        )
+
+    return make
+
+
+SCALE_TOPOLOGY = mesh_topology(10)
+
+
+def _scenarios() -> dict[str, Scenario]:
+    out: list[Scenario] = [
+        Scenario(
+            "skylb-arena-332",
+            "SkyLB: ChatBot-Arena-like, unbalanced replicas (3 US, 3 Asia, 2 EU)",
+            _SKYLB_SOURCE + " Workload: 80 ongoing conversations per region, user id as hash key.",
+            SKYLB_TOPOLOGY,
+            UNBALANCED,
+            L4_LLAMA_3_1_8B,
+            _arena(80),
+            SKYLB_VARIANTS,
+            extra_variants=ANALYSIS,
+        ),
+        Scenario(
+            "skylb-arena-444",
+            "SkyLB: ChatBot-Arena-like, balanced replicas (4 per region)",
+            _SKYLB_SOURCE + " Workload: 80 ongoing conversations per region.",
+            SKYLB_TOPOLOGY,
+            BALANCED,
+            L4_LLAMA_3_1_8B,
+            _arena(80),
+            SKYLB_VARIANTS,
+            extra_variants=ANALYSIS,
+        ),
+        Scenario(
+            "skylb-wildchat-332",
+            "SkyLB: WildChat-like, unbalanced replicas (3 US, 3 Asia, 2 EU)",
+            _SKYLB_SOURCE + " Workload: 40 US, 30 EU, 30 Asia clients, hashed IP as hash key.",
+            SKYLB_TOPOLOGY,
+            UNBALANCED,
+            L4_LLAMA_3_1_8B,
+            _wildchat,
+            SKYLB_VARIANTS,
+            extra_variants=ANALYSIS,
+        ),
+        Scenario(
+            "skylb-wildchat-444",
+            "SkyLB: WildChat-like, balanced replicas (4 per region)",
+            _SKYLB_SOURCE + " Workload: 40 US, 30 EU, 30 Asia clients.",
+            SKYLB_TOPOLOGY,
+            BALANCED,
+            L4_LLAMA_3_1_8B,
+            _wildchat,
+            SKYLB_VARIANTS,
+            extra_variants=ANALYSIS,
+        ),
+        Scenario(
+            "skylb-tot",
+            "SkyLB: Tree-of-Thoughts, depth 4, 2 branches, 12 replicas",
+            _SKYLB_SOURCE + " Workload: 15-request trees, 40 US clients, 20 EU, 20 Asia.",
+            SKYLB_TOPOLOGY,
+            BALANCED,
+            L4_LLAMA_3_1_8B,
+            _tot,
+            SKYLB_VARIANTS,
+            extra_variants=ANALYSIS,
+        ),
+        Scenario(
+            "skylb-mixed-tree",
+            "SkyLB: Mixed Tree (4-branch US trees, 2-branch elsewhere)",
+            _SKYLB_SOURCE + " Workload: 2 US clients with 85-request 4-branch trees, 20 EU and "
+            "20 Asia clients with 2-branch trees.",
+            SKYLB_TOPOLOGY,
+            BALANCED,
+            L4_LLAMA_3_1_8B,
+            _mixed_tree,
+            SKYLB_VARIANTS,
+            extra_variants=ANALYSIS,
+        ),
+        Scenario(
+            "gorgo",
+            "GORGO: 3 regions at 26-40 / 90-130 / 260-466 ms, long shared contexts",
+            "GORGO (arXiv 2602.11688): one replica per region (Ashburn, Frankfurt, Seoul), a "
+            "central proxy in Ashburn, long-context sessions with heavy intra-user reuse, "
+            "outputs capped at 128. Here: H100 + Llama-3.1-8B engines stand in for L40S + "
+            "Qwen3.5-35B-A3B, and a synthetic Mooncake-format session trace (mean context "
+            "~10k tokens, capped at 24k) stands in for ART-Chat.",
+            GORGO_TOPOLOGY,
+            {"us": 1, "eu": 1, "asia": 1},
+            H100_LLAMA_3_1_8B,
+            _gorgo_trace,
+            (
+                Variant(
+                    "least_load",
+                    "least_load",
+                    "probe",
+                    "none",
+                    GLOBAL_US,
+                    note="central proxy in the US",
+                ),
+                Variant(
+                    "precise_prefix",
+                    "precise_prefix",
+                    "mesh",
+                    "events",
+                    GLOBAL_US,
+                    note="central proxy in the US with every engine's KV events",
+                ),
+                Variant(
+                    "gorgo",
+                    "gorgo",
+                    "mesh",
+                    "events",
+                    GLOBAL_US,
+                    note="GORGO-proxy: central, in the US",
+                ),
+                Variant(
+                    "gorgo-distributed",
+                    "gorgo",
+                    "mesh",
+                    "events",
+                    PER_REGION,
+                    note="GORGO's cost, one router per region",
+                ),
+                KVMESH,
+                ORACLE,
+            ),
+            horizon_s=300.0,
+            warmup_s=60.0,
+            drain_s=60.0,
+        ),
+        Scenario(
+            "diurnal-skew",
+            "Diurnal skew: US 120 / EU 40 / Asia 40 clients, replicas even",
+            "SkyWalker §5 diurnal test: the US at its peak while the other regions are quiet, "
+            "12 replicas split evenly; region-local serving (each region only its own replicas) "
+            "against sharing every replica, and 9 shared replicas against 12 region-local ones "
+            "(the paper's 25% saving).",
+            SKYLB_TOPOLOGY,
+            BALANCED,
+            L4_LLAMA_3_1_8B,
+            _skewed_arena,
+            (
+                Variant(
+                    "region-local-12", "kvmesh", "mesh", "events", PER_REGION, region_local=True
+                ),
+                Variant("skylb-12", "skylb", "probe", "approx", PER_REGION),
+                Variant("kvmesh-12", "kvmesh", "mesh", "events", PER_REGION),
+                Variant(
+                    "region-local-9",
+                    "kvmesh",
+                    "mesh",
+                    "events",
+                    PER_REGION,
+                    replicas={"us": 3, "eu": 3, "asia": 3},
+                    region_local=True,
+                ),
+                Variant(
+                    "skylb-9",
+                    "skylb",
+                    "probe",
+                    "approx",
+                    PER_REGION,
+                    replicas={"us": 3, "eu": 3, "asia": 3},
+                ),
+                Variant(
+                    "kvmesh-9",
+                    "kvmesh",
+                    "mesh",
+                    "events",
+                    PER_REGION,
+                    replicas={"us": 3, "eu": 3, "asia": 3},
+                ),
+            ),
+        ),
+        Scenario(
+            "diurnal-cycle",
+            "Diurnal cycle: every region peaks at 14:00 local time",
+            "The reservation argument of SkyWalker §2 over a full (compressed, 600 s) day: "
+            "conversation arrivals per region follow a raised cosine peaking at 14:00 local "
+            "time (8x peak/trough per region), so regions peak at different times. Region-local "
+            "capacity against the same replicas shared globally.",
+            SKYLB_TOPOLOGY,
+            BALANCED,
+            L4_LLAMA_3_1_8B,
+            _diurnal,
+            (
+                Variant(
+                    "region-local-12", "kvmesh", "mesh", "events", PER_REGION, region_local=True
+                ),
+                Variant("kvmesh-12", "kvmesh", "mesh", "events", PER_REGION),
+                Variant(
+                    "region-local-9",
+                    "kvmesh",
+                    "mesh",
+                    "events",
+                    PER_REGION,
+                    replicas={"us": 3, "eu": 3, "asia": 3},
+                    region_local=True,
+                ),
+                Variant(
+                    "kvmesh-9",
+                    "kvmesh",
+                    "mesh",
+                    "events",
+                    PER_REGION,
+                    replicas={"us": 3, "eu": 3, "asia": 3},
+                ),
+            ),
+            horizon_s=660.0,
+            warmup_s=60.0,
+            drain_s=120.0,
+        ),
+        Scenario(
+            "scale",
+            "Scale: 10 regions x 100 replicas x 20 routers",
+            "How far the simulator itself scales: the kvmesh mesh (2 routers per region, real "
+            "gossip and CRDTs) over 1,000 simulated H100 engines with ChatBot-Arena-like load.",
+            SCALE_TOPOLOGY,
+            dict.fromkeys(SCALE_TOPOLOGY.regions, 100),
+            H100_LLAMA_3_1_8B,
+            _scale_workload(SCALE_TOPOLOGY.regions, 600),
+            (Variant("kvmesh", "kvmesh", "mesh", "events", RouterLayout(per_region=2)),),
+            horizon_s=40.0,
+            warmup_s=10.0,
+            drain_s=20.0,
+        ),
+    ]
+    return {s.name: s for s in out}
+
+
+SCENARIOS: dict[str, Scenario] = _scenarios()
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    seed: int = 1
+    horizon_s: float | None = None
+    warmup_s: float | None = None
+    drain_s: float | None = None
+    only: tuple[str, ...] = ()
+    extra: bool = False
+    quick: bool = False
+    """A short run (a fifth of the horizon) for smoke tests; figures are noisier."""
+
+
+def fleet_spec(sc: Scenario, v: Variant, seed: int) -> FleetSpec:
+    return FleetSpec(
+        topology=sc.topology,
+        replicas=v.replicas or sc.replicas,
+        profile=sc.profile,
+        policy=v.policy,
+        policy_params=v.params,
+        layout=v.layout,
+        plane=v.plane,
+        prefix=v.prefix,
+        seed=seed,
+        label=v.label,
+        region_local=v.region_local,
+        mesh_options=sc.mesh_options,
+    )
+
+
+def windows(sc: Scenario, opts: RunOptions) -> tuple[float, float, float]:
+    horizon = opts.horizon_s or sc.horizon_s
+    warmup = opts.warmup_s if opts.warmup_s is not None else sc.warmup_s
+    drain = opts.drain_s if opts.drain_s is not None else sc.drain_s
+    if opts.quick:
+        horizon, warmup, drain = horizon / 5, warmup / 5, drain / 2
+    if warmup >= horizon:
+        raise ValueError(f"warmup {warmup} s must be shorter than the horizon {horizon} s")
+    return horizon, warmup, drain
+
+
+def selected_variants(sc: Scenario, opts: RunOptions) -> list[Variant]:
+    variants = list(sc.variants) + (list(sc.extra_variants) if opts.extra else [])
+    if opts.only:
+        known = {v.label: v for v in (*sc.variants, *sc.extra_variants)}
+        unknown = [x for x in opts.only if x not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown variant {unknown[0]!r} for {sc.name} (known: {', '.join(known)})"
+            )
+        variants = [known[x] for x in opts.only]
+    return variants
+
+
+Progress = Callable[[str, float, float], None]
+"""``progress(variant, virtual_now, virtual_end)``."""
+
+
+def run_variant(
+    sc: Scenario, v: Variant, opts: RunOptions, progress: Progress | None = None
+) -> tuple[RunResult, FleetResult]:
+    horizon, warmup, drain = windows(sc, opts)
+    spec = fleet_spec(sc, v, opts.seed)
+    started = time.perf_counter()
+    fleet = Fleet(spec)
+    workload = sc.workload(opts.seed, horizon)
+    end = horizon + drain
+    cb = None if progress is None else (lambda now: progress(v.label, now, end))
+    result = fleet.run(workload, drain_s=drain, progress=cb)
+    summary = summarize(v.label, result.records, result.counters, warmup=warmup, horizon=horizon)
+    ttfts = [r.ttft for r in result.records if warmup <= r.sent < horizon]
+    run = RunResult(
+        variant=v.label,
+        summary=summary,
+        ttfts=ttfts,
+        wall_s=time.perf_counter() - started,
+        events=result.events,
+        config={
+            "policy": v.policy,
+            "policy_params": dict(v.params),
+            "layout": v.layout.label,
+            "plane": v.plane,
+            "prefix": v.prefix,
+            "region_local": v.region_local,
+            "replicas": dict(v.replicas or sc.replicas),
+            "note": v.note,
+            "virtual_s": round(result.virtual_s, 3),
+            "decisions": result.counters.decisions,
+            "waits": result.counters.waits,
+            "rejected": result.counters.rejected,
+            "kv_events": result.counters.kv_events,
+            "gossip_messages": result.counters.gossip_messages,
+        },
+    )
+    return run, result
+
+
+def _pct(a: float, b: float) -> float:
+    return (a / b - 1.0) * 100.0 if b and math.isfinite(a) and math.isfinite(b) else math.nan
+
+
+def compare(runs: Sequence[RunResult], target: str = "kvmesh") -> list[str]:
+    """Plain statements about the target against the oracle and the other variants."""
+    by = {r.variant: r.summary for r in runs}
+    t = by.get(target)
+    if t is None:
+        return []
+    lines = []
+    oracle = by.get("oracle")
+    if oracle is not None:
+        d = _pct(t.ttft_p90, oracle.ttft_p90)
+        verdict = "within" if d <= 5.0 else "NOT within"
+        lines.append(
+            f"- {target} p90 TTFT {t.ttft_p90:.3f} s vs oracle {oracle.ttft_p90:.3f} s: "
+            f"{d:+.1f}% ({verdict} the 5% target); throughput "
+            f"{_pct(t.throughput_rps, oracle.throughput_rps):+.1f}%."
+        )
+    for other, s in by.items():
+        if other in (target, "oracle"):
+            continue
+        d = _pct(t.ttft_p90, s.ttft_p90)
+        ahead = "ahead of" if t.ttft_p90 < s.ttft_p90 else "behind"
+        lines.append(
+            f"- {target} vs {other}: p90 TTFT {d:+.1f}% ({ahead}), throughput "
+            f"{_pct(t.throughput_rps, s.throughput_rps):+.1f}%, prefix hit "
+            f"{100 * t.hit_rate:.1f}% vs {100 * s.hit_rate:.1f}%."
+        )
+    return lines
+
+
+def run_scenario(
+    name: str, opts: RunOptions, command: str, progress: Progress | None = None
+) -> ScenarioReport:
+    sc = SCENARIOS[name]
+    horizon, warmup, drain = windows(sc, opts)
+    runs: list[RunResult] = []
+    for v in selected_variants(sc, opts):
+        run, _ = run_variant(sc, v, opts, progress)
+        runs.append(run)
+    params: dict[str, object] = {
+        "seed": opts.seed,
+        "horizon_s": horizon,
+        "warmup_s": warmup,
+        "drain_s": drain,
+        "replicas": dict(sc.replicas),
+        "profile": sc.profile.name,
+        "regions": list(sc.topology.regions),
+        "rtt_ms": {
+            f"{a}-{b}": [sc.topology.rtt(a, b).lo_ms, sc.topology.rtt(a, b).hi_ms]
+            for i, a in enumerate(sc.topology.regions)
+            for b in sc.topology.regions[i:]
+        }
+        if len(sc.topology.regions) <= 4
+        else "ring (sim.topology.mesh_topology)",
+        "variants": {v.label: v.describe() for v in selected_variants(sc, opts)},
+    }
+    return ScenarioReport(
+        scenario=name,
+        title=sc.title,
+        command=command,
+        description=sc.source,
+        runs=runs,
+        params=params,
+        notes=compare(runs, sc.target),
+    )
+
+
+def summary_of(report: ScenarioReport, variant: str) -> Summary | None:
+    for r in report.runs:
+        if r.variant == variant:
+            return r.summary
+    return None
+
+
+def results_dir(name: str, out: str | None) -> Path:
+    return Path(out) if out else Path("results") / name
