@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mesh.cli_demo", "a local 3-region mesh with simulated engines; compares policies"),
     "netdelay": ("sim.netdelay", "user-space TCP delay proxy between regions (no netem needed)"),
     "router": ("mesh.cli_router", "run a router node (kvmesh router --config FILE)"),
+    "sim-engine": ("sim.cli_engine", "a simulated vLLM engine: OpenAI API, KV events, GPU timing"),
     "version": ("mesh.cli_version", "print the kvmesh version"),
 }
 

@@ -1,0 +1,154 @@
+"""Drives an ``EngineModel`` in (scaled) real time on an asyncio loop.
+
+One task runs the step loop: step at virtual ``now``, publish the step's KV events at once (vLLM
+publishes them when it schedules), sleep the step's duration divided by ``speedup``, then hand
+each request's outputs to its queue. Virtual time is wall time times ``speedup``, except that
+time lost to sleeping late is not counted: while the engine is busy its clock advances by
+exactly the profile's step durations, so high speedups do not inflate latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kvevents.events import KVEvent
+from kvevents.publisher import ZmqEventPublisher
+from sim.engine_model import EngineModel, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Put on a request's queue when the engine aborted it (e.g. the runner stopped)."""
+
+    reason: str
+
+
+class EngineRunner:
+    def __init__(
+        self,
+        engine: EngineModel,
+        publisher: ZmqEventPublisher | None = None,
+        speedup: float = 1.0,
+        on_output: Callable[[RequestOutput, float], None] | None = None,
+    ) -> None:
+        if speedup <= 0:
+            raise ValueError(f"speedup must be > 0, got {speedup}")
+        self.engine = engine
+        self.publisher = publisher
+        self.speedup = speedup
+        self._on_output = on_output
+        self._queues: dict[str, asyncio.Queue[RequestOutput | Finished]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._origin = 0.0
+        self._last_now = 0.0
+        self._pause_until = 0.0
+        self.publish_errors = 0
+
+    # -- clock -------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Virtual seconds since start (monotonic)."""
+        loop = asyncio.get_running_loop()
+        self._last_now = max(self._last_now, (loop.time() - self._origin) * self.speedup)
+        return self._last_now
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._origin = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._run(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for req_id, queue in list(self._queues.items()):
+            self.engine.abort(req_id)
+            queue.put_nowait(Finished("abort"))
+        self._queues.clear()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        req_id: str,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int | None,
+        cache_salt: str | None = None,
+        queue: asyncio.Queue[RequestOutput | Finished] | None = None,
+    ) -> asyncio.Queue[RequestOutput | Finished]:
+        """Add a request; its outputs go to ``queue`` (a new one unless given; several
+        requests may share one). Raises ValueError if the engine rejects the request."""
+        self.engine.add_request(req_id, prompt_token_ids, max_tokens, self.now(), cache_salt)
+        if queue is None:
+            queue = asyncio.Queue()
+        self._queues[req_id] = queue
+        self._wake.set()
+        return queue
+
+    def abort(self, req_id: str) -> bool:
+        self._queues.pop(req_id, None)
+        return self.engine.abort(req_id)
+
+    def pause(self, seconds: float) -> None:
+        """Stall the engine (no steps) for ``seconds`` of real time: a hung GPU."""
+        loop = asyncio.get_running_loop()
+        self._pause_until = max(self._pause_until, loop.time() + seconds)
+        self._wake.set()
+
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        ok = self.engine.reset_prefix_cache(reset_running_requests)
+        pending = self.engine.take_events()
+        self._publish(pending.events, pending.digests)
+        if reset_running_requests:
+            self._wake.set()
+        return ok
+
+    # -- loop --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            if self._pause_until > loop.time():
+                await asyncio.sleep(self._pause_until - loop.time())
+                continue
+            result = self.engine.step(self.now())
+            self._publish(result.events, result.digests)
+            if result.duration > 0:
+                target = loop.time() + result.duration / self.speedup
+                await asyncio.sleep(result.duration / self.speedup)
+                late = loop.time() - target
+                if late > 0:
+                    self._origin += late
+            for out in result.outputs:
+                queue = self._queues.get(out.req_id)
+                if queue is None:
+                    continue  # aborted while the step ran
+                if self._on_output is not None:
+                    self._on_output(out, result.end)
+                queue.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.req_id]
+            if not self.engine.has_work():
+                self._wake.clear()
+            elif result.duration == 0:
+                await asyncio.sleep(0.001)  # nothing schedulable yet; let handlers run
+
+    def _publish(self, events: Sequence[KVEvent], digests: Mapping[int, bytes]) -> None:
+        if not events or self.publisher is None:
+            return
+        try:
+            self.publisher.publish(events, digests=digests)
+        except Exception:
+            self.publish_errors += 1
+            log.exception("publishing %d KV events failed", len(events))
