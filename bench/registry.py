@@ -11,6 +11,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "diurnal-cycle": ("bench.scenarios:diurnal_cycle", "sim: one day, local vs shared capacity"),
     "diurnal-skew": ("bench.scenarios:diurnal_skew", "sim: SkyLB diurnal skew, 9 shared vs 12"),
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
+    "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
     "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
     "skylb-arena-332": ("bench.scenarios:skylb_arena_332", "sim: SkyLB Arena-like, 3/3/2"),
     "skylb-arena-444": ("bench.scenarios:skylb_arena_444", "sim: SkyLB Arena-like, 4/4/4"),
