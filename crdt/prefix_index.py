@@ -783,22 +783,25 @@ class PrefixIndex:
         s.tombs = 0
         s.clean = True
 
-    def _apply_store(self, s: _Slice, seq: int, keys: Iterable[int]) -> None:
-        holders, bit, log = self._holders, s.bit, s.keys
-        n0 = len(log)
+    def _apply_store(self, s: _Slice, seq: int, keys: array[int]) -> None:
+        # Every store is logged, even of a held key: the log must carry each key's latest
+        # operation, or a peer that saw a later removal would never see the key come back.
+        if not keys:
+            return
+        holders, bit = self._holders, s.bit
+        added = 0
         for k in keys:
             m = holders.get(k, 0)
             if not m & bit:
                 holders[k] = m | bit
-                log.append(k)
-        added = len(log) - n0
-        if added:
-            s.live += added
-            if s.tombs:
-                s.clean = False  # may supersede a logged removal
-            s.close_run(seq)
+                added += 1
+        s.keys.extend(keys)
+        s.live += added
+        if s.tombs or added < len(keys):
+            s.clean = False  # may supersede a logged entry
+        s.close_run(seq)
 
-    def _apply_remove(self, s: _Slice, seq: int, keys: Iterable[int]) -> None:
+    def _apply_remove(self, s: _Slice, seq: int, keys: array[int]) -> None:
         holders, bit, log = self._holders, s.bit, s.keys
         n0 = len(log)
         live = s.live
