@@ -13,6 +13,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
     "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
     "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
+    "sim-profiles": ("bench.sim_profiles", "sim-engine profiles: TTFT cached/uncached, saturation"),
     "skylb-arena-332": ("bench.scenarios:skylb_arena_332", "sim: SkyLB Arena-like, 3/3/2"),
     "skylb-arena-444": ("bench.scenarios:skylb_arena_444", "sim: SkyLB Arena-like, 4/4/4"),
     "skylb-mixed-tree": ("bench.scenarios:skylb_mixed_tree", "sim: SkyLB Mixed Tree"),

@@ -57,6 +57,7 @@ class KVCache:
         # Blocks with ref_cnt 0, least recently freed first. Dict order is the queue.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, dict[int, Block]] = {}
+        self._num_cached = 0
         self._events: list[KVEvent] = []
         self._event_digests: dict[int, bytes] = {}
 
@@ -93,7 +94,8 @@ class KVCache:
         return counts
 
     def num_cached_blocks(self) -> int:
-        return sum(len(copies) for copies in self._cached.values())
+        """Physical blocks holding a hash (a hash held twice counts twice)."""
+        return self._num_cached
 
     def ref_count(self, block_id: int) -> int:
         return self._blocks[block_id].ref_cnt
@@ -158,6 +160,7 @@ class KVCache:
                 raise RuntimeError(f"block {b} is already cached")
             block.digest = digest
             self._cached.setdefault(digest, {})[b] = block
+            self._num_cached += 1
             hashes.append(self._note(digest))
         extra = list(extra_keys) if extra_keys and any(k is not None for k in extra_keys) else None
         self._events.append(
@@ -179,6 +182,7 @@ class KVCache:
         for block in self._blocks:
             block.digest = None
         self._cached.clear()
+        self._num_cached = 0
         self._events.append(AllBlocksCleared())
         return True
 
@@ -203,5 +207,6 @@ class KVCache:
         if not copies:
             del self._cached[digest]
         block.digest = None
+        self._num_cached -= 1
         removed = BlockRemoved(block_hashes=[self._note(digest)], medium=MEDIUM, group_idx=0)
         self._events.append(removed)
