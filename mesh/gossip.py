@@ -224,19 +224,32 @@ class StateSync:
     def deltas_for(
         self, theirs: Mapping[str, Mapping[str, Version]], now: float, budget: int
     ) -> tuple[dict[str, object], int]:
-        """Wire deltas of every state for a peer holding ``theirs``, within ``budget`` bytes."""
+        """Wire deltas of every state for a peer holding ``theirs``, within ``budget`` bytes.
+
+        A state whose delta overshoots what is left (a CRDT that cannot cut finer) is asked
+        again with half the room, twice; if it still does not fit it is left out of this
+        message and counted under ``delta.oversize.<state>``.
+        """
         out: dict[str, object] = {}
         used = 0
         for name, st in self.states.items():
             left = budget - used
             if left < 256:
                 break
-            delta = st.delta_since(theirs.get(name, {}), now, left)
-            if delta.is_empty():
-                continue
-            wire = delta.to_wire()
-            out[name] = wire
-            used += packed_size(wire) + len(name) + 2
+            room = left
+            for _ in range(3):
+                delta = st.delta_since(theirs.get(name, {}), now, room)
+                if delta.is_empty():
+                    break
+                wire = delta.to_wire()
+                size = packed_size(wire) + len(name) + 2
+                if size <= left:
+                    out[name] = wire
+                    used += size
+                    break
+                room //= 2
+            else:
+                self.counters[f"delta.oversize.{name}"] += 1
         return out, used
 
     def decode(self, wire: Mapping[str, object]) -> list[tuple[Replicated[Any], Delta]]:
@@ -296,6 +309,8 @@ class MeshCore:
         self.sync = StateSync(states, self.counters)
         self.seeds: tuple[str, ...] = ()
         self.set_seeds(seeds)
+        self.on_event: Callable[[MemberEvent], None] | None = None
+        """Called for every membership change (shells log them)."""
         self.last_rejection: tuple[str, str] | None = None
         """``(reason, detail)`` of the frame the last ``receive`` refused, else None."""
         self._counter = 0
@@ -453,10 +468,8 @@ class MeshCore:
         for ev in self.membership.drain_events():
             if ev.kind in ("restarted", "forgotten") or ev.status != Status.ALIVE:
                 self.sync.reset(ev.node_id)
-            self._on_event(ev)
-
-    def _on_event(self, ev: MemberEvent) -> None:
-        """Hook for shells (logging); the core needs nothing more."""
+            if self.on_event is not None:
+                self.on_event(ev)
 
     # ---- tick --------------------------------------------------------------------------
 
@@ -554,14 +567,6 @@ class MeshCore:
             if budget < self.config.max_message_bytes // 4:
                 mine, budget = {}, self.config.max_message_bytes - PIGGYBACK_RESERVE
             deltas, used = self.sync.deltas_for(p.digests, now, budget)
-            for _ in range(3):  # a state that overshoots its max_bytes gets a smaller cut
-                if used <= budget:
-                    break
-                budget //= 2
-                deltas, used = self.sync.deltas_for(p.digests, now, budget)
-            if used > budget:
-                self.counters["push.oversize"] += 1
-                return None
             if not deltas:
                 self.counters["push.nothing_to_send"] += 1
                 p.clean_epoch = self.sync.epoch

@@ -593,9 +593,9 @@ class Membership:
         self.counters["membership.probe_failures"] += 1
         self._awareness(p.expected_nacks - p.nacks if p.expected_nacks > 0 else 1)
         m = self.members.get(p.target_id)
-        if m is None or m.status != Status.ALIVE:
+        if m is None or m.status not in ACTIVE:
             return
-        self.apply(
+        self.apply(  # a new suspicion, or our own confirmation of someone else's
             MemberUpdate(
                 m.node_id,
                 m.region,
