@@ -272,7 +272,8 @@ class Mesh:
                         status = await resp.json(content_type=None)
                 except (aiohttp.ClientError, ValueError):
                     status = {}
-                reps = status.get("replicas", []) if isinstance(status, dict) else []
+                routing = status.get("routing", {}) if isinstance(status, dict) else {}
+                reps = routing.get("replicas", []) if isinstance(routing, dict) else []
                 seen.append(sum(1 for r in reps if r.get("healthy")))
             if all(n >= want for n in seen):
                 return True

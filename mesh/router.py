@@ -228,6 +228,9 @@ class Router:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        start_gossip = getattr(self.backend, "start_gossip", None)
+        if start_gossip is not None:
+            await start_gossip()
         log.info("router %s (%s) listening on %s:%s, policy %s, %d engines",
                  self.config.node_id, self.config.region, self.config.host, self.port,
                  self.policy.name, len(self.config.engines))
@@ -574,9 +577,11 @@ class Router:
                             content_type="application/json")
 
     def status_dict(self) -> dict[str, Any]:
+        """The mesh document (node, peers, replicas by index and load) plus this router's part."""
         now = self.clock()
         view = self.view(now)
-        return {
+        doc = dict(self.backend.status())
+        doc["router"] = {
             "node_id": self.config.node_id,
             "region": self.config.region,
             "advertise": self.config.advertise,
@@ -593,17 +598,19 @@ class Router:
                  "models": list(s.models)}
                 for s in (self.engines.states.values() if self.engines else [])
             ],
+        }
+        doc["routing"] = {
             "replicas": [
                 {"replica": r.replica, "region": r.region, "healthy": r.healthy,
                  "waiting": r.waiting, "running": r.running, "kv_usage": r.kv_usage,
                  "age_s": None if r.load_age == float("inf") else round(r.load_age, 3),
-                 "inflight": r.inflight}
+                 "inflight": r.inflight, "fresh": r.fresh}
                 for r in view.replicas
             ],
             "regions": {k: {"rtt_s": v.rtt, "reachable": v.reachable, "queue": v.queue}
                         for k, v in view.regions.items()},
-            "mesh": self.backend.status(),
         }
+        return doc
 
     def _state_metrics(self) -> Iterable[Any]:
         view = self.view()
@@ -626,6 +633,191 @@ class Router:
                     ["replica"], [([k], float(v)) for k, v in self.dispatches.counts().items()])
 
 
+class MeshState:
+    """The replicated side: prefix index fed by the engines' events, gossiped to peers.
+
+    One writer per fact: this router writes the slices of its own engines (through their
+    event subscribers) and nothing else; peers' slices arrive by gossip. An engine that has
+    been down for ``slice_expiry`` seconds has its slice dropped (its cache is gone or
+    unreachable), with a tombstone so a stale copy cannot come back.
+    """
+
+    def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic,
+                 slice_expiry: float = 30.0) -> None:
+        from crdt.prefix_index import PrefixIndex
+
+        self.config = config
+        self.clock = clock
+        self.slice_expiry = slice_expiry
+        self.index = PrefixIndex()
+        self.prefix: PrefixLookup = self.index
+        self.subscribers: list[Any] = []
+        self.node: Any = None
+        self._down_since: dict[str, float] = {}
+        self._engine_states: dict[str, EngineState] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        for i, eng in enumerate(config.engines):
+            if eng.kv_events is None:
+                continue
+            self.subscribers.append(self._subscriber(i, eng.url, eng.kv_events, eng.replay))
+        if config.peers:
+            self.node = self._node()
+
+    def _subscriber(self, i: int, url: str, source: str, replay: str | None) -> Any:
+        if source.startswith(("redis://", "rediss://")):
+            try:
+                from kvevents import redis_subscriber  # type: ignore[attr-defined]
+            except ImportError:
+                raise ValueError(f"engines[{i}].kv_events: Redis stream sources are not "
+                                 "available in this build") from None
+            return redis_subscriber.RedisSubscriber(url, source, self.index)
+        from kvevents.zmq_subscriber import ZmqSubscriber
+
+        return ZmqSubscriber(url, source, self.index, replay_endpoint=replay)
+
+    def _node(self) -> Any:
+        from mesh.node import MeshConfig, MeshNode
+
+        if self.config.mesh_key is None:
+            raise ValueError("mesh_key: required when peers are configured (it signs gossip)")
+        try:
+            mesh_config = MeshConfig.from_options(
+                node_id=self.config.node_id, region=self.config.region,
+                advertise=self.config.advertise, keys=[self.config.mesh_key],
+                seeds=self.config.peers, options=self.config.gossip,
+            )
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        return MeshNode(mesh_config, {"prefix": self.index})
+
+    # -- MeshBackend -------------------------------------------------------------------------
+    def remote_records(self, now: float) -> Iterable[ReplicaRecord]:
+        return ()
+
+    def others_inflight(self, replica: str) -> int:
+        return 0
+
+    def regions(self, now: float) -> Mapping[str, RegionRecord]:
+        if self.node is None:
+            return {}
+        rtts = self.node.region_rtt_ms()
+        out: dict[str, RegionRecord] = {}
+        for region, urls in self.node.routers_by_region().items():
+            if region == self.config.region:
+                continue
+            rtt = rtts.get(region)
+            out[region] = RegionRecord(region, None if rtt is None else rtt / 1000.0,
+                                       tuple(urls), 0)
+        return out
+
+    def publish_engine(self, state: EngineState, region: str, now: float) -> None:
+        self._engine_states[state.url] = state
+        if state.healthy:
+            self._down_since.pop(state.url, None)
+        else:
+            self._down_since.setdefault(state.url, now)
+
+    def publish_inflight(self, counts: Mapping[str, int], queue: int, now: float) -> None:
+        return None
+
+    def routes(self) -> list[web.RouteDef]:
+        if self.node is None:
+            return []
+        from mesh.transport import STATUS_PATH
+
+        # The router serves its own /mesh/status, which embeds the node's document.
+        return [r for r in self.node.routes() if getattr(r, "path", "") != STATUS_PATH]
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        for sub in self.subscribers:
+            await sub.start()
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="slice expiry"))
+
+    async def start_gossip(self) -> None:
+        if self.node is not None:
+            await self.node.start()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self.node is not None:
+            await self.node.aclose()
+        for sub in self.subscribers:
+            await sub.aclose()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.clock()
+            for url, since in list(self._down_since.items()):
+                if now - since >= self.slice_expiry and self.index.version(url) is not None:
+                    log.info("engine %s down for %.0fs: dropping its slice", url, now - since)
+                    self.index.drop(url, now=now)
+            self.index.gc(now, 60.0)
+
+    def status(self) -> dict[str, Any]:
+        if self.node is None:
+            return {"index": {"replicas": len(self.index.replicas()),
+                              "pairs": self.index.pair_count()}}
+        doc: dict[str, Any] = self.node.status()
+        return doc
+
+    def metric_providers(self) -> list[Callable[[], Iterable[Any]]]:
+        return [self._ingest_metrics, self._gossip_metrics]
+
+    def _ingest_metrics(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        events = CounterMetricFamily("kvmesh_events_ingested", "KV events ingested, by replica",
+                                     labels=["replica"])
+        batches = CounterMetricFamily("kvmesh_event_batches", "KV event batches, by replica",
+                                      labels=["replica"])
+        gaps = CounterMetricFamily("kvmesh_event_gaps", "Sequence gaps seen, by replica",
+                                   labels=["replica"])
+        lag_rows: list[tuple[list[str], float]] = []
+        for sub in self.subscribers:
+            st = sub.stats()
+            events.add_metric([st.replica], st.events)
+            batches.add_metric([st.replica], st.batches)
+            gaps.add_metric([st.replica], st.gaps)
+            if st.lag_s is not None:
+                lag_rows.append(([st.replica], st.lag_s))
+        yield events
+        yield batches
+        yield gaps
+        yield gauge("kvmesh_event_lag_seconds",
+                    "Router receive time minus the engine's batch timestamp (last batch)",
+                    ["replica"], lag_rows)
+        yield gauge("kvmesh_index_blocks", "Blocks held per replica in the merged prefix index",
+                    ["replica"], [([r], float(self.index.blocks(r)))
+                                  for r in self.index.replicas()])
+
+    def _gossip_metrics(self) -> Iterable[Any]:
+        if self.node is None:
+            return
+        from prometheus_client.core import CounterMetricFamily
+
+        counters = self.node.metrics()
+        b = CounterMetricFamily("kvmesh_gossip_bytes", "Gossip bytes sent and received",
+                                labels=["direction"])
+        b.add_metric(["tx"], counters.get("tx.bytes", 0))
+        b.add_metric(["rx"], counters.get("rx.bytes", 0))
+        yield b
+        c = CounterMetricFamily("kvmesh_gossip_events", "Mesh protocol counters by name",
+                                labels=["name"])
+        for name, value in sorted(counters.items()):
+            c.add_metric([name], value)
+        yield c
+        now = self.clock()
+        advanced = self.node.origin_advanced_at("prefix")
+        yield gauge("kvmesh_gossip_origin_silence_seconds",
+                    "Seconds since each replica's prefix slice last advanced here",
+                    ["replica"], [([k], now - v) for k, v in advanced.items()])
+
+
 def build_router(config: RouterConfig) -> Router:
-    """The router for ``config``, with the mesh backend when peers or events are configured."""
-    return Router(config)
+    """The router for ``config``: engines' events into the prefix index, gossip with peers."""
+    return Router(config, backend=MeshState(config))

@@ -297,7 +297,8 @@ async def test_probes_and_metrics(engines: list[FakeEngine], router: Router) -> 
             status = await resp.json()
     assert 'kvmesh_router_decisions_total{outcome="local",policy="kvmesh"} 1.0' in text
     assert "kvmesh_replica_load{" in text and "kvmesh_router_estimated_cache_hit_ratio" in text
-    assert status["region"] == "us" and len(status["engines"]) == 2
+    assert status["router"]["region"] == "us" and len(status["router"]["engines"]) == 2
+    assert {r["replica"] for r in status["routing"]["replicas"]} == {e.url for e in engines}
     for e in engines:
         await e.stop()
     await wait_for(lambda: router.ready_reason() is not None)
