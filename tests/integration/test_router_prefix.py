@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 def words(seed: int, n: int) -> str:
-    vocab = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    vocab = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota",
+             "kappa", "lambda", "mu")
     return " ".join(vocab[(seed * 7 + i * 5) % len(vocab)] + str(i % 13) for i in range(n))
 
 
@@ -34,7 +36,7 @@ async def test_follow_up_turns_follow_the_engines_kv_events(tmp_path: Path, poli
         })
         async with aiohttp.ClientSession() as s:
             for e in engines:
-                await wait_until(lambda e=e: healthy(s, e.url), what=f"{e.url} up")
+                await wait_until(partial(healthy, s, e.url), what=f"{e.url} up")
             await wait_until(lambda: sees_replicas(s, router, 2), what="router ready")
             for n, home in enumerate(engines):
                 # Turn 1 goes straight to one engine: the router never routed it.
@@ -42,8 +44,7 @@ async def test_follow_up_turns_follow_the_engines_kv_events(tmp_path: Path, poli
                             {"role": "user", "content": words(3, 40)}]
                 status, _, reply = await chat(s, home.url, messages)
                 assert status == 200
-                await wait_until(
-                    lambda home=home: _holds(s, router, home.url), what="index learns turn 1")
+                await wait_until(partial(_holds, s, router, home.url), what="index learns turn 1")
                 for turn in range(2, 5):
                     messages += [{"role": "assistant", "content": reply},
                                  {"role": "user", "content": words(turn, 30)}]
