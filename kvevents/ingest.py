@@ -120,6 +120,7 @@ class EngineIngest:
         self.last_seen: float | None = None
         self._last_log = float("-inf")
         self._unlogged = 0
+        self._clear_first = False
 
     # -- inputs from the shells ------------------------------------------------------------
     @property
@@ -269,6 +270,9 @@ class EngineIngest:
                 return  # this run is the slice's own (or older): it exists already
             self._resume = None
         self.writer.reset(self.replica, epoch, partial)
+        # A partial slice in a known epoch may still hold keys from before the loss; say
+        # explicitly, at the first batch it is rebuilt from, that it starts empty.
+        self._clear_first = partial
 
     def _apply(self, epoch: int, seq: int, batch: EventBatch) -> None:
         version = (epoch, seq)
@@ -286,6 +290,10 @@ class EngineIngest:
         self.malformed_events += batch.malformed_events
         self.last_batch_ts = batch.ts
         keys, writer, replica = self.keys, self.writer, self.replica
+        if self._clear_first:
+            self._clear_first = False
+            if write:
+                writer.clear(replica, version)
         # Consecutive events of one kind go to the index as one call; order across kinds kept.
         pending: list[int] = []
         pending_store = True

@@ -9,8 +9,11 @@ actions for one replica's slice:
 
 Epoch rule (so every router ingesting an engine produces the same slice): the epoch of a run
 is the engine's ``ts`` of its batch with seq 0, in integer microseconds, whether that batch was
-seen live or through replay. When it cannot be had (history lost), the epoch is the ``ts`` of
-the first batch the new slice is built from, and the slice is marked partial.
+seen live or through replay. When it cannot be had (history lost before the run's start was
+known), the epoch is the ``ts`` of the first batch the new slice is built from, and the slice is
+marked partial. History lost in the middle of a run whose epoch is known keeps that epoch:
+``Reset(epoch, partial=True)`` empties the slice and rebuilds it from the next batch on, and the
+slice still orders below the complete ones other routers hold for the same run.
 
 Restarts that leave the sequence number *above* where it was cannot be seen from the number
 alone. When the tracker replays a gap it asks from the last applied seq and compares the
@@ -179,7 +182,7 @@ class SequenceTracker(Generic[T]):
                 self._start(epoch_of(ts), False, out, "run start (replayed)")
         else:
             self.history_lost += 1
-            self._start(epoch_of(ts), True, out, f"replay began at {seq}, wanted {self._expect}")
+            self._lost(ts, out, f"replay began at {seq}, wanted {self._expect}")
         self._got = True
         self._expect = seq + 1
         self._apply(seq, ts, item, digest, out)
@@ -221,7 +224,6 @@ class SequenceTracker(Generic[T]):
         if last is not None and seq == last + 1:
             if self._verify_next and self.can_replay and not drain and self.last_digest is not None:
                 self._request(_GAP, last + 1, out, "verify after reconnect")
-                self._strict = True
                 self._buffer(seq, ts, item, digest)
                 return
             if self._verify_next:
@@ -255,7 +257,7 @@ class SequenceTracker(Generic[T]):
             self._buffer(seq, ts, item, digest)
         else:
             self.history_lost += 1
-            self._start(epoch_of(ts), True, out, f"gap {last + 1}..{seq - 1} not recoverable")
+            self._lost(ts, out, f"gap {last + 1}..{seq - 1} not recoverable")
             self._apply(seq, ts, item, digest, out)
 
     def _forget_run(self) -> None:
@@ -268,7 +270,8 @@ class SequenceTracker(Generic[T]):
 
     def _request(self, mode: str, start: int, out: list[Action[T]], reason: str) -> None:
         self.replays += 1
-        self._strict = False
+        # After a reconnect the run itself is in doubt: an unverifiable anchor means lost.
+        self._strict = self._verify_next and mode == _GAP
         self._mode = mode
         self._got = False
         self._expect = start
@@ -277,6 +280,10 @@ class SequenceTracker(Generic[T]):
         out.append(
             RequestReplay(self.replay_from if self.replay_from is not None else start, reason)
         )
+
+    def _lost(self, ts: float, out: list[Action[T]], reason: str) -> None:
+        """History lost: a partial slice, in the run's epoch if known (else from ``ts``)."""
+        self._start(self.epoch if self.epoch is not None else epoch_of(ts), True, out, reason)
 
     def _start(self, epoch: int, partial: bool, out: list[Action[T]], reason: str) -> None:
         self.epoch = epoch

@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager, contextmanager
 import pytest
 import zmq
 
+from crdt.prefix_index import PrefixIndex, SliceInfo
 from kvevents.events import BlockRemoved, BlockStored, KVEvent
 from kvevents.keys import request_keys
-from kvevents.memory_index import MemoryIndex
 from kvevents.publisher import ZmqEventPublisher
 from kvevents.tracker import epoch_of
 from kvevents.zmq_subscriber import ZmqSubscriber
@@ -53,6 +53,12 @@ class Workload:
         return set(self.held.values())
 
 
+def info(index: PrefixIndex, replica: str = "engine-a") -> SliceInfo:
+    got = index.slice_info(replica)
+    assert got is not None, f"no slice for {replica}"
+    return got
+
+
 async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -77,7 +83,7 @@ def publisher(**kw: object) -> Iterator[ZmqEventPublisher]:
 
 @asynccontextmanager
 async def subscriber(
-    pub: ZmqEventPublisher, index: MemoryIndex, replay: bool = True, **kw: object
+    pub: ZmqEventPublisher, index: PrefixIndex, replay: bool = True, **kw: object
 ) -> AsyncIterator[ZmqSubscriber]:
     sub = ZmqSubscriber(
         "engine-a",
@@ -126,16 +132,15 @@ async def test_late_subscriber_recovers_the_whole_cache_through_replay(
     with_topic: bool, fmt: str
 ) -> None:
     work = Workload(1)
-    index = MemoryIndex()
+    index = PrefixIndex()
     with publisher(replay_with_topic=with_topic, event_format=fmt, topic="kv@a") as pub:
         publish(pub, work, 30)  # before any router listens
         first_ts = None
         async with subscriber(pub, index) as sub:
             await settle(pub, sub, work)
             stats = sub.stats()
-            state = index.slices["engine-a"]
-            assert not state.partial
-            assert state.keys == work.truth()
+            assert not info(index).partial
+            assert index.keys("engine-a") == work.truth()
             assert stats.replays >= 1 and stats.history_lost == 0
             first_ts = pub.stats.replayed_batches
         assert first_ts and first_ts >= 30
@@ -151,21 +156,20 @@ async def test_epoch_is_the_ts_of_seq_zero_for_every_router() -> None:
 
     with publisher(clock=clock) as pub:
         publish(pub, work, 5)
-        a, b = MemoryIndex(), MemoryIndex()
+        a, b = PrefixIndex(), PrefixIndex()
         async with subscriber(pub, a) as sa:
             await settle(pub, sa, work)
             async with subscriber(pub, b) as sb:
                 await settle(pub, sb, work)
                 await wait_until(lambda: sa.ingest.version == sb.ingest.version)
-        assert (
-            a.slices["engine-a"].epoch == b.slices["engine-a"].epoch == epoch_of(1_800_000_000.25)
-        )
-        assert a.slices["engine-a"].keys == b.slices["engine-a"].keys == work.truth()
+        assert info(a).version == info(b).version
+        assert info(a).version[0] == epoch_of(1_800_000_000.25)
+        assert a.keys("engine-a") == b.keys("engine-a") == work.truth()
 
 
 async def test_gap_is_recovered_by_replay() -> None:
     work = Workload(3)
-    index = MemoryIndex()
+    index = PrefixIndex()
     with publisher() as pub:
         async with subscriber(pub, index) as sub:
             await settle(pub, sub, work)
@@ -183,11 +187,11 @@ async def test_gap_is_recovered_by_replay() -> None:
 
 async def test_engine_restart_bumps_the_epoch_and_clears_the_slice() -> None:
     work = Workload(4)
-    index = MemoryIndex(record=True)
+    index = PrefixIndex()
     with publisher() as pub:
         async with subscriber(pub, index) as sub:
             await settle(pub, sub, work)
-            old_epoch = index.slices["engine-a"].epoch
+            old_epoch = info(index).version[0]
             old_keys = index.keys("engine-a")
             assert old_keys
             pub.restart()
@@ -195,32 +199,34 @@ async def test_engine_restart_bumps_the_epoch_and_clears_the_slice() -> None:
             publish(pub, work, 3)
             await wait_until(lambda: sub.stats().restarts == 1, what="restart seen")
             await wait_until(lambda: sub.ingest.version is not None and sub.ingest.version[1] == 2)
-            state = index.slices["engine-a"]
-            assert state.epoch > old_epoch and not state.partial
-            assert state.keys == work.truth() and state.keys.isdisjoint(old_keys)
-            assert ("reset", "engine-a", state.epoch, False) in index.log
+            state = info(index)
+            assert state.version[0] > old_epoch and not state.partial
+            assert sub.stats().epoch == state.version[0]
+            keys = index.keys("engine-a")
+            assert keys == work.truth() and keys.isdisjoint(old_keys)
 
 
 async def test_lost_history_marks_partial_then_rebuilds_from_live_traffic() -> None:
     work = Workload(5)
-    index = MemoryIndex()
+    index = PrefixIndex()
     with publisher(buffer_steps=2) as pub:
         async with subscriber(pub, index) as sub:
             await settle(pub, sub, work)
-            full = index.slices["engine-a"]
+            full = info(index)
             assert not full.partial
             pub.drop_next(6)  # more than the engine retains
             publish(pub, work, 7)
-            await wait_until(lambda: index.slices["engine-a"].partial, what="slice marked partial")
+            await wait_until(lambda: info(index).partial, what="slice marked partial")
             await wait_until(
                 lambda: sub.ingest.version is not None and sub.ingest.version[1] == pub.last_seq
             )
-            state = index.slices["engine-a"]
-            assert state.epoch > full.epoch
-            assert state.keys <= work.truth() and state.keys  # rebuilt from what came after
+            state = info(index)
+            assert state.version[0] == full.version[0]  # same run, same epoch: a partial slice
+            keys = index.keys("engine-a")
+            assert keys <= work.truth() and keys  # rebuilt from what came after
             stats = sub.stats()
             assert stats.history_lost == 1 and stats.partial
-            rebuilt = len(state.keys)
+            rebuilt = len(keys)
             publish(pub, work, 3)
             await wait_until(
                 lambda: sub.ingest.version is not None and sub.ingest.version[1] == pub.last_seq
@@ -231,19 +237,19 @@ async def test_lost_history_marks_partial_then_rebuilds_from_live_traffic() -> N
 
 async def test_late_subscriber_without_replay_builds_a_partial_slice() -> None:
     work = Workload(6)
-    index = MemoryIndex()
+    index = PrefixIndex()
     with publisher() as pub:
         publish(pub, work, 10)
         async with subscriber(pub, index, replay=False) as sub:
             await settle(pub, sub, work)
-            state = index.slices["engine-a"]
-            assert state.partial and state.keys and state.keys <= work.truth()
+            keys = index.keys("engine-a")
+            assert info(index).partial and keys and keys <= work.truth()
             assert sub.stats().replays == 0
 
 
 async def test_silent_replay_endpoint_marks_partial() -> None:
     work = Workload(7)
-    index = MemoryIndex()
+    index = PrefixIndex()
     ctx = zmq.Context()
     dead = ctx.socket(zmq.ROUTER)  # accepts requests, never answers
     port = dead.bind_to_random_port("tcp://127.0.0.1")
@@ -261,7 +267,7 @@ async def test_silent_replay_endpoint_marks_partial() -> None:
             await sub.start()
             try:
                 deadline = time.monotonic() + 5
-                while "engine-a" not in index.slices:  # slow joiner: publish until one lands
+                while index.slice_info("engine-a") is None:  # slow joiner: publish until one lands
                     assert time.monotonic() < deadline, "slice never created"
                     publish(pub, work, 1)
                     await asyncio.sleep(0.05)
@@ -278,7 +284,7 @@ async def test_silent_replay_endpoint_marks_partial() -> None:
 async def test_bound_subscriber_survives_garbage_frames() -> None:
     """Engines connect to the router; one of the peers sends garbage of every shape."""
     work = Workload(8)
-    index = MemoryIndex()
+    index = PrefixIndex()
     sub = ZmqSubscriber("engine-a", "tcp://127.0.0.1:0", index, bind=True)
     await sub.start()
     ctx = zmq.Context()

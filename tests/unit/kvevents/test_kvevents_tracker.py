@@ -49,6 +49,18 @@ def test_late_join_replays_from_zero_and_gets_the_true_epoch() -> None:
     assert t.duplicates == 2 and not t.partial
 
 
+def test_replay_of_a_late_join_that_lost_the_start_uses_first_seen_ts() -> None:
+    t: SequenceTracker[int] = SequenceTracker(can_replay=True)
+    t.live(40, ts(40), 40)
+    got: list[object] = []
+    for s in range(30, 41):  # seq 0 is gone from the engine's buffer
+        got += t.replayed(s, ts(s), s)
+    got += t.replay_done()
+    e = epoch_of(ts(30))
+    assert resets(got) == [(e, True)]
+    assert applied(got) == [(e, s) for s in range(30, 41)]
+
+
 def test_late_join_without_replay_is_partial_with_first_seen_ts() -> None:
     t: SequenceTracker[int] = SequenceTracker(can_replay=False)
     out = t.live(5, ts(5), 5) + t.live(6, ts(6), 6)
@@ -101,7 +113,7 @@ def test_gap_with_history_lost_resets_partial() -> None:
     for s in range(15, 21):  # the engine only retains from 15
         got += t.replayed(s, ts(s), s, digest=s)
     got += t.replay_done()
-    e = epoch_of(ts(15))
+    e = epoch_of(ts(0))  # the run is known: its epoch stays, the slice restarts partial
     assert resets(got) == [(e, True)]
     assert applied(got) == [(e, s) for s in range(15, 21)]
     assert t.partial and t.history_lost == 1
@@ -114,7 +126,7 @@ def test_gap_with_silent_replay_resets_partial_from_live() -> None:
     t.live(5, ts(5), 5)
     t.live(6, ts(6), 6)
     got = t.replay_done()  # nothing came back
-    e = epoch_of(ts(5))
+    e = epoch_of(ts(0))
     assert resets(got) == [(e, True)]
     assert applied(got) == [(e, 5), (e, 6)]
     assert t.replay_failures == 1 and t.gaps == 1
@@ -179,5 +191,5 @@ def test_buffer_overflow_during_replay_is_counted_and_detected() -> None:
         t.live(s, ts(s), s)  # 3 triggers a replay; 3, 4 are pushed out of the buffer
     assert t.buffer_overflows == 2
     got = t.replay_done()
-    assert resets(got) == [(epoch_of(ts(5)), True)]
+    assert resets(got) == [(epoch_of(ts(0)), True)]
     assert applied(got)[-1][1] == 6
