@@ -198,9 +198,14 @@ class IndexDelta:
         return not self.pieces and not self.drops
 
     def estimated_bytes(self) -> int:
-        return _DELTA_OVERHEAD + sum(
-            _PIECE_OVERHEAD + len(p.replica) * 4 + len(p.runs) + len(p.keys) for p in self.pieces
-        ) + sum(24 + len(d.replica) * 4 for d in self.drops)
+        return (
+            _DELTA_OVERHEAD
+            + sum(
+                _PIECE_OVERHEAD + len(p.replica) * 4 + len(p.runs) + len(p.keys)
+                for p in self.pieces
+            )
+            + sum(24 + len(d.replica) * 4 for d in self.drops)
+        )
 
 
 class _Slice:

@@ -40,6 +40,7 @@ __all__ = [
     "as_int",
     "as_list",
     "as_str",
+    "check_plain",
     "decode",
     "digest_from_wire",
     "digest_to_wire",
@@ -77,7 +78,7 @@ def decode(
         )
     except Exception as exc:  # msgpack raises a zoo of types for bad input
         raise DecodeError(f"not valid msgpack: {type(exc).__name__}: {exc}") from None
-    _check_plain(obj, max_depth)
+    check_plain(obj, max_depth)
     if not isinstance(obj, list) or len(obj) != 2:
         raise DecodeError("not a kvmesh message: expected [schema, body]")
     schema = obj[0]
@@ -89,18 +90,20 @@ def decode(
 _SCALARS = (type(None), bool, int, float, str, bytes)
 
 
-def _check_plain(obj: object, max_depth: int) -> None:
+def check_plain(obj: object, max_depth: int = MAX_DEPTH) -> None:
     """Only plain primitives, nested at most ``max_depth`` deep (iterative: no recursion)."""
     stack: list[tuple[object, int]] = [(obj, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, _SCALARS):
+        if type(item) in _SCALARS:
             continue
         if depth >= max_depth:
             raise DecodeError(f"nested deeper than {max_depth}")
-        if isinstance(item, list):
+        if type(item) is list:
             stack.extend((x, depth + 1) for x in item)
-        elif isinstance(item, dict):
+        elif type(item) is dict:
+            if not all(type(k) is str for k in item):
+                raise DecodeError("map keys must be strings")
             stack.extend((v, depth + 1) for v in item.values())
         else:
             raise DecodeError(f"unsupported value of type {type(item).__name__}")

@@ -15,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crdt import wire
-from crdt.base import DecodeError
 from crdt.prefix_index import IndexDelta, PrefixIndex
 
 Op = tuple[str, tuple[int, ...]]  # ("store" | "remove" | "clear" | "restart", keys)
@@ -147,9 +146,10 @@ def test_bad_writes_raise_value_error_and_change_nothing() -> None:
     idx = PrefixIndex()
     idx.reset("r", 1)
     idx.store("r", (1, 0), [1])
-    for bad in ([-1], [1 << 64], ["x"]):
+    bad_keys: list[list[object]] = [[-1], [1 << 64], ["x"]]
+    for bad in bad_keys:
         with pytest.raises(ValueError):
-            idx.store("r", (1, 1), bad)  # type: ignore[list-item]
+            idx.store("r", (1, 1), bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         idx.store("r", (1, -2), [1])
     with pytest.raises(ValueError):
@@ -428,9 +428,7 @@ def test_routers_converge_to_the_model_under_loss_duplication_and_reordering(
         f"http://e{i}:8000": versioned(random_stream(rnd, rnd.randint(0, 80)))
         for i in range(n_engines)
     }
-    ingesters = {
-        name: rnd.sample(range(n_routers), k=rnd.choice([1, 1, 2])) for name in engines
-    }
+    ingesters = {name: rnd.sample(range(n_routers), k=rnd.choice([1, 1, 2])) for name in engines}
     cursor = {(name, r): 0 for name in engines for r in ingesters[name]}
     net = Net(rnd)
     for step in range(300):
@@ -450,8 +448,8 @@ def test_routers_converge_to_the_model_under_loss_duplication_and_reordering(
                 node.gc(now=float(step), grace=5.0)
                 node.compact()  # forget removals early: peers behind must still converge
     for (name, r), at in cursor.items():
-        for b in engines[name][at:]:
-            ingest(nodes[r], name, b)
+        for batch in engines[name][at:]:
+            ingest(nodes[r], name, batch)
     net.deliver_some(nodes)
     sync_all(nodes, budget)
     expected = {}
