@@ -2,9 +2,13 @@
 
 One task runs the step loop: step at virtual ``now``, publish the step's KV events at once (vLLM
 publishes them when it schedules), sleep the step's duration divided by ``speedup``, then hand
-each request's outputs to its queue. Virtual time is wall time times ``speedup``, except that
-time lost to sleeping late is not counted: while the engine is busy its clock advances by
-exactly the profile's step durations, so high speedups do not inflate latencies.
+each request's outputs to its queue.
+
+Virtual time is wall time times ``speedup``, except that the loop's own latency is not counted:
+a step starts at the later of the previous step's end and the last time anyone read the clock
+(typically the arrival that woke an idle engine), and a late wake-up from sleeping is absorbed.
+So while the engine is busy its clock advances by exactly the profile's step durations, and high
+speedups do not inflate latencies. An injected stall (``pause``) does count.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """Put on a request's queue when the engine aborted it (e.g. the runner stopped)."""
+    """Put on a request's queue when the engine dropped it: "abort" (the runner stopped) or
+    "error" (a step failed)."""
 
     reason: str
 
@@ -55,8 +60,19 @@ class EngineRunner:
 
     def now(self) -> float:
         """Virtual seconds since start (monotonic)."""
-        loop = asyncio.get_running_loop()
-        self._last_now = max(self._last_now, (loop.time() - self._origin) * self.speedup)
+        self._last_now = max(self._last_now, self._raw())
+        return self._last_now
+
+    def _raw(self) -> float:
+        return (asyncio.get_running_loop().time() - self._origin) * self.speedup
+
+    def _hold(self, at: float) -> float:
+        """Make the clock read ``at`` (>= the last reading) now: elapsed real time since then
+        was the loop's own latency, not engine time."""
+        self._last_now = max(self._last_now, at)
+        raw = self._raw()
+        if raw > self._last_now:
+            self._origin += (raw - self._last_now) / self.speedup
         return self._last_now
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -71,9 +87,12 @@ class EngineRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._fail_all("abort")
+
+    def _fail_all(self, reason: str) -> None:
         for req_id, queue in list(self._queues.items()):
             self.engine.abort(req_id)
-            queue.put_nowait(Finished("abort"))
+            queue.put_nowait(Finished(reason))
         self._queues.clear()
 
     # -- requests ----------------------------------------------------------------------------
@@ -121,15 +140,22 @@ class EngineRunner:
             await self._wake.wait()
             if self._pause_until > loop.time():
                 await asyncio.sleep(self._pause_until - loop.time())
+                self.now()  # a stall is engine time: count it
                 continue
-            result = self.engine.step(self.now())
+            try:
+                result = self.engine.step(self._hold(self._last_now))
+            except Exception:
+                # A model bug must not hang every client: fail what is in flight, keep serving.
+                log.exception("engine step failed; aborting %d requests", len(self._queues))
+                self._fail_all("error")
+                if not self.engine.has_work():
+                    self._wake.clear()
+                await asyncio.sleep(0.01)
+                continue
             self._publish(result.events, result.digests)
             if result.duration > 0:
-                target = loop.time() + result.duration / self.speedup
                 await asyncio.sleep(result.duration / self.speedup)
-                late = loop.time() - target
-                if late > 0:
-                    self._origin += late
+                self._hold(result.end)
             for out in result.outputs:
                 queue = self._queues.get(out.req_id)
                 if queue is None:

@@ -206,7 +206,7 @@ class SimEngineServer:
         while live:
             out = await queue.get()
             if isinstance(out, Finished):
-                return _error(ApiError("the engine stopped", status=500))
+                return _error(ApiError(f"the engine dropped the request ({out.reason})", 500))
             tokens[out.req_id].extend(out.new_token_ids)
             last[out.req_id] = out
             if out.finished:
