@@ -453,12 +453,13 @@ def table(results: Sequence[PolicyResult], cfg: DemoConfig) -> Table:
     t = Table(
         title=f"3 regions x {cfg.engines_per_region} simulated engines, {cfg.duration:.0f} s "
         f"per policy, speedup {cfg.speedup:g}",
-        caption="TTFT in ms (client side); cache hit = engines' cached prompt tokens; "
-        "x-region = requests forwarded to another region's router",
+        caption="TTFT in ms at the client; cache hit: prompt tokens the engines found cached; "
+        "x-region: requests forwarded to another region's router",
     )
-    for col in ("policy", "reqs", "TTFT p50", "TTFT p90", "req/s", "tok/s", "cache hit",
-                "x-region", "errors"):
-        t.add_column(col, justify="left" if col == "policy" else "right")
+    t.add_column("policy", no_wrap=True)
+    for col in ("reqs", "TTFT p50", "TTFT p90", "req/s", "tok/s", "cache hit", "x-region",
+                "errors"):
+        t.add_column(col, justify="right")
     best = min((r.ttft_p50_ms for r in results if r.requests), default=math.nan)
     for r in results:
         style = "bold green" if r.ttft_p50_ms == best else ""

@@ -352,8 +352,8 @@ class Router:
                 last = self.dispatches.version
                 last_queue = len(self._queue)
                 try:
-                    self.backend.publish_inflight(self.dispatches.counts(), last_queue,
-                                                  self.clock())
+                    self.backend.publish_inflight(self.dispatches.counts(published_only=True),
+                                                  last_queue, self.clock())
                 except Exception:
                     log.exception("publishing in-flight counts failed")
 
@@ -481,7 +481,10 @@ class Router:
                                                  target.replica, request_id)
             self.metrics.forwards.labels(target.region).inc()
         replica = target.replica or f"{target.region}-router"
-        ticket = self.dispatches.start(replica, target.region, req.num_tokens, self.clock())
+        # A forward is published by the router that dispatches it to the engine, not here,
+        # so the mesh counts it once; this router still counts it at once in its own view.
+        ticket = self.dispatches.start(replica, target.region, req.num_tokens, self.clock(),
+                                       publish=target.local)
         try:
             try:
                 up = await self.forwarder.open(url, inf.raw, headers, target.delay)
@@ -634,34 +637,50 @@ class Router:
 
 
 class MeshState:
-    """The replicated side: prefix index fed by the engines' events, gossiped to peers.
+    """The replicated side of one router, and the only writer of its own facts.
 
-    One writer per fact: this router writes the slices of its own engines (through their
-    event subscribers) and nothing else; peers' slices arrive by gossip. An engine that has
-    been down for ``slice_expiry`` seconds has its slice dropped (its cache is gone or
-    unreachable), with a tombstone so a stale copy cannot come back.
+    - ``prefix`` (``PrefixIndex``): slices of this router's engines, written from their KV
+      events; other slices arrive by gossip.
+    - ``load`` (``LoadVector``): this router's load records of its engines (every scrape) and
+      its in-flight counts (as they change); other routers' arrive by gossip, with ages.
+    - ``meta`` (``LWWMap``): one entry per router, written by that router: its region, its
+      engines' profiles (prefill rate) and its FCFS queue length.
+
+    An engine that has been down for ``slice_expiry`` seconds has its slice dropped (its
+    cache is gone or unreachable), with a tombstone so a stale copy cannot come back. Remote
+    load records older than ``stale_after`` count as down: nobody vouches for them.
     """
 
     def __init__(self, config: RouterConfig, clock: Callable[[], float] = time.monotonic,
-                 slice_expiry: float = 30.0) -> None:
+                 slice_expiry: float = 30.0, stale_after: float = 10.0) -> None:
+        from crdt.load_vector import LoadVector
+        from crdt.lww_map import LWWMap
         from crdt.prefix_index import PrefixIndex
+        from crdt.versions import VersionClock
 
         self.config = config
         self.clock = clock
         self.slice_expiry = slice_expiry
+        self.stale_after = stale_after
+        self.me = config.node_id
         self.index = PrefixIndex()
         self.prefix: PrefixLookup = self.index
+        self.loads = LoadVector(node_id=self.me)
+        self.meta = LWWMap()
         self.subscribers: list[Any] = []
         self.node: Any = None
         self._down_since: dict[str, float] = {}
-        self._engine_states: dict[str, EngineState] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._queue = 0
         for i, eng in enumerate(config.engines):
             if eng.kv_events is None:
                 continue
             self.subscribers.append(self._subscriber(i, eng.url, eng.kv_events, eng.replay))
         if config.peers:
             self.node = self._node()
+        generation = self.node.generation if self.node is not None else int(time.time() * 1000)
+        self.versions = VersionClock(generation)
+        self._write_meta(clock())
 
     def _subscriber(self, i: int, url: str, source: str, replay: str | None) -> Any:
         if source.startswith(("redis://", "rediss://")):
@@ -680,45 +699,93 @@ class MeshState:
 
         if self.config.mesh_key is None:
             raise ValueError("mesh_key: required when peers are configured (it signs gossip)")
-        try:
-            mesh_config = MeshConfig.from_options(
-                node_id=self.config.node_id, region=self.config.region,
-                advertise=self.config.advertise, keys=[self.config.mesh_key],
-                seeds=self.config.peers, options=self.config.gossip,
-            )
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
-        return MeshNode(mesh_config, {"prefix": self.index})
+        mesh_config = MeshConfig.from_options(
+            node_id=self.config.node_id, region=self.config.region,
+            advertise=self.config.advertise, keys=[self.config.mesh_key],
+            seeds=self.config.peers, options=self.config.gossip,
+        )
+        return MeshNode(mesh_config, {"prefix": self.index, "load": self.loads,
+                                      "meta": self.meta}, replicas=self._status_rows)
+
+    def _write_meta(self, now: float) -> None:
+        engines = {e.url: e.prefill_rate for e in self.config.engines}
+        self.meta.set(self.me, {"region": self.config.region, "addr": self.config.advertise,
+                                "engines": engines, "queue": self._queue},
+                      self.versions.next(), now)
+
+    def _router_meta(self, router: str) -> dict[str, Any]:
+        value = self.meta.get(router)
+        return value if isinstance(value, dict) else {}
 
     # -- MeshBackend -------------------------------------------------------------------------
     def remote_records(self, now: float) -> Iterable[ReplicaRecord]:
-        return ()
+        own = {e.url for e in self.config.engines}
+        alive = self._alive_routers()
+        for replica, load in self.loads.loads(now).items():
+            if replica in own:
+                continue
+            meta = self._router_meta(load.reporter)
+            region = meta.get("region")
+            if not isinstance(region, str):
+                continue
+            rates = meta.get("engines")
+            rate = rates.get(replica) if isinstance(rates, dict) else None
+            healthy = (load.healthy and load.age <= self.stale_after
+                       and (alive is None or load.reporter in alive))
+            yield ReplicaRecord(
+                replica, region, healthy, float(load.waiting), float(load.running),
+                load.kv_usage, load.age, self.loads.inflight(replica, exclude_router=self.me),
+                float(rate) if isinstance(rate, int | float) else None,
+            )
+
+    def _alive_routers(self) -> set[str] | None:
+        if self.node is None:
+            return None
+        return {*self.node.alive(), self.me}
 
     def others_inflight(self, replica: str) -> int:
-        return 0
+        return self.loads.inflight(replica, exclude_router=self.me)
 
     def regions(self, now: float) -> Mapping[str, RegionRecord]:
         if self.node is None:
             return {}
         rtts = self.node.region_rtt_ms()
+        alive = self._alive_routers() or set()
+        queues: dict[str, int] = {}
+        for router in alive:
+            meta = self._router_meta(router)
+            region, queue = meta.get("region"), meta.get("queue", 0)
+            if isinstance(region, str) and isinstance(queue, int):
+                queues[region] = queues.get(region, 0) + queue
         out: dict[str, RegionRecord] = {}
         for region, urls in self.node.routers_by_region().items():
             if region == self.config.region:
                 continue
             rtt = rtts.get(region)
             out[region] = RegionRecord(region, None if rtt is None else rtt / 1000.0,
-                                       tuple(urls), 0)
+                                       tuple(urls), queues.get(region, 0))
         return out
 
     def publish_engine(self, state: EngineState, region: str, now: float) -> None:
-        self._engine_states[state.url] = state
         if state.healthy:
             self._down_since.pop(state.url, None)
         else:
             self._down_since.setdefault(state.url, now)
+        load = state.load
+        self.loads.report(
+            state.url, self.me, self.versions.next(),
+            waiting=round(load.waiting) if load else 0,
+            running=round(load.running) if load else 0,
+            kv_usage=load.kv_usage if load else 0.0,
+            tokens_queued=0, healthy=state.healthy, now=now,
+            age=max(0.0, now - state.measured_at) if load else 0.0,
+        )
 
     def publish_inflight(self, counts: Mapping[str, int], queue: int, now: float) -> None:
-        return None
+        self.loads.set_inflight(self.me, self.versions.next(), counts, now)
+        if queue != self._queue:
+            self._queue = queue
+            self._write_meta(now)
 
     def routes(self) -> list[web.RouteDef]:
         if self.node is None:
@@ -731,7 +798,7 @@ class MeshState:
     async def start(self, session: aiohttp.ClientSession) -> None:
         for sub in self.subscribers:
             await sub.start()
-        self._tasks.append(asyncio.create_task(self._housekeeping(), name="slice expiry"))
+        self._tasks.append(asyncio.create_task(self._housekeeping(), name="mesh housekeeping"))
 
     async def start_gossip(self) -> None:
         if self.node is not None:
@@ -751,12 +818,31 @@ class MeshState:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            now = self.clock()
-            for url, since in list(self._down_since.items()):
-                if now - since >= self.slice_expiry and self.index.version(url) is not None:
-                    log.info("engine %s down for %.0fs: dropping its slice", url, now - since)
-                    self.index.drop(url, now=now)
-            self.index.gc(now, 60.0)
+            try:
+                self._tidy(self.clock())
+            except Exception:  # housekeeping must never stop
+                log.exception("mesh housekeeping failed")
+
+    def _tidy(self, now: float) -> None:
+        for url, since in list(self._down_since.items()):
+            if now - since >= self.slice_expiry and self.index.version(url) is not None:
+                log.info("engine %s down for %.0fs: dropping its slice", url, now - since)
+                self.index.drop(url, now=now)
+        self.index.gc(now, 60.0)
+        self.loads.expire(now)
+        self.meta.gc(now, 300.0)
+        # Refresh our own meta entry now and then so it never looks abandoned.
+        self._write_meta(now)
+
+    def _status_rows(self, now: float) -> list[Any]:
+        from mesh.status import ReplicaLoad, replica_rows
+
+        loads = {}
+        for replica, load in self.loads.loads(now).items():
+            region = self._router_meta(load.reporter).get("region")
+            loads[replica] = ReplicaLoad(str(region), load.reporter, load.waiting, load.running,
+                                         load.kv_usage, load.age)
+        return replica_rows(self.index.slices(), loads)
 
     def status(self) -> dict[str, Any]:
         if self.node is None:
@@ -796,6 +882,12 @@ class MeshState:
                                   for r in self.index.replicas()])
 
     def _gossip_metrics(self) -> Iterable[Any]:
+        now = self.clock()
+        own = {e.url for e in self.config.engines}
+        yield gauge("kvmesh_gossip_convergence_lag_seconds",
+                    "Age of each remote replica's load record here: scrape to arrival",
+                    ["replica"], [([r], load.age) for r, load in self.loads.loads(now).items()
+                                  if r not in own])
         if self.node is None:
             return
         from prometheus_client.core import CounterMetricFamily
@@ -811,7 +903,6 @@ class MeshState:
         for name, value in sorted(counters.items()):
             c.add_metric([name], value)
         yield c
-        now = self.clock()
         advanced = self.node.origin_advanced_at("prefix")
         yield gauge("kvmesh_gossip_origin_silence_seconds",
                     "Seconds since each replica's prefix slice last advanced here",

@@ -58,6 +58,8 @@ class Ticket:
     region: str
     at: float
     tokens: int
+    publish: bool = True
+    """False for requests forwarded to another region's router: that router publishes them."""
 
 
 @dataclass(slots=True)
@@ -69,8 +71,9 @@ class Dispatches:
     version: int = 0
     """Bumped on every change, so publishers know when to write the load vector."""
 
-    def start(self, replica: str, region: str, tokens: int, now: float) -> Ticket:
-        t = Ticket(next(self._ids), replica, region, now, tokens)
+    def start(self, replica: str, region: str, tokens: int, now: float,
+              publish: bool = True) -> Ticket:
+        t = Ticket(next(self._ids), replica, region, now, tokens, publish)
         self._open.setdefault(replica, {})[t.id] = t
         self.version += 1
         return t
@@ -88,8 +91,13 @@ class Dispatches:
     def fresh(self, replica: str, since: float) -> int:
         return sum(1 for t in self._open.get(replica, {}).values() if t.at > since)
 
-    def counts(self) -> dict[str, int]:
-        return {r: len(ts) for r, ts in self._open.items()}
+    def counts(self, published_only: bool = False) -> dict[str, int]:
+        out = {}
+        for r, ts in self._open.items():
+            n = sum(1 for t in ts.values() if t.publish) if published_only else len(ts)
+            if n:
+                out[r] = n
+        return out
 
     def total(self) -> int:
         return sum(len(ts) for ts in self._open.values())
