@@ -60,8 +60,11 @@ def parse_metrics(text: str) -> EngineLoad | None:
         name = line[:name_end]
         if name not in _WAITING and name not in _RUNNING and name not in _KV:
             continue
+        rest = line[name_end:]
+        if rest.startswith("{"):
+            rest = rest[rest.find("}") + 1:] if "}" in rest else ""
         try:
-            value = float(line.rsplit("}", 1)[-1].split()[0])
+            value = float(rest.split()[0])
         except (ValueError, IndexError):
             continue
         if value != value:  # NaN

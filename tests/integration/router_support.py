@@ -108,13 +108,13 @@ class Procs:
         return eng
 
     def router(self, name: str, config: dict[str, Any]) -> str:
-        port = free_ports(1)[0]
-        conf = {"listen": f"127.0.0.1:{port}", "node_id": name, "log_level": "info",
-                "health_interval": 0.05, "seed": 1, **config}
+        listen = config.get("listen") or f"127.0.0.1:{free_ports(1)[0]}"
+        conf = {"node_id": name, "log_level": "info", "health_interval": 0.05, "seed": 1,
+                **config, "listen": listen}
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(conf))
         self.start(name, ["router", "--config", str(path)])
-        return f"http://127.0.0.1:{port}"
+        return f"http://{listen}"
 
 
 @contextlib.contextmanager

@@ -1,0 +1,65 @@
+"""The view builder: records + own dispatches + regions -> what policies see."""
+
+from __future__ import annotations
+
+import math
+
+from mesh.policies.base import estimate_load
+from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder
+
+
+def builder(records: list[ReplicaRecord], regions: dict[str, RegionRecord],
+            d: Dispatches | None = None, **kw: object) -> ViewBuilder:
+    return ViewBuilder(region="us", dispatches=d or Dispatches(), records=lambda now: records,
+                       regions=lambda now: regions, **kw)  # type: ignore[arg-type]
+
+
+def test_own_dispatches_after_the_record_are_fresh_and_nothing_counts_twice() -> None:
+    d = Dispatches()
+    old = d.start("http://a", "us", 100, now=9.0)  # before the record (measured at 9.5)
+    d.start("http://a", "us", 100, now=9.8)  # after it: not in the record yet
+    rec = ReplicaRecord("http://a", "us", True, waiting=1, running=1, kv_usage=0.2, age=0.5,
+                        others_inflight=2)
+    view = builder([rec], {}, d).build(now=10.0)
+    (r,) = view.replicas
+    assert r.inflight == 4 and r.fresh == 1
+    load = estimate_load(r, half_life=math.inf)
+    # record (1 waiting + 1 running) + 1 fresh = 3 explained; 4 in flight -> 1 more waiting
+    assert (load.waiting, load.running) == (3.0, 1.0)
+    d.done(old)
+    assert d.inflight("http://a") == 1 and d.counts() == {"http://a": 1}
+
+
+def test_forwarded_dispatches_are_counted_here_but_not_published() -> None:
+    d = Dispatches()
+    d.start("http://e", "eu", 10, now=1.0, publish=False)
+    d.start("http://a", "us", 10, now=1.0)
+    assert d.counts() == {"http://e": 1, "http://a": 1}
+    assert d.counts(published_only=True) == {"http://a": 1}
+
+
+def test_regions_get_measured_static_or_default_rtt_plus_emulated() -> None:
+    records = [ReplicaRecord(f"http://{r}", r, True, 0, 0, 0, 0.1) for r in ("us", "eu", "asia",
+                                                                            "sa")]
+    regions = {
+        "eu": RegionRecord("eu", 0.002, ("http://router-eu",), queue=3),
+        "asia": RegionRecord("asia", None, ("http://router-asia",)),
+    }
+    b = builder(records, regions, static_rtt={"asia": 0.15}, emulated_rtt={"eu": 0.08},
+                default_rtt=0.1)
+    view = b.build(now=0.0)
+    assert view.regions["us"].rtt == 0.0
+    assert math.isclose(view.regions["eu"].rtt, 0.082) and view.regions["eu"].queue == 3
+    assert view.regions["asia"].rtt == 0.15
+    # A region with replicas but no known router cannot be reached (no one-hop target).
+    assert not view.regions["sa"].reachable
+    assert {r.region for r in view.healthy()} == {"us", "eu", "asia"}
+
+
+def test_local_only_and_without_for_forwarded_requests_and_retries() -> None:
+    records = [ReplicaRecord("http://a", "us", True, 0, 0, 0, 0.1),
+               ReplicaRecord("http://b", "us", True, 0, 0, 0, 0.1),
+               ReplicaRecord("http://e", "eu", True, 0, 0, 0, 0.1)]
+    view = builder(records, {"eu": RegionRecord("eu", 0.05, ("http://r-eu",))}).build(0.0)
+    assert [r.replica for r in view.local_only().healthy()] == ["http://a", "http://b"]
+    assert [r.replica for r in view.without(["http://a"], ["eu"]).healthy()] == ["http://b"]
