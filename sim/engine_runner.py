@@ -54,6 +54,7 @@ class EngineRunner:
         self._origin = 0.0
         self._last_now = 0.0
         self._pause_until = 0.0
+        self._resumed = asyncio.Event()
         self.publish_errors = 0
 
     # -- clock -------------------------------------------------------------------------------
@@ -89,6 +90,10 @@ class EngineRunner:
             self._task = None
         self._fail_all("abort")
 
+    def abort_all(self) -> None:
+        """Abort every request in flight; their queues get ``Finished("abort")``."""
+        self._fail_all("abort")
+
     def _fail_all(self, reason: str) -> None:
         for req_id, queue in list(self._queues.items()):
             self.engine.abort(req_id)
@@ -122,6 +127,13 @@ class EngineRunner:
         """Stall the engine (no steps) for ``seconds`` of real time: a hung GPU."""
         loop = asyncio.get_running_loop()
         self._pause_until = max(self._pause_until, loop.time() + seconds)
+        self._resumed.clear()
+        self._wake.set()
+
+    def resume(self) -> None:
+        """End a stall early."""
+        self._pause_until = 0.0
+        self._resumed.set()
         self._wake.set()
 
     def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
@@ -139,7 +151,8 @@ class EngineRunner:
         while True:
             await self._wake.wait()
             if self._pause_until > loop.time():
-                await asyncio.sleep(self._pause_until - loop.time())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._resumed.wait(), self._pause_until - loop.time())
                 self.now()  # a stall is engine time: count it
                 continue
             try:

@@ -5,7 +5,7 @@ and not), ``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``POST /tokeniz
 ``POST /reset_prefix_cache``, ``GET /version``. Debug routes for tests: ``GET /debug/kv_cache``
 (the true cache contents as published hashes), ``GET /debug/engine`` (engine and publisher
 counters), ``GET|POST /debug/fault`` (fail or delay the next requests, stall the engine, fail
-health checks).
+health checks, lose KV-event batches, restart the engine).
 
 A request whose client goes away is aborted in the engine, freeing its blocks.
 """
@@ -27,7 +27,7 @@ from aiohttp import web
 
 from kvevents.publisher import ZmqEventPublisher
 from kvevents.tokenizer import BuiltinTokenizer
-from sim.engine_model import EngineModel, RequestOutput
+from sim.engine_model import EngineConfig, EngineModel, RequestOutput
 from sim.engine_runner import EngineRunner, Finished
 from sim.openai_api import (
     SSE_DONE,
@@ -93,7 +93,7 @@ class SimEngineServer:
         self.model = model
         self.publisher = publisher
         self.tokenizer = tokenizer or BuiltinTokenizer()
-        self.metrics = EngineMetrics(model, engine.stats)
+        self.metrics = EngineMetrics(model, lambda: self.engine.stats())
         self.runner = EngineRunner(engine, publisher, speedup, on_output=self.metrics.observe)
         self.faults = Faults()
         self.bad_requests = 0
@@ -261,7 +261,9 @@ class SimEngineServer:
                 )
             while live:
                 out = await queue.get()
-                if isinstance(out, Finished):
+                if isinstance(out, Finished):  # an error event, as vLLM streams one
+                    err = ApiError(f"the engine dropped the request ({out.reason})", 500)
+                    await resp.write(sse(err.body()))
                     break
                 counts[out.req_id] += len(out.new_token_ids)
                 last[out.req_id] = out
@@ -417,7 +419,7 @@ class SimEngineServer:
 
     def _update_faults(self, body: Mapping[str, Any]) -> None:
         known = {"fail_next", "fail_status", "delay_next", "delay_s", "pause_s", "unhealthy"}
-        known |= {"clear"}
+        known |= {"clear", "drop_events", "restart_engine"}
         unknown = sorted(set(body) - known)
         if unknown:
             raise ApiError(f"unknown fault knobs: {', '.join(unknown)}")
@@ -431,6 +433,7 @@ class SimEngineServer:
 
         if body.get("clear"):
             self.faults = Faults()
+            self.runner.resume()
         f = dataclasses.replace(self.faults)
         if "fail_next" in body:
             f.fail_next = number("fail_next", int, 0, 1_000_000)
@@ -445,9 +448,32 @@ class SimEngineServer:
                 raise ApiError("'unhealthy' must be a boolean", param="unhealthy")
             f.unhealthy = body["unhealthy"]
         pause = float(number("pause_s", float, 0, 3600)) if "pause_s" in body else 0.0
+        drop = number("drop_events", int, 0, 1_000_000) if "drop_events" in body else 0
+        restart = body.get("restart_engine", False)
+        if not isinstance(restart, bool):
+            raise ApiError("'restart_engine' must be a boolean", param="restart_engine")
+        if (drop or restart) and self.publisher is None:
+            raise ApiError("no KV-event publisher is configured", param="drop_events")
         self.faults = f
         if pause:
             self.runner.pause(pause)
+        if restart:
+            self.restart_engine()
+        if drop and self.publisher is not None:
+            self.publisher.drop_next(drop)
+
+    def restart_engine(self) -> None:
+        """Behave like a crashed and restarted engine process: in-flight requests fail, the
+        cache and counters start empty, KV-event seqs start from 0 again (no AllBlocksCleared
+        is sent: a dead process says nothing)."""
+        old = self.engine
+        self.runner.abort_all()
+        self.runner.resume()
+        config = EngineConfig(**dataclasses.asdict(old.config))
+        self.engine = EngineModel(old.profile, config, old.seed, old.textgen)
+        self.runner.engine = self.engine
+        if self.publisher is not None:
+            self.publisher.restart()
 
 
 def usage_plain(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
