@@ -59,6 +59,8 @@ from sim.topology import Topology
 from sim.workloads.base import Client, SimRequest, Workload
 
 PLANES = ("probe", "oracle", "mesh")
+CLIENTS_START_S = 0.5
+"""Clients start once routers have scraped their engines (a router is not ready before)."""
 PREFIX_SOURCES = ("none", "approx", "events")
 
 
@@ -148,6 +150,7 @@ class Flight:
         "policy_request",
         "rec",
         "req",
+        "target",
         "via",
         "via_ticket",
     )
@@ -164,6 +167,8 @@ class Flight:
         self.via_ticket: Ticket | None = None
         self.forwarded = False
         self.pinned: str | None = None
+        self.target: str | None = None
+        """The replica this request is bound for, once any router has named it."""
 
 
 class SimEngine:
@@ -560,16 +565,14 @@ class OraclePlane:
 
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
         rate = self.fleet.prefill_rate
-        routers = self.fleet.routers
         local = self.fleet.spec.region_local
+        bound = self.fleet.bound
         for e in self.fleet.engine_list:
             if local and e.region != router.region:
                 continue
             waiting, running, kv = e.load()
-            others = 0
-            for r in routers:
-                if r is not router:
-                    others += r.dispatches.inflight(e.replica)
+            # Every request bound for the replica, counted once; the view adds our own.
+            others = max(0, bound.get(e.replica, 0) - router.dispatches.inflight(e.replica))
             yield ReplicaRecord(e.replica, e.region, True, waiting, running, kv, 0.0, others, rate)
 
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
@@ -643,6 +646,8 @@ class Fleet:
         self.plane: Plane = plane or make_plane(spec)
         self.records: list[RequestRecord] = []
         self.outstanding = 0
+        self.bound: dict[str, int] = {}
+        """Requests bound for each replica and not yet answered, each counted once."""
         self._horizon = math.inf
         self._keys_cache: dict[int, list[int]] = {}
 
@@ -705,6 +710,8 @@ class Fleet:
             self.reject(flight, router.region)
             return
         peer = peers[0] if len(peers) == 1 else router.rng.choice(peers)
+        if d.replica is not None:
+            self._bind(flight, d.replica)
         target = d.replica or f"{region}-router"
         flight.entry_ticket = router.dispatches.start(
             target, region, flight.req.prompt_len, self.loop.now
@@ -728,6 +735,7 @@ class Fleet:
         else:
             flight.entry_ticket = ticket
         self.plane.on_routed(router, flight, engine.replica, engine.region)
+        self._bind(flight, engine.replica)
         flight.rec.replica = engine.replica
         flight.rec.replica_region = engine.region
         flight.rec.decided = self.loop.now
@@ -782,8 +790,19 @@ class Fleet:
             router.dispatches.done(flight.entry_ticket)
             flight.entry_ticket = None
 
+    def _bind(self, flight: Flight, replica: str) -> None:
+        if flight.target is None:
+            flight.target = replica
+            self.bound[replica] = self.bound.get(replica, 0) + 1
+
+    def _unbind(self, flight: Flight) -> None:
+        if flight.target is not None:
+            self.bound[flight.target] -= 1
+            flight.target = None
+
     def _complete(self, flight: Flight, ok: bool) -> None:
         now = self.loop.now
+        self._unbind(flight)
         self.outstanding -= 1
         if ok:
             flight.rec.done = now
@@ -816,7 +835,7 @@ class Fleet:
         self.plane.start(self)
         self.loop.every(1.0, self._sample_load, first=1.0)
         for client in workload.clients:
-            self._schedule(client, client.start(0.0))
+            self._schedule(client, client.start(CLIENTS_START_S))
         self.loop.run(until=workload.horizon_s, on_progress=progress)
         end = workload.horizon_s + drain_s
 
@@ -844,4 +863,6 @@ def make_plane(spec: FleetSpec) -> Plane:
         return ProbePlane(approx_prefix=spec.prefix == "approx")
     if spec.plane == "oracle":
         return OraclePlane()
-    raise NotImplementedError("the mesh plane needs crdt.prefix_index and mesh.gossip")
+    from sim.mesh_plane import MeshPlane
+
+    return MeshPlane(spec)
