@@ -115,3 +115,10 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "engines[0].kv_events" in lines[0]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[3] / "deploy" / "examples")
+                                        .glob("*.yaml")))
+def test_every_shipped_example_is_valid(path: Path) -> None:
+    cfg = load(str(path), env={"KVMESH_MESH_KEY": "an example key of 32 bytes......"})
+    assert cfg.region and cfg.engines
