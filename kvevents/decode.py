@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
@@ -127,10 +127,6 @@ def _hashes(raw: object) -> list[int]:
         return [fold_hash(h) for h in raw]
 
 
-def _opt_hash(h: object) -> int | None:
-    return None if h is None else fold_hash(h)
-
-
 def _opt_int(v: object, name: str) -> int | None:
     if v is None or type(v) is int:
         return v
@@ -151,6 +147,15 @@ def _salt_of(metadata: object) -> str | None:
     raise WireError("metadata must be a map")
 
 
+# Frozen slotted dataclasses are built through their slot descriptors: the same object as
+# ``BlockStored(...)`` gives, at half the cost of the generated ``__init__`` (this is the
+# per-event hot path of every router).
+_new = object.__new__
+_STORED_SET = tuple(getattr(BlockStored, f.name).__set__ for f in fields(BlockStored))
+_REMOVED_SET = tuple(getattr(BlockRemoved, f.name).__set__ for f in fields(BlockRemoved))
+assert len(_STORED_SET) == 10 and len(_REMOVED_SET) == 3, "update the decoder with events.py"
+
+
 def _stored(
     hashes: object,
     parent: object,
@@ -163,32 +168,72 @@ def _stored(
     group_idx: object,
     salt: str | None,
 ) -> BlockStored:
+    if type(hashes) is not list:
+        raise WireError("block_hashes must be an array")
+    try:
+        hashes = [h & U64_MASK for h in hashes]  # the common case: every hash is an int
+    except TypeError:
+        hashes = [fold_hash(h) for h in hashes]
+    if parent is not None:
+        parent = parent & U64_MASK if type(parent) is int else fold_hash(parent)
     if tokens is None:
         tokens = []
-    if type(tokens) is not list:
+    elif type(tokens) is not list:
         raise WireError("token_ids must be an array")
     if type(block_size) is not int or block_size <= 0:
         raise WireError("block_size must be a positive int")
+    if lora_id is not None and type(lora_id) is not int:
+        raise WireError("lora_id must be an int or nil")
+    if medium is not None and type(medium) is not str:
+        raise WireError("medium must be a string or nil")
+    if lora_name is not None and type(lora_name) is not str:
+        raise WireError("lora_name must be a string or nil")
     if extra_keys is not None and type(extra_keys) is not list:
         raise WireError("extra_keys must be an array or nil")
-    return BlockStored(
-        _hashes(hashes),
-        _opt_hash(parent),
-        tokens,
-        block_size,
-        _opt_int(lora_id, "lora_id"),
-        _opt_str(medium, "medium"),
-        _opt_str(lora_name, "lora_name"),
-        extra_keys,
-        _opt_int(group_idx, "group_idx"),
-        salt,
-    )
+    if group_idx is not None and type(group_idx) is not int:
+        raise WireError("group_idx must be an int or nil")
+    ev = _new(BlockStored)
+    s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _STORED_SET
+    s0(ev, hashes)
+    s1(ev, parent)
+    s2(ev, tokens)
+    s3(ev, block_size)
+    s4(ev, lora_id)
+    s5(ev, medium)
+    s6(ev, lora_name)
+    s7(ev, extra_keys)
+    s8(ev, group_idx)
+    s9(ev, salt)
+    return ev
+
+
+def _removed(hashes: object, medium: object, group_idx: object) -> BlockRemoved:
+    if medium is not None and type(medium) is not str:
+        raise WireError("medium must be a string or nil")
+    if group_idx is not None and type(group_idx) is not int:
+        raise WireError("group_idx must be an int or nil")
+    ev = _new(BlockRemoved)
+    s0, s1, s2 = _REMOVED_SET
+    s0(ev, _hashes(hashes))
+    s1(ev, medium)
+    s2(ev, group_idx)
+    return ev
 
 
 def _stored_from_array(ev: list[Any]) -> tuple[BlockStored, int]:
     n = len(ev)
     if n < 5:
         raise WireError(f"BlockStored array needs at least 5 elements, got {n}")
+    if n >= 9:  # vLLM >= lora_name/extra_keys: the common array shape
+        at7 = ev[7]
+        if type(at7) is dict:  # SGLang's metadata map in this position
+            salt, at7 = _salt_of(at7), None
+        else:
+            salt = None
+        event = _stored(
+            ev[1], ev[2], ev[3], ev[4], ev[5], ev[6], at7, ev[8], ev[9] if n > 9 else None, salt
+        )
+        return event, max(0, n - _STORED_MAX_POSITIONS)
     at7 = ev[7] if n > 7 else None
     # Position 7 is vLLM's lora_name, or SGLang's metadata map ({"cache_salt": ...}).
     salt, lora_name = (_salt_of(at7), None) if type(at7) is dict else (None, at7)
@@ -200,11 +245,11 @@ def _stored_from_array(ev: list[Any]) -> tuple[BlockStored, int]:
         ev[5] if n > 5 else None,
         ev[6] if n > 6 else None,
         lora_name,
-        ev[8] if n > 8 else None,
-        ev[9] if n > 9 else None,
+        None,
+        None,
         salt,
     )
-    return event, max(0, n - _STORED_MAX_POSITIONS)
+    return event, 0
 
 
 def _stored_from_map(ev: dict[Any, Any]) -> tuple[BlockStored, int]:
@@ -212,7 +257,12 @@ def _stored_from_map(ev: dict[Any, Any]) -> tuple[BlockStored, int]:
     if "block_hashes" not in ev or "block_size" not in ev:
         raise WireError("BlockStored map needs block_hashes and block_size")
     salt = get("cache_salt")
-    salt = _opt_str(salt, "cache_salt") if salt is not None else _salt_of(get("metadata"))
+    if salt is None:
+        metadata = get("metadata")
+        if metadata is not None:
+            salt = _salt_of(metadata)
+    elif type(salt) is not str:
+        raise WireError("cache_salt must be a string or nil")
     event = _stored(
         ev["block_hashes"],
         get("parent_block_hash"),
@@ -225,30 +275,23 @@ def _stored_from_map(ev: dict[Any, Any]) -> tuple[BlockStored, int]:
         get("group_idx"),
         salt,
     )
-    return event, _unknown_keys(ev, _STORED_KNOWN)
+    return event, (0 if ev.keys() <= _STORED_KNOWN else len(ev.keys() - _STORED_KNOWN))
 
 
 def _removed_from_array(ev: list[Any]) -> tuple[BlockRemoved, int]:
     n = len(ev)
     if n < 2:
         raise WireError("BlockRemoved array needs block_hashes")
-    event = BlockRemoved(
-        _hashes(ev[1]),
-        _opt_str(ev[2] if n > 2 else None, "medium"),
-        _opt_int(ev[3] if n > 3 else None, "group_idx"),
-    )
+    event = _removed(ev[1], ev[2] if n > 2 else None, ev[3] if n > 3 else None)
     return event, max(0, n - _REMOVED_MAX_POSITIONS)
 
 
 def _removed_from_map(ev: dict[Any, Any]) -> tuple[BlockRemoved, int]:
     if "block_hashes" not in ev:
         raise WireError("BlockRemoved map needs block_hashes")
-    event = BlockRemoved(
-        _hashes(ev["block_hashes"]),
-        _opt_str(ev.get("medium"), "medium"),
-        _opt_int(ev.get("group_idx"), "group_idx"),
-    )
-    return event, _unknown_keys(ev, _REMOVED_KNOWN)
+    get = ev.get
+    event = _removed(ev["block_hashes"], get("medium"), get("group_idx"))
+    return event, (0 if ev.keys() <= _REMOVED_KNOWN else len(ev.keys() - _REMOVED_KNOWN))
 
 
 def _unknown_keys(ev: dict[Any, Any], known: frozenset[str]) -> int:

@@ -29,6 +29,7 @@ Decisions, documented in docs/kvevents.md:
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ _TOKEN_CODE = "I" if array("I").itemsize == 4 else "L"
 if array(_TOKEN_CODE).itemsize != 4:  # pragma: no cover - no such platform in use
     raise ImportError("need a 4-byte unsigned array type for token ids")
 _SWAP = sys.byteorder == "big"
+_pack_parent = struct.Struct("<Q").pack
 _EXTRA_SEP = b"\xffx"
 
 
@@ -78,7 +80,7 @@ def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[i
     keys: list[int] = []
     append = keys.append
     for start in range(0, len(data), step):
-        parent = _xxh3(parent.to_bytes(8, "little") + data[start : start + step])
+        parent = _xxh3(_pack_parent(parent) + data[start : start + step])
         append(parent)
     return keys
 
@@ -221,13 +223,27 @@ class EngineKeyMap:
 
         step = size * 4
         data = token_bytes(tokens if full * size == len(tokens) else tokens[: full * size])
-        ref = self._ref
+        key_refs = self._key_refs
+        pos = 0
         for i in range(count):
-            chunk = parent.to_bytes(8, "little") + data[i * step : (i + 1) * step]
+            chunk = _pack_parent(parent) + data[pos : pos + step]
+            pos += step
             if extras is not None and extras[i] is not None:
                 chunk += _EXTRA_SEP + msgpack.packb(extras[i])
             parent = _xxh3(chunk)
-            ref(table, hashes[i], parent, new)
+            # Reference the key from this (medium, hash): inline, it is the hot loop.
+            h = hashes[i]
+            refs = table.get(h)
+            if refs is None:
+                table[h] = [parent]
+            else:
+                if refs[-1] != parent:
+                    self.hash_conflicts += 1
+                refs.append(parent)
+            n = key_refs.get(parent, 0)
+            key_refs[parent] = n + 1
+            if n == 0:
+                new.append(parent)
         return new
 
     def removed(self, ev: BlockRemoved) -> list[int]:
