@@ -16,6 +16,9 @@ from kvevents.tokenizer import BuiltinTokenizer
 
 Kind = Literal["completion", "chat"]
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""The legacy completions API's default (vLLM's too); chat defaults to "until the model stops"."""
+
 
 class ApiError(Exception):
     """An error answered as ``{"error": {message, type, param, code}}`` with HTTP ``status``."""
@@ -158,6 +161,8 @@ def parse_generation(
     else:
         prompts = _completion_prompts(body.get("prompt"), tokenizer)
         max_tokens = _optional_int(body, "max_tokens", 1)
+        if "max_tokens" not in body:
+            max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
     n = _optional_int(body, "n", 1)
     if n is not None and n != 1:
         raise ApiError("The simulated engine supports only n=1.", param="n")

@@ -33,6 +33,12 @@ def test_completion_prompts_accept_text_token_ids_and_batches() -> None:
     assert batch == (tuple(TOK.encode("x")), (7,))
 
 
+def test_max_tokens_defaults_like_vllm() -> None:
+    assert parse("completion", {"prompt": "a"}).max_tokens == 16
+    assert parse("completion", {"prompt": "a", "max_tokens": None}).max_tokens is None
+    assert parse("chat", {"messages": [{"role": "user", "content": "a"}]}).max_tokens is None
+
+
 def test_chat_renders_the_template_and_prefers_max_completion_tokens() -> None:
     req = parse(
         "chat",
