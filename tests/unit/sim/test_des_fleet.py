@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvevents.keys import request_keys
 from sim.fleet import Fleet, FleetSpec, RouterLayout
 from sim.profiles import L4_LLAMA_3_1_8B, BatchShape
 from sim.topology import Topology
@@ -150,3 +151,26 @@ def test_runs_are_deterministic_from_the_seed() -> None:
     d = once(1, "round_robin")
     first = {r.rid: r.prompt_tokens for r in a.records if r.sent < 5.0}
     assert first == {r.rid: r.prompt_tokens for r in d.records if r.sent < 5.0}
+
+
+def test_mesh_plane_gossips_remote_prefixes_and_load() -> None:
+    """A US router learns from gossip alone what the EU engine cached and how busy it is."""
+    from sim.mesh_plane import MeshPlane
+
+    topo = Topology.build(["us", "eu"], {("us", "eu"): 80.0}, intra_ms=2.0)
+    spec = FleetSpec(topo, {"us": 1, "eu": 1}, L4_LLAMA_3_1_8B, "kvmesh", plane="mesh", seed=5)
+    fleet = Fleet(spec)
+    plane = fleet.plane
+    assert isinstance(plane, MeshPlane)
+    fleet.run(Workload("script", [Script("eu", [PROMPT, PROMPT])], horizon_s=30.0), drain_s=10.0)
+    us = plane.state_of("us-lb0")
+    eu = plane.state_of("eu-lb0")
+    first = fleet.records[0]
+    assert first.replica == "eu-e0"
+    matched = fleet.router_by_id["us-lb0"].views.prefix.match(request_keys(PROMPT, 16))
+    assert matched.get("eu-e0") == 32  # the whole prompt, learned through gossip
+    assert us.index.keys("eu-e0") == eu.index.keys("eu-e0")
+    remote = {r.replica: r for r in us.remote_records(fleet.loop.now)}
+    assert "eu-e0" in remote and remote["eu-e0"].age < 5.0
+    assert fleet.counters.gossip_bytes > 0
+    assert fleet.records[1].cached_tokens == 496
