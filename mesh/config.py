@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mesh.auth import MIN_KEY_LEN, parse_key
 from mesh.policies import DEFAULT_POLICY, PolicyError, make_policy
 
 
@@ -291,6 +292,14 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
     mesh_key = raw.get("mesh_key")
     if mesh_key is not None:
         mesh_key = _string(mesh_key, "mesh_key")
+        try:
+            key_bytes = parse_key(mesh_key)
+        except ValueError as exc:
+            raise ConfigError("mesh_key", f"cannot decode: {exc}") from None
+        if len(key_bytes) < MIN_KEY_LEN:
+            raise ConfigError("mesh_key", f"must be at least {MIN_KEY_LEN} bytes long")
+    if raw.get("peers") and mesh_key is None:
+        raise ConfigError("mesh_key", "required when peers are set (it signs mesh traffic)")
     log_level = _string(raw.get("log_level", "info"), "log_level").lower()
     if log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"expected one of {sorted(_LOG_LEVELS)}, got {log_level!r}")

@@ -65,7 +65,7 @@ def test_flags_parse_engines_policy_params_and_rtts() -> None:
         "--engine", "http://e2:8000", "--policy", "kvmesh", "--policy-param", "tie_rel=0.2",
         "--emulate-rtt", "eu=0.08",
     ])
-    cfg = build(overrides(args))
+    cfg = build({**overrides(args), "mesh_key": "k" * 16})
     assert [e.url for e in cfg.engines] == ["http://e1:8000", "http://e2:8000"]
     assert cfg.engines[0].kv_events == "tcp://e1:5557" and cfg.engines[1].kv_events is None
     assert cfg.policy_params == {"tie_rel": 0.2}
@@ -83,7 +83,7 @@ def test_flags_parse_engines_policy_params_and_rtts() -> None:
          "engines[0].kv_events"),
         ({"region": "us", "engines": [{"url": "http://x:1", "port": 3}]}, "engines[0].port"),
         ({"region": "us", "engines": ["http://x:1", "http://x:1"]}, "engines[1].url"),
-        ({"region": "us", "peers": ["not a url"]}, "peers[0]"),
+        ({"region": "us", "peers": ["not a url"], "mesh_key": "k" * 16}, "peers[0]"),
         ({"region": "us", "policy": "best"}, "policy"),
         ({"region": "us", "policy": "kvmesh", "policy_params": {"tie_rel": -1}},
          "policy.tie_rel"),
@@ -92,6 +92,8 @@ def test_flags_parse_engines_policy_params_and_rtts() -> None:
         ({"region": "us", "emulate_rtt": {"eu": "far"}}, "emulate_rtt.eu"),
         ({"region": "us", "tokenizer": "sentencepiece"}, "tokenizer"),
         ({"region": "us", "colour": "blue"}, "colour"),
+        ({"region": "us", "mesh_key": "short"}, "mesh_key"),
+        ({"region": "us", "peers": ["http://a:1"]}, "mesh_key"),
     ],
 )
 def test_every_bad_key_is_named(raw: dict[str, object], key: str) -> None:
