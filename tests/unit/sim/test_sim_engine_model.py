@@ -237,7 +237,7 @@ def closed_loop_throughput(profile: Profile, clients: int, requests: int) -> flo
 
 def test_throughput_grows_with_load_then_saturates_below_the_compute_bound() -> None:
     profile = L4_LLAMA_3_1_8B
-    thr = {c: closed_loop_throughput(profile, c, max(100, 3 * c)) for c in (1, 8, 64, 192)}
+    thr = {c: closed_loop_throughput(profile, c, max(60, 2 * c)) for c in (1, 8, 64, 192)}
     assert thr[8] > 4 * thr[1]  # batching: decode is memory bound at low load
     assert thr[64] > thr[8]
     assert thr[192] == pytest.approx(thr[64], rel=0.15)  # saturated
