@@ -453,18 +453,18 @@ def table(results: Sequence[PolicyResult], cfg: DemoConfig) -> Table:
     t = Table(
         title=f"3 regions x {cfg.engines_per_region} simulated engines, {cfg.duration:.0f} s "
         f"per policy, speedup {cfg.speedup:g}",
-        caption="TTFT in ms at the client; cache hit: prompt tokens the engines found cached; "
-        "x-region: requests forwarded to another region's router",
+        caption="TTFT measured at the clients; cache hit: share of prompt tokens the engines "
+        "found cached; forwards: requests sent one hop to another region's router",
     )
     t.add_column("policy", no_wrap=True)
-    for col in ("reqs", "TTFT p50", "TTFT p90", "req/s", "tok/s", "cache hit", "x-region",
+    for col in ("requests", "TTFT p50", "TTFT p90", "req/s", "cache hit", "forwards",
                 "errors"):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="right", no_wrap=True)
     best = min((r.ttft_p50_ms for r in results if r.requests), default=math.nan)
     for r in results:
         style = "bold green" if r.ttft_p50_ms == best else ""
-        t.add_row(r.policy, str(r.requests), f"{r.ttft_p50_ms:.0f}", f"{r.ttft_p90_ms:.0f}",
-                  f"{r.throughput_rps:.1f}", f"{r.output_tokens_per_s:.0f}",
+        t.add_row(r.policy, str(r.requests), f"{r.ttft_p50_ms:.0f} ms",
+                  f"{r.ttft_p90_ms:.0f} ms", f"{r.throughput_rps:.1f}",
                   f"{r.prefix_hit_rate:.1%}", str(r.cross_region_forwards), str(r.errors),
                   style=style)
     return t
@@ -561,7 +561,8 @@ async def run(cfg: DemoConfig, console: Console | None = None) -> list[PolicyRes
 
 
 def main(cfg: DemoConfig) -> int:
-    console = Console()
+    # A pipe or a CI log has no width: give the table room instead of truncating it.
+    console = Console() if sys.stdout.isatty() else Console(width=110)
     try:
         results = asyncio.run(run(cfg, console))
     except KeyboardInterrupt:
