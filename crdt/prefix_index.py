@@ -55,6 +55,8 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, repeat
+from operator import and_
 
 from crdt.base import DecodeError, Digest, Version
 from crdt.wire import as_bytes, as_int, as_list, as_str
@@ -320,6 +322,8 @@ class PrefixIndex:
         self._dropped: dict[str, _Dropped] = {}
         self._names: list[str] = []
         self._free: list[int] = []
+        self._mask_names: dict[int, tuple[str, ...]] = {}
+        """Cache: bitmask -> replica names (cleared whenever a slot changes hands)."""
         self._min_tombstones = min_tombstones
 
     # ---- IndexWriter (local ingestion) -------------------------------------------------
@@ -482,40 +486,49 @@ class PrefixIndex:
         """
         if not keys:
             return {}
-        holders = self._holders
-        active = holders.get(keys[0], 0)
+        get = self._holders.get
+        active = get(keys[0], 0)
         if not active:
             return {}
+        # The running AND of the masks (lookups and ANDs in C); each time it loses bits, the
+        # replicas behind those bits have matched exactly ``at`` keys.
         names = self._names
         out: dict[str, int] = {}
-        n = len(keys)
-        for i in range(1, n):
-            m = active & holders.get(keys[i], 0)
-            if m != active:
-                gone = active ^ m
-                while gone:
-                    low = gone & -gone
-                    out[names[low.bit_length() - 1]] = i
-                    gone ^= low
-                active = m
-                if not active:
+        at = 0
+        for value in accumulate(map(get, keys, repeat(0)), and_):
+            if value != active:
+                gone = active ^ value
+                if gone & (gone - 1):
+                    for name in self._names_for(gone):
+                        out[name] = at
+                else:
+                    out[names[gone.bit_length() - 1]] = at
+                if not value:
                     return out
-        while active:
-            low = active & -active
-            out[names[low.bit_length() - 1]] = n
-            active ^= low
+                active = value
+            at += 1
+        for name in self._names_for(active):
+            out[name] = at
         return out
+
+    def _names_for(self, mask: int) -> tuple[str, ...]:
+        names = self._mask_names.get(mask)
+        if names is None:
+            found = []
+            m = mask
+            while m:
+                low = m & -m
+                found.append(self._names[low.bit_length() - 1])
+                m ^= low
+            names = tuple(found)
+            if len(self._mask_names) >= 4096:
+                self._mask_names.clear()
+            self._mask_names[mask] = names
+        return names
 
     def holders(self, key: int) -> list[str]:
         """Replicas holding block ``key``."""
-        mask = self._holders.get(key, 0)
-        names = self._names
-        out = []
-        while mask:
-            low = mask & -mask
-            out.append(names[low.bit_length() - 1])
-            mask ^= low
-        return out
+        return list(self._names_for(self._holders.get(key, 0)))
 
     def first_block_holders(self, keys: Sequence[int]) -> list[str]:
         """Replicas holding the first block of ``keys`` (the candidates for any cache hit)."""
@@ -760,6 +773,7 @@ class PrefixIndex:
             slot = len(self._names)
             self._names.append(replica)
         self._names[slot] = replica
+        self._mask_names.clear()
         fresh = _Slice(slot, epoch, complete)
         self._slices[replica] = fresh
         return fresh
@@ -769,6 +783,7 @@ class PrefixIndex:
         del self._slices[replica]
         self._names[s.slot] = ""
         self._free.append(s.slot)
+        self._mask_names.clear()
 
     def _wipe(self, s: _Slice) -> None:
         holders, bit = self._holders, s.bit

@@ -459,3 +459,50 @@ def test_routers_converge_to_the_model_under_loss_duplication_and_reordering(
     for node in nodes:
         node.check_invariants()
         assert node.content() == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    holdings=st.lists(
+        st.tuples(st.integers(0, 70), st.lists(st.integers(0, 12), max_size=12)),
+        min_size=1,
+        max_size=90,
+    ),
+    drops=st.lists(st.integers(0, 70), max_size=10),
+    queries=st.lists(st.lists(st.integers(0, 12), max_size=16), min_size=1, max_size=8),
+)
+def test_match_and_holders_agree_with_a_naive_scan(
+    holdings: list[tuple[int, list[int]]], drops: list[int], queries: list[list[int]]
+) -> None:
+    """Up to 71 replicas (masks wider than 64 bits), slots freed by drops and reused."""
+    idx = PrefixIndex()
+    model: dict[str, set[int]] = {}
+    epochs: dict[str, int] = {}
+    for seq, (r, keys) in enumerate(holdings):
+        name = f"http://r{r}"
+        if name not in model:
+            epochs[name] = epochs.get(name, 0) + 1
+            idx.reset(name, epochs[name])
+            model[name] = set()
+        idx.store(name, (epochs[name], seq), keys)
+        model[name].update(keys)
+        if drops and drops[0] == r:
+            idx.drop(name, now=0.0)
+            del model[name]
+            drops.pop(0)  # its slot is free for the next new replica
+    for q in queries:
+        expected = {}
+        for name, held in model.items():
+            n = 0
+            while n < len(q) and q[n] in held:
+                n += 1
+            if n:
+                expected[name] = n
+        assert idx.match(q) == expected
+        if q:
+            assert sorted(idx.first_block_holders(q)) == sorted(
+                name for name, held in model.items() if q[0] in held
+            )
+    for name, held in model.items():
+        assert idx.keys(name) == held and idx.blocks(name) == len(held)
+    idx.check_invariants()
