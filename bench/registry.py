@@ -8,6 +8,7 @@ told otherwise with ``--out``.
 from __future__ import annotations
 
 BENCHES: dict[str, tuple[str, str]] = {
+    "crdt": ("bench.crdt_bench", "PrefixIndex apply/merge/wire rates, query p99, bytes per pair"),
     "diurnal-cycle": ("bench.scenarios:diurnal_cycle", "sim: one day, local vs shared capacity"),
     "diurnal-skew": ("bench.scenarios:diurnal_skew", "sim: SkyLB diurnal skew, 9 shared vs 12"),
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
