@@ -343,14 +343,19 @@ class Router:
                 head.future.set_result(d)
 
     async def _publish_loop(self) -> None:
-        """Publish own in-flight counts and queue length when they change (at most every 20 ms)."""
+        """Publish own in-flight counts and queue length when they change (at most every
+        20 ms), and every few seconds anyway so peers never see them age out."""
         last = -1
         last_queue = -1
+        last_at = float("-inf")
         while True:
             await asyncio.sleep(0.02)
-            if self.dispatches.version != last or len(self._queue) != last_queue:
+            now = self.clock()
+            if (self.dispatches.version != last or len(self._queue) != last_queue
+                    or now - last_at >= 5.0):
                 last = self.dispatches.version
                 last_queue = len(self._queue)
+                last_at = now
                 try:
                     self.backend.publish_inflight(self.dispatches.counts(published_only=True),
                                                   last_queue, self.clock())
