@@ -10,15 +10,25 @@ State exchange, per replicated state (``crdt.base.Replicated``):
 * **Eager delta push.** Every ``gossip_interval`` a node picks up to ``gossip_nodes`` ALIVE
   peers that lack something — at least one in another region when one exists and lacks
   something — and sends each ``delta_since(belief)``, cut to the message budget, with its
-  own digests piggybacked.
-* **Beliefs.** For each peer we keep the digest it last reported (in a push, a push-ack or
-  a sync), ordered by the peer's message counter so a late message never overwrites a
-  newer report. A push-ack carries the receiver's digest *after* the merge, so "what I
-  sent" is folded in exactly when the push completes, instead of guessed while it flies;
-  a lost push or ack simply means the same delta goes again (merges are idempotent).
-  Beliefs are dropped when a peer becomes SUSPECT, DEAD or LEFT, or restarts. A peer we
-  hold no belief about first gets a digests-only push (a "digest probe"), so a newcomer is
-  not sprayed with full snapshots by every neighbour at once.
+  own versions of the origins it offers (the ones it believes the peer lacks).
+* **Beliefs.** For each peer we keep, per state and origin, the version it last reported.
+  A push-ack carries the receiver's versions *after* the merge of every origin the push
+  named (and which of them it does not hold at all), so "what I sent" is folded in exactly
+  when the push completes instead of guessed while it flies; a lost push or ack simply
+  means the same delta goes again (merges are idempotent). Reports are ordered by the
+  peer's message counter, so a late message never overwrites a newer one, and a report
+  may lower a belief (a CRDT asks for a snapshot that way). Whole digests travel only in
+  a *digest probe* (a push with no deltas, to a peer we hold no belief about, so a
+  newcomer is not sprayed with snapshots by every neighbour at once) and in syncs; pushes
+  and acks carry versions of the named origins only, so their size follows the change,
+  not the number of origins. Beliefs are dropped when a peer becomes SUSPECT, DEAD or
+  LEFT, or restarts.
+* **Offers.** A belief goes stale between two contacts with a peer (others keep feeding
+  it), and a push from a stale belief resends what the peer already got elsewhere: the
+  waste of plain push gossip grows with the mesh. So a delta bigger than ``eager_bytes`` is
+  not sent at once: the push carries only the offered versions, the ack says what the peer
+  really lacks, and the delta computed from that fresh report follows immediately. Small
+  deltas (the steady trickle of engine events) still go eagerly, at half a round trip.
 * **Back-pressure.** At most one push in flight per peer; a busy peer is skipped this
   round. A flight ends with its ack, its ``push_timeout`` or an ``unreachable`` report from
   the transport. A push that used most of its budget is continued as soon as it is acked.
@@ -86,6 +96,9 @@ class GossipConfig:
     join_retry: float = 1.0
     """While we know no live peer, contact every seed this often."""
     max_message_bytes: int = 1 << 20
+    eager_bytes: int = 4096
+    """Deltas of about half this size or less are pushed at once; bigger ones are offered
+    first (see above)."""
     replay_window: int = 1024
     max_clock_skew: float = 120.0
     max_replay_senders: int = 4096
@@ -133,6 +146,11 @@ class _Flight:
     seq: int
     deadline: float
     full: bool
+    """The push used most of its budget: continue as soon as it is acked."""
+    probe: bool = False
+    """A digest probe: its ack reports every origin we hold."""
+    offer: bool = False
+    """An offer: once acked, the data follows whatever its size."""
 
 
 @dataclass(slots=True)
@@ -191,18 +209,68 @@ class StateSync:
     def reset(self, peer_id: str) -> None:
         self.peers.pop(peer_id, None)
 
-    def note_digests(self, peer_id: str, counter: int, digests: Digests) -> None:
-        """Believe ``digests`` unless a newer report from that peer already arrived."""
+    def note_digests(
+        self,
+        peer_id: str,
+        counter: int,
+        digests: Digests,
+        *,
+        complete: bool,
+        absent: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        """Take in a peer's report unless a newer report from it already arrived.
+
+        A ``complete`` report (whole digests) replaces what we believed; a partial one only
+        updates the origins it names, and is ignored while we believe nothing yet.
+        """
         p = self.peer(peer_id)
         if counter <= p.counter:
+            return
+        if p.digests is None and not complete:
             return
         p.counter = counter
         known = p.digests if p.digests is not None else {}
         for name, dg in digests.items():
-            if name in self.states:
+            if name not in self.states:
+                continue
+            if complete:
                 known[name] = dict(dg)
+            else:
+                known.setdefault(name, {}).update(dg)
+        for name, origins in (absent or {}).items():
+            held = known.get(name)
+            if held is not None:
+                for o in origins:
+                    held.pop(o, None)
         p.digests = known
         p.clean_epoch = -1
+
+    def offer(self, theirs: Mapping[str, Mapping[str, Version]]) -> dict[str, dict[str, Version]]:
+        """Our versions of every origin where we are ahead of ``theirs``."""
+        out: dict[str, dict[str, Version]] = {}
+        for name, mine in self.digests.items():
+            peer = theirs.get(name, {})
+            ahead = {o: v for o, v in mine.items() if (t := peer.get(o)) is None or v > t}
+            if ahead:
+                out[name] = ahead
+        return out
+
+    def report(
+        self, named: Digests
+    ) -> tuple[dict[str, dict[str, Version]], dict[str, tuple[str, ...]]]:
+        """Our current versions of the origins a peer named, and the named ones we lack."""
+        versions: dict[str, dict[str, Version]] = {}
+        absent: dict[str, tuple[str, ...]] = {}
+        for name, origins in named.items():
+            st = self.states.get(name)
+            if st is None:
+                continue
+            mine = st.digest()
+            versions[name] = {o: mine[o] for o in origins if o in mine}
+            missing = tuple(o for o in origins if o not in mine)
+            if missing:
+                absent[name] = missing
+        return versions, absent
 
     def busy(self, peer_id: str) -> bool:
         p = self.peers.get(peer_id)
@@ -418,15 +486,15 @@ class MeshCore:
             return self.membership.handle(env, now)
         if isinstance(body, Push):
             self.sync.merge(decoded, now)
-            self.sync.note_digests(peer_id, env.counter, body.digests)
-            ack = PushAck(body.seq, self.sync.current_digests())
-            return [Send(sender.addr, ack, peer_id)]
+            self.sync.note_digests(peer_id, env.counter, body.digests, complete=body.full)
+            versions, absent = self.sync.report(body.digests)
+            return [Send(sender.addr, PushAck(body.seq, versions, absent), peer_id)]
         if isinstance(body, PushAck):
             return self._on_push_ack(peer_id, env.counter, body, now)
         if isinstance(body, Sync):
             self.membership.merge_table(body.members, now)
             self._member_events()
-            self.sync.note_digests(peer_id, env.counter, body.digests)
+            self.sync.note_digests(peer_id, env.counter, body.digests, complete=True)
             table = self.membership.table()
             mine = self.sync.current_digests()
             overhead = (
@@ -439,29 +507,31 @@ class MeshCore:
             self.membership.merge_table(body.members, now)
             self._member_events()
             self.sync.merge(decoded, now)
-            self.sync.note_digests(peer_id, env.counter, body.digests)
+            self.sync.note_digests(peer_id, env.counter, body.digests, complete=True)
             return self._push_now(peer_id, now)
         return []  # Notice: its updates were the message
 
     def _on_push_ack(self, peer_id: str, counter: int, ack: PushAck, now: float) -> list[Send]:
         p = self.sync.peers.get(peer_id)
-        self.sync.note_digests(peer_id, counter, ack.digests)
-        if p is None or p.flight is None or p.flight.seq != ack.seq:
+        ours = p is not None and p.flight is not None and p.flight.seq == ack.seq
+        probe = ours and p is not None and p.flight is not None and p.flight.probe
+        self.sync.note_digests(peer_id, counter, ack.digests, complete=probe, absent=ack.absent)
+        if p is None or p.flight is None or not ours:
             self.counters["push.late_acks"] += 1
             return []
-        full = p.flight.full
+        full, offer = p.flight.full, p.flight.offer
         p.flight = None
         self.counters["push.acked"] += 1
-        return self._push_now(peer_id, now) if full else []
+        return self._push_now(peer_id, now, eager=offer) if full or offer else []
 
-    def _push_now(self, peer_id: str, now: float) -> list[Send]:
+    def _push_now(self, peer_id: str, now: float, eager: bool = False) -> list[Send]:
         m = self.membership.members.get(peer_id)
         if m is None or m.status != Status.ALIVE or self.sync.busy(peer_id):
             return []
         self.sync.refresh(now)
         if not self.sync.wants(peer_id):
             return []
-        s = self._push_to(m, now)
+        s = self._push_to(m, now, eager)
         return [s] if s is not None else []
 
     def _member_events(self) -> None:
@@ -553,29 +623,31 @@ class MeshCore:
                 sends.append(s)
         return sends
 
-    def _push_to(self, m: Member, now: float) -> Send | None:
+    def _push_to(self, m: Member, now: float, eager: bool = False) -> Send | None:
         p = self.sync.peer(m.node_id)
-        mine = self.sync.digests
         self._seq += 1
         if p.digests is None:
-            body = Push(self._seq, {}, mine)
-            full = False
+            body = Push(self._seq, {}, self.sync.digests, full=True)
+            p.flight = _Flight(self._seq, now + self.config.push_timeout, False, probe=True)
             self.counters["push.digest_probes"] += 1
-        else:
-            overhead = packed_size(mine) + PIGGYBACK_RESERVE
-            budget = self.config.max_message_bytes - overhead
-            if budget < self.config.max_message_bytes // 4:
-                mine, budget = {}, self.config.max_message_bytes - PIGGYBACK_RESERVE
-            deltas, used = self.sync.deltas_for(p.digests, now, budget)
-            if not deltas:
-                self.counters["push.nothing_to_send"] += 1
-                p.clean_epoch = self.sync.epoch
-                return None
-            body = Push(self._seq, deltas, mine)
-            full = used > budget // 2
-            self.counters["push.sent"] += 1
-        p.flight = _Flight(self._seq, now + self.config.push_timeout, full)
-        return Send(m.addr, body, m.node_id)
+            return Send(m.addr, body, m.node_id)
+        offered = self.sync.offer(p.digests)
+        budget = self.config.max_message_bytes - packed_size(offered) - PIGGYBACK_RESERVE
+        if not eager:
+            # Ask the CRDT for an eager-sized cut only: nearly full means there is more.
+            budget = min(budget, self.config.eager_bytes)
+        deltas, used = self.sync.deltas_for(p.digests, now, budget)
+        if not deltas:
+            self.counters["push.nothing_to_send"] += 1
+            p.clean_epoch = self.sync.epoch
+            return None
+        if not eager and used > budget // 2:
+            p.flight = _Flight(self._seq, now + self.config.push_timeout, False, offer=True)
+            self.counters["push.offers"] += 1
+            return Send(m.addr, Push(self._seq, {}, offered), m.node_id)
+        p.flight = _Flight(self._seq, now + self.config.push_timeout, used > budget // 2)
+        self.counters["push.sent"] += 1
+        return Send(m.addr, Push(self._seq, deltas, offered), m.node_id)
 
     # ---- sending -----------------------------------------------------------------------
 
@@ -587,6 +659,7 @@ class MeshCore:
                 continue
             kind = kind_name(s.body)
             self.counters[f"tx.{kind}"] += 1
+            self.counters[f"tx.bytes.{kind}"] += len(frame)
             self.counters["tx.frames"] += 1
             self.counters["tx.bytes"] += len(frame)
             out.append(Outgoing(s.addr, frame, s.addr == reply_to, kind))

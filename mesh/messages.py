@@ -101,19 +101,29 @@ class Nack:
 
 @dataclass(frozen=True, slots=True)
 class Push:
-    """CRDT deltas (state -> wire form) plus the sender's digests."""
+    """CRDT deltas (state -> wire form) and the sender's versions of what it offers.
+
+    ``digests`` holds only the origins the sender believes the receiver lacks, unless
+    ``full``: then it is the sender's whole digest (a digest probe, sent with no deltas to
+    a peer we know nothing about yet).
+    """
 
     seq: int
     deltas: Mapping[str, object]
     digests: Digests
+    full: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class PushAck:
-    """The receiver's digests after merging push ``seq``."""
+    """The receiver's versions, after the merge, of every origin the push named.
+
+    Named origins the receiver does not hold at all are listed in ``absent``.
+    """
 
     seq: int
     digests: Digests
+    absent: Mapping[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,10 +218,10 @@ def _body_wire(body: Body) -> list[object]:
             return [seq]
         case PingReq(seq, target_id, target_addr):
             return [seq, target_id, target_addr]
-        case Push(seq, deltas, digests):
-            return [seq, dict(deltas), _digests_wire(digests)]
-        case PushAck(seq, digests):
-            return [seq, _digests_wire(digests)]
+        case Push(seq, deltas, digests, full):
+            return [seq, dict(deltas), _digests_wire(digests), full]
+        case PushAck(seq, digests, absent):
+            return [seq, _digests_wire(digests), {k: list(v) for k, v in absent.items()}]
         case Sync(members, digests):
             return [[update_wire(u) for u in members], _digests_wire(digests)]
         case SyncReply(members, digests, deltas):
@@ -323,6 +333,19 @@ def _digests(x: object) -> dict[str, dict[str, Version]]:
     return out
 
 
+def _bool(x: object, what: str) -> bool:
+    if type(x) is not bool:
+        raise _fail(what, x)
+    return x
+
+
+def _absent(x: object) -> dict[str, tuple[str, ...]]:
+    return {
+        _str(name, "state name"): tuple(_str(o, "origin", MAX_ADDR_LEN) for o in _list(v, "absent"))
+        for name, v in _dict(x, "absent").items()
+    }
+
+
 def _deltas(x: object) -> dict[str, object]:
     return {_str(k, "state name"): v for k, v in _dict(x, "deltas").items()}
 
@@ -342,11 +365,11 @@ def _body(kind: int, x: object) -> Body:
         case 4:
             return Nack(_int(_list(x, "nack", 1)[0], "seq"))
         case 5:
-            f = _list(x, "push", 3)
-            return Push(_int(f[0], "seq"), _deltas(f[1]), _digests(f[2]))
+            f = _list(x, "push", 4)
+            return Push(_int(f[0], "seq"), _deltas(f[1]), _digests(f[2]), _bool(f[3], "full"))
         case 6:
-            f = _list(x, "push-ack", 2)
-            return PushAck(_int(f[0], "seq"), _digests(f[1]))
+            f = _list(x, "push-ack", 3)
+            return PushAck(_int(f[0], "seq"), _digests(f[1]), _absent(f[2]))
         case 7:
             f = _list(x, "sync", 2)
             return Sync(_updates(f[0]), _digests(f[1]))

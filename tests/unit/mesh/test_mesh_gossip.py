@@ -30,7 +30,7 @@ def test_unknown_peer_wants_a_digest_probe_and_known_peer_only_what_it_lacks() -
     sync = StateSync({"prefix": ix}, Counter())
     sync.refresh(0.0)
     assert sync.wants("p")  # never heard its digests
-    sync.note_digests("p", 1, {"prefix": ix.digest()})
+    sync.note_digests("p", 1, {"prefix": ix.digest()}, complete=True)
     assert not sync.wants("p")  # it has everything we have
     ix.store("r1", (1, 4), [99])
     sync.refresh(1.0)
@@ -41,15 +41,33 @@ def test_unknown_peer_wants_a_digest_probe_and_known_peer_only_what_it_lacks() -
 
 def test_beliefs_follow_the_peers_newest_report_even_when_it_goes_down() -> None:
     ix = index_with("r1", 3)
+    ix.reset("r2", 1)
+    ix.store("r2", (1, 1), [7])
     sync = StateSync({"prefix": ix}, Counter())
     sync.refresh(0.0)
-    sync.note_digests("p", 5, {"prefix": ix.digest()})
-    sync.note_digests("p", 4, {"prefix": {}})  # an older message arriving late: ignored
+    sync.note_digests("p", 2, {"prefix": {"r1": (1, 0)}}, complete=False)
+    assert sync.peers["p"].digests is None  # partial news about a peer we know nothing of
+    sync.note_digests("p", 5, {"prefix": ix.digest()}, complete=True)
     assert not sync.wants("p")
-    sync.note_digests("p", 6, {"prefix": {"r1": (1, 0)}})  # the peer asks for a reset
+    sync.note_digests("p", 4, {"prefix": {}}, complete=True)  # older, arriving late: ignored
+    assert not sync.wants("p")
+    sync.note_digests("p", 6, {"prefix": {"r1": (1, 0)}}, complete=False)  # asks for a reset
     assert sync.wants("p")
+    assert sync.offer(sync.peers["p"].digests or {}) == {"prefix": {"r1": ix.digest()["r1"]}}
+    sync.note_digests("p", 7, {"prefix": {"r1": ix.digest()["r1"]}}, complete=False)
+    assert not sync.wants("p")
+    sync.note_digests("p", 8, {}, complete=False, absent={"prefix": ["r2"]})  # lost r2
+    assert sync.offer(sync.peers["p"].digests or {}) == {"prefix": {"r2": ix.digest()["r2"]}}
     sync.reset("p")
     assert sync.peers.get("p") is None
+
+
+def test_report_names_versions_and_absent_origins() -> None:
+    ix = index_with("r1", 2)
+    sync = StateSync({"prefix": ix}, Counter())
+    versions, absent = sync.report({"prefix": {"r1": (9, 9), "r9": (1, 1)}, "other": {"x": (1, 1)}})
+    assert versions == {"prefix": {"r1": ix.digest()["r1"]}}
+    assert absent == {"prefix": ("r9",)}
 
 
 def test_origin_advance_times() -> None:
@@ -79,7 +97,7 @@ def test_suspicion_resets_what_we_believe_about_a_peer() -> None:
         wall=lambda: 0.0,
     )
     core.membership.apply(MemberUpdate("p", "us", "sim://p", 1, 0, Status.ALIVE), 0.0)
-    core.sync.note_digests("p", 1, {"prefix": ix.digest()})
+    core.sync.note_digests("p", 1, {"prefix": ix.digest()}, complete=True)
     assert not core.sync.wants("p")
     core.membership.apply(MemberUpdate("p", "us", "sim://p", 1, 0, Status.SUSPECT, "x"), 1.0)
     core._member_events()
@@ -105,8 +123,10 @@ def test_first_push_to_a_peer_is_a_digest_probe() -> None:
 
     net.tap = tap
     assert net.run_until_true(lambda: b.sync.states["prefix"].digest() == a_ix.digest(), timeout=10)
-    assert pushes[0].deltas == {} and pushes[0].digests == {"prefix": a_ix.digest()}
-    assert pushes[1].deltas  # once b's digests came back in the ack, the real delta
+    probe, real = pushes[0], pushes[1]
+    assert probe.full and probe.deltas == {} and probe.digests == {"prefix": a_ix.digest()}
+    assert not real.full and real.deltas  # once b's versions came back in the ack
+    assert real.digests == {"prefix": a_ix.digest()}  # it offers r1, which b lacks
     assert a.counters["push.digest_probes"] == 1
 
 

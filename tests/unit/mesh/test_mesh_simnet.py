@@ -405,9 +405,12 @@ def test_every_push_round_reaches_another_region() -> None:
     us = [nd for nd in nodes.values() if nd.core.region == "us"]
     eu = {nd.core.addr for nd in nodes.values() if nd.core.region == "eu"}
     cross: dict[str, int] = {}
-    net.tap = lambda _t, src, dst, data: (
-        cross.__setitem__(src, cross.get(src, 0) + 1) if dst in eu and len(data) > 150 else None
-    )
+
+    def tap(_t: float, src: str, dst: str, frame: bytes) -> None:
+        if dst in eu and isinstance(decode_envelope(frame[HEADER_LEN:]).body, Push):
+            cross[src] = cross.get(src, 0) + 1
+
+    net.tap = tap
     rounds = 20
     for v in range(1, rounds + 1):
         for nd in us:
