@@ -12,6 +12,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "diurnal-cycle": ("bench.scenarios:diurnal_cycle", "sim: one day, local vs shared capacity"),
     "diurnal-skew": ("bench.scenarios:diurnal_skew", "sim: SkyLB diurnal skew, 9 shared vs 12"),
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
+    "gossip": ("bench.gossip_convergence", "mesh gossip: convergence p50/p99 and bytes/router/s"),
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
     "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
     "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
