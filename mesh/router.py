@@ -67,6 +67,10 @@ class MeshBackend(Protocol):
 
     def regions(self, now: float) -> Mapping[str, RegionRecord]: ...
 
+    def owner_router(self, replica: str, now: float) -> str | None:
+        """Base URL of a live router that serves ``replica`` itself (reports its load)."""
+        ...
+
     def publish_engine(self, state: EngineState, region: str, now: float) -> None: ...
 
     def publish_inflight(self, counts: Mapping[str, int], queue: int, now: float) -> None: ...
@@ -74,6 +78,10 @@ class MeshBackend(Protocol):
     def routes(self) -> list[web.RouteDef]: ...
 
     async def start(self, session: aiohttp.ClientSession) -> None: ...
+
+    async def start_gossip(self) -> None:
+        """Join the mesh; called once the router's HTTP server listens."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -97,6 +105,9 @@ class LocalOnly:
     def regions(self, now: float) -> Mapping[str, RegionRecord]:
         return {}
 
+    def owner_router(self, replica: str, now: float) -> str | None:
+        return None
+
     def publish_engine(self, state: EngineState, region: str, now: float) -> None:
         return None
 
@@ -107,6 +118,9 @@ class LocalOnly:
         return []
 
     async def start(self, session: aiohttp.ClientSession) -> None:
+        return None
+
+    async def start_gossip(self) -> None:
         return None
 
     async def stop(self) -> None:
@@ -157,6 +171,8 @@ class Target:
 
 
 class Router:
+    """One router node: serves the API, decides, dispatches; see the module docstring."""
+
     def __init__(
         self,
         config: RouterConfig,
@@ -228,9 +244,7 @@ class Router:
         await site.start()
         sockets = getattr(site._server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
-        start_gossip = getattr(self.backend, "start_gossip", None)
-        if start_gossip is not None:
-            await start_gossip()
+        await self.backend.start_gossip()
         log.info("router %s (%s) listening on %s:%s, policy %s, %d engines",
                  self.config.node_id, self.config.region, self.config.host, self.port,
                  self.policy.name, len(self.config.engines))
@@ -364,15 +378,19 @@ class Router:
 
     # -- the request path ------------------------------------------------------------------
     def _target(self, d: Decision, forwarded: bool) -> Target | None:
+        """Where to send the request: the engine itself, or the router that serves it."""
         region = d.region or self.config.region
         if d.replica is not None and d.replica in self.local_engines:
             return Target(d.replica, d.replica, self.config.region, True)
-        if forwarded or region == self.config.region:
+        if forwarded:
             return None
-        info = self.backend.regions(self.clock()).get(region)
-        if info is None or not info.routers:
-            return None
-        router = self.rng.choice(info.routers)
+        now = self.clock()
+        router = self.backend.owner_router(d.replica, now) if d.replica else None
+        if router is None:
+            info = self.backend.regions(now).get(region)
+            if info is None or not info.routers:
+                return None
+            router = self.rng.choice(info.routers)
         return Target(router, d.replica or "", region, False,
                       self.config.emulate_rtt.get(region, 0.0))
 
@@ -742,6 +760,16 @@ class MeshState:
                 load.kv_usage, load.age, self.loads.inflight(replica, exclude_router=self.me),
                 float(rate) if isinstance(rate, int | float) else None,
             )
+
+    def owner_router(self, replica: str, now: float) -> str | None:
+        alive = self._alive_routers()
+        for load in sorted(self.loads.reports(replica, now), key=lambda r: r.age):
+            if load.reporter == self.me or (alive is not None and load.reporter not in alive):
+                continue
+            addr = self._router_meta(load.reporter).get("addr")
+            if isinstance(addr, str) and addr:
+                return addr
+        return None
 
     def _alive_routers(self) -> set[str] | None:
         if self.node is None:

@@ -199,3 +199,40 @@ async def test_models_are_the_union_across_the_mesh(procs: Procs, tmp_path: Path
             assert resp.status == 400
             err = json.loads(await resp.read())["error"]
             assert err["type"] == "invalid_request_error"
+
+
+async def test_prefix_learned_by_gossip_routes_through_the_engines_own_router(
+    procs: Procs,
+) -> None:
+    # Two routers in one region, one engine each. Turn 1 goes straight to engine B; router A
+    # only hears of it through gossip (B's router ingests B's events), yet sends the
+    # follow-up turns to engine B, through router B.
+    from router_support import free_ports
+
+    engine_a, engine_b = procs.engine("engine-a"), procs.engine("engine-b")
+    ports = free_ports(2)
+    peers = [f"http://127.0.0.1:{p}" for p in ports]
+    router_a = procs.router("router-a", {**router_conf("us", engine_a, "kvmesh", peers),
+                                        "listen": f"127.0.0.1:{ports[0]}"})
+    router_b = procs.router("router-b", {**router_conf("us", engine_b, "kvmesh", peers),
+                                        "listen": f"127.0.0.1:{ports[1]}"})
+    async with aiohttp.ClientSession() as s:
+        await converge(s, router_a, router_b)
+        messages = [{"role": "system", "content": "a long shared system prompt " * 60},
+                    {"role": "user", "content": "first question " * 10}]
+        status, _, reply = await chat(s, engine_b.url, messages)
+        assert status == 200
+
+        async def a_knows() -> bool:
+            from router_support import index_blocks
+
+            return (await index_blocks(s, router_a)).get(engine_b.url, 0) > 0
+
+        await wait_until(a_knows, what="router A learns engine B's blocks by gossip")
+        for turn in range(3):
+            messages += [{"role": "assistant", "content": reply},
+                         {"role": "user", "content": f"follow-up {turn} " * 8}]
+            status, headers, reply = await chat(s, router_a, messages)
+            assert status == 200
+            assert headers["x-kvmesh-replica"] == engine_b.url, headers["x-kvmesh-route"]
+            assert "pinned by router-a" in headers["x-kvmesh-route"]
