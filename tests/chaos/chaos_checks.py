@@ -78,8 +78,76 @@ def engine_cache(node: Node) -> dict[str, Any]:
 
 def peers(router: Node) -> dict[str, dict[str, Any]]:
     """node id -> peer record (state, generation, ...) in ``router``'s membership view."""
-    mesh_part = status(router).get("mesh") or {}
-    return {p["id"]: p for p in mesh_part.get("peers", [])}
+    return {p["id"]: p for p in status(router).get("peers", [])}
+
+
+def replica_views(router: Node) -> dict[str, tuple[int, tuple[int, int] | None]]:
+    """replica URL -> (blocks, (epoch, seq)) of its prefix slice in ``router``'s index."""
+    out: dict[str, tuple[int, tuple[int, int] | None]] = {}
+    for row in status(router).get("replicas", []):
+        version = row.get("version")
+        out[row["url"]] = (int(row["blocks"]), None if version is None else tuple(version))
+    return out
+
+
+def truth(mesh: Mesh) -> dict[str, tuple[int, int | None]]:
+    """replica URL -> (unique block hashes held, last published seq), from the engines."""
+    out: dict[str, tuple[int, int | None]] = {}
+    for engine in mesh.engines():
+        cache = engine_cache(engine)
+        out[mesh.engine_replica_id(engine.alias)] = (
+            int(cache["num_unique_hashes"]),
+            cache["last_seq"],
+        )
+    return out
+
+
+def view_mismatches(mesh: Mesh, routers: list[Node] | None = None) -> list[str]:
+    """Differences between each router's view of every engine and the engine's own cache.
+
+    A slice at version ``(epoch, seq)`` is a deterministic function of the engine's event
+    stream up to ``seq``, so a router whose slice has the engine's last published seq, the
+    same epoch as every other router, and as many blocks as the engine holds unique hashes,
+    sees exactly what the engine holds.
+    """
+    real = truth(mesh)
+    problems: list[str] = []
+    epochs: dict[str, set[int]] = {}
+    for router in routers if routers is not None else mesh.routers():
+        views = replica_views(router)
+        for url, (blocks, seq) in real.items():
+            view = views.get(url)
+            if view is None or view[1] is None:
+                problems.append(f"{router.alias}: no slice for {url}")
+                continue
+            v_blocks, (epoch, v_seq) = view[0], view[1]
+            epochs.setdefault(url, set()).add(epoch)
+            if (v_blocks, v_seq) != (blocks, seq):
+                problems.append(
+                    f"{router.alias}: {url} blocks/seq {v_blocks}/{v_seq}, engine {blocks}/{seq}"
+                )
+    problems += [
+        f"{url}: routers disagree on the epoch {sorted(e)}"
+        for url, e in epochs.items()
+        if len(e) > 1
+    ]
+    return problems
+
+
+def detection_bound(mesh: Mesh) -> float:
+    """How long the routers' failure detector may take to declare a crashed peer dead.
+
+    The membership module's own worst case for the configured timings (every prober gets
+    round to the member, the suspicion runs out unconfirmed) plus two probe intervals for
+    the verdict to reach every peer.
+    """
+    from mesh.node import MeshConfig
+
+    options = dict(mesh.spec.router_config.get("gossip", {}))
+    swim = MeshConfig.from_options(
+        node_id="x", region="x", advertise="http://x:1", keys=["k" * 16], options=options
+    ).swim
+    return swim.detection_bound(len(mesh.routers())) + 2 * swim.probe_interval
 
 
 def peer_state(router: Node, peer_id: str) -> str | None:

@@ -26,8 +26,10 @@ import secrets
 import shlex
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +214,24 @@ class Mesh:
             node.mark_started()
         return node
 
+    def run_job(self, alias: str, region: str, command: list[str], timeout: float = 60) -> str:
+        """Run a one-off container on ``region``'s network to completion; return its output.
+
+        The container is removed afterwards; a non-zero exit raises with the output.
+        """
+        node = self.add_node(alias, "job", region, command)
+        node.expect_running = False
+        try:
+            result = node.docker.wait(timeout=timeout)
+            output = bytes(node.docker.logs()).decode(errors="replace")
+            if result.get("StatusCode") != 0:
+                raise RuntimeError(f"{alias} exited with {result}: {output[-2000:]}")
+            return output
+        finally:
+            _remove(node)
+            with self._lock:
+                del self.nodes[alias]
+
     def write_file(self, name: str, text: str) -> str:
         """Write a file every container sees under ``/etc/kvmesh``; returns its path there."""
         path = self._workdir / name
@@ -264,27 +284,33 @@ class Mesh:
         return ["kvmesh", "router", "--config", path]
 
     def start(self, *, ready_timeout: float = 120.0) -> None:
-        """Networks, engines, gateways, routers; then wait until every router is ready."""
+        """Networks, then engines, gateways and routers (created in parallel: each docker
+        create+start takes a second or more on a busy machine); then wait until ready."""
         spec = self.spec
         for region in spec.regions:
             self._network(region)
+        jobs: list[Callable[[], object]] = []
         for region in spec.regions:
             for e in range(1, spec.engines_per_region + 1):
                 alias = self.engine_alias(region, e)
-                self.add_node(alias, "engine", region, self.engine_command(alias), port=ENGINE_HTTP)
-        for region in spec.regions:
-            self._add_gateway(region)
-        for region in spec.regions:
-            for i in range(1, spec.routers_per_region + 1):
-                alias = self.router_alias(region, i)
-                self.add_node(
-                    alias,
-                    "router",
-                    region,
-                    self.router_command(region, i),
-                    port=spec.router_port(region, i),
-                    env={"KVMESH_MESH_KEY": spec.mesh_key},
+                command = self.engine_command(alias)
+                jobs.append(
+                    partial(self.add_node, alias, "engine", region, command, port=ENGINE_HTTP)
                 )
+            jobs.append(partial(self._add_gateway, region))
+            for i in range(1, spec.routers_per_region + 1):
+                jobs.append(
+                    partial(
+                        self.add_node,
+                        self.router_alias(region, i),
+                        "router",
+                        region,
+                        self.router_command(region, i),
+                        port=spec.router_port(region, i),
+                        env={"KVMESH_MESH_KEY": spec.mesh_key},
+                    )
+                )
+        _in_parallel(jobs)
         self.wait_ready(self.engines(), "/health", ready_timeout)
         self.wait_ready(self.routers(), "/ready", ready_timeout)
 
@@ -386,9 +412,7 @@ class Mesh:
         for region in list(self._partitioned):
             with contextlib.suppress(Exception):
                 self.heal(region)
-        for node in list(self.nodes.values()):
-            with contextlib.suppress(Exception):
-                node.container.stop()
+        _in_parallel([partial(_remove, node) for node in list(self.nodes.values())])
         for net in self.networks.values():
             with contextlib.suppress(Exception):
                 net.remove()
@@ -398,6 +422,19 @@ class Mesh:
                 path.unlink() if path.is_file() else path.rmdir()
         with contextlib.suppress(OSError):
             self._workdir.rmdir()
+
+
+def _remove(node: Node) -> None:
+    with contextlib.suppress(Exception):
+        node.container.stop()
+
+
+def _in_parallel(jobs: list[Callable[[], object]], workers: int = 6) -> None:
+    """Run docker calls side by side; the first failure is raised after all have finished."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(job) for job in jobs]
+    for future in futures:
+        future.result()
 
 
 def sweep(client: Any, *, run_id: str | None = None) -> int:
