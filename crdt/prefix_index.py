@@ -234,9 +234,9 @@ class _Slice:
         "tombs",
     )
 
-    def __init__(self, slot: int, epoch: int, complete: bool) -> None:
+    def __init__(self, slot: int, bit: int, epoch: int, complete: bool) -> None:
         self.slot = slot
-        self.bit = 1 << slot
+        self.bit = bit
         self.epoch = epoch
         self.complete = complete
         self.seq = -1
@@ -322,6 +322,8 @@ class PrefixIndex:
         self._dropped: dict[str, _Dropped] = {}
         self._names: list[str] = []
         self._free: list[int] = []
+        self._bits: list[int] = []
+        """slot -> its bit: keys held by one replica all share this int object (memory)."""
         self._mask_names: dict[int, tuple[str, ...]] = {}
         """Cache: bitmask -> replica names (cleared whenever a slot changes hands)."""
         self._min_tombstones = min_tombstones
@@ -772,9 +774,10 @@ class PrefixIndex:
         else:
             slot = len(self._names)
             self._names.append(replica)
+            self._bits.append(1 << slot)
         self._names[slot] = replica
         self._mask_names.clear()
-        fresh = _Slice(slot, epoch, complete)
+        fresh = _Slice(slot, self._bits[slot], epoch, complete)
         self._slices[replica] = fresh
         return fresh
 
@@ -786,16 +789,16 @@ class PrefixIndex:
         self._mask_names.clear()
 
     def _wipe(self, s: _Slice) -> None:
-        holders, bit = self._holders, s.bit
+        holders, bit, bits = self._holders, s.bit, self._bits
         keep = ~bit
         for k in s.keys:
             m = holders.get(k)
             if m is not None and m & bit:
                 m &= keep
-                if m:
-                    holders[k] = m
-                else:
+                if not m:
                     del holders[k]
+                else:
+                    holders[k] = m if m & (m - 1) else bits[m.bit_length() - 1]
         s.keys = array("Q")
         s.run_words = array("Q")
         s.run_ends = array("Q")
@@ -813,7 +816,7 @@ class PrefixIndex:
         for k in keys:
             m = holders.get(k, 0)
             if not m & bit:
-                holders[k] = m | bit
+                holders[k] = m | bit if m else bit  # a lone holder shares one int
                 added += 1
         s.keys.extend(keys)
         s.live += added
@@ -822,17 +825,17 @@ class PrefixIndex:
         s.close_run(seq)
 
     def _apply_remove(self, s: _Slice, seq: int, keys: array[int]) -> None:
-        holders, bit, log = self._holders, s.bit, s.keys
+        holders, bit, bits, log = self._holders, s.bit, self._bits, s.keys
         n0 = len(log)
         live = s.live
         for k in keys:
             m = holders.get(k, 0)
             if m & bit:
                 m ^= bit
-                if m:
-                    holders[k] = m
-                else:
+                if not m:
                     del holders[k]
+                else:
+                    holders[k] = m if m & (m - 1) else bits[m.bit_length() - 1]
                 live -= 1
             log.append(k)
         added = len(log) - n0
