@@ -40,7 +40,7 @@ from mesh.metrics import RouterMetrics, gauge
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import NoPrefixes, PrefixLookup, View, cached_tokens
 from mesh.proxy import Forwarder, UpstreamError, relay
-from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder
+from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder, region_key
 
 log = logging.getLogger("kvmesh.router")
 
@@ -503,7 +503,7 @@ class Router:
                 headers[SIG] = forward_signature(self.config.mesh_key, self.config.node_id,
                                                  target.replica, request_id)
             self.metrics.forwards.labels(target.region).inc()
-        replica = target.replica or f"{target.region}-router"
+        replica = target.replica or region_key(target.region)
         # A forward is published by the router that dispatches it to the engine, not here,
         # so the mesh counts it once; this router still counts it at once in its own view.
         ticket = self.dispatches.start(replica, target.region, req.num_tokens, self.clock(),

@@ -51,6 +51,11 @@ class RegionRecord:
     queue: int = 0
 
 
+def region_key(region: str) -> str:
+    """Ledger key of requests pushed to a region's router without naming a replica."""
+    return f"region:{region}"
+
+
 @dataclass(slots=True)
 class Ticket:
     id: int
@@ -144,11 +149,13 @@ class ViewBuilder:
             if name == self.region:
                 continue
             info = known.get(name)
+            freshest = min((r.load_age for r in replicas if r.region == name), default=0.0)
             regions[name] = RegionView(
                 region=name,
                 rtt=self.rtt(name, info),
                 reachable=info is not None and bool(info.routers),
                 queue=info.queue if info is not None else 0,
+                pushed=self.dispatches.fresh(region_key(name), now - freshest),
             )
         return View(
             region=self.region,

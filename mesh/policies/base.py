@@ -77,6 +77,8 @@ class RegionView:
     reachable: bool = True
     queue: int = 0
     """Requests waiting in that region's routers' queues (selective pushing)."""
+    pushed: int = 0
+    """This router's region-level pushes into it that its load records cannot show yet."""
 
 
 class PrefixLookup(Protocol):

@@ -4,8 +4,9 @@
   ``busy_waiting + 0.5``): the engine would schedule the request into its batch at once.
 - Local first: among available local replicas, the one holding the longest cached prefix
   wins if it covers more than ``cache_threshold`` of the prompt, else the least loaded.
-- Otherwise a remote region is *available* iff it has an available replica, its routers'
-  queue is at most ``tau``, and (``require_shorter_queue``) no longer than this router's own.
+- Otherwise a remote region is *available* iff it has more available replicas than this
+  router has pushed there since its freshest load record, its routers' queue is at most
+  ``tau``, and (``require_shorter_queue``) no longer than this router's own.
   Among those, the region holding the longest prefix wins (ties: nearer), and its router
   places the request.
 - Otherwise the request waits in this router's FCFS queue: the decision says ``wait`` and
@@ -75,6 +76,8 @@ class SkyLB:
             info = view.region_info(region)
             if info.queue > p.tau or (p.require_shorter_queue and info.queue > view.queue):
                 continue
+            if len(reps) <= info.pushed:
+                continue  # our own recent pushes already fill its available replicas
             best = max(matches.get(r.replica, 0) for r in reps)
             regions.append(
                 Scored(region, region, -float(best),

@@ -89,3 +89,13 @@ def test_forwarded_request_sees_only_its_region_and_waits_there() -> None:
     full = View("eu", (rep("e1", "eu", waiting=1), rep("u1", "us")), REGIONS)
     d = make_policy("skylb").decide(REQ, full.local_only(), 0.0, random.Random(0))
     assert d.wait
+
+
+def test_own_recent_pushes_fill_a_regions_available_replicas() -> None:
+    reps = (rep("u1", "us", waiting=1), rep("e1", "eu"), rep("e2", "eu"))
+    pushed_once = {**REGIONS, "eu": RegionView("eu", rtt=0.08, pushed=1)}
+    d = make_policy("skylb").decide(REQ, View("us", reps, pushed_once), 0.0, random.Random(0))
+    assert d.region == "eu"
+    pushed_twice = {**REGIONS, "eu": RegionView("eu", rtt=0.08, pushed=2)}
+    d = make_policy("skylb").decide(REQ, View("us", reps, pushed_twice), 0.0, random.Random(0))
+    assert d.wait

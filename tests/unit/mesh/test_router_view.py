@@ -63,3 +63,15 @@ def test_local_only_and_without_for_forwarded_requests_and_retries() -> None:
     view = builder(records, {"eu": RegionRecord("eu", 0.05, ("http://r-eu",))}).build(0.0)
     assert [r.replica for r in view.local_only().healthy()] == ["http://a", "http://b"]
     assert [r.replica for r in view.without(["http://a"], ["eu"]).healthy()] == ["http://b"]
+
+
+def test_region_pushes_newer_than_its_freshest_record_are_counted() -> None:
+    from mesh.view import region_key
+
+    d = Dispatches()
+    d.start(region_key("eu"), "eu", 10, now=5.0, publish=False)  # older than eu's record
+    d.start(region_key("eu"), "eu", 10, now=9.9, publish=False)  # newer: not in it yet
+    records = [ReplicaRecord("http://e1", "eu", True, 0, 0, 0, age=0.5),
+               ReplicaRecord("http://e2", "eu", True, 0, 0, 0, age=3.0)]
+    view = builder(records, {"eu": RegionRecord("eu", 0.05, ("http://r-eu",))}, d).build(10.0)
+    assert view.regions["eu"].pushed == 1
