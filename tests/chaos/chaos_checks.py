@@ -12,7 +12,7 @@ from typing import Any
 
 from chaos_load import LoadReport, Outcome
 from chaos_record import ScenarioRecord
-from chaos_support import http_json
+from chaos_support import http_get, http_json
 from chaos_topology import Mesh, Node
 
 MIB = 1 << 20
@@ -134,6 +134,42 @@ def view_mismatches(mesh: Mesh, routers: list[Node] | None = None) -> list[str]:
     return problems
 
 
+def _mesh_config(mesh: Mesh) -> Any:
+    from mesh.node import MeshConfig
+
+    options = dict(mesh.spec.router_config.get("gossip", {}))
+    return MeshConfig.from_options(
+        node_id="x", region="x", advertise="http://x:1", keys=["k" * 16], options=options
+    )
+
+
+def engine_detection_bound(mesh: Mesh) -> float:
+    """How long until every router stops routing to a crashed engine.
+
+    Its own region's routers see a failed scrape within one health interval plus the scrape
+    timeout; the others when the owner's next load record reaches them (a gossip push,
+    bounded by its timeout; twice, as a push may be lost), plus one gossip interval.
+    """
+    config = mesh.spec.router_config
+    gossip = _mesh_config(mesh).gossip
+    return (
+        config["health_interval"]
+        + config["health_timeout"]
+        + 2 * gossip.push_timeout
+        + gossip.gossip_interval
+    )
+
+
+def metric_total(node: Node, name: str) -> float:
+    """Sum of every sample of metric ``name`` (all label sets) on a Prometheus page."""
+    _, body, _ = http_get(node.url + "/metrics", timeout=3)
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def detection_bound(mesh: Mesh) -> float:
     """How long the routers' failure detector may take to declare a crashed peer dead.
 
@@ -141,12 +177,7 @@ def detection_bound(mesh: Mesh) -> float:
     round to the member, the suspicion runs out unconfirmed) plus two probe intervals for
     the verdict to reach every peer.
     """
-    from mesh.node import MeshConfig
-
-    options = dict(mesh.spec.router_config.get("gossip", {}))
-    swim = MeshConfig.from_options(
-        node_id="x", region="x", advertise="http://x:1", keys=["k" * 16], options=options
-    ).swim
+    swim = _mesh_config(mesh).swim
     return swim.detection_bound(len(mesh.routers())) + 2 * swim.probe_interval
 
 

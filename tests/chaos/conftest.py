@@ -46,6 +46,7 @@ ROUTER_CONFIG: dict[str, Any] = {
         "gossip_interval": 0.2,
     },
     "health_interval": 0.2,
+    "health_timeout": 1.0,
     "connect_timeout": 1.0,
     "request_timeout": 10.0,
     "seed": 7,
