@@ -202,6 +202,7 @@ class Router:
             emulated_rtt=config.emulate_rtt,
         )
         self.mean_prompt_tokens = 256.0
+        self._published: tuple[int, int, float] = (-1, -1, float("-inf"))
         self._queue: deque[_Waiter] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -356,25 +357,24 @@ class Router:
             if not head.future.done():
                 head.future.set_result(d)
 
+    def _publish(self) -> None:
+        """Own in-flight counts and queue length into the replicated state, now."""
+        self._published = (self.dispatches.version, len(self._queue), self.clock())
+        try:
+            self.backend.publish_inflight(self.dispatches.counts(published_only=True),
+                                          len(self._queue), self._published[2])
+        except Exception:
+            log.exception("publishing in-flight counts failed")
+
     async def _publish_loop(self) -> None:
-        """Publish own in-flight counts and queue length when they change (at most every
-        20 ms), and every few seconds anyway so peers never see them age out."""
-        last = -1
-        last_queue = -1
-        last_at = float("-inf")
+        """Dispatches publish at once; this catches queue changes (every 20 ms) and refreshes
+        the record every few seconds so peers never see it age out."""
         while True:
             await asyncio.sleep(0.02)
-            now = self.clock()
-            if (self.dispatches.version != last or len(self._queue) != last_queue
-                    or now - last_at >= 5.0):
-                last = self.dispatches.version
-                last_queue = len(self._queue)
-                last_at = now
-                try:
-                    self.backend.publish_inflight(self.dispatches.counts(published_only=True),
-                                                  last_queue, self.clock())
-                except Exception:
-                    log.exception("publishing in-flight counts failed")
+            version, queue, at = self._published
+            if (self.dispatches.version != version or len(self._queue) != queue
+                    or self.clock() - at >= 5.0):
+                self._publish()
 
     # -- the request path ------------------------------------------------------------------
     def _target(self, d: Decision, forwarded: bool) -> Target | None:
@@ -508,6 +508,8 @@ class Router:
         # so the mesh counts it once; this router still counts it at once in its own view.
         ticket = self.dispatches.start(replica, target.region, req.num_tokens, self.clock(),
                                        publish=target.local)
+        if ticket.publish:
+            self._publish()
         try:
             try:
                 up = await self.forwarder.open(url, inf.raw, headers, target.delay)
@@ -534,6 +536,8 @@ class Router:
             return resp
         finally:
             self.dispatches.done(ticket)
+            if ticket.publish:
+                self._publish()
 
     # -- other routes ----------------------------------------------------------------------
     def count_rejected(self, path: str, reason: str) -> None:
