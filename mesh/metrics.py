@@ -66,7 +66,7 @@ class RouterMetrics:
         )
         self.retries = Counter(
             "kvmesh_router_retries",
-            "Dispatch attempts that failed before the first byte and were retried elsewhere",
+            "Dispatch attempts that failed before the first byte (the next one goes elsewhere)",
             ["kind"], registry=r,
         )
         self.prompt_tokens = Counter(

@@ -301,7 +301,10 @@ class Router:
         now = self.clock()
         view = self.views.build(now, max(0, len(self._queue) - 1), self.mean_prompt_tokens)
         if forwarded:
+            # Never a second hop: only engines this router serves itself.
             view = view.local_only()
+            view = view.without([r.replica for r in view.replicas
+                                 if r.replica not in self.local_engines])
         view = view.without(excluded[0], excluded[1])
         decision = self.policy.decide(req, view, now, self.rng)
         self.metrics.decision_seconds.observe(time.perf_counter() - started)
@@ -490,10 +493,8 @@ class Router:
         for h in _PASS_HEADERS:
             if h in request.headers and h != "x-request-id":
                 headers[h] = request.headers[h]
-        if target.local:
-            url = f"{target.url}{inf.path}"
-        else:
-            url = f"{target.url}{inf.path}"
+        url = f"{target.url}{inf.path}"
+        if not target.local:
             headers[HOP] = "1"
             headers[FROM] = self.config.node_id
             headers[TARGET] = target.replica
