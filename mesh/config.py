@@ -113,7 +113,7 @@ def _event_source(value: object, key: str) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"expected a ZMQ endpoint or a Redis URL, got {value!r}")
     scheme = value.split("://", 1)[0] if "://" in value else ""
-    if scheme not in {"tcp", "ipc", "inproc", "redis", "rediss"}:
+    if scheme not in {"tcp", "ipc", "inproc", "redis", "rediss", "unix"}:
         raise ConfigError(key, f"expected tcp://, ipc:// or redis:// endpoint, got {value!r}")
     return value
 

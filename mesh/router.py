@@ -711,16 +711,20 @@ class MeshState:
         self._write_meta(clock())
 
     def _subscriber(self, i: int, url: str, source: str, replay: str | None) -> Any:
-        if source.startswith(("redis://", "rediss://")):
-            try:
-                from kvevents import redis_subscriber  # type: ignore[attr-defined]
-            except ImportError:
+        """The engine's event source: ZMQ PUB (``tcp://``, ``ipc://``) or a Redis stream."""
+        try:
+            from kvevents.sources import open_event_source
+        except ImportError:  # a build without the Redis reader
+            if source.startswith(("redis://", "rediss://", "unix://")):
                 raise ValueError(f"engines[{i}].kv_events: Redis stream sources are not "
                                  "available in this build") from None
-            return redis_subscriber.RedisSubscriber(url, source, self.index)
-        from kvevents.zmq_subscriber import ZmqSubscriber
+            from kvevents.zmq_subscriber import ZmqSubscriber
 
-        return ZmqSubscriber(url, source, self.index, replay_endpoint=replay)
+            return ZmqSubscriber(url, source, self.index, replay_endpoint=replay)
+        try:
+            return open_event_source(url, source, self.index, replay=replay)
+        except ValueError as exc:
+            raise ValueError(f"engines[{i}].kv_events: {exc}") from None
 
     def _node(self) -> Any:
         from mesh.node import MeshConfig, MeshNode
