@@ -160,6 +160,17 @@ def engine_detection_bound(mesh: Mesh) -> float:
     )
 
 
+def heal_bound(mesh: Mesh) -> float:
+    """How long after a heal until membership is whole and every map equals the truth.
+
+    A member held DEAD is offered a reconnect every ``reconnect_interval``; the Sync that
+    follows is answered within a push timeout, and anti-entropy (``sync_interval``) plus
+    two delta pushes bring the slices up to date.
+    """
+    g = _mesh_config(mesh).gossip
+    return g.reconnect_interval + g.sync_interval + 2 * g.push_timeout + 2 * g.gossip_interval
+
+
 def metric_total(node: Node, name: str) -> float:
     """Sum of every sample of metric ``name`` (all label sets) on a Prometheus page."""
     _, body, _ = http_get(node.url + "/metrics", timeout=3)
