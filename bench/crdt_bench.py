@@ -148,6 +148,7 @@ def time_queries(idx: PrefixIndex, chains: list[list[int]], n: int, seed: int) -
         replicas_seen += len(res)
     wall.sort()
     cpu.sort()
+    floor = _bare_walk_cpu(idx, chains, rng)
 
     def pct(xs: list[int], p: float) -> float:
         return round(xs[min(len(xs) - 1, int(len(xs) * p))] / 1000, 2)
@@ -160,8 +161,35 @@ def time_queries(idx: PrefixIndex, chains: list[list[int]], n: int, seed: int) -
         "max_us": pct(wall, 1.0),
         "cpu_p50_us": pct(cpu, 0.5),
         "cpu_p99_us": pct(cpu, 0.99),
+        "bare_walk_cpu_p50_us": round(floor / 1000, 2),
+        "query_over_bare_walk": round(cpu[len(cpu) // 2] / max(1, floor), 2),
         "mean_replicas_matched": round(replicas_seen / n, 1),
     }
+
+
+def _bare_walk_cpu(idx: PrefixIndex, chains: list[list[int]], rng: random.Random) -> int:
+    """Median CPU ns of the least any pure-Python query can do: 128 lookups and ANDs.
+
+    Measured in the same run, so ``query_over_bare_walk`` is a ratio that does not depend on
+    how loaded the machine was.
+    """
+    get = idx._holders.get  # the index's own dict: same sizes, same cache behaviour
+    cpu_ns = time.thread_time_ns
+    empty = []
+    for _ in range(200):
+        c0 = cpu_ns()
+        empty.append(cpu_ns() - c0)
+    overhead = min(empty)
+    samples = []
+    for _ in range(5000):
+        q = chains[rng.randrange(len(chains))]
+        c0 = cpu_ns()
+        acc = -1
+        for k in q:
+            acc &= get(k, 0)
+        samples.append(max(0, cpu_ns() - c0 - overhead))
+    samples.sort()
+    return samples[len(samples) // 2]
 
 
 def _clock_pair_cost(wall_ns: Any, cpu_ns: Any) -> int:
@@ -298,7 +326,8 @@ def main(argv: list[str]) -> int:
         print(
             f"query:   128 keys x {args.replicas} replicas: wall p50 {q['p50_us']} us, "
             f"p99 {q['p99_us']} us, max {q['max_us']} us; CPU p50 {q['cpu_p50_us']} us, "
-            f"p99 {q['cpu_p99_us']} us ({q['queries']} queries)"
+            f"p99 {q['cpu_p99_us']} us ({q['queries']} queries); a bare 128-lookup loop: "
+            f"{q['bare_walk_cpu_p50_us']} us CPU, so match = {q['query_over_bare_walk']} x that"
         )
         del idx, held
     finally:
@@ -346,6 +375,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"| query wall p50 / p99 / max (us, 128 keys, {r['replicas']} replicas) | "
         f"{q['p50_us']} / {q['p99_us']} / {q['max_us']} |",
         f"| query CPU p50 / p99 (us, same queries) | {q['cpu_p50_us']} / {q['cpu_p99_us']} |",
+        f"| bare loop of 128 dict lookups + ANDs (CPU p50, us) | {q['bare_walk_cpu_p50_us']} |",
+        f"| query CPU p50 / bare loop (ratio, load-independent) | {q['query_over_bare_walk']} |",
         "",
         "Memory (tracemalloc, everything the index allocates):",
         "",

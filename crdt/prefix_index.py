@@ -496,21 +496,17 @@ class PrefixIndex:
         # replicas behind those bits have matched exactly ``at`` keys.
         names = self._names
         out: dict[str, int] = {}
-        at = 0
-        for value in accumulate(map(get, keys, repeat(0)), and_):
+        for at, value in enumerate(accumulate(map(get, keys, repeat(0)), and_)):
             if value != active:
                 gone = active ^ value
                 if gone & (gone - 1):
-                    for name in self._names_for(gone):
-                        out[name] = at
+                    out.update(dict.fromkeys(self._names_for(gone), at))
                 else:
                     out[names[gone.bit_length() - 1]] = at
                 if not value:
                     return out
                 active = value
-            at += 1
-        for name in self._names_for(active):
-            out[name] = at
+        out.update(dict.fromkeys(self._names_for(active), len(keys)))
         return out
 
     def _names_for(self, mask: int) -> tuple[str, ...]:
