@@ -9,6 +9,7 @@ replica can serve, 502 when every attempt failed) uses the same format.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -205,6 +206,12 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         elif exc.status == 413:
             message = f"request body is larger than {MAX_BODY} bytes"
         return error_response(exc.status, message, type=kind, headers=None)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(500, "internal router error (see the router's log)",
+                              type="server_error", code="internal_error")
 
 
 def build_app(

@@ -329,3 +329,16 @@ async def test_selective_pushing_waits_in_fcfs_order_until_a_replica_frees(
         assert router.metrics.decisions.labels("skylb", "wait")._value.get() == 1
     finally:
         await router.stop()
+
+
+async def test_an_unexpected_failure_is_a_json_500(router: Router) -> None:
+    def broken(*args: object) -> object:
+        raise RuntimeError("boom")
+
+    router.policy.decide = broken  # type: ignore[method-assign,assignment]
+    async with aiohttp.ClientSession() as s, s.post(
+        base(router) + "/v1/chat/completions", json=CHAT
+    ) as resp:
+        assert resp.status == 500
+        err = (await resp.json())["error"]
+    assert err["type"] == "server_error" and err["code"] == "internal_error"
