@@ -1,0 +1,129 @@
+"""A router is frozen (``docker pause``) past the suspicion timeout, then resumed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+from chaos_checks import (
+    detection_bound,
+    finish_scenario,
+    heal_bound,
+    peer_state,
+    peers,
+    replica_views,
+    view_mismatches,
+)
+from chaos_load import LoadGenerator
+from chaos_record import ScenarioRecord
+from chaos_support import wait_until
+from chaos_topology import Mesh, Node
+
+pytestmark = pytest.mark.chaos
+
+Version = tuple[int, int]
+
+
+class VersionWatch:
+    """Remembers the highest version each router showed for each replica; any later,
+    lower one is a stale state that won."""
+
+    def __init__(self, routers: list[Node]) -> None:
+        self.routers = routers
+        self.high: dict[tuple[str, str], Version] = {}
+        self.regressions: list[str] = []
+
+    def observe(self, routers: list[Node] | None = None) -> None:
+        for router in self.routers if routers is None else routers:
+            for url, (_, version) in replica_views(router).items():
+                if version is None:
+                    continue
+                key = (router.alias, url)
+                seen = self.high.get(key)
+                if seen is not None and version < seen:
+                    self.regressions.append(f"{router.alias}: {url} {seen} -> {version}")
+                if seen is None or version > seen:
+                    self.high[key] = version
+
+
+def test_router_frozen_then_resumed(
+    restored_mesh: Mesh, load: Callable[..., LoadGenerator], record: ScenarioRecord
+) -> None:
+    """Router frozen past the suspicion timeout, then resumed."""
+    mesh = restored_mesh
+    victim, survivor = mesh.routers("asia")
+    observers = [r for r in mesh.routers() if r is not victim]
+    record.faults = (
+        f"`docker pause {victim.alias}` under load until every peer declared it dead, "
+        "then `docker unpause`"
+    )
+    bound = detection_bound(mesh)
+    before = peers(survivor)[victim.alias]
+
+    gen = load(max_duration_s=120)
+    gen.wait_for(60, timeout=30)
+    t_pause = gen.mark("pause")
+    mesh.pause(victim)
+    wait_until(
+        lambda: all(peer_state(o, victim.alias) == "dead" for o in observers),
+        timeout=bound,
+        what=f"every router declares the frozen {victim.alias} dead",
+    )
+    declared = time.monotonic() - t_pause
+    gen.wait_for(60, timeout=40)  # its engines' caches move on while it is frozen
+
+    watch = VersionWatch(mesh.routers())
+    watch.observe(observers)  # the survivors' versions just before the stale node returns
+    t_resume = gen.mark("resume")
+    mesh.unpause(victim)
+    limit = heal_bound(mesh)
+
+    def rejoined() -> bool:
+        watch.observe()
+        for o in observers:
+            p = peers(o)[victim.alias]
+            if p["state"] != "alive" or (p["generation"], p["incarnation"]) <= (
+                before["generation"],
+                before["incarnation"],
+            ):
+                return False
+        return all(p["state"] == "alive" for p in peers(victim).values())
+
+    wait_until(rejoined, timeout=limit, interval=0.1, what=f"{victim.alias} alive again everywhere")
+    rejoin_s = time.monotonic() - t_resume
+    after = peers(survivor)[victim.alias]
+    gen.wait_for(40, timeout=30)
+    report = gen.stop()
+
+    def converged() -> bool:
+        watch.observe()
+        return not view_mismatches(mesh)
+
+    wait_until(
+        converged,
+        timeout=limit,
+        what="every router's view equal to the engines' caches",
+        describe=lambda: "; ".join(view_mismatches(mesh)[:6]),
+    )
+    convergence = time.monotonic() - t_resume
+    assert not watch.regressions, f"stale versions won: {watch.regressions[:5]}"
+
+    how = (
+        f"refuted (same generation, incarnation {before['incarnation']} -> {after['incarnation']})"
+        if after["generation"] == before["generation"]
+        else f"rejoined with generation {after['generation']}"
+    )
+    frozen_clients = [o for o in report.between(t_pause, t_resume) if o.region == victim.region]
+    assert any(o.attempts[0].router == victim.alias for o in frozen_clients), (
+        "no client tried the frozen router"
+    )
+    record.convergence_s = convergence
+    record.bound_s = limit
+    record.note(
+        f"declared dead by all peers {declared:.2f} s after the pause (bound {bound:.1f} s); "
+        f"after the unpause it {how} and was alive everywhere in {rejoin_s:.2f} s; no router's "
+        f"version of any replica went backwards; views equal to the caches {convergence:.2f} s "
+        f"after the unpause"
+    )
+    finish_scenario(mesh, record, report)
