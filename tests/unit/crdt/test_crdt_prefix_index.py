@@ -506,3 +506,21 @@ def test_match_and_holders_agree_with_a_naive_scan(
     for name, held in model.items():
         assert idx.keys(name) == held and idx.blocks(name) == len(held)
     idx.check_invariants()
+
+
+def test_the_types_satisfy_the_shared_protocols() -> None:
+    """Checked by mypy (the assignments to the protocols) and at run time."""
+    from crdt.base import Replicated
+    from crdt.load_vector import LoadDelta, LoadVector
+    from crdt.lww_map import LWWDelta, LWWMap
+    from kvevents.events import IndexWriter
+
+    writer: IndexWriter = PrefixIndex()
+    index: Replicated[IndexDelta] = PrefixIndex()
+    loads: Replicated[LoadDelta] = LoadVector()
+    meta: Replicated[LWWDelta] = LWWMap()
+    writer.reset("http://e1", 1)
+    writer.store("http://e1", (1, 0), [1])
+    assert isinstance(writer, PrefixIndex) and writer.match([1]) == {"http://e1": 1}
+    for rep in (index, loads, meta):
+        assert rep.delta_since({}, 0.0).is_empty() and rep.digest() == {}
