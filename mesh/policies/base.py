@@ -17,7 +17,7 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class PolicyError(ValueError):
@@ -147,9 +147,11 @@ class View:
         return replace(self, replicas=reps, regions=regions)
 
 
-@dataclass(frozen=True, slots=True)
-class Scored:
-    """One candidate and its estimated cost, with the parts of the cost (for explanations)."""
+class Scored(NamedTuple):
+    """One candidate and its estimated cost, with the parts of the cost (for explanations).
+
+    A named tuple rather than a dataclass: policies build one per replica per decision.
+    """
 
     replica: str
     region: str
@@ -207,8 +209,7 @@ class Policy(Protocol):
     def decide(self, request: Request, view: View, now: float, rng: random.Random) -> Decision: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Load:
+class Load(NamedTuple):
     """One replica's estimated load after age discount, gossip and own dispatches."""
 
     waiting: float
