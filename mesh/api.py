@@ -10,8 +10,10 @@ replica can serve, 502 when every attempt failed) uses the same format.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -76,6 +78,8 @@ class Inference:
     token_ids: list[int]
     session: str | None
     max_tokens: int
+    parse_seconds: float = 0.0
+    """Time spent validating, rendering and tokenizing the prompt."""
 
 
 def _require_model(body: Mapping[str, Any]) -> str:
@@ -222,9 +226,12 @@ def build_app(
     def inference(kind: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             raw = await request.read()
+            started = time.perf_counter()
             try:
                 parsed = parse_inference(kind, request.path, raw, request.headers,
                                          service.tokenizer)
+                parsed = dataclasses.replace(parsed,
+                                             parse_seconds=time.perf_counter() - started)
             except ApiError as exc:
                 service.count_rejected(request.path, exc.param or "body")
                 log.info("rejected %s: %s", request.path, exc.message)

@@ -33,6 +33,7 @@ intents. The caller (``mesh.gossip.MeshCore``) adds piggybacked updates, signs a
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import statistics
@@ -430,7 +431,8 @@ class Membership:
         if not self._queue:
             return tuple(out)
         limit = self.config.retransmit_limit(self.size())
-        ranked = sorted(self._queue.values(), key=lambda q: (q.transmits, -q.order))
+        want = self.config.max_piggyback + 1
+        ranked = heapq.nsmallest(want, self._queue.values(), key=lambda q: (q.transmits, -q.order))
         for q in ranked:
             if len(out) >= self.config.max_piggyback:
                 break

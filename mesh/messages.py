@@ -295,7 +295,32 @@ def _dict(x: object, what: str) -> dict[object, object]:
     return x
 
 
+_U63 = (1 << 63) - 1
+_STATUS = tuple(Status)
+
+
 def _update(x: object) -> MemberUpdate:
+    # The hot path of big member tables: check the common shape inline, and fall back to
+    # the field-by-field checks only to say what is wrong.
+    if type(x) is list and len(x) == 7:
+        n, r, a, g, i, st, acc = x
+        if (
+            type(n) is str
+            and type(r) is str
+            and type(a) is str
+            and type(acc) is str
+            and type(g) is int
+            and type(i) is int
+            and type(st) is int
+            and len(n) <= MAX_ID_LEN
+            and len(r) <= MAX_ID_LEN
+            and len(a) <= MAX_ADDR_LEN
+            and len(acc) <= MAX_ID_LEN
+            and 0 <= g <= _U63
+            and 0 <= i <= _U63
+            and 0 <= st < len(_STATUS)
+        ):
+            return MemberUpdate(n, r, a, g, i, _STATUS[st], acc)
     f = _list(x, "member update", 7)
     try:
         status = Status(_int(f[5], "status"))
@@ -324,13 +349,28 @@ def _version(x: object) -> Version:
     return (_int(f[0], "version epoch"), _int(f[1], "version seq"))
 
 
-def _digests(x: object) -> dict[str, dict[str, Version]]:
-    out: dict[str, dict[str, Version]] = {}
-    for name, dg in _dict(x, "digests").items():
-        out[_str(name, "state name")] = {
-            _str(o, "origin", MAX_ADDR_LEN): _version(v) for o, v in _dict(dg, "digest").items()
-        }
+def _digest(x: object) -> dict[str, Version]:
+    d = _dict(x, "digest")
+    out: dict[str, Version] = {}
+    for o, v in d.items():
+        if (
+            type(o) is str
+            and len(o) <= MAX_ADDR_LEN
+            and type(v) is list
+            and len(v) == 2
+            and type(e := v[0]) is int
+            and type(q := v[1]) is int
+            and 0 <= e <= _U63
+            and 0 <= q <= _U63
+        ):
+            out[o] = (e, q)
+        else:
+            out[_str(o, "origin", MAX_ADDR_LEN)] = _version(v)
     return out
+
+
+def _digests(x: object) -> dict[str, dict[str, Version]]:
+    return {_str(name, "state name"): _digest(dg) for name, dg in _dict(x, "digests").items()}
 
 
 def _bool(x: object, what: str) -> bool:

@@ -81,7 +81,12 @@ class RouterMetrics:
             buckets=_FAST_BUCKETS, registry=r,
         )
         self.tokenize_seconds = Histogram(
-            "kvmesh_router_tokenize_seconds", "Time to render and tokenize a prompt",
+            "kvmesh_router_tokenize_seconds",
+            "Time to validate, render (chat template) and tokenize a request",
+            buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.block_keys_seconds = Histogram(
+            "kvmesh_router_block_keys_seconds", "Time to chain a prompt's block keys",
             buckets=_FAST_BUCKETS, registry=r,
         )
         self.first_byte_seconds = Histogram(

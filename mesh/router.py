@@ -284,7 +284,7 @@ class Router:
             yield ReplicaRecord(
                 url, self.config.region, st.healthy, st.load.waiting, st.load.running,
                 st.load.kv_usage, max(0.0, now - st.measured_at),
-                self.backend.others_inflight(url), eng.prefill_rate,
+                self.backend.others_inflight(url), eng.prefill_rate, st.models,
             )
         for rec in self.backend.remote_records(now):
             if rec.replica not in self.local_engines:
@@ -299,7 +299,8 @@ class Router:
                     excluded: tuple[frozenset[str], frozenset[str]]) -> Decision:
         started = time.perf_counter()
         now = self.clock()
-        view = self.views.build(now, max(0, len(self._queue) - 1), self.mean_prompt_tokens)
+        view = self.views.build(now, max(0, len(self._queue) - 1), self.mean_prompt_tokens,
+                                req.model)
         if forwarded:
             # Never a second hop: only engines this router serves itself.
             view = view.local_only()
@@ -421,13 +422,22 @@ class Router:
             self.metrics.requests.labels(route, str(exc.status)).inc()
             return exc.response()
         request_id = request.headers.get("x-request-id") or f"kvm-{uuid.uuid4().hex[:16]}"
+        self.metrics.tokenize_seconds.observe(inf.parse_seconds)
         t0 = time.perf_counter()
         salt = inf.body.get("cache_salt")
         keys = request_keys(inf.token_ids, self.config.block_size,
                             salt=salt if isinstance(salt, str) else None)
-        self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
+        self.metrics.block_keys_seconds.observe(time.perf_counter() - t0)
         req = Request(request_id, inf.token_ids, keys, self.config.block_size, inf.session,
-                      inf.max_tokens, arrival)
+                      inf.max_tokens, arrival, inf.model)
+        return await self._place(request, inf, req, forwarded, pinned, request_id, arrival)
+
+    async def _place(
+        self, request: web.Request, inf: Inference, req: Request, forwarded: bool,
+        pinned: str | None, request_id: str, arrival: float,
+    ) -> web.StreamResponse:
+        """Decide, dispatch and relay, retrying on the next-best target before the first byte."""
+        route = inf.path
         excluded_replicas: set[str] = set()
         excluded_regions: set[str] = set()
         failures: list[str] = []
@@ -700,6 +710,7 @@ class MeshState:
         self._down_since: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._queue = 0
+        self._models: dict[str, tuple[str, ...]] = {}
         for i, eng in enumerate(config.engines):
             if eng.kv_events is None:
                 continue
@@ -740,7 +751,9 @@ class MeshState:
                                       "meta": self.meta}, replicas=self._status_rows)
 
     def _write_meta(self, now: float) -> None:
-        engines = {e.url: e.prefill_rate for e in self.config.engines}
+        engines = {e.url: {"prefill_rate": e.prefill_rate,
+                           "models": list(self._models.get(e.url, ()))}
+                   for e in self.config.engines}
         self.meta.set(self.me, {"region": self.config.region, "addr": self.config.advertise,
                                 "engines": engines, "queue": self._queue},
                       self.versions.next(), now)
@@ -760,14 +773,19 @@ class MeshState:
             region = meta.get("region")
             if not isinstance(region, str):
                 continue
-            rates = meta.get("engines")
-            rate = rates.get(replica) if isinstance(rates, dict) else None
+            engines = meta.get("engines")
+            info = engines.get(replica) if isinstance(engines, dict) else None
+            info = info if isinstance(info, dict) else {}
+            rate = info.get("prefill_rate")
+            models = info.get("models")
             healthy = (load.healthy and load.age <= self.stale_after
                        and (alive is None or load.reporter in alive))
             yield ReplicaRecord(
                 replica, region, healthy, float(load.waiting), float(load.running),
                 load.kv_usage, load.age, self.loads.inflight(replica, exclude_router=self.me),
                 float(rate) if isinstance(rate, int | float) else None,
+                tuple(m for m in models if isinstance(m, str)) if isinstance(models, list)
+                else (),
             )
 
     def owner_router(self, replica: str, now: float) -> str | None:
@@ -809,6 +827,9 @@ class MeshState:
         return out
 
     def publish_engine(self, state: EngineState, region: str, now: float) -> None:
+        if state.models and self._models.get(state.url) != state.models:
+            self._models[state.url] = state.models
+            self._write_meta(now)
         if state.healthy:
             self._down_since.pop(state.url, None)
         else:

@@ -39,6 +39,8 @@ class ReplicaRecord:
     others_inflight: int = 0
     """In-flight requests to it published by routers other than this one."""
     prefill_rate: float | None = None
+    models: tuple[str, ...] = ()
+    """Models the engine serves (empty: not known yet, assumed to serve any)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +125,14 @@ class ViewBuilder:
     default_rtt: float = 0.1
     """Round trip assumed for a region with routers but neither a measurement nor a setting."""
 
-    def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0) -> View:
+    def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0,
+              model: str | None = None) -> View:
+        """The view at ``now``; with ``model``, engines known not to serve it are left out."""
         replicas = []
         seen_regions: set[str] = set()
         for rec in self.records(now):
+            if model is not None and rec.models and model not in rec.models:
+                continue
             seen_regions.add(rec.region)
             own = self.dispatches.inflight(rec.replica)
             replicas.append(

@@ -38,6 +38,8 @@ class Request:
     max_tokens: int = 0
     arrival: float = 0.0
     """When the request arrived, on the same clock as ``now`` (bounds waiting)."""
+    model: str | None = None
+    """The requested model; the view already holds only replicas that serve it."""
 
     @property
     def num_tokens(self) -> int:

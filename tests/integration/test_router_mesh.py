@@ -195,6 +195,17 @@ async def test_models_are_the_union_across_the_mesh(procs: Procs, tmp_path: Path
             return {m["id"] for m in models["data"]} == {MODEL, "other-model"}
 
         await wait_until(union, what="both models listed")
+
+        async def routes_other_model_to_eu() -> bool:
+            body = {"model": "other-model", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 2}
+            async with s.post(f"{us}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                return resp.status == 200 and resp.headers["x-kvmesh-replica"] == eu_engine.url
+
+        await wait_until(routes_other_model_to_eu, what="us learns eu serves other-model")
+        for _ in range(3):  # only the engine serving the model is a candidate
+            assert await routes_other_model_to_eu()
         async with s.post(f"{us}/v1/chat/completions", data=b"{oops") as resp:
             assert resp.status == 400
             err = json.loads(await resp.read())["error"]
