@@ -43,6 +43,20 @@ LABEL_PID = "kvmesh.chaos.pid"
 ENGINE_HTTP, ENGINE_EVENTS, ENGINE_REPLAY = 8000, 5557, 5558
 
 
+# Engines small and fast: a few hundred blocks so evictions (BlockRemoved) happen under the
+# load, and simulated time 20x faster than real so 2 cores keep up.
+ENGINE_ARGS = ("--speedup", "20", "--num-gpu-blocks", "256", "--block-size", "16")
+# Failure detection tuned for a test: probes every 0.5 s, suspicion a few probe intervals.
+ROUTER_CONFIG: dict[str, Any] = {
+    "gossip": {"profile": "local", "probe_interval": 0.5, "gossip_interval": 0.2},
+    "health_interval": 0.2,
+    "health_timeout": 1.0,
+    "connect_timeout": 1.0,
+    "request_timeout": 10.0,
+    "seed": 7,
+}
+
+
 @dataclass(frozen=True, slots=True)
 class MeshSpec:
     """What to deploy. Defaults: 3 regions x (2 routers + 2 simulated engines)."""
@@ -58,9 +72,9 @@ class MeshSpec:
         }
     )
     mesh_key: str = field(default_factory=lambda: secrets.token_hex(16))
-    router_config: dict[str, Any] = field(default_factory=dict)
+    router_config: dict[str, Any] = field(default_factory=lambda: dict(ROUTER_CONFIG))
     """Extra router configuration keys, merged into every router's file (e.g. ``gossip``)."""
-    engine_args: tuple[str, ...] = ()
+    engine_args: tuple[str, ...] = ENGINE_ARGS
     """Extra ``kvmesh sim-engine`` flags for every engine (speedup, block count, ...)."""
     mem_limit: str = "384m"
 
@@ -168,7 +182,7 @@ class Mesh:
     def _labels(self) -> dict[str, str]:
         return {LABEL: self.run_id, LABEL_PID: str(os.getpid())}
 
-    def _network(self, region: str) -> Network:
+    def add_network(self, region: str) -> Network:
         net = Network(docker_network_kw={"labels": self._labels()})
         net.name = f"{self.run_id}-net-{region}"
         net.create()
@@ -288,7 +302,7 @@ class Mesh:
         create+start takes a second or more on a busy machine); then wait until ready."""
         spec = self.spec
         for region in spec.regions:
-            self._network(region)
+            self.add_network(region)
         jobs: list[Callable[[], object]] = []
         for region in spec.regions:
             for e in range(1, spec.engines_per_region + 1):

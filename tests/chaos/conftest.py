@@ -35,23 +35,6 @@ BASE_IMAGE = os.environ.get("KVMESH_BASE_IMAGE", "kvmesh-base:bookworm")
 KVMESH_IMAGE = os.environ.get("KVMESH_IMAGE", "kvmesh:dev")
 ROOT = Path(__file__).resolve().parents[2]
 
-# Engines small and fast: a few hundred blocks so evictions (BlockRemoved) happen under the
-# load, and simulated time 20x faster than real so 2 cores keep up.
-ENGINE_ARGS = ("--speedup", "20", "--num-gpu-blocks", "256", "--block-size", "16")
-# Failure detection tuned for a test: probes every 0.5 s, suspicion a few probe intervals.
-ROUTER_CONFIG: dict[str, Any] = {
-    "gossip": {
-        "profile": "local",
-        "probe_interval": 0.5,
-        "gossip_interval": 0.2,
-    },
-    "health_interval": 0.2,
-    "health_timeout": 1.0,
-    "connect_timeout": 1.0,
-    "request_timeout": 10.0,
-    "seed": 7,
-}
-
 
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[Any]:
@@ -93,7 +76,7 @@ def mesh(kvmesh_image: str, docker_client: Any) -> Iterator[Mesh]:
     """3 regions x (2 routers + 2 simulated engines) + 3 delay gateways, ready to serve."""
     _started.append(time.monotonic())
     sweep(docker_client)  # containers left by test sessions that died without cleaning up
-    spec = MeshSpec(router_config=ROUTER_CONFIG, engine_args=ENGINE_ARGS)
+    spec = MeshSpec()
     deployment = Mesh(spec, kvmesh_image, docker_client)
     try:
         deployment.start()
