@@ -98,9 +98,11 @@ def build(n: int, seed: int, swim: SwimConfig, gossip: GossipConfig) -> tuple[Si
     return net, routers
 
 
-def convergence(n: int, trials: int, seed: int, gossip: GossipConfig) -> dict[str, Any]:
+def convergence(
+    net: SimNet, routers: list[Router], trials: int, seed: int, gossip: GossipConfig
+) -> dict[str, Any]:
     wall = time.perf_counter()
-    net, routers = build(n, seed, SwimConfig.lan(), gossip)
+    n = len(routers)
     rng = random.Random(seed)
     times: list[float] = []
     for _ in range(trials):
@@ -132,11 +134,11 @@ def convergence(n: int, trials: int, seed: int, gossip: GossipConfig) -> dict[st
 
 
 def traffic(
-    n: int, rate: float, duration: float, seed: int, gossip: GossipConfig
+    net: SimNet, routers: list[Router], rate: float, duration: float, seed: int
 ) -> dict[str, Any]:
     wall = time.perf_counter()
-    net, routers = build(n, seed + 1, SwimConfig.lan(), gossip)
-    rng = random.Random(seed)
+    n = len(routers)
+    rng = random.Random(seed + 1)
     held: dict[str, list[int]] = {r.replica: [] for r in routers}
 
     def one_event() -> int:
@@ -230,7 +232,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sizes", default="4,16,64,256", help="router counts, comma-separated")
     ap.add_argument("--trials", type=int, default=30, help="events timed per size")
     ap.add_argument("--rate", type=float, default=100.0, help="engine events/s, mesh-wide")
-    ap.add_argument("--duration", type=float, default=10.0, help="virtual seconds measured")
+    ap.add_argument("--duration", type=float, default=5.0, help="virtual seconds measured")
     ap.add_argument("--gossip-interval", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default="results", help="output folder")
@@ -245,15 +247,19 @@ def main(argv: list[str]) -> int:
         "traffic": [],
     }
     for n in sizes:
-        c = convergence(n, args.trials, args.seed, gossip)
+        wall = time.perf_counter()
+        net, routers = build(n, args.seed, SwimConfig.lan(), gossip)
+        print(
+            f"N={n:4d}  mesh built in {net.now:.1f} virtual s  [{time.perf_counter() - wall:.0f} s]"
+        )
+        c = convergence(net, routers, args.trials, args.seed, gossip)
         res["convergence"].append(c)
         print(
             f"N={n:4d}  convergence p50 {c['p50_ms']:6.0f} ms ({c['p50_rounds']:.1f} rounds)"
             f"  p99 {c['p99_ms']:6.0f} ms ({c['p99_rounds']:.1f} rounds)  [{c['wall_s']:.0f} s]",
             flush=True,
         )
-    for n in sizes:
-        t = traffic(n, args.rate, args.duration, args.seed, gossip)
+        t = traffic(net, routers, args.rate, args.duration, args.seed)
         res["traffic"].append(t)
         print(
             f"N={n:4d}  {t['bytes_per_router_s'] / 1024:7.1f} KB/s per router"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from crdt.base import DecodeError, Digest, Version
 from mesh.auth import HEADER_LEN, Authenticator
@@ -466,3 +469,86 @@ def test_runs_are_reproducible_from_the_seed() -> None:
 
     assert run(21) == run(21)
     assert run(21) != run(22)
+
+
+# ---- random fault schedules -------------------------------------------------------------
+
+faults = st.lists(
+    st.tuples(
+        st.sampled_from(["partition", "isolate", "crash-restart", "block", "slow"]),
+        st.floats(0.0, 20.0),
+        st.integers(0, 7),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    loss=st.sampled_from([0.0, 0.1, 0.3]),
+    duplicate=st.sampled_from([0.0, 0.2]),
+    jitter=st.sampled_from([0.0, 0.05]),
+    schedule=faults,
+)
+def test_any_fault_schedule_ends_in_agreement(
+    seed: int,
+    loss: float,
+    duplicate: float,
+    jitter: float,
+    schedule: list[tuple[str, float, int]],
+) -> None:
+    """Whatever happened, once the network heals every router holds the newest of everything."""
+    net = SimNet(
+        seed=seed,
+        latency=region_latency(0.001, 0.04),
+        jitter=jitter,
+        loss=loss,
+        duplicate=duplicate,
+    )
+    swim, gossip = SwimConfig.local(), GossipConfig.local()
+    nodes = build(net, 8, swim=swim, gossip=gossip)
+    rng = random.Random(seed)
+    expected: dict[str, tuple[Version, str]] = {}
+    generation = dict.fromkeys(nodes, 1)
+    events = sorted(schedule, key=lambda e: e[1])
+    t0 = net.now
+    for step in range(1, 41):  # 20 virtual seconds of writes and faults
+        while events and events[0][1] <= net.now - t0:
+            kind, _, i = events.pop(0)
+            name = f"n{i}"
+            nd = nodes[name]
+            if kind == "partition":
+                net.partition({"us"}, {"eu", "ap"})
+            elif kind == "isolate":
+                net.partition({nd.core.addr})
+            elif kind == "block":
+                net.block(nd.core.addr, nodes[f"n{(i + 1) % 8}"].core.addr)
+            elif kind == "slow":
+                net.delay(nodes[f"n{(i + 3) % 8}"].core.addr, nd.core.addr, 3.0)
+            elif net.is_up(nd.core.addr):
+                net.crash(nd.core.addr)
+                generation[name] += 1
+                state = Registers()
+                core = net.spawn(
+                    name,
+                    nd.core.region,
+                    {"reg": state},
+                    generation=generation[name],
+                    seeds=["sim://n0", "sim://n1"],
+                    swim=swim,
+                    gossip=gossip,
+                )
+                nodes[name] = Node(core, state)
+        nd = nodes[f"n{rng.randrange(8)}"]
+        version = (nd.core.generation, step)
+        nd.state.put(nd.core.node_id, version, f"s{step}")
+        expected[nd.core.node_id] = (version, f"s{step}")
+        net.run_for(0.5)
+    net.heal()
+    net.loss = net.duplicate = 0.0
+    assert net.run_until_true(
+        lambda: all_alive(nodes) and all(nd.state.data == expected for nd in nodes.values()),
+        timeout=120,
+        check_every=0.5,
+    )
