@@ -121,7 +121,8 @@ def decision_bench(blocks: int, replicas: int, iterations: int, seed: int) -> di
             return p.decide(req, view, 0.0, r)
 
         policies[name] = summary_us(timed(decide, iterations))
-    total = timed(lambda: make_policy("kvmesh").decide(
+    kvmesh = make_policy("kvmesh")
+    total = timed(lambda: kvmesh.decide(
         Request("b", ids, request_keys(ids, 16), 16, None, 0, 0.0), builder.build(0.0), 0.0,
         rng), iterations)
     matched = max(index.match(keys).values(), default=0)
