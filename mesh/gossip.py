@@ -157,7 +157,6 @@ class _Flight:
 class _Peer:
     digests: dict[str, dict[str, Version]] | None = None
     counter: int = -1
-    flight: _Flight | None = None
     clean_epoch: int = -1
     """Our digest epoch at which we found nothing to send this peer."""
 
@@ -180,6 +179,8 @@ class StateSync:
         self.advanced_at: dict[str, dict[str, float]] = {name: {} for name in states}
         self.epoch = 0
         self.peers: dict[str, _Peer] = {}
+        self.flights: dict[str, _Flight] = {}
+        """Pushes in flight, by peer: at most one each."""
 
     def refresh(self, now: float) -> None:
         """Re-read our digests; note when each origin last advanced."""
@@ -208,6 +209,7 @@ class StateSync:
 
     def reset(self, peer_id: str) -> None:
         self.peers.pop(peer_id, None)
+        self.flights.pop(peer_id, None)
 
     def note_digests(
         self,
@@ -273,8 +275,7 @@ class StateSync:
         return versions, absent
 
     def busy(self, peer_id: str) -> bool:
-        p = self.peers.get(peer_id)
-        return p is not None and p.flight is not None
+        return peer_id in self.flights
 
     def wants(self, peer_id: str) -> bool:
         """True when the peer may lack something (or we have never heard its digests)."""
@@ -418,11 +419,8 @@ class MeshCore:
     def unreachable(self, addr: str, now: float) -> None:
         """The transport could not deliver to ``addr``: end pushes in flight there."""
         for m in self.membership.members.values():
-            if m.addr == addr:
-                p = self.sync.peers.get(m.node_id)
-                if p is not None and p.flight is not None:
-                    p.flight = None
-                    self.counters["push.unreachable"] += 1
+            if m.addr == addr and self.sync.flights.pop(m.node_id, None) is not None:
+                self.counters["push.unreachable"] += 1
 
     def leave(self, now: float) -> list[Outgoing]:
         """Announce a voluntary departure to a few peers; afterwards the core stays silent."""
@@ -512,15 +510,15 @@ class MeshCore:
         return []  # Notice: its updates were the message
 
     def _on_push_ack(self, peer_id: str, counter: int, ack: PushAck, now: float) -> list[Send]:
-        p = self.sync.peers.get(peer_id)
-        ours = p is not None and p.flight is not None and p.flight.seq == ack.seq
-        probe = ours and p is not None and p.flight is not None and p.flight.probe
+        flight = self.sync.flights.get(peer_id)
+        ours = flight is not None and flight.seq == ack.seq
+        probe = flight is not None and ours and flight.probe
         self.sync.note_digests(peer_id, counter, ack.digests, complete=probe, absent=ack.absent)
-        if p is None or p.flight is None or not ours:
+        if flight is None or not ours:
             self.counters["push.late_acks"] += 1
             return []
-        full, offer = p.flight.full, p.flight.offer
-        p.flight = None
+        del self.sync.flights[peer_id]
+        full, offer = flight.full, flight.offer
         self.counters["push.acked"] += 1
         return self._push_now(peer_id, now, eager=offer) if full or offer else []
 
@@ -549,9 +547,9 @@ class MeshCore:
         sends = self.membership.tick(now)
         self._member_events()
         cfg = self.config
-        for p in self.sync.peers.values():
-            if p.flight is not None and now >= p.flight.deadline:
-                p.flight = None
+        for peer_id, flight in list(self.sync.flights.items()):
+            if now >= flight.deadline:
+                del self.sync.flights[peer_id]
                 self.counters["push.timeouts"] += 1
         if now >= self._next_push:
             self._next_push += cfg.gossip_interval
@@ -625,10 +623,12 @@ class MeshCore:
 
     def _push_to(self, m: Member, now: float, eager: bool = False) -> Send | None:
         p = self.sync.peer(m.node_id)
+        flights = self.sync.flights
+        deadline = now + self.config.push_timeout
         self._seq += 1
         if p.digests is None:
             body = Push(self._seq, {}, self.sync.digests, full=True)
-            p.flight = _Flight(self._seq, now + self.config.push_timeout, False, probe=True)
+            flights[m.node_id] = _Flight(self._seq, deadline, False, probe=True)
             self.counters["push.digest_probes"] += 1
             return Send(m.addr, body, m.node_id)
         offered = self.sync.offer(p.digests)
@@ -642,10 +642,10 @@ class MeshCore:
             p.clean_epoch = self.sync.epoch
             return None
         if not eager and used > budget // 2:
-            p.flight = _Flight(self._seq, now + self.config.push_timeout, False, offer=True)
+            flights[m.node_id] = _Flight(self._seq, deadline, False, offer=True)
             self.counters["push.offers"] += 1
             return Send(m.addr, Push(self._seq, {}, offered), m.node_id)
-        p.flight = _Flight(self._seq, now + self.config.push_timeout, used > budget // 2)
+        flights[m.node_id] = _Flight(self._seq, deadline, used > budget // 2)
         self.counters["push.sent"] += 1
         return Send(m.addr, Push(self._seq, deltas, offered), m.node_id)
 
@@ -694,9 +694,8 @@ class MeshCore:
             self._next_reconnect,
             self._next_seed,
         )
-        for p in self.sync.peers.values():
-            if p.flight is not None:
-                t = min(t, p.flight.deadline)
+        for flight in self.sync.flights.values():
+            t = min(t, flight.deadline)
         return t
 
 
