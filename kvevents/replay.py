@@ -12,12 +12,12 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import zmq
 import zmq.asyncio
 
 from kvevents.decode import RawMessage, WireError, split_replay_reply
-from kvevents.ingest import EngineIngest
 
 
 class ReplayOutcome(enum.Enum):
@@ -64,8 +64,21 @@ async def replay_once(
         sock.close(linger=0)
 
 
+class ReplayTarget(Protocol):
+    """What consumes a replay: ``EngineIngest``, or the bridge's relay."""
+
+    @property
+    def replay_from(self) -> int | None: ...
+
+    def on_replay_message(self, msg: RawMessage, now: float) -> bool: ...
+
+    def on_replay_done(self, now: float) -> bool: ...
+
+    def on_bad_message(self, reason: str, now: float) -> None: ...
+
+
 async def recover(
-    ingest: EngineIngest,
+    ingest: ReplayTarget,
     ctx: zmq.asyncio.Context,
     endpoint: str,
     clock: Callable[[], float],

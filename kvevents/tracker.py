@@ -86,6 +86,9 @@ class SequenceTracker(Generic[T]):
         self._got = False
         self._verify_next = False
         self._strict = False
+        # Digests of batches applied through replay: a lagging live source (a Redis stream
+        # behind the engine) delivers them again later, and they are duplicates, not a restart.
+        self._replayed: dict[int, int] = {}
         self._buf: list[tuple[int, float, T, int | None]] = []
         # counters
         self.gaps = 0
@@ -186,6 +189,8 @@ class SequenceTracker(Generic[T]):
         self._got = True
         self._expect = seq + 1
         self._apply(seq, ts, item, digest, out)
+        if digest is not None:
+            self._replayed[seq] = digest
         return out
 
     def replay_done(self) -> list[Action[T]]:
@@ -228,10 +233,14 @@ class SequenceTracker(Generic[T]):
                 return
             if self._verify_next:
                 self.unverified += 1
+            if self._replayed:
+                self._replayed.clear()  # the live source has caught up with the replay
             self._apply(seq, ts, item, digest, out)
             return
         if last is not None and seq <= last:
-            if seq == last and digest is not None and digest == self.last_digest:
+            if digest is not None and (
+                self._replayed.get(seq) == digest or (seq == last and digest == self.last_digest)
+            ):
                 self.duplicates += 1
                 return
             self._forget_run()
@@ -265,6 +274,7 @@ class SequenceTracker(Generic[T]):
         self._verify_next = False
         self.restarts += 1
         self.epoch = self.last = self.last_digest = None
+        self._replayed.clear()
         self._mode = None
         self._got = False
 
@@ -289,6 +299,7 @@ class SequenceTracker(Generic[T]):
         self.epoch = epoch
         self.partial = partial
         self.last = self.last_digest = None
+        self._replayed.clear()
         out.append(Reset(epoch, partial, reason))
 
     def _apply(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 # name -> (module path, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("mesh.cli_bench", "run a benchmark or evaluation scenario (--list)"),
+    "bridge": ("mesh.cli_bridge", "relay an engine's ZMQ KV events into a Redis Stream"),
     "demo": ("mesh.cli_demo", "a local 3-region mesh with simulated engines; compares policies"),
     "netdelay": ("sim.netdelay", "user-space TCP delay proxy between regions (no netem needed)"),
     "router": ("mesh.cli_router", "run a router node (kvmesh router --config FILE)"),

@@ -193,3 +193,23 @@ def test_buffer_overflow_during_replay_is_counted_and_detected() -> None:
     got = t.replay_done()
     assert resets(got) == [(epoch_of(ts(0)), True)]
     assert applied(got)[-1][1] == 6
+
+
+def test_lagging_source_after_replay_delivers_duplicates_not_a_restart() -> None:
+    """A Redis stream behind the engine: replay jumps ahead, then the stream catches up."""
+    t: SequenceTracker[int] = SequenceTracker(can_replay=True)
+    for s in range(3):
+        t.live(s, ts(s), s, digest=s)
+    t.live(5, ts(5), 5, digest=5)  # the stream lost 3 and 4
+    got: list[object] = []
+    for s in range(2, 10):  # the engine is already at 9
+        got += t.replayed(s, ts(s), s, digest=s)
+    got += t.replay_done()
+    for s in range(6, 12):  # the stream goes on from where it was
+        got += t.live(s, ts(s), s, digest=s)
+    e = epoch_of(ts(0))
+    assert resets(got) == [] and t.restarts == 0
+    assert applied(got) == [(e, s) for s in range(3, 12)]
+    assert t.duplicates == 5  # 5 (buffered) and 6..9 (seen again)
+    assert t.live(7, ts(7, run=1), 7, digest=107) != []  # a different batch under seq 7: restart
+    assert t.restarts == 1
