@@ -264,3 +264,16 @@ def test_profile_numbers_match_memberlist() -> None:
     assert SwimConfig.profile("local").probe_timeout == 0.2
     with pytest.raises(ValueError):
         SwimConfig.profile("moon")
+
+
+def test_our_own_failed_probe_confirms_someone_elses_suspicion() -> None:
+    cfg = SwimConfig.lan()
+    names = [f"p{i}" for i in range(10)]
+    m = make(*names, config=cfg)
+    t, _, target = run_until_probe(m)
+    m.apply(claim(target, Status.SUSPECT, accuser="p9" if target != "p9" else "p8"), t)
+    before = m._suspicions[target].deadline()
+    m.tick(t + cfg.probe_timeout)
+    m.tick(t + cfg.probe_interval)  # our probe failed too: a second, independent accuser
+    assert m._suspicions[target].accusers == {"me", "p9" if target != "p9" else "p8"}
+    assert m._suspicions[target].deadline() < before
