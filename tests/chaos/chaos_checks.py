@@ -105,32 +105,32 @@ def truth(mesh: Mesh) -> dict[str, tuple[int, int | None]]:
 def view_mismatches(mesh: Mesh, routers: list[Node] | None = None) -> list[str]:
     """Differences between each router's view of every engine and the engine's own cache.
 
-    A slice at version ``(epoch, seq)`` is a deterministic function of the engine's event
-    stream up to ``seq``, so a router whose slice has the engine's last published seq, the
-    same epoch as every other router, and as many blocks as the engine holds unique hashes,
-    sees exactly what the engine holds.
+    A slice's version ``(epoch, seq)`` is the last batch of the engine's stream that changed
+    it (batches that only re-store a held block change nothing), and a slice at a given
+    version is a deterministic function of the stream. So: every router at the same version
+    of a replica holds the same slice, and that slice is the engine's cache when it holds as
+    many blocks as the engine holds unique block hashes and its seq is one the engine has
+    published.
     """
     real = truth(mesh)
     problems: list[str] = []
-    epochs: dict[str, set[int]] = {}
+    versions: dict[str, dict[tuple[int, int], list[str]]] = {}
     for router in routers if routers is not None else mesh.routers():
         views = replica_views(router)
-        for url, (blocks, seq) in real.items():
+        for url, (blocks, last_seq) in real.items():
             view = views.get(url)
             if view is None or view[1] is None:
                 problems.append(f"{router.alias}: no slice for {url}")
                 continue
-            v_blocks, (epoch, v_seq) = view[0], view[1]
-            epochs.setdefault(url, set()).add(epoch)
-            if (v_blocks, v_seq) != (blocks, seq):
-                problems.append(
-                    f"{router.alias}: {url} blocks/seq {v_blocks}/{v_seq}, engine {blocks}/{seq}"
-                )
-    problems += [
-        f"{url}: routers disagree on the epoch {sorted(e)}"
-        for url, e in epochs.items()
-        if len(e) > 1
-    ]
+            v_blocks, version = view
+            versions.setdefault(url, {}).setdefault(version, []).append(router.alias)
+            if v_blocks != blocks:
+                problems.append(f"{router.alias}: {url} has {v_blocks} blocks, engine {blocks}")
+            if last_seq is None or version[1] > last_seq:
+                problems.append(f"{router.alias}: {url} at {version}, engine at seq {last_seq}")
+    for url, seen in versions.items():
+        if len(seen) > 1:
+            problems.append(f"{url}: routers at different versions {seen}")
     return problems
 
 

@@ -88,8 +88,10 @@ def test_forged_peer_is_rejected(
         assert "forger-1" not in members, router.alias
         assert members == members_before[router.alias], router.alias
         if router is not victim:
+            # Accepted, the DEAD claim would have won (or forced a refutation above 10**6);
+            # a passing suspicion on a busy machine is the failure detector's business.
             seen = peers(router)[victim.alias]
-            assert seen["state"] == "alive" and seen["incarnation"] < 10**6, (router.alias, seen)
+            assert seen["state"] != "dead" and seen["incarnation"] < 10**6, (router.alias, seen)
         version = replica_views(router)[replica][1]
         assert version is not None and version[0] != FORGED_EPOCH, (router.alias, version)
         assert "forger-1" not in json.dumps(status(router))
