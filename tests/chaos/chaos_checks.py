@@ -15,6 +15,8 @@ from chaos_record import ScenarioRecord
 from chaos_support import http_get, http_json
 from chaos_topology import Mesh, Node
 
+from mesh.node import MeshConfig
+
 MIB = 1 << 20
 RSS_BOUND_MIB = {"router": 200, "engine": 200, "gateway": 100}
 """Resident memory any container may reach during a scenario; the limit is 384 MiB."""
@@ -118,11 +120,10 @@ def view_mismatches(mesh: Mesh, routers: list[Node] | None = None) -> list[str]:
     for router in routers if routers is not None else mesh.routers():
         views = replica_views(router)
         for url, (blocks, last_seq) in real.items():
-            view = views.get(url)
-            if view is None or view[1] is None:
+            v_blocks, version = views.get(url, (0, None))
+            if version is None:
                 problems.append(f"{router.alias}: no slice for {url}")
                 continue
-            v_blocks, version = view
             versions.setdefault(url, {}).setdefault(version, []).append(router.alias)
             if v_blocks != blocks:
                 problems.append(f"{router.alias}: {url} has {v_blocks} blocks, engine {blocks}")
@@ -134,8 +135,7 @@ def view_mismatches(mesh: Mesh, routers: list[Node] | None = None) -> list[str]:
     return problems
 
 
-def _mesh_config(mesh: Mesh) -> Any:
-    from mesh.node import MeshConfig
+def _mesh_config(mesh: Mesh) -> MeshConfig:
 
     options = dict(mesh.spec.router_config.get("gossip", {}))
     return MeshConfig.from_options(
@@ -153,8 +153,8 @@ def engine_detection_bound(mesh: Mesh) -> float:
     config = mesh.spec.router_config
     gossip = _mesh_config(mesh).gossip
     return (
-        config["health_interval"]
-        + config["health_timeout"]
+        float(config["health_interval"])
+        + float(config["health_timeout"])
         + 2 * gossip.push_timeout
         + gossip.gossip_interval
     )

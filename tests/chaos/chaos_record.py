@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import os
 import subprocess
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def _fmt_s(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f} s"
 
 
-def render(records: list[ScenarioRecord], command: str, wall_s: float, root: Path) -> str:
+def render(
+    records: list[ScenarioRecord], command: str, wall_s: float, root: Path, setup: str
+) -> str:
     rev = "unknown"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         rev = subprocess.run(
@@ -60,12 +63,7 @@ def render(records: list[ScenarioRecord], command: str, wall_s: float, root: Pat
         "Written by the chaos suite (`tests/chaos/`) at the end of every run that includes it;",
         "do not edit by hand. `bash deploy/test.sh` runs it together with every other test.",
         "",
-        "**Setup.** 3 regions (us, eu, asia), each with 2 routers and 2 simulated engines in",
-        "containers of the `kvmesh:dev` image on one Docker network per region. Traffic between",
-        "regions crosses a `kvmesh netdelay` gateway per region (user-space round trips of",
-        "40 / 60 / 80 ms; the kernel has no netem). A host-side asyncio client per region sends",
-        "a steady, bounded stream of completions to its region's routers (published ports) and",
-        "retries on the region's other router after a refused connection, a timeout or a 5xx.",
+        *textwrap.wrap(setup, 92, break_on_hyphens=False, break_long_words=False),
         "",
         "**Checks in every scenario.** Requests lost where a healthy path existed: 0;",
         "convergence (failure declared, or every router's view equal to the engines' own",
@@ -96,8 +94,10 @@ def render(records: list[ScenarioRecord], command: str, wall_s: float, root: Pat
     return "\n".join(lines) + "\n"
 
 
-def write(records: list[ScenarioRecord], command: str, wall_s: float, root: Path) -> Path:
+def write(
+    records: list[ScenarioRecord], command: str, wall_s: float, root: Path, setup: str
+) -> Path:
     target = Path(os.environ.get(DOC_ENV) or root / "docs" / "reliability.md")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render(records, command, wall_s, root))
+    target.write_text(render(records, command, wall_s, root, setup))
     return target

@@ -349,11 +349,11 @@ class Mesh:
     def wait_ready(self, nodes: list[Node], path: str, timeout: float) -> None:
         for node in nodes:
             wait_until(
-                lambda node=node: http_get(node.url + path, timeout=1.0)[0] == 200,
+                partial(_answers, node, path),
                 timeout=timeout,
                 interval=0.2,
                 what=f"{node.alias} {path} == 200",
-                describe=lambda node=node: f"logs of {node.alias}:\n{node.logs()}",
+                describe=partial(_logs, node),
             )
 
     # ---- faults ---------------------------------------------------------------------
@@ -436,6 +436,14 @@ class Mesh:
                 path.unlink() if path.is_file() else path.rmdir()
         with contextlib.suppress(OSError):
             self._workdir.rmdir()
+
+
+def _answers(node: Node, path: str) -> bool:
+    return http_get(node.url + path, timeout=1.0)[0] == 200
+
+
+def _logs(node: Node) -> str:
+    return f"logs of {node.alias}:\n{node.logs()}"
 
 
 def _remove(node: Node) -> None:

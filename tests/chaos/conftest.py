@@ -114,7 +114,7 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, None]:
     outcome = yield
-    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined,unused-ignore]
     if report.when == "call" or report.failed:
         item.stash[_RESULT] = report.outcome
 
@@ -140,9 +140,40 @@ _started: list[float] = []
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not RECORDS:
         return
-    args = [a for a in session.config.invocation_params.args]
-    command = "TESTCONTAINERS_RYUK_DISABLED=true " + shlex.join(
-        [".venv/bin/python", "-m", "pytest", *args]
-    )
-    path = write(RECORDS, command, time.monotonic() - _started[0], ROOT)
+    path = write(RECORDS, _command(session), time.monotonic() - _started[0], ROOT, _setup())
     print(f"\nchaos: wrote {path}", file=sys.stderr)
+
+
+def _command(session: pytest.Session) -> str:
+    """The command that ran this session, as a reader would type it."""
+    args = list(session.config.invocation_params.args)
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        parent = []
+    if any(part.endswith(b"deploy/test.sh") for part in parent):
+        return shlex.join(["bash", "deploy/test.sh", *args])
+    pytest_cmd = shlex.join([".venv/bin/python", "-m", "pytest", *args])
+    return f"TESTCONTAINERS_RYUK_DISABLED=true {pytest_cmd}"
+
+
+def _setup() -> str:
+    """The deployment the figures come from, described from the settings the suite used."""
+    spec = MeshSpec()
+    order = {r: i for i, r in enumerate(spec.regions)}
+    pairs = [(sorted(pair, key=order.__getitem__), ms) for pair, ms in spec.rtt_ms.items()]
+    pairs.sort(key=lambda item: [order[r] for r in item[0]])
+    rtts = ", ".join(f"{a}-{b} {ms:g} ms" for (a, b), ms in pairs)
+    gossip = ", ".join(f"{k} {v}" for k, v in spec.router_config["gossip"].items())
+    return (
+        f"**Setup.** {len(spec.regions)} regions ({', '.join(spec.regions)}), each with "
+        f"{spec.routers_per_region} routers and {spec.engines_per_region} simulated engines "
+        f"(`kvmesh sim-engine {' '.join(spec.engine_args)}`) in containers of the `kvmesh:dev` "
+        "image, one Docker network per region. Traffic between regions crosses a "
+        f"`kvmesh netdelay` gateway per region (user-space round trips: {rtts}; the kernel has "
+        f"no netem). Router gossip settings: {gossip}. Two host-side asyncio clients per "
+        "region send a steady, bounded stream of completions to their region's routers "
+        "(published ports) and retry on the region's other router after a refused connection, "
+        "a timeout or a 5xx. The Redis scenario runs its own one-region deployment (Redis with "
+        "an append-only file, one engine, `kvmesh bridge`, two routers)."
+    )

@@ -16,7 +16,7 @@ from testcontainers.core.network import Network
 pytestmark = pytest.mark.chaos
 
 
-def _wait_ping(client: redis.Redis, deadline_s: float) -> bool:
+def _wait_ping(client: redis.Redis[bytes], deadline_s: float) -> bool:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         try:
