@@ -84,3 +84,13 @@ class BuiltinTokenizer:
             out.append(f"<|{role}|>\n{message_text(msg.get('content'))}<|end|>\n")
         out.append("<|assistant|>\n")
         return "".join(out)
+
+
+def __getattr__(name: str) -> object:
+    """``HFTokenizer`` lives in ``kvevents.hf_tokenizer`` (it needs the optional ``tokenizers``
+    package); it is importable from here too, loaded on first use."""
+    if name == "HFTokenizer":
+        from kvevents.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
