@@ -14,13 +14,13 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from kvevents.tokenizer import Tokenizer
+from kvevents.tokenizer import Message, Tokenizer
 
 log = logging.getLogger("kvmesh.api")
 
@@ -96,8 +96,9 @@ def _int_list(value: object) -> bool:
 
 
 def parse_inference(
-    kind: str, path: str, raw: bytes, headers: Mapping[str, str], tokenizer: Tokenizer
+    kind: str, path: str, raw: bytes, headers: Mapping[str, str]
 ) -> Inference:
+    """Validate a body; ``token_ids`` stay empty until :func:`tokenize` fills them."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -115,8 +116,10 @@ def parse_inference(
         not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
     ):
         raise ApiError(400, "'max_tokens' must be a positive integer", param="max_tokens")
-    tokens = _chat_tokens if kind == "chat" else _prompt_tokens
-    token_ids = tokens(body, tokenizer)
+    if kind == "chat":
+        _check_messages(body)
+    else:
+        _routing_prompt(body)
     session = None
     for h in SESSION_HEADERS:
         if headers.get(h):
@@ -125,10 +128,53 @@ def parse_inference(
     user = body.get("user")
     if session is None and isinstance(user, str) and user:
         session = user
-    return Inference(kind, path, body, raw, model, stream, token_ids, session, max_tokens or 0)
+    return Inference(kind, path, body, raw, model, stream, [], session, max_tokens or 0)
 
 
-def _chat_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
+class PromptTokenizer(Protocol):
+    """The tokenizer interface the router uses (``kvevents.tokenizer_factory``'s)."""
+
+    name: str
+
+    async def encode(self, text: str) -> list[int]: ...
+
+    async def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SyncTokenizer:
+    """A synchronous :class:`~kvevents.tokenizer.Tokenizer` behind the async interface."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.sync = tokenizer
+        self.name = tokenizer.name
+
+    async def encode(self, text: str) -> list[int]:
+        return self.sync.encode(text)
+
+    async def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self.sync.encode(self.sync.apply_chat_template(messages))
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def tokenize(inf: Inference, tokenizer: PromptTokenizer) -> list[int]:
+    """The prompt's token ids as the engine will see them; ``ApiError`` (400) if it cannot
+    be rendered."""
+    if inf.kind == "chat":
+        try:
+            return await tokenizer.encode_chat(inf.body["messages"])
+        except ValueError as exc:
+            raise ApiError(400, f"cannot render messages: {exc}", param="messages") from None
+    prompt = _routing_prompt(inf.body)
+    if isinstance(prompt, str):
+        return await tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def _check_messages(body: Mapping[str, Any]) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty array of messages", param="messages")
@@ -142,24 +188,20 @@ def _chat_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
         if content is not None and not isinstance(content, str | list):
             raise ApiError(400, f"messages[{i}].content must be a string or an array of parts",
                            param=f"messages[{i}].content")
-    try:
-        text = tokenizer.apply_chat_template(messages)
-    except ValueError as exc:
-        raise ApiError(400, f"cannot render messages: {exc}", param="messages") from None
-    return tokenizer.encode(text)
 
 
-def _prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
+def _routing_prompt(body: Mapping[str, Any]) -> str | list[int]:
+    """The prompt routing looks at: the prompt, or the first of a batch."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return prompt
     if _int_list(prompt) and prompt:
         return list(prompt)
     if isinstance(prompt, list) and prompt:
         # A batch: route on its first prompt, the engine serves them all.
         first = prompt[0]
         if all(isinstance(p, str) for p in prompt):
-            return tokenizer.encode(first)
+            return str(first)
         if all(_int_list(p) and p for p in prompt):
             return list(first)
     raise ApiError(
@@ -173,7 +215,7 @@ def _prompt_tokens(body: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
 class Service(Protocol):
     """What the HTTP layer needs from the router."""
 
-    tokenizer: Tokenizer
+    tokenizer: PromptTokenizer
 
     async def infer(self, request: web.Request, inference: Inference) -> web.StreamResponse: ...
 
@@ -228,9 +270,9 @@ def build_app(
             raw = await request.read()
             started = time.perf_counter()
             try:
-                parsed = parse_inference(kind, request.path, raw, request.headers,
-                                         service.tokenizer)
-                parsed = dataclasses.replace(parsed,
+                parsed = parse_inference(kind, request.path, raw, request.headers)
+                token_ids = await tokenize(parsed, service.tokenizer)
+                parsed = dataclasses.replace(parsed, token_ids=token_ids,
                                              parse_seconds=time.perf_counter() - started)
             except ApiError as exc:
                 service.count_rejected(request.path, exc.param or "body")

@@ -37,7 +37,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="routing policy name")
     parser.add_argument("--policy-param", action="append", metavar="KEY=VALUE",
                         help="a policy parameter (repeatable; YAML value)")
-    parser.add_argument("--tokenizer", help="'builtin' or 'hf:<path or name>'")
+    parser.add_argument("--tokenizer", help="'builtin', 'hf:<path>' or 'engine:<engine URL>'")
     parser.add_argument("--block-size", dest="block_size", type=int, help="KV block size")
     parser.add_argument("--rtt", action="append", metavar="REGION=SECONDS",
                         help="static round trip to a region (repeatable)")

@@ -305,9 +305,11 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         raise ConfigError("log_level", f"expected one of {sorted(_LOG_LEVELS)}, got {log_level!r}")
     seed = raw.get("seed")
     tokenizer = _string(raw.get("tokenizer", "builtin"), "tokenizer")
-    if tokenizer != "builtin" and not tokenizer.startswith("hf:"):
+    if not (tokenizer == "builtin" or (tokenizer.startswith("hf:") and len(tokenizer) > 3)
+            or tokenizer.startswith(("engine:http://", "engine:https://"))):
         raise ConfigError(
-            "tokenizer", f"expected 'builtin' or 'hf:<path or name>', got {tokenizer!r}"
+            "tokenizer",
+            f"expected 'builtin', 'hf:<path>' or 'engine:<engine URL>', got {tokenizer!r}",
         )
     d = RouterConfig(region="x")
     return RouterConfig(

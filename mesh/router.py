@@ -32,8 +32,15 @@ import aiohttp
 from aiohttp import web
 
 from kvevents.keys import request_keys
-from kvevents.tokenizer import BuiltinTokenizer, Tokenizer
-from mesh.api import ApiError, Inference, build_app, error_response
+from kvevents.tokenizer import BuiltinTokenizer
+from mesh.api import (
+    ApiError,
+    Inference,
+    PromptTokenizer,
+    SyncTokenizer,
+    build_app,
+    error_response,
+)
 from mesh.config import RouterConfig
 from mesh.engines import EngineMonitor, EngineState
 from mesh.metrics import RouterMetrics, gauge
@@ -133,18 +140,21 @@ class LocalOnly:
         return []
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-    if spec == "builtin":
-        return BuiltinTokenizer()
-    if spec.startswith("hf:"):
-        from kvevents import tokenizer as tk
-
-        factory = getattr(tk, "HFTokenizer", None)
-        if factory is None:
-            raise ValueError("tokenizer: 'hf:' tokenizers are not available in this build")
-        loaded: Tokenizer = factory(spec[3:])
-        return loaded
-    raise ValueError(f"tokenizer: unknown tokenizer {spec!r}")
+def load_tokenizer(spec: str) -> PromptTokenizer:
+    """``builtin``, ``hf:<path>`` or ``engine:<url>`` (``kvevents.tokenizer_factory``)."""
+    try:
+        from kvevents.tokenizer_factory import make_tokenizer
+    except ImportError:  # a build without the factory: the builtin tokenizer only
+        if spec != "builtin":
+            raise ValueError(f"tokenizer: {spec!r} is not available in this build") from None
+        return SyncTokenizer(BuiltinTokenizer())
+    try:
+        tokenizer: PromptTokenizer = make_tokenizer(spec)
+    except ImportError as exc:
+        raise ValueError(f"tokenizer: {spec!r} needs a missing package ({exc.name})") from None
+    except ValueError as exc:
+        raise ValueError(f"tokenizer: {exc}") from None
+    return tokenizer
 
 
 def forward_signature(key: str, origin: str, target: str, request_id: str) -> str:
@@ -179,7 +189,7 @@ class Router:
         *,
         backend: MeshBackend | None = None,
         policy: Policy | None = None,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: PromptTokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -266,6 +276,7 @@ class Router:
         if self.engines is not None:
             await self.engines.stop()
         await self.backend.stop()
+        await self.tokenizer.aclose()
         if self._session is not None:
             await self._session.close()
 

@@ -25,12 +25,18 @@ def words(seed: int, n: int) -> str:
     return " ".join(vocab[(seed * 7 + i * 5) % len(vocab)] + str(i % 13) for i in range(n))
 
 
-@pytest.mark.parametrize("policy", ["kvmesh", "precise_prefix"])
-async def test_follow_up_turns_follow_the_engines_kv_events(tmp_path: Path, policy: str) -> None:
+@pytest.mark.parametrize(("policy", "tokenizer"), [
+    ("kvmesh", "builtin"), ("precise_prefix", "builtin"), ("kvmesh", "engine"),
+])
+async def test_follow_up_turns_follow_the_engines_kv_events(
+    tmp_path: Path, policy: str, tokenizer: str
+) -> None:
     with processes(tmp_path) as procs:
         engines = [procs.engine("engine-a"), procs.engine("engine-b")]
         router = procs.router("router", {
             "region": "us", "policy": policy,
+            # "engine": the prompt is tokenized by an engine's own /tokenize.
+            "tokenizer": "builtin" if tokenizer == "builtin" else f"engine:{engines[0].url}",
             "engines": [{"url": e.url, "kv_events": e.kv_events, "replay": e.replay}
                         for e in engines],
         })

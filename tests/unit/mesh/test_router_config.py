@@ -91,6 +91,7 @@ def test_flags_parse_engines_policy_params_and_rtts() -> None:
         ({"region": "us", "max_attempts": "two"}, "max_attempts"),
         ({"region": "us", "emulate_rtt": {"eu": "far"}}, "emulate_rtt.eu"),
         ({"region": "us", "tokenizer": "sentencepiece"}, "tokenizer"),
+        ({"region": "us", "tokenizer": "engine:ftp://x"}, "tokenizer"),
         ({"region": "us", "colour": "blue"}, "colour"),
         ({"region": "us", "mesh_key": "short"}, "mesh_key"),
         ({"region": "us", "peers": ["http://a:1"]}, "mesh_key"),
