@@ -53,6 +53,9 @@ class RouterConfig:
     engines: tuple[EngineConfig, ...] = ()
     peers: tuple[str, ...] = ()
     mesh_key: str | None = None
+    """The key that signs this router's gossip and forwards (the first of ``mesh_keys``)."""
+    mesh_keys: tuple[str, ...] = ()
+    """Every key accepted from peers: during a rotation, the new key first, then the old."""
     policy: str = DEFAULT_POLICY
     policy_params: Mapping[str, object] = field(default_factory=dict)
     tokenizer: str = "builtin"
@@ -116,6 +119,27 @@ def _event_source(value: object, key: str) -> str:
     if scheme not in {"tcp", "ipc", "inproc", "redis", "rediss", "unix"}:
         raise ConfigError(key, f"expected tcp://, ipc:// or redis:// endpoint, got {value!r}")
     return value
+
+
+def _mesh_keys(value: object) -> tuple[str, ...]:
+    """``mesh_key``: one key, or a list for rotation (the first signs, all are accepted)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError("mesh_key", "an empty list; give at least one key")
+    keys = []
+    for i, item in enumerate(items):
+        where = "mesh_key" if not isinstance(value, list) else f"mesh_key[{i}]"
+        key = _string(item, where)
+        try:
+            key_bytes = parse_key(key)
+        except ValueError as exc:
+            raise ConfigError(where, f"cannot decode: {exc}") from None
+        if len(key_bytes) < MIN_KEY_LEN:
+            raise ConfigError(where, f"must be at least {MIN_KEY_LEN} bytes long")
+        keys.append(key)
+    return tuple(keys)
 
 
 def _string(value: object, key: str, *, allow_empty: bool = False) -> str:
@@ -289,15 +313,8 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         adv_host = host if host not in {"0.0.0.0", "::", ""} else "127.0.0.1"
         advertise = f"http://{adv_host}:{port}"
     node_id = _string(raw.get("node_id") or f"{region}-{socket.gethostname()}-{port}", "node_id")
-    mesh_key = raw.get("mesh_key")
-    if mesh_key is not None:
-        mesh_key = _string(mesh_key, "mesh_key")
-        try:
-            key_bytes = parse_key(mesh_key)
-        except ValueError as exc:
-            raise ConfigError("mesh_key", f"cannot decode: {exc}") from None
-        if len(key_bytes) < MIN_KEY_LEN:
-            raise ConfigError("mesh_key", f"must be at least {MIN_KEY_LEN} bytes long")
+    mesh_keys = _mesh_keys(raw.get("mesh_key"))
+    mesh_key = mesh_keys[0] if mesh_keys else None
     if raw.get("peers") and mesh_key is None:
         raise ConfigError("mesh_key", "required when peers are set (it signs mesh traffic)")
     log_level = _string(raw.get("log_level", "info"), "log_level").lower()
@@ -320,6 +337,7 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         engines=_engines(raw.get("engines")),
         peers=_peers(raw.get("peers")),
         mesh_key=mesh_key,
+        mesh_keys=mesh_keys,
         policy=policy,
         policy_params=params,
         tokenizer=tokenizer,

@@ -414,12 +414,13 @@ class Router:
         if request.headers.get(HOP) is None:
             return False, None
         target = request.headers.get(TARGET) or None
-        key = self.config.mesh_key
-        if key is not None:
+        if self.config.mesh_keys:
             sig = request.headers.get(SIG, "")
-            want = forward_signature(key, request.headers.get(FROM, ""), target or "",
-                                     request.headers.get("x-request-id", ""))
-            if not hmac.compare_digest(sig, want):
+            origin, rid = request.headers.get(FROM, ""), request.headers.get("x-request-id", "")
+            if not any(
+                hmac.compare_digest(sig, forward_signature(key, origin, target or "", rid))
+                for key in self.config.mesh_keys
+            ):
                 raise ApiError(403, "forwarded request with a bad or missing mesh signature",
                                type="permission_error", code="bad_forward_signature")
         return True, target
@@ -755,7 +756,7 @@ class MeshState:
             raise ValueError("mesh_key: required when peers are configured (it signs gossip)")
         mesh_config = MeshConfig.from_options(
             node_id=self.config.node_id, region=self.config.region,
-            advertise=self.config.advertise, keys=[self.config.mesh_key],
+            advertise=self.config.advertise, keys=list(self.config.mesh_keys),
             seeds=self.config.peers, options=self.config.gossip,
         )
         return MeshNode(mesh_config, {"prefix": self.index, "load": self.loads,

@@ -125,3 +125,13 @@ def test_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
 def test_every_shipped_example_is_valid(path: Path) -> None:
     cfg = load(str(path), env={"KVMESH_MESH_KEY": "an example key of 32 bytes......"})
     assert cfg.region and cfg.engines
+
+
+def test_mesh_key_list_rotates_first_signs_all_accepted() -> None:
+    cfg = build({"region": "us", "mesh_key": ["n" * 16, "o" * 16]})
+    assert cfg.mesh_key == "n" * 16
+    assert cfg.mesh_keys == ("n" * 16, "o" * 16)
+    with pytest.raises(ConfigError, match=r"^mesh_key\[1\]: must be at least"):
+        build({"region": "us", "mesh_key": ["n" * 16, "short"]})
+    with pytest.raises(ConfigError, match=r"^mesh_key: an empty list"):
+        build({"region": "us", "mesh_key": []})
