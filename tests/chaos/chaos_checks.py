@@ -8,6 +8,7 @@ The view helpers read what routers believe (``/mesh/status``) and what engines r
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from chaos_load import LoadReport, Outcome
@@ -143,6 +144,22 @@ def _mesh_config(mesh: Mesh) -> MeshConfig:
     )
 
 
+def log_lines_since(node: Node, wall_since: float) -> list[str]:
+    """The container's log lines written at or after ``wall_since`` (time.time() seconds)."""
+    raw = bytes(node.docker.logs(timestamps=True)).decode(errors="replace")
+    out = []
+    for line in raw.splitlines():
+        stamp, _, text = line.partition(" ")
+        # RFC 3339 with nanoseconds: 2026-11-21T05:59:27.123456789Z
+        try:
+            when = dt.datetime.fromisoformat(stamp[:26] + "+00:00").timestamp()
+        except ValueError:
+            continue
+        if when >= wall_since:
+            out.append(text)
+    return out
+
+
 def engine_detection_bound(mesh: Mesh) -> float:
     """How long until every router stops routing to a crashed engine.
 
@@ -195,3 +212,7 @@ def detection_bound(mesh: Mesh) -> float:
 def peer_state(router: Node, peer_id: str) -> str | None:
     peer = peers(router).get(peer_id)
     return None if peer is None else str(peer.get("state", "")).lower()
+
+
+def is_dead(router: Node, peer_id: str) -> bool:
+    return peer_state(router, peer_id) == "dead"

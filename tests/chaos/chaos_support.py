@@ -4,6 +4,7 @@ from the host to a published port, and container health (restarts, memory)."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -47,6 +48,55 @@ def wait_until(
                 f"{what} not reached within {timeout:.1f}s (last: {last!r}){extra}"
             )
         time.sleep(interval)
+
+
+def each_until(
+    probes: dict[str, Callable[[], object]],
+    *,
+    since: float,
+    timeout: float,
+    what: str,
+    interval: float = 0.05,
+) -> dict[str, float]:
+    """Poll every probe in its own thread until it holds; ``name -> seconds since `since```.
+
+    A probe's time is when the answer that first held arrived: an upper bound on when the
+    watched node reached that state, late by one request at most (polling six routers in
+    turn would add five more on a busy machine). Raises ``ConditionTimeout`` naming the
+    probes that never held within ``timeout`` of ``since``.
+    """
+    deadline = since + timeout
+    times: dict[str, float] = {}
+    last: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def watch(name: str, probe: Callable[[], object]) -> None:
+        while time.monotonic() < deadline:
+            try:
+                value = probe()
+            except Exception as exc:  # down or still starting: not yet
+                value = exc
+            if value and not isinstance(value, Exception):
+                with lock:
+                    times[name] = time.monotonic() - since
+                return
+            with lock:
+                last[name] = value
+            time.sleep(interval)
+
+    threads = [threading.Thread(target=watch, args=item, daemon=True) for item in probes.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    missing = sorted(set(probes) - set(times))
+    if missing:
+        raise ConditionTimeout(
+            f"{what}: {missing} not within {timeout:.1f}s (last: "
+            + ", ".join(f"{m}={last.get(m)!r}" for m in missing)
+            + ")"
+        )
+    return times
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes, dict[str, str]]:

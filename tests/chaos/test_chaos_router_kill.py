@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 import pytest
-from chaos_checks import detection_bound, finish_scenario, peer_state, peers
+from chaos_checks import detection_bound, finish_scenario, is_dead, peers
 from chaos_load import LoadGenerator
 from chaos_record import ScenarioRecord
-from chaos_support import wait_until
+from chaos_support import each_until, wait_until
 from chaos_topology import Mesh
 
 pytestmark = pytest.mark.chaos
@@ -32,13 +33,14 @@ def test_router_killed_under_load(
     mesh.kill(victim)
 
     # Every other router declares it dead within the failure detector's bound.
-    wait_until(
-        lambda: all(peer_state(o, victim.alias) == "dead" for o in observers),
-        timeout=bound,
-        interval=0.1,
+    declared = each_until(
+        {o.alias: partial(is_dead, o, victim.alias) for o in observers},
+        since=t_kill,
+        timeout=2 * bound,
         what=f"every router declares {victim.alias} dead",
     )
-    detected = time.monotonic() - t_kill
+    detected = max(declared.values())
+    assert detected <= bound, f"declared dead after {declared} (bound {bound:.1f} s)"
     gen.wait_for(60, timeout=30)  # the region keeps being served meanwhile
 
     t_restart = gen.mark("restart")
@@ -54,7 +56,7 @@ def test_router_killed_under_load(
                 return False
         return True
 
-    wait_until(rejoined, timeout=bound, what=f"{victim.alias} rejoins with a new generation")
+    wait_until(rejoined, timeout=60, what=f"{victim.alias} rejoins with a new generation")
     rejoin_s = time.monotonic() - t_restart
     after = peers(survivor)[victim.alias]
     gen.wait_for(60, timeout=30)
