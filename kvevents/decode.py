@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
+from kvevents.decode_fast import decode_fast
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
 
 U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
@@ -308,31 +309,54 @@ def decode_events(raw_events: object) -> tuple[list[KVEvent], int, int, int]:
     out: list[KVEvent] = []
     unknown_events = unknown_fields = malformed = 0
     append = out.append
+    new, set_hashes, set_medium, set_group = _new, *_REMOVED_SET
+    mask = U64_MASK
     for ev in raw_events:
         kind = type(ev)
         try:
-            if kind is list:
-                tag = ev[0] if ev else None
-                if tag == "BlockStored":
-                    event, extra = _stored_from_array(ev)
-                elif tag == "BlockRemoved":
-                    event, extra = _removed_from_array(ev)  # type: ignore[assignment]
+            if kind is dict:
+                tag = ev.get("type")
+                if tag == "BlockRemoved":
+                    # The most frequent event (one per evicted block): a fast path for the
+                    # usual {type, block_hashes, medium} with int hashes, the general one else.
+                    hashes = ev.get("block_hashes")
+                    medium = ev.get("medium")
+                    if (
+                        len(ev) == 3
+                        and type(hashes) is list
+                        and (medium is None or type(medium) is str)
+                        and "medium" in ev
+                    ):
+                        try:
+                            folded = [h & mask for h in hashes]
+                        except TypeError:
+                            pass
+                        else:
+                            removed = new(BlockRemoved)
+                            set_hashes(removed, folded)
+                            set_medium(removed, medium)
+                            set_group(removed, None)
+                            append(removed)
+                            continue
+                    event, extra = _removed_from_map(ev)
+                elif tag == "BlockStored":
+                    event, extra = _stored_from_map(ev)  # type: ignore[assignment]
                 elif tag == "AllBlocksCleared":
-                    event, extra = _CLEARED, len(ev) - 1  # type: ignore[assignment]
+                    event, extra = _CLEARED, _unknown_keys(ev, _CLEARED_KNOWN)  # type: ignore[assignment]
                 elif type(tag) is str:
                     unknown_events += 1
                     continue
                 else:
                     malformed += 1
                     continue
-            elif kind is dict:
-                tag = ev.get("type")
-                if tag == "BlockStored":
-                    event, extra = _stored_from_map(ev)
-                elif tag == "BlockRemoved":
-                    event, extra = _removed_from_map(ev)  # type: ignore[assignment]
+            elif kind is list:
+                tag = ev[0] if ev else None
+                if tag == "BlockRemoved":
+                    event, extra = _removed_from_array(ev)
+                elif tag == "BlockStored":
+                    event, extra = _stored_from_array(ev)  # type: ignore[assignment]
                 elif tag == "AllBlocksCleared":
-                    event, extra = _CLEARED, _unknown_keys(ev, _CLEARED_KNOWN)  # type: ignore[assignment]
+                    event, extra = _CLEARED, len(ev) - 1  # type: ignore[assignment]
                 elif type(tag) is str:
                     unknown_events += 1
                     continue
@@ -359,7 +383,19 @@ def _ts(value: object) -> float:
 
 
 def decode_batch(payload: bytes) -> EventBatch:
-    """Decode one msgpack batch payload into typed events."""
+    """Decode one msgpack batch payload into typed events.
+
+    Batches in a fully understood shape take the typed fast path (``kvevents.decode_fast``);
+    everything else, including anything to skip and count, the generic one below.
+    """
+    fast = decode_fast(payload)
+    if fast is not None:
+        return fast
+    return decode_batch_generic(payload)
+
+
+def decode_batch_generic(payload: bytes) -> EventBatch:
+    """The tolerant decoder: ``msgpack.unpackb`` and per-event checks by shape and name."""
     try:
         obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage

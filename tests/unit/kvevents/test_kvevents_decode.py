@@ -21,10 +21,12 @@ from kvevents.decode import (
     RawMessage,
     WireError,
     decode_batch,
+    decode_batch_generic,
     fold_hash,
     split_message,
     split_replay_reply,
 )
+from kvevents.decode_fast import decode_fast
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored
 
 Hash = bytes | int
@@ -649,3 +651,89 @@ def test_fuzz_mutated_valid_batches(ts: float, events: list[object], mutate: int
     if mutate < len(payload):
         payload[mutate] ^= 0x5A
     _check_decodes_or_rejects(bytes(payload))
+
+
+# --------------------------------------------------------------------------- fast path
+
+
+def _same(a: object, b: object) -> None:
+    assert a == b
+    for counter in ("unknown_events", "unknown_fields", "malformed_events"):
+        assert getattr(a, counter) == getattr(b, counter)
+    for x, y in zip(getattr(a, "events", []), getattr(b, "events", []), strict=True):
+        assert type(x) is type(y)
+
+
+_hash = st.one_of(st.integers(-(2**63), 2**64 - 1), st.binary(min_size=1, max_size=32))
+_opt_str = st.one_of(st.none(), st.sampled_from(["GPU", "CPU", "STORAGE", "x"]), st.integers(0, 3))
+_field_values = {
+    "block_hashes": st.lists(_hash, max_size=3),
+    "parent_block_hash": st.one_of(st.none(), _hash),
+    "token_ids": st.one_of(st.none(), st.lists(st.integers(-2, 2**33), max_size=8)),
+    "block_size": st.integers(-1, 16),
+    "lora_id": st.one_of(st.none(), st.integers(0, 5), st.booleans()),
+    "medium": _opt_str,
+    "lora_name": st.one_of(_opt_str, st.just({"cache_salt": "s"})),
+    "extra_keys": st.one_of(
+        st.none(), st.lists(st.one_of(st.none(), st.lists(st.text(max_size=3))))
+    ),
+    "group_idx": st.one_of(st.none(), st.integers(0, 3)),
+    "kv_cache_spec_kind": _opt_str,
+    "locality": _opt_str,
+    "session_id": _opt_str,
+    "cache_salt": _opt_str,
+    "metadata": st.one_of(
+        st.none(), st.just({"cache_salt": "m"}), st.just({"other": 1}), st.just(3)
+    ),
+    "surprise": st.integers(-(2**63), 2**64 - 1),
+}
+_STORED_ORDER = list(_field_values)[:10]
+
+
+@st.composite
+def _event(draw: st.DrawFn) -> object:
+    tag = draw(st.sampled_from(["BlockStored", "BlockRemoved", "AllBlocksCleared", "Other"]))
+    names = _STORED_ORDER if tag == "BlockStored" else ["block_hashes", "medium", "group_idx"]
+    if tag in ("AllBlocksCleared", "Other"):
+        names = []
+    if draw(st.booleans()):  # map encoding: any subset of the known fields, maybe extra ones
+        keys = draw(st.lists(st.sampled_from(list(_field_values)), unique=True, max_size=8))
+        keys = [*names[:1], *(k for k in keys if k != "block_hashes")] if names else keys
+        if tag == "BlockStored" and "block_size" not in keys and draw(st.booleans()):
+            keys.append("block_size")
+        return {"type": tag, **{k: draw(_field_values[k]) for k in keys}}
+    n = draw(st.integers(0, len(names) + 2))
+    return [tag, *(draw(_field_values[_STORED_ORDER[i % 10]]) for i in range(n))]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    ts=st.one_of(st.floats(allow_nan=True), st.integers(-5, 5)),
+    events=st.lists(_event(), max_size=5),
+    rank=st.one_of(st.none(), st.integers(0, 3), st.just("r")),
+    extra=st.booleans(),
+)
+def test_fast_path_agrees_with_the_generic_decoder(
+    ts: float, events: list[object], rank: object, extra: bool
+) -> None:
+    payload = msgpack.packb([ts, events, rank, *([1] if extra else [])])
+    fast = decode_fast(payload)
+    try:
+        generic = decode_batch_generic(payload)
+    except WireError:
+        assert fast is None
+        return
+    if fast is not None:
+        _same(fast, generic)
+    _same(decode_batch(payload), generic)
+
+
+def test_fast_path_takes_the_usual_batches() -> None:
+    slow_shapes = ("bytes hashes", "salted metadata", "map-shaped")
+    for name, wire, _expected in SCHEMAS:
+        fast = decode_fast(wire)
+        if any(shape in name for shape in slow_shapes):
+            assert fast is None, name  # left to the generic decoder
+            continue
+        assert fast is not None, name
+        _same(fast, decode_batch_generic(wire))
