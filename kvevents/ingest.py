@@ -295,39 +295,45 @@ class EngineIngest:
             if write:
                 writer.clear(replica, version)
         # Consecutive events of one kind go to the index as one call; order across kinds kept.
+        stored_n = removed_n = 0
         pending: list[int] = []
         pending_store = True
         for ev in batch.events:
-            if isinstance(ev, BlockStored):
+            kind = type(ev)
+            if kind is BlockRemoved:  # the most frequent: one per evicted block
+                removed_n += len(ev.block_hashes)  # type: ignore[union-attr]
+                changed = keys.removed(ev)  # type: ignore[arg-type]
+                if changed:
+                    if pending_store:
+                        if pending and write:
+                            writer.store(replica, version, pending)
+                        pending = changed
+                        pending_store = False
+                    else:
+                        pending += changed
+            elif kind is BlockStored:
                 try:
-                    changed = keys.stored(ev)
+                    changed = keys.stored(ev)  # type: ignore[arg-type]
                 except WireError:
                     self.malformed_events += 1
                     continue
-                self.blocks_stored += len(ev.block_hashes)
+                stored_n += len(ev.block_hashes)  # type: ignore[union-attr]
                 if changed:
-                    if not pending_store and pending:
-                        if write:
+                    if not pending_store:
+                        if pending and write:
                             writer.remove(replica, version, pending)
-                        pending = []
-                    pending_store = True
-                    pending.extend(changed)
-            elif isinstance(ev, BlockRemoved):
-                changed = keys.removed(ev)
-                self.blocks_removed += len(ev.block_hashes)
-                if changed:
-                    if pending_store and pending:
-                        if write:
-                            writer.store(replica, version, pending)
-                        pending = []
-                    pending_store = False
-                    pending.extend(changed)
-            elif isinstance(ev, AllBlocksCleared):
+                        pending = changed
+                        pending_store = True
+                    else:
+                        pending += changed
+            elif kind is AllBlocksCleared:
                 pending = []  # whatever came before in this batch is cleared anyway
                 keys.clear()
                 self.clears += 1
                 if write:
                     writer.clear(replica, version)
+        self.blocks_stored += stored_n
+        self.blocks_removed += removed_n
         if pending and write:
             if pending_store:
                 writer.store(replica, version, pending)
