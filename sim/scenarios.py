@@ -201,7 +201,14 @@ GORGO_SESSIONS = SessionTraceSpec(
 
 def _gorgo_trace(seed: int, horizon: float) -> Workload:
     lines = records_to_lines(synthesize_sessions(GORGO_SESSIONS, seed))
-    return trace_workload(lines, list(REGIONS), seed=seed, horizon_s=horizon, name="sessions")
+    return trace_workload(
+        lines,
+        list(REGIONS),
+        seed=seed,
+        horizon_s=horizon,
+        name="sessions",
+        user_block=GORGO_SESSIONS.shared_system_blocks,
+    )
 
 
 def _scale_workload(regions: Sequence[str], clients_per_region: int) -> WorkloadFactory:
@@ -424,17 +431,17 @@ def _scenarios() -> dict[str, Scenario]:
             "Scale: 10 regions x 100 replicas x 20 routers",
             "How far the simulator itself scales: the kvmesh mesh (2 routers per region, real "
             "gossip and CRDTs) over 1,000 simulated L4 engines with ChatBot-Arena-like load "
-            "(2 clients per replica). Engines are scraped and gossip rounds run once a second "
+            "(1 client per replica). Engines are scraped and gossip rounds run once a second "
             "(instead of 10 and 5 times) to keep the production gossip code's CPU in bounds; "
             "see docs/evaluation.md for what dominates.",
             SCALE_TOPOLOGY,
             dict.fromkeys(SCALE_TOPOLOGY.regions, 100),
             L4_LLAMA_3_1_8B,
-            _scale_workload(SCALE_TOPOLOGY.regions, 200),
+            _scale_workload(SCALE_TOPOLOGY.regions, 100),
             (Variant("kvmesh", "kvmesh", "mesh", "events", RouterLayout(per_region=2)),),
-            horizon_s=30.0,
-            warmup_s=10.0,
-            drain_s=0.0,
+            horizon_s=20.0,
+            warmup_s=5.0,
+            drain_s=5.0,
             mesh_options={"gossip": {"gossip_interval": 1.0}},
             probe_interval_s=1.0,
         ),

@@ -219,10 +219,22 @@ def output_tokens(seed: int, salt: object, n: int) -> tuple[int, ...]:
 RegionOf = Callable[[TraceRecord], str]
 
 
+def session_block(rec: TraceRecord, user_block: int = 0) -> int | None:
+    """The hash id that names a record's session: its ``user_block``-th (or last) one.
+
+    Mooncake traces carry no user; a leading run of hash ids is a shared prefix, so the
+    first hash id stands for the session unless every session starts with a common
+    preamble, in which case ``user_block`` skips it.
+    """
+    if not rec.hash_ids:
+        return None
+    return rec.hash_ids[min(user_block, len(rec.hash_ids) - 1)]
+
+
 def region_by_first_block(
-    regions: Sequence[str], weights: Sequence[float] | None = None
+    regions: Sequence[str], weights: Sequence[float] | None = None, user_block: int = 0
 ) -> RegionOf:
-    """Assign a record to a region by its first hash id: one shared prefix, one region."""
+    """Assign a record to a region by its session's hash id: one session, one region."""
     if not regions:
         raise ValueError("need at least one region")
     w = list(weights) if weights is not None else [1.0] * len(regions)
@@ -234,7 +246,8 @@ def region_by_first_block(
         cum.append(acc)
 
     def pick(rec: TraceRecord) -> str:
-        key = rec.hash_ids[0] if rec.hash_ids else rec.line
+        block = session_block(rec, user_block)
+        key = rec.line if block is None else block
         u = random.Random(key * 7919 + 17).random()
         for region, edge in zip(regions, cum, strict=True):
             if u <= edge:
@@ -259,6 +272,7 @@ class TraceSource:
         max_output: int | None = None,
         max_input: int | None = None,
         name: str = "trace",
+        user_block: int = 0,
     ) -> None:
         if speedup <= 0:
             raise ValueError("speedup must be > 0")
@@ -271,6 +285,7 @@ class TraceSource:
         self._t0_ms = t0_ms
         self._max_output = max_output
         self._max_input = max_input
+        self._user_block = user_block
         self._rids = RidSpace(index)
 
     def start(self, now: float) -> list[SimRequest]:
@@ -298,7 +313,8 @@ class TraceSource:
         if self._max_output is not None:
             out_n = min(out_n, self._max_output)
         at = max(now, (rec.timestamp_ms - self._t0_ms) / 1000.0 / self._speedup)
-        user = f"h{rec.hash_ids[0]}" if rec.hash_ids else f"line{rec.line}"
+        block = session_block(rec, self._user_block)
+        user = f"line{rec.line}" if block is None else f"h{block}"
         return [
             SimRequest(
                 rid=self._rids.next(),
@@ -328,14 +344,16 @@ def trace_workload(
     max_input: int | None = None,
     first_index: int = 0,
     name: str = "trace",
+    user_block: int = 0,
 ) -> Workload:
     """Replay a Mooncake-style trace, split into one open-loop source per region.
 
     The trace is read once, validated strictly, and held as records (not tokens); prompts
-    are materialised as each request is sent.
+    are materialised as each request is sent. ``user_block`` picks the hash id that names a
+    session (region and affinity key): skip a preamble every session shares.
     """
     records = list(read_mooncake(source, block_tokens=block_tokens))
-    pick = region_of or region_by_first_block(regions)
+    pick = region_of or region_by_first_block(regions, user_block=user_block)
     per_region: dict[str, list[TraceRecord]] = {r: [] for r in regions}
     for rec in records:
         region = pick(rec)
@@ -355,6 +373,7 @@ def trace_workload(
             max_output=max_output,
             max_input=max_input,
             name=name,
+            user_block=user_block,
         )
         for i, region in enumerate(regions)
     ]

@@ -15,9 +15,11 @@ from sim.traces import (
     TraceIssues,
     read_mooncake,
     synthesize_sessions,
+    to_json,
     trace_workload,
     write_mooncake,
 )
+from sim.workloads.base import Workload
 
 GOOD = [
     '{"timestamp": 0, "input_length": 1100, "output_length": 20, "hash_ids": [1, 2, 3]}',
@@ -137,3 +139,24 @@ def test_replay_is_open_loop_and_time_scaled() -> None:
     assert [r.sent_at for r in sent] == [0.0, 0.125, 0.125]
     assert [r.output_len for r in sent] == [20, 5, 7]
     assert sent[0].user == sent[1].user == "h1"
+
+
+def test_sessions_with_a_common_preamble_split_by_their_own_block() -> None:
+    spec = SessionTraceSpec(users=30, requests_per_user=2, shared_system_blocks=2)
+    lines = [json.dumps(to_json(r)) for r in synthesize_sessions(spec, seed=1)]
+    naive = trace_workload(lines, ["us", "eu", "asia"], seed=1, horizon_s=10)
+    fixed = trace_workload(lines, ["us", "eu", "asia"], seed=1, horizon_s=10, user_block=2)
+
+    def users_by_region(w: Workload) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for src in w.clients:
+            pending = src.start(0.0)
+            while pending:
+                req = pending.pop(0)
+                out.setdefault(src.region, set()).add(req.user)
+                pending += src.on_sent(req, req.sent_at)
+        return out
+
+    assert len(users_by_region(naive)) == 1  # every session starts with hash id 0
+    spread = users_by_region(fixed)
+    assert len(spread) == 3 and sum(len(u) for u in spread.values()) == 30
