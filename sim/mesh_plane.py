@@ -304,7 +304,21 @@ class MeshPlane:
                 yield rec
 
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
-        return self._routers[router.id].state.regions(now)
+        """``MeshState.regions``, plus the regions of engines this router reaches directly.
+
+        A central proxy (one router managing engines in several regions) is not a production
+        deployment mode: there, a router's engines are in its own region. The simulator
+        models GORGO-proxy-style routers by giving each remote region of a managed engine
+        its mean RTT and marking it reachable "direct", as the probe plane does.
+        """
+        out = dict(self._routers[router.id].state.regions(now))
+        topology = self.fleet.topology
+        for e in router.managed.values():
+            if e.region != router.region and e.region not in out:
+                out[e.region] = RegionRecord(
+                    e.region, topology.mean_rtt_s(router.region, e.region), ("direct",), 0
+                )
+        return out
 
     def prefix(self, router: SimRouter) -> PrefixLookup:
         return self._routers[router.id].state.prefix
