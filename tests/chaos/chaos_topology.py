@@ -26,6 +26,7 @@ import secrets
 import shlex
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -367,9 +368,21 @@ class Mesh:
         node.mark_started()
         node.expect_running = True
 
-    def pause(self, node: Node) -> None:
+    def pause(self, node: Node, timeout: float = 20.0) -> None:
+        """``docker pause``; retried while the cgroup freezer gives up ("unable to freeze"),
+        which it does now and then on a busy machine while a task is in the kernel."""
+        import docker.errors
+
         node.expect_running = False
-        node.docker.pause()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                node.docker.pause()
+                return
+            except docker.errors.APIError as exc:
+                if "unable to freeze" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def unpause(self, node: Node) -> None:
         node.docker.unpause()
