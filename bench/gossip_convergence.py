@@ -240,7 +240,7 @@ def main(argv: list[str]) -> int:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     gossip = GossipConfig(gossip_interval=args.gossip_interval)
     res: dict[str, Any] = {
-        "command": "kvmesh bench gossip " + " ".join(argv),
+        "command": " ".join(["kvmesh bench gossip", *argv]),
         "rate": args.rate,
         "gossip_interval": args.gossip_interval,
         "convergence": [],
