@@ -177,7 +177,7 @@ def _diurnal(seed: int, horizon: float) -> Workload:
     profile = replace(ARENA, think_time_s=3.0)
     return diurnal_workload(
         profile,
-        dict.fromkeys(REGIONS, 2.0),
+        dict.fromkeys(REGIONS, 2.5),
         seed=seed,
         horizon_s=horizon,
         shape=DIURNAL_SHAPE,
