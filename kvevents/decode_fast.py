@@ -48,8 +48,14 @@ class _MStored(msgspec.Struct, tag="BlockStored", forbid_unknown_fields=True, kw
     block_mm_infos: Any = None
     is_eagle: Any = None
     component_type: Any = None
-    cache_salt: str | None = None
+    wire_salt: str | None = msgspec.field(default=None, name="cache_salt")
     metadata: _Meta | None = None
+
+    @property
+    def cache_salt(self) -> str | None:
+        if self.wire_salt is not None:
+            return self.wire_salt
+        return self.metadata.cache_salt if self.metadata is not None else None
 
 
 class _MRemoved(msgspec.Struct, tag="BlockRemoved", forbid_unknown_fields=True, gc=False):
@@ -80,6 +86,10 @@ class _AStored(
     kv_cache_spec_kind: str | None = None
     kv_cache_spec_sliding_window: int | None = None
     locality: str | None = None
+
+    @property
+    def cache_salt(self) -> str | None:
+        return None
 
 
 class _ARemoved(
@@ -116,25 +126,55 @@ _REMOVED_SET = tuple(getattr(BlockRemoved, f.name).__set__ for f in fields(Block
 _CLEARED = AllBlocksCleared()
 
 
-def _folded(hashes: list[int]) -> list[int]:
-    """Hashes as u64 (SGLang sends int64); the list msgspec built is ours to keep."""
-    if hashes and min(hashes) < 0:
-        return [h & _MASK for h in hashes]
-    return hashes
-
-
-def decode_fast(payload: bytes) -> EventBatch | None:
-    """The batch, when it is entirely in a well-understood shape; else None (use the generic)."""
-    batch: _MapEvents | _ArrayEvents | None = None
+def _typed(payload: bytes) -> _MapEvents | _ArrayEvents | None:
     for i, decoder in enumerate(_DECODERS):
         try:
-            batch = decoder.decode(payload)
+            batch: _MapEvents | _ArrayEvents = decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
         if i:  # the producer uses the other era: try its schema first from now on
             _DECODERS.insert(0, _DECODERS.pop(i))
-        break
-    if batch is None or not math.isfinite(batch.ts):
+        if not math.isfinite(batch.ts):
+            return None
+        for e in batch.events:
+            if type(e) is _MStored or type(e) is _AStored:
+                if e.block_size <= 0:
+                    return None
+                parent = e.parent_block_hash
+                if parent is not None and parent < 0:
+                    e.parent_block_hash = parent & _MASK
+                if e.token_ids is None:
+                    e.token_ids = []
+            elif type(e) is _ACleared:
+                continue
+            if type(e) is not _MCleared:
+                hashes = e.block_hashes  # type: ignore[union-attr]
+                if hashes and min(hashes) < 0:  # SGLang's int64: fold to u64 in place
+                    e.block_hashes = [h & _MASK for h in hashes]  # type: ignore[union-attr]
+        return batch
+    return None
+
+
+STORED_TYPES = (BlockStored, _MStored, _AStored)
+REMOVED_TYPES = (BlockRemoved, _MRemoved, _ARemoved)
+CLEARED_TYPES = (AllBlocksCleared, _MCleared, _ACleared)
+
+
+def decode_for_ingest(payload: bytes) -> tuple[float, list[Any]] | None:
+    """``(ts, events)`` for the ingestion hot path, skipping the dataclass conversion.
+
+    The events are the typed structs (``STORED_TYPES``/``REMOVED_TYPES``/``CLEARED_TYPES``),
+    with the attributes of ``BlockStored``/``BlockRemoved`` (hashes folded, ``cache_salt``
+    resolved). None when the batch needs the generic decoder.
+    """
+    batch = _typed(payload)
+    return None if batch is None else (batch.ts, batch.events)
+
+
+def decode_fast(payload: bytes) -> EventBatch | None:
+    """The batch as ``EventBatch`` of the contract dataclasses; None: use the generic decoder."""
+    batch = _typed(payload)
+    if batch is None:
         return None
     out: list[KVEvent] = []
     append = out.append
@@ -144,29 +184,22 @@ def decode_fast(payload: bytes) -> EventBatch | None:
         t = type(e)
         if t is _MRemoved or t is _ARemoved:
             removed = _new(BlockRemoved)
-            r0(removed, _folded(e.block_hashes))  # type: ignore[union-attr]
+            r0(removed, e.block_hashes)  # type: ignore[union-attr]
             r1(removed, e.medium)  # type: ignore[union-attr]
             r2(removed, e.group_idx)  # type: ignore[union-attr]
             append(removed)
         elif t is _MStored or t is _AStored:
-            if e.block_size <= 0:  # type: ignore[union-attr]
-                return None
-            parent = e.parent_block_hash  # type: ignore[union-attr]
-            salt = e.cache_salt if t is _MStored else None  # type: ignore[union-attr]
-            if salt is None and t is _MStored and e.metadata is not None:  # type: ignore[union-attr]
-                salt = e.metadata.cache_salt  # type: ignore[union-attr]
             stored = _new(BlockStored)
-            s0(stored, _folded(e.block_hashes))  # type: ignore[union-attr]
-            s1(stored, parent & _MASK if parent is not None and parent < 0 else parent)
-            tokens = e.token_ids  # type: ignore[union-attr]
-            s2(stored, tokens if tokens is not None else [])
+            s0(stored, e.block_hashes)  # type: ignore[union-attr]
+            s1(stored, e.parent_block_hash)  # type: ignore[union-attr]
+            s2(stored, e.token_ids)  # type: ignore[union-attr]
             s3(stored, e.block_size)  # type: ignore[union-attr]
             s4(stored, e.lora_id)  # type: ignore[union-attr]
             s5(stored, e.medium)  # type: ignore[union-attr]
             s6(stored, e.lora_name)  # type: ignore[union-attr]
             s7(stored, e.extra_keys)  # type: ignore[union-attr]
             s8(stored, e.group_idx)  # type: ignore[union-attr]
-            s9(stored, salt)
+            s9(stored, e.cache_salt)  # type: ignore[union-attr]
             append(stored)
         else:
             append(_CLEARED)

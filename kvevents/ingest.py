@@ -19,11 +19,9 @@ from dataclasses import dataclass
 
 import xxhash
 
-from kvevents.decode import RawMessage, WireError, decode_batch
+from kvevents.decode import RawMessage, WireError, decode_batch_generic
+from kvevents.decode_fast import CLEARED_TYPES, REMOVED_TYPES, STORED_TYPES, decode_for_ingest
 from kvevents.events import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
     EventBatch,
     IndexWriter,
 )
@@ -226,8 +224,13 @@ class EngineIngest:
 
     # -- internals -------------------------------------------------------------------------
     def _decode(self, msg: RawMessage, now: float) -> EventBatch | None:
+        fast = decode_for_ingest(msg.payload)
         try:
-            batch = decode_batch(msg.payload)
+            if fast is not None:
+                # The typed structs carry the events' attributes: no dataclass per event here.
+                batch = EventBatch(fast[0], fast[1])
+            else:
+                batch = decode_batch_generic(msg.payload)
         except WireError as exc:
             self.malformed_messages += 1
             self._log_bad(f"seq {msg.seq}: {exc}", now)
@@ -298,9 +301,10 @@ class EngineIngest:
         stored_n = removed_n = 0
         pending: list[int] = []
         pending_store = True
+        op_of = _OP
         for ev in batch.events:
-            kind = type(ev)
-            if kind is BlockRemoved:  # the most frequent: one per evicted block
+            kind = op_of.get(type(ev), _OTHER)
+            if kind is _REMOVE:  # the most frequent: one per evicted block
                 removed_n += len(ev.block_hashes)  # type: ignore[union-attr]
                 changed = keys.removed(ev)  # type: ignore[arg-type]
                 if changed:
@@ -311,7 +315,7 @@ class EngineIngest:
                         pending_store = False
                     else:
                         pending += changed
-            elif kind is BlockStored:
+            elif kind is _STORE:
                 try:
                     changed = keys.stored(ev)  # type: ignore[arg-type]
                 except WireError:
@@ -326,7 +330,7 @@ class EngineIngest:
                         pending_store = True
                     else:
                         pending += changed
-            elif kind is AllBlocksCleared:
+            elif kind is _CLEAR:
                 pending = []  # whatever came before in this batch is cleared anyway
                 keys.clear()
                 self.clears += 1
@@ -339,6 +343,15 @@ class EngineIngest:
                 writer.store(replica, version, pending)
             else:
                 writer.remove(replica, version, pending)
+
+
+_STORE, _REMOVE, _CLEAR, _OTHER = "store", "remove", "clear", "other"
+_OP: dict[type, str] = {
+    **dict.fromkeys(STORED_TYPES, _STORE),
+    **dict.fromkeys(REMOVED_TYPES, _REMOVE),
+    **dict.fromkeys(CLEARED_TYPES, _CLEAR),
+}
+"""Event class -> operation, for the contract dataclasses and the decoder's typed structs."""
 
 
 def _digest(payload: bytes) -> int:

@@ -33,12 +33,43 @@ import struct
 import sys
 from array import array
 from collections.abc import Sequence
+from typing import Protocol
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 import xxhash
 
 from kvevents.decode import WireError
-from kvevents.events import BlockRemoved, BlockStored
+
+
+class StoredLike(Protocol):
+    """What ``EngineKeyMap.stored`` reads: ``BlockStored``, or the decoder's typed fast form."""
+
+    @property
+    def block_hashes(self) -> Sequence[int]: ...
+    @property
+    def parent_block_hash(self) -> int | None: ...
+    @property
+    def token_ids(self) -> Sequence[int] | None: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def lora_id(self) -> int | None: ...
+    @property
+    def medium(self) -> str | None: ...
+    @property
+    def lora_name(self) -> str | None: ...
+    @property
+    def extra_keys(self) -> Sequence[object] | None: ...
+    @property
+    def cache_salt(self) -> str | None: ...
+
+
+class RemovedLike(Protocol):
+    @property
+    def block_hashes(self) -> Sequence[int]: ...
+    @property
+    def medium(self) -> str | None: ...
+
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _DOMAIN = b"kvmesh/keys/v1"
@@ -173,7 +204,7 @@ class EngineKeyMap:
         if count == 0:
             new.append(key)
 
-    def stored(self, ev: BlockStored) -> list[int]:
+    def stored(self, ev: StoredLike) -> list[int]:
         """Keys this replica holds from now on that it did not hold before."""
         table = self._tables.get(ev.medium)
         if table is None:
@@ -192,37 +223,48 @@ class EngineKeyMap:
             return new
 
         size = ev.block_size
-        self.block_sizes[size] = self.block_sizes.get(size, 0) + 1
-        full = len(tokens) // size
+        sizes = self.block_sizes
+        sizes[size] = sizes.get(size, 0) + 1
+        n_tokens = len(tokens)
+        full = n_tokens // size
         count = len(hashes)
         if full != count:
             self.block_mismatches += 1
             count = min(full, count)
-        lora = ev.lora_name
-        if lora is None and ev.lora_id is not None:
-            lora = f"lora-id:{ev.lora_id}"
-        salt = ev.cache_salt
-        extras: list[object] | None = None
-        if ev.extra_keys:
-            extra_salt, extras = _block_extras(ev, lora, count)
-            if salt is None:
-                salt = extra_salt
 
+        # The namespace (LoRA, salt) only matters where a chain starts, and extra keys only
+        # when present: most stores continue a known chain and skip all of it.
         parent_hash = ev.parent_block_hash
-        if parent_hash is None:
-            parent = root_key(lora, salt)
-        else:
-            found = self._find(parent_hash, table)
-            if found is None:
-                if parent_hash != 0:
-                    self.chain_breaks += 1
-                    self.skipped_blocks += count
-                    return new
-                found = root_key(lora, salt)
-            parent = found
+        extra_keys = ev.extra_keys
+        extras: list[object] | None = None
+        parent: int | None = None
+        if parent_hash is not None:
+            refs = table.get(parent_hash)
+            parent = refs[-1] if refs else self._find(parent_hash, table)
+            if parent is None and parent_hash != 0:
+                self.chain_breaks += 1
+                self.skipped_blocks += count
+                return new
+        if parent is None or extra_keys:
+            lora = ev.lora_name
+            if lora is None and ev.lora_id is not None:
+                lora = f"lora-id:{ev.lora_id}"
+            salt = ev.cache_salt
+            if extra_keys:
+                extra_salt, extras = _block_extras(ev, lora, count)
+                if salt is None:
+                    salt = extra_salt
+            if parent is None:  # a root (or the simulator's unknown parent 0)
+                parent = root_key(lora, salt)
 
         step = size * 4
-        data = token_bytes(tokens if full * size == len(tokens) else tokens[: full * size])
+        try:
+            arr = array(_TOKEN_CODE, tokens if full * size == n_tokens else tokens[: full * size])
+        except (OverflowError, TypeError) as exc:
+            raise WireError(f"token ids must be ints in [0, 2**32): {exc}") from None
+        if _SWAP:  # pragma: no cover - big-endian hosts
+            arr.byteswap()
+        data = arr.tobytes()
         key_refs = self._key_refs
         pos = 0
         for i in range(count):
@@ -246,7 +288,7 @@ class EngineKeyMap:
                 new.append(parent)
         return new
 
-    def removed(self, ev: BlockRemoved) -> list[int]:
+    def removed(self, ev: RemovedLike) -> list[int]:
         """Keys this replica no longer holds in any medium."""
         table = self._tables.get(ev.medium)
         gone: list[int] = []
@@ -272,7 +314,7 @@ class EngineKeyMap:
 
 
 def _block_extras(
-    ev: BlockStored, lora: str | None, count: int
+    ev: StoredLike, lora: str | None, count: int
 ) -> tuple[str | None, list[object] | None]:
     """``(salt, extras)``: the cache salt vLLM put in the root block's extra keys, and per-block
     extras to mix into keys (aligned with the blocks, ``None`` = nothing), after dropping what
