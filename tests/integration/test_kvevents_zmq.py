@@ -322,3 +322,27 @@ async def test_bound_subscriber_survives_garbage_frames() -> None:
         rogue.close(linger=0)
         ctx.term()
         await sub.aclose()
+
+
+async def test_real_high_water_mark_drops_are_gaps_repaired_by_replay() -> None:
+    """Small HWMs on both ends and a subscriber that stalls: ZMQ drops, the tracker replays."""
+    work = Workload(9)
+    index = PrefixIndex()
+    with publisher(hwm=4) as pub:
+        async with subscriber(pub, index, rcvhwm=4) as sub:
+            await settle(pub, sub, work)
+            deadline = time.monotonic() + 5
+            while sub.stats().gaps == 0:
+                assert time.monotonic() < deadline, "ZMQ never dropped"
+                # Synchronous: the subscriber's loop cannot read while 300 batches go out.
+                publish(pub, work, 300)
+                await asyncio.sleep(0.05)
+            await wait_until(
+                lambda: sub.ingest.version is not None and sub.ingest.version[1] == pub.last_seq,
+                what="caught up after the drops",
+            )
+            await wait_until(lambda: not sub.ingest.tracker.replaying)
+            stats = sub.stats()
+            assert stats.gaps >= 1 and stats.missed_batches > 0  # ZMQ really dropped
+            assert not stats.partial and stats.history_lost == 0
+            assert index.keys("engine-a") == work.truth()
