@@ -69,6 +69,8 @@ class EngineStats:
     chain_breaks: int
     skipped_blocks: int
     unknown_removals: int
+    internal_errors: int
+    """Bugs caught while ingesting (each resets the slice as partial); should stay 0."""
     last_batch_ts: float | None
     last_seen: float | None
     lag_s: float | None
@@ -114,6 +116,7 @@ class EngineIngest:
         self.malformed_messages = 0
         self.malformed_events = 0
         self.resets = 0
+        self.internal_errors = 0
         self.last_batch_ts: float | None = None
         self.last_seen: float | None = None
         self._last_log = float("-inf")
@@ -134,7 +137,10 @@ class EngineIngest:
         """A live message; True when the shell should run a replay (see ``replay_from``)."""
         batch = self._decode(msg, now)
         if batch is not None:
-            self._run(self.tracker.live(msg.seq, batch.ts, batch, _digest(msg.payload)))
+            try:
+                self._run(self.tracker.live(msg.seq, batch.ts, batch, _digest(msg.payload)))
+            except Exception:
+                self._internal_error()
         return self.tracker.replaying
 
     def on_replay_message(self, msg: RawMessage, now: float) -> bool:
@@ -142,12 +148,18 @@ class EngineIngest:
         before = self.tracker.replays
         batch = self._decode(msg, now)
         if batch is not None:
-            self._run(self.tracker.replayed(msg.seq, batch.ts, batch, _digest(msg.payload)))
+            try:
+                self._run(self.tracker.replayed(msg.seq, batch.ts, batch, _digest(msg.payload)))
+            except Exception:
+                self._internal_error()
         return self.tracker.replays != before
 
     def on_replay_done(self, now: float) -> bool:
         """The replay ended; True when another replay is wanted right away."""
-        self._run(self.tracker.replay_done())
+        try:
+            self._run(self.tracker.replay_done())
+        except Exception:
+            self._internal_error()
         return self.tracker.replaying
 
     def on_disconnect(self) -> None:
@@ -217,6 +229,7 @@ class EngineIngest:
             chain_breaks=k.chain_breaks,
             skipped_blocks=k.skipped_blocks,
             unknown_removals=k.unknown_removals,
+            internal_errors=self.internal_errors,
             last_batch_ts=self.last_batch_ts,
             last_seen=self.last_seen,
             lag_s=lag,
@@ -237,8 +250,20 @@ class EngineIngest:
             return None
         self.last_seen = now
         if self.on_alive is not None:
-            self.on_alive(self.replica, now)
+            try:
+                self.on_alive(self.replica, now)
+            except Exception:  # the router's hook must not stop ingestion
+                log.exception("engine %s: on_alive hook failed", self.replica)
         return batch
+
+    def _internal_error(self) -> None:
+        """A bug, not bad input: keep ingesting, but never keep a slice we may have garbled."""
+        self.internal_errors += 1
+        log.exception("engine %s: internal error while ingesting; slice reset", self.replica)
+        epoch = self.tracker.epoch
+        if epoch is not None:
+            self.tracker.partial = True
+            self._reset(epoch, True)
 
     def _log_bad(self, reason: str, now: float) -> None:
         if now - self._last_log < _LOG_INTERVAL:

@@ -333,3 +333,30 @@ def test_malformed_payload_is_dropped_counted_and_logged_once(
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "engine-7" in lines[0]
     assert stats.lag_s == pytest.approx(5.5)
+
+
+def test_a_failing_writer_or_hook_does_not_stop_ingestion(caplog: pytest.LogCaptureFixture) -> None:
+    class Flaky(MemoryIndex):
+        fail = True
+
+        def store(self, replica: str, version: tuple[int, int], keys: object) -> None:
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("index bug")
+            super().store(replica, version, keys)  # type: ignore[arg-type]
+
+    def bad_hook(replica: str, now: float) -> None:
+        raise ValueError("router hook bug")
+
+    engine = ModelEngine(random.Random(21))
+    index = Flaky()
+    ingest = EngineIngest("r1", index, on_alive=bad_hook)
+    caplog.set_level(logging.ERROR)
+    for _ in range(6):
+        seq, payload = engine.step()
+        ingest.on_message(RawMessage(b"", seq, payload), 0.0)
+    stats = ingest.stats(0.0)
+    assert stats.internal_errors == 1 and stats.partial and stats.last_seq == 5
+    assert index.slices["r1"].partial and index.keys("r1") <= engine.truth()
+    assert any("internal error" in r.getMessage() for r in caplog.records)
+    assert any("on_alive hook failed" in r.getMessage() for r in caplog.records)
