@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import xxhash
 
@@ -86,11 +86,13 @@ class BuiltinTokenizer:
         return "".join(out)
 
 
-def __getattr__(name: str) -> object:
-    """``HFTokenizer`` lives in ``kvevents.hf_tokenizer`` (it needs the optional ``tokenizers``
-    package); it is importable from here too, loaded on first use."""
-    if name == "HFTokenizer":
-        from kvevents.hf_tokenizer import HFTokenizer
+if not TYPE_CHECKING:  # invisible to type checkers, so typos in imports stay errors
 
-        return HFTokenizer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> object:
+        """``HFTokenizer`` lives in ``kvevents.hf_tokenizer`` (it needs the optional
+        ``tokenizers`` package); it is importable from here too, loaded on first use."""
+        if name == "HFTokenizer":
+            from kvevents.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
