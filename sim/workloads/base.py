@@ -93,6 +93,16 @@ def rng_for(*parts: object) -> random.Random:
     return random.Random("/".join(str(p) for p in parts))
 
 
+HEADER_TOKENS = 26
+"""Length of the chat template's fixed preamble (Llama 3.1 renders a dated system header of
+about this many tokens before every conversation, whoever the user)."""
+
+
+def template_header(seed: int, n: int = HEADER_TOKENS) -> list[int]:
+    """The preamble every request of a run starts with: the same ids for every user."""
+    return content_tokens(rng_for(seed, "chat-template-header"), n)
+
+
 def content_tokens(rng: random.Random, n: int) -> list[int]:
     span = VOCAB - FIRST_CONTENT_ID
     rand = rng.random

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from sim.workloads.base import (
     ASSISTANT,
     END,
+    HEADER_TOKENS,
     SYSTEM,
     USER,
     LogNormal,
@@ -30,6 +31,7 @@ from sim.workloads.base import (
     exp_delay,
     frame,
     rng_for,
+    template_header,
 )
 
 _TEMPLATE_TOKENS = LogNormal(median=200, sigma=0.4, lo=32, hi=2048)
@@ -56,6 +58,8 @@ class ChatProfile:
     """A conversation that would outgrow this ends; the user starts a new one."""
     start_spread_s: float = 5.0
     """Clients start uniformly within this window so they do not fire in lockstep."""
+    header_tokens: int = HEADER_TOKENS
+    """The chat template's preamble, identical for every user (0: none)."""
 
 
 ARENA = ChatProfile(
@@ -91,6 +95,7 @@ class UserPrefixes:
         self.seed = seed
         self._templates: dict[tuple[str, int], list[int]] = {}
         self._systems: dict[str, tuple[int, ...]] = {}
+        self._header = template_header(seed, profile.header_tokens)
 
     def template(self, region: str, k: int) -> list[int]:
         key = (region, k)
@@ -110,7 +115,7 @@ class UserPrefixes:
         if rng.random() < self.profile.shared_prefix_p:
             body.extend(self.template(region, rng.randrange(self.profile.templates_per_region)))
         body.extend(content_tokens(rng, self.profile.system_tokens.sample(rng)))
-        system = tuple(frame(SYSTEM, body))
+        system = tuple(self._header + frame(SYSTEM, body))
         self._systems[user] = system
         return system
 

@@ -24,6 +24,7 @@ from sim.workloads.base import (
     content_tokens,
     frame,
     rng_for,
+    template_header,
 )
 
 _QUESTION_TOKENS = LogNormal(median=60, sigma=0.35, lo=15, hi=300)
@@ -79,6 +80,7 @@ class TreeClient:
         self._user = f"{cid}/u0"
         self._n_trees = 0
         self._tree: _Tree | None = None
+        self._header = template_header(seed)
         self._instructions = [
             content_tokens(rng_for(seed, "tot-instruction", level), n)
             for level, n in enumerate(profile.instruction_tokens)
@@ -121,7 +123,7 @@ class TreeClient:
         self._tree = tree
         rng = rng_for(self._seed, self.profile.name, self.cid, "tree", k)
         question = content_tokens(rng, self.profile.question_tokens.sample(rng))
-        prompt = frame(USER, self._instructions[0] + question)
+        prompt = self._header + frame(USER, self._instructions[0] + question)
         prompt.append(ASSISTANT)
         return self._node(tree, "0", 0, tuple(prompt), at, f"{self.cid}/t{k}")
 
