@@ -98,7 +98,9 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         while not task.done() and not stop.is_set():
             interval = args.stats_interval if args.stats_interval > 0 else None
-            await asyncio.wait({task, stopper}, timeout=interval)
+            await asyncio.wait(
+                {task, stopper}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+            )
             if interval is not None and not task.done() and not stop.is_set():
                 t = bridge.relay.tracker
                 log.info(

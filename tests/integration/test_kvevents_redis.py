@@ -415,3 +415,50 @@ async def test_reader_drops_malformed_entries_and_goes_on(tmp_path: Path) -> Non
                 assert index.keys("engine-a") == work.truth()
             finally:
                 await rd.aclose()
+
+
+async def test_kvmesh_bridge_command_relays_and_stops_cleanly(tmp_path: Path) -> None:
+    import signal
+    import sys
+
+    work = Workload(7)
+    with redis_server(tmp_path) as server, publisher() as pub:
+        assert pub.replay_endpoint is not None
+        cmd = [
+            sys.executable, "-m", "mesh.cli", "bridge",
+            "--zmq", pub.endpoint, "--replay", pub.replay_endpoint,
+            "--redis", server.url, "--engine", "http://engine-a:8000", "--maxlen", "1000",
+            "--stats-interval", "0", "--log-level", "warning",
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        client = server.client()
+        stream = "kvmesh:kv:http://engine-a:8000"
+        try:
+            deadline = time.monotonic() + 10
+            while client.xlen(stream) < 5:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the bridge wrote nothing"
+                pub.publish(work.next_events())
+                await asyncio.sleep(0.05)
+            seqs = [int(f[b"seq"]) for _, f in client.xrange(stream)]
+            assert seqs == list(range(len(seqs)))  # from seq 0 (replayed), no gap, no dup
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                _out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _out, err = proc.communicate()
+            client.close()
+        assert proc.returncode == 0, err.decode()
+
+
+def test_kvmesh_bridge_rejects_bad_arguments() -> None:
+    import sys
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "mesh.cli", "bridge", "--zmq", "http://x", "--redis", "redis://h"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and b"--zmq" in bad.stderr
