@@ -50,6 +50,7 @@ from typing import Any
 
 import aiohttp
 
+from mesh.demo import free_ports
 from sim.emulation_report import (
     EmulationReport,
     VariantComparison,
@@ -139,14 +140,17 @@ class EmulationPlan:
 
     def scaling(self) -> str:
         sc = SCENARIOS[self.scenario]
+        replicas = self.replicas if self.replicas is not None else sc.replicas
+        fleet = ", ".join(f"{r} {n}" for r, n in replicas.items())
         return (
-            f"speedup {self.speedup:g}: every engine step of the {sc.profile.name} profile and "
-            f"every round trip (x{self.network_scale:g}) run {self.speedup:g}x faster than the "
-            f"scenario's, and so do the workload's time constants; {self.load:g} "
-            f"{self.load_unit} (scenario: {self.scenario_load}); {self.horizon_s:g} s of load "
+            f"engines ({fleet}) {self.speedup:g}x faster than the {sc.profile.name} profile "
+            f"(--speedup {self.speedup:g}), and the workload's time constants with them; "
+            f"every round trip x{self.network_scale:g}; {self.load:g} {self.load_unit} "
+            f"(scenario: {self.scenario_load}); {self.horizon_s:g} s of load "
             f"({self.horizon_s * self.speedup:g} profile s; scenario: {sc.horizon_s:g}), the "
-            f"first {self.warmup_s:g} s not measured, up to {self.drain_s:g} s of drain. "
-            "Routers' timers are not scaled."
+            f"first {self.warmup_s:g} s not measured, up to {self.drain_s:g} s of drain; hops "
+            f"under {self.min_delay_ms:g} ms round trip not delayed. Routers' timers are not "
+            "scaled."
         )
 
 
@@ -451,8 +455,6 @@ async def _client_entries(
 ) -> dict[str, Entry]:
     """Per client region, where its clients connect: the entry router, through a gateway
     holding the client->router round trip when it is long enough to matter."""
-    from mesh.demo import free_ports
-
     topo = scaled.topology
     out: dict[str, Entry] = {}
     by_link: dict[Link, list[tuple[str, int, int]]] = {}

@@ -86,10 +86,15 @@ class Gateway:
     proc: Proc
 
 
-def link_args(link: Link) -> tuple[float, float]:
-    """``(rtt_ms, jitter_ms)`` for netdelay so each one-way delay is uniform in
-    ``[lo/2, hi/2]`` ms, as the simulator draws it."""
-    return link.lo_ms, (link.hi_ms - link.lo_ms) / 2.0
+def link_rtt_ms(link: Link) -> float:
+    """The round trip a gateway holds for ``link``: its mean, without jitter.
+
+    The simulator draws one delay per message in ``[lo, hi]``; netdelay draws its jitter per
+    chunk and never releases a chunk before the one read before it, so a request or a
+    stream cut into several chunks would wait for the largest of several draws, a delay
+    biased towards ``hi``. A fixed mean keeps every mean right (only the spread is lost).
+    """
+    return link.mean_ms
 
 
 def prefill_rate(profile: str, speedup: float) -> float:
@@ -205,15 +210,11 @@ class LocalMesh:
         self, name: str, link: Link, routes: Sequence[tuple[int, int]]
     ) -> Gateway:
         """A netdelay process forwarding each ``(listen, target)`` port with ``link``."""
-        rtt, jitter = link_args(link)
+        rtt = link_rtt_ms(link)
         argv = kvmesh_argv(
             "netdelay",
             "--listen-host",
             "127.0.0.1",
-            "--jitter-ms",
-            f"{jitter:g}",
-            "--seed",
-            str(self.spec.seed + len(self.gateways)),
             *[a for lp, tp in routes for a in ("--route", f"{lp}=127.0.0.1:{tp}@{rtt:g}")],
         )
         proc = Proc(f"netdelay {name}", argv, self.workdir / f"netdelay-{name}.log")
@@ -394,7 +395,7 @@ __all__ = [
     "LocalFleetSpec",
     "LocalMesh",
     "cpu_seconds_of",
-    "link_args",
+    "link_rtt_ms",
     "prefill_rate",
     "scrape_sum",
     "wait_listening",
