@@ -61,6 +61,9 @@ def finish_scenario(
             problems.append(f"{node.alias} RSS {health.rss_bytes / MIB:.0f} MiB > {bound} MiB")
     record.peak_rss_mib = peak / MIB
     record.crash_restarts = restarts
+    converged, limit = record.convergence_s, record.bound_s
+    if converged is not None and limit is not None and converged > limit:
+        problems.append(f"convergence {converged:.2f} s over its bound {limit:.2f} s")
     assert not problems, "; ".join(problems)
     if report is not None:
         assert not lost, f"{len(lost)} requests lost: {report.summary()}; first: {lost[:3]}"
