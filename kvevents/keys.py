@@ -7,12 +7,15 @@ carried in ``BlockStored``::
 
     root        = xxh3_64(b"kvmesh/keys/v1")                      (no LoRA, no salt)
                   xxh3_64(b"kvmesh/keys/v1\\0" + msgpack([lora_name, salt]))   (namespaced)
-    key[i]      = xxh3_64(key[i-1] as 8 bytes LE + tokens of block i as u32 LE [+ extras])
+    key[i]      = xxh3_64(tokens of block i as u32 LE [+ extras], seed=key[i-1])
 
 A request's token ids give the same keys (:func:`request_keys`), whatever engine, version, hash
 algorithm or seed produced the events. Engine hashes only serve to find a stored block again:
 ``BlockRemoved`` carries hashes, no tokens, so each replica keeps ``engine hash -> key`` with a
 reference count (vLLM stores the same hash twice when two physical blocks hold it).
+
+The parent key enters as XXH3's 64-bit seed, which XXH3 mixes into every input lane just as it
+would 8 leading bytes of input, without building that input (the hot path of ingestion).
 
 Decisions, documented in docs/kvevents.md:
 
@@ -29,7 +32,6 @@ Decisions, documented in docs/kvevents.md:
 
 from __future__ import annotations
 
-import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -80,7 +82,6 @@ _TOKEN_CODE = "I" if array("I").itemsize == 4 else "L"
 if array(_TOKEN_CODE).itemsize != 4:  # pragma: no cover - no such platform in use
     raise ImportError("need a 4-byte unsigned array type for token ids")
 _SWAP = sys.byteorder == "big"
-_pack_parent = struct.Struct("<Q").pack
 _EXTRA_SEP = b"\xffx"
 
 
@@ -111,7 +112,7 @@ def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[i
     keys: list[int] = []
     append = keys.append
     for start in range(0, len(data), step):
-        parent = _xxh3(_pack_parent(parent) + data[start : start + step])
+        parent = _xxh3(data[start : start + step], parent)
         append(parent)
     return keys
 
@@ -146,7 +147,8 @@ class EngineKeyMap:
     )
 
     def __init__(self) -> None:
-        self._tables: dict[str | None, dict[int, list[int]]] = {}
+        # (medium) -> engine hash -> key, or [key, key, ...] when stored more than once.
+        self._tables: dict[str | None, dict[int, int | list[int]]] = {}
         self._key_refs: dict[int, int] = {}
         self.block_sizes: dict[int, int] = {}
         """Store events seen per block size (the router chunks requests by the usual one)."""
@@ -174,31 +176,33 @@ class EngineKeyMap:
     def key_of(self, block_hash: int, medium: str | None = None) -> int | None:
         table = self._tables.get(medium)
         refs = table.get(block_hash) if table is not None else None
-        return refs[-1] if refs else None
+        return _last(refs)
 
     # -- updates -------------------------------------------------------------------------
     def clear(self) -> None:
         self._tables.clear()
         self._key_refs.clear()
 
-    def _find(self, block_hash: int, table: dict[int, list[int]]) -> int | None:
-        refs = table.get(block_hash)
-        if refs:
-            return refs[-1]
+    def _find(self, block_hash: int, table: dict[int, int | list[int]]) -> int | None:
+        key = _last(table.get(block_hash))
+        if key is not None:
+            return key
         for other in self._tables.values():
-            refs = other.get(block_hash)
-            if refs:
-                return refs[-1]
+            key = _last(other.get(block_hash))
+            if key is not None:
+                return key
         return None
 
-    def _ref(self, table: dict[int, list[int]], block_hash: int, key: int, new: list[int]) -> None:
+    def _ref(
+        self, table: dict[int, int | list[int]], block_hash: int, key: int, new: list[int]
+    ) -> None:
         refs = table.get(block_hash)
         if refs is None:
-            table[block_hash] = [key]
+            table[block_hash] = key
         else:
-            if refs[-1] != key:
+            if _last(refs) != key:
                 self.hash_conflicts += 1
-            refs.append(key)
+            table[block_hash] = [refs, key] if isinstance(refs, int) else [*refs, key]
         count = self._key_refs.get(key, 0)
         self._key_refs[key] = count + 1
         if count == 0:
@@ -239,8 +243,8 @@ class EngineKeyMap:
         extras: list[object] | None = None
         parent: int | None = None
         if parent_hash is not None:
-            refs = table.get(parent_hash)
-            parent = refs[-1] if refs else self._find(parent_hash, table)
+            found = table.get(parent_hash)
+            parent = found if isinstance(found, int) else self._find(parent_hash, table)
             if parent is None and parent_hash != 0:
                 self.chain_breaks += 1
                 self.skipped_blocks += count
@@ -268,20 +272,20 @@ class EngineKeyMap:
         key_refs = self._key_refs
         pos = 0
         for i in range(count):
-            chunk = _pack_parent(parent) + data[pos : pos + step]
+            chunk = data[pos : pos + step]
             pos += step
             if extras is not None and extras[i] is not None:
                 chunk += _EXTRA_SEP + msgpack.packb(extras[i])
-            parent = _xxh3(chunk)
+            parent = _xxh3(chunk, parent)
             # Reference the key from this (medium, hash): inline, it is the hot loop.
             h = hashes[i]
             refs = table.get(h)
             if refs is None:
-                table[h] = [parent]
+                table[h] = parent
             else:
-                if refs[-1] != parent:
+                if _last(refs) != parent:
                     self.hash_conflicts += 1
-                refs.append(parent)
+                table[h] = [refs, parent] if isinstance(refs, int) else [*refs, parent]
             n = key_refs.get(parent, 0)
             key_refs[parent] = n + 1
             if n == 0:
@@ -298,12 +302,16 @@ class EngineKeyMap:
         key_refs = self._key_refs
         for h in ev.block_hashes:
             refs = table.get(h)
-            if not refs:
+            if refs is None:
                 self.unknown_removals += 1
                 continue
-            key = refs.pop()
-            if not refs:
+            if isinstance(refs, int):
+                key = refs
                 del table[h]
+            else:
+                key = refs.pop()
+                if len(refs) == 1:
+                    table[h] = refs[0]
             count = key_refs[key] - 1
             if count:
                 key_refs[key] = count
@@ -311,6 +319,13 @@ class EngineKeyMap:
                 del key_refs[key]
                 gone.append(key)
         return gone
+
+
+def _last(refs: int | list[int] | None) -> int | None:
+    """The most recent key stored under one engine hash."""
+    if refs is None or isinstance(refs, int):
+        return refs
+    return refs[-1]
 
 
 def _block_extras(

@@ -14,12 +14,13 @@ from kvevents.events import BlockRemoved, BlockStored
 from kvevents.keys import ROOT_KEY, EngineKeyMap, chain_keys, request_keys, root_key, token_bytes
 
 
-def test_keys_are_xxh3_over_parent_and_token_bytes() -> None:
+def test_keys_are_xxh3_of_token_bytes_seeded_by_the_parent() -> None:
     tokens = list(range(8))
     keys = request_keys(tokens, 4)
-    k0 = xxhash.xxh3_64_intdigest(ROOT_KEY.to_bytes(8, "little") + token_bytes(tokens[:4]))
-    k1 = xxhash.xxh3_64_intdigest(k0.to_bytes(8, "little") + token_bytes(tokens[4:]))
+    k0 = xxhash.xxh3_64_intdigest(token_bytes(tokens[:4]), ROOT_KEY)
+    k1 = xxhash.xxh3_64_intdigest(token_bytes(tokens[4:]), k0)
     assert keys == [k0, k1]
+    assert xxhash.xxh3_64_intdigest(b"kvmesh/keys/v1") == ROOT_KEY
     assert token_bytes([1, 2**32 - 1]) == b"\x01\x00\x00\x00\xff\xff\xff\xff"
 
 
@@ -80,8 +81,9 @@ def test_refcounts_same_hash_stored_twice() -> None:
     km = EngineKeyMap()
     keys = km.stored(stored([1], None, [1, 2, 3, 4]))
     assert km.stored(stored([1], None, [1, 2, 3, 4])) == []  # second physical copy: no new key
+    assert km.key_of(1) == keys[0]
     assert km.removed(BlockRemoved([1])) == []  # one copy left
-    assert km.held_keys() == set(keys)
+    assert km.held_keys() == set(keys) and km.key_of(1) == keys[0]
     assert km.removed(BlockRemoved([1])) == keys  # last copy gone
     assert km.removed(BlockRemoved([1])) == []
     assert km.unknown_removals == 1 and len(km) == 0
