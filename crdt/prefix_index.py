@@ -25,18 +25,26 @@ Deltas are made of *pieces*, one per replica:
 
 - ``CONT`` (lo, hi]: the latest operation of every key whose latest operation lies in
   (lo, hi]. A receiver at seq ``y`` with lo <= y < hi applies the operations after ``y``.
-- ``RESET``: the sender's whole log cut at ``hi``; the receiver empties its slice first.
-  Sent when the peer lacks the slice, holds an older epoch, has not seen a clear, or is
-  partial while the sender is complete.
+- ``RESET``: a snapshot, the sender's whole log at its seq ``hi``; the receiver replaces its
+  slice with it. Sent when the peer lacks the slice, holds an older epoch, has not seen a
+  clear, or is partial while the sender is complete.
 
-A piece cut to a byte budget ends at a seq boundary, so the receiver's version only
-advances to what it really got. Cut RESET pieces leave the receiver *catching up*: it has
-every key whose latest operation is <= hi, and every key it holds is live as of the
-sender's version ``b`` (its *base*), so any later CONT from a sender whose horizon is <= b
-is safe even though hi is below that sender's horizon. A CONT whose sender dropped
-tombstones the receiver may still need (sender horizon > receiver base) is refused and the
-receiver asks for a RESET by reporting rank 0 in its digest (it keeps answering queries from
-what it has meanwhile). ``AllBlocksCleared`` empties the log and records the clear's seq;
+A CONT cut to a byte budget ends at a seq boundary, so the receiver's version only advances
+to what it really got. A RESET that does not fit is cut by *key*: each piece holds the
+entries of one arc ``[arc_lo, arc_lo + arc_len)`` of the u64 key space (mod 2**64), the
+sender walking a cursor round the key space from piece to piece. The receiver *stages*
+arcs (its slice and digest untouched, so it keeps answering queries from what it has) until
+they cover the key space, then installs them at once as one RESET. Staging is a pointwise
+join: per key point the arc of the newest snapshot seq wins, equal seqs unite, so pieces
+merge in any order, duplicated or re-sent. Arcs of one snapshot install exactly that
+snapshot; arcs from snapshots at several seqs (the origin moved on between pieces) install
+at the oldest of them, ``v``, keeping only entries <= v: the receiver then has every key
+whose latest operation is <= v and every key it holds is live as of v. That is the
+*catching up* state of a receiver whose ``base`` is above its data: any later CONT from a
+sender whose horizon is <= base is safe. A CONT whose sender dropped tombstones the
+receiver may still need (sender horizon > receiver base) is refused and the receiver asks
+for a RESET by reporting rank 0 in its digest (it keeps answering queries from what it has
+meanwhile). ``AllBlocksCleared`` empties the log and records the clear's seq;
 peers that have not seen it get a RESET.
 
 Whole replicas leave with ``drop``: a versioned tombstone that beats every slice of that
@@ -55,6 +63,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from heapq import nsmallest
 from itertools import accumulate, repeat
 from operator import and_
 
@@ -83,7 +92,15 @@ _BIG_ENDIAN = sys.byteorder == "big"
 _WIRE_TAG = "pfx"
 _WIRE_VERSION = 1
 _PIECE_OVERHEAD = 64
+_ARC_OVERHEAD = 20
 _DELTA_OVERHEAD = 16
+KEY_SPACE = 1 << 64
+"""Arc lengths are taken in this key space; a piece of ``arc_len == KEY_SPACE`` is whole."""
+_KEY_MASK = KEY_SPACE - 1
+_FORCED_ARC_KEYS = 16
+"""Keys in the first arc of a delta when the budget is below a piece's overhead."""
+_GOLDEN = 0x9E3779B97F4A7C15
+"""2**64 / golden ratio: each lap of a snapshot's arcs shifts by this (evenly spread shifts)."""
 
 
 def _rank(seq: int, state: int) -> int:
@@ -141,9 +158,17 @@ class SlicePiece:
     """Little-endian u64 pairs ``(seq | removal flag, count)``, seq ascending."""
     keys: bytes
     """Little-endian u64 keys, ``sum(counts)`` of them."""
+    arc_lo: int = 0
+    arc_len: int = KEY_SPACE
+    """A RESET cut by key holds the keys ``k`` with ``(k - arc_lo) % 2**64 < arc_len``."""
+
+    @property
+    def whole(self) -> bool:
+        return self.arc_len >= KEY_SPACE
 
     def to_wire(self) -> list[object]:
         flags = (1 if self.reset else 0) | (2 if self.complete else 0)
+        arc: list[object] = [] if self.whole else [self.arc_lo, self.arc_len]
         return [
             self.replica,
             self.epoch,
@@ -155,6 +180,7 @@ class SlicePiece:
             self.cleared,
             self.runs,
             self.keys,
+            *arc,
         ]
 
     def entries(self) -> Iterator[tuple[int, bool, array[int]]]:
@@ -203,7 +229,11 @@ class IndexDelta:
         return (
             _DELTA_OVERHEAD
             + sum(
-                _PIECE_OVERHEAD + len(p.replica) * 4 + len(p.runs) + len(p.keys)
+                _PIECE_OVERHEAD
+                + len(p.replica) * 4
+                + len(p.runs)
+                + len(p.keys)
+                + (0 if p.whole else _ARC_OVERHEAD)
                 for p in self.pieces
             )
             + sum(24 + len(d.replica) * 4 for d in self.drops)
@@ -231,6 +261,9 @@ class _Slice:
         "run_words",
         "seq",
         "slot",
+        "snap_cursor",
+        "snap_laps",
+        "snap_walked",
         "tombs",
     )
 
@@ -256,6 +289,11 @@ class _Slice:
         self.marks: deque[tuple[float, int]] = deque()
         self.last_rank: tuple[int, int] = (-1, -1)
         self.changed_at: float | None = None
+        self.snap_cursor = 0
+        """Where the next key-cut snapshot piece starts (walks round the key space)."""
+        self.snap_walked = 0
+        self.snap_laps = 0
+        """Key space walked since the cursor last jumped (see ``_snapshot``)."""
 
     def rank(self) -> int:
         if self.need_reset:
@@ -288,6 +326,142 @@ class _Selection:
     keys: array[int]
     words: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
+
+
+def _segments(lo: int, length: int) -> list[tuple[int, int]]:
+    """The arc ``[lo, lo + length)`` mod 2**64 as at most two plain intervals."""
+    end = lo + length
+    if end <= KEY_SPACE:
+        return [(lo, end)]
+    return [(lo, KEY_SPACE), (0, end - KEY_SPACE)]
+
+
+@dataclass(slots=True)
+class _Staging:
+    """Arcs of snapshots of one replica at ``(epoch, complete)``, gathered until they cover
+    the key space. ``cover`` is sorted, disjoint ``(start, end, snapshot seq)``; ``entries``
+    maps each staged key to its log word. Every operation is a pointwise join (per key point
+    the higher snapshot seq wins, equal seqs unite), so arrival order does not matter."""
+
+    epoch: int
+    complete: bool
+    cover: list[tuple[int, int, int]] = field(default_factory=list)
+    entries: dict[int, int] = field(default_factory=dict)
+    horizon: int = -1
+    base: int = _OPEN
+    clears: set[int] = field(default_factory=lambda: {-1})
+
+    def add(self, p: SlicePiece) -> bool:
+        v = p.hi
+        changed = False
+        if p.horizon > self.horizon:
+            self.horizon, changed = p.horizon, True
+        if p.base < self.base:
+            self.base, changed = p.base, True
+        if p.cleared not in self.clears:
+            self.clears.add(p.cleared)
+            changed = True
+        # Paint the piece's arc over the cover: strictly newer wins, equal joins.
+        win: list[tuple[int, int]] = []
+        join: list[tuple[int, int]] = []
+        cover = self.cover
+        for a, b in _segments(p.arc_lo, p.arc_len):
+            at = a
+            for c0, c1, cv in cover:
+                if c1 <= at or c0 >= b:
+                    continue
+                if c0 > at:
+                    win.append((at, c0))
+                lo_, hi_ = max(c0, at), min(c1, b)
+                if cv < v:
+                    win.append((lo_, hi_))
+                elif cv == v:
+                    join.append((lo_, hi_))
+                at = hi_
+            if at < b:
+                win.append((at, b))
+        if win:
+            changed = True
+            starts = sorted(win)
+            gone = [k for k in self.entries if _inside(k, starts)]
+            for k in gone:
+                del self.entries[k]
+            new: list[tuple[int, int, int]] = []
+            for c0, c1, cv in cover:  # cut the winning intervals out of the old cover
+                pieces = [(c0, c1)]
+                for w0, w1 in starts:
+                    nxt = []
+                    for x0, x1 in pieces:
+                        if w1 <= x0 or w0 >= x1:
+                            nxt.append((x0, x1))
+                            continue
+                        if x0 < w0:
+                            nxt.append((x0, w0))
+                        if w1 < x1:
+                            nxt.append((w1, x1))
+                    pieces = nxt
+                new.extend((x0, x1, cv) for x0, x1 in pieces)
+            new.extend((w0, w1, v) for w0, w1 in starts)
+            new.sort()
+            merged: list[tuple[int, int, int]] = []
+            for iv in new:  # canonical form: adjacent intervals of one seq fuse
+                if merged and merged[-1][1] == iv[0] and merged[-1][2] == iv[2]:
+                    merged[-1] = (merged[-1][0], iv[1], iv[2])
+                else:
+                    merged.append(iv)
+            self.cover = merged
+        take = sorted(win + join)
+        if take:
+            entries = self.entries
+            for seq, removal, keys in p.entries():
+                word = seq | _FLAG if removal else seq
+                for k in keys:
+                    if _inside(k, take):
+                        old = entries.get(k)
+                        if old is None or (old & _SEQ_MASK, old) < (seq, word):
+                            entries[k] = word
+                            changed = True
+        return changed
+
+    def covered(self) -> bool:
+        return sum(b - a for a, b, _ in self.cover) == KEY_SPACE
+
+    def best(self) -> int:
+        return max((v for _, _, v in self.cover), default=-1)
+
+    def snapshot(self, replica: str) -> SlicePiece:
+        """The staged arcs as one whole RESET at the oldest snapshot seq among them."""
+        v = min(cv for _, _, cv in self.cover)
+        by_word: dict[int, list[int]] = {}
+        for k, w in self.entries.items():
+            if w & _SEQ_MASK <= v:
+                by_word.setdefault(w, []).append(k)
+        runs: array[int] = array("Q")
+        keys: array[int] = array("Q")
+        for w in sorted(by_word, key=lambda w: (w & _SEQ_MASK, w)):
+            ks = sorted(by_word[w])
+            runs.append(w)
+            runs.append(len(ks))
+            keys.extend(ks)
+        return SlicePiece(
+            replica=replica,
+            epoch=self.epoch,
+            lo=-1,
+            hi=v,
+            reset=True,
+            complete=self.complete,
+            horizon=self.horizon,
+            base=max(self.base, v),
+            cleared=max(c for c in self.clears if c <= v),
+            runs=_to_le(runs),
+            keys=_to_le(keys),
+        )
+
+
+def _inside(k: int, intervals: list[tuple[int, int]]) -> bool:
+    """``k`` lies in one of the sorted, disjoint ``intervals``."""
+    i = bisect_right(intervals, (k, KEY_SPACE + 1)) - 1
+    return i >= 0 and intervals[i][0] <= k < intervals[i][1]
 
 
 def _check_version(version: Version) -> tuple[int, int]:
@@ -327,6 +501,8 @@ class PrefixIndex:
         self._mask_names: dict[int, tuple[str, ...]] = {}
         """Cache: bitmask -> replica names (cleared whenever a slot changes hands)."""
         self._min_tombstones = min_tombstones
+        self._staging: dict[str, _Staging] = {}
+        """Arcs of key-cut snapshots still arriving, per replica (not yet part of the state)."""
 
     # ---- IndexWriter (local ingestion) -------------------------------------------------
 
@@ -452,6 +628,8 @@ class PrefixIndex:
         old = [name for name, d in self._dropped.items() if d.at <= cutoff]
         for name in old:
             del self._dropped[name]
+        for name in [n for n in self._staging if self._stale_staging(n)]:
+            del self._staging[name]
         return len(old)
 
     def idle(self, now: float, min_idle: float) -> list[str]:
@@ -552,7 +730,7 @@ class PrefixIndex:
             replica=replica,
             version=(s.epoch, s.seq),
             partial=not s.complete,
-            catching_up=s.need_reset or s.base > s.seq,
+            catching_up=s.need_reset or s.base > s.seq or replica in self._staging,
             blocks=s.live,
             horizon=s.horizon,
             log_entries=len(s.keys),
@@ -602,14 +780,14 @@ class PrefixIndex:
         """What a peer whose digest is ``peer`` lacks, cut to about ``max_bytes``.
 
         Drops go first, then snapshots, then continuations, the most behind first. The first
-        piece is never cut below one seq's worth of entries (a single snapshot that must land
-        whole to help a partial peer is sent whole), so progress never stalls on a budget.
+        piece is never cut below one seq's worth of entries (a continuation) or one key (an
+        arc of a snapshot), so progress never stalls on a budget.
         """
         del now  # versions, not clocks, decide; kept for the protocol
         budget = max_bytes if max_bytes is not None else -1
         used = _DELTA_OVERHEAD
         drops: list[DropMark] = []
-        plans: list[tuple[int, int, str, _Slice, int, bool]] = []
+        plans: list[tuple[int, int, str, _Slice, int]] = []
         for name, d in self._dropped.items():
             mine = d.key()
             theirs = peer.get(name)
@@ -622,20 +800,18 @@ class PrefixIndex:
             theirs = peer.get(name)
             if theirs is not None and tuple(theirs) >= mine:
                 continue
-            whole = False
             if theirs is None or theirs[0] < s.epoch:
                 lo, kind = -1, 1
             else:
                 pseq, pstate = divmod(theirs[1], 3)
                 pseq -= 1
-                if pstate == DROPPED or pseq < 0 or pseq < s.cleared:
+                upgrade = pstate == PARTIAL and s.complete  # a complete slice replaces it
+                if pstate == DROPPED or pseq < 0 or pseq < s.cleared or upgrade:
                     lo, kind = -1, 1
-                elif pstate == PARTIAL and s.complete:
-                    lo, kind, whole = -1, 1, True
                 else:
                     lo, kind = pseq, 2
             behind = len(s.keys) - self._entry_index_after(s, lo)
-            plans.append((kind, -behind, name, s, lo, whole))
+            plans.append((kind, -behind, name, s, lo))
         plans.sort(key=lambda p: (p[0], p[1], p[2]))
         drops.sort(key=lambda d: d.replica)
         kept: list[DropMark] = []
@@ -646,14 +822,18 @@ class PrefixIndex:
             kept.append(dm)
             used += cost
         pieces: list[SlicePiece] = []
-        for kind, _, name, s, lo, whole in plans:
+        for kind, _, name, s, lo in plans:
             room = -1 if budget < 0 else budget - used
             force = not pieces and not kept
-            piece = self._piece(name, s, lo, reset=kind == 1, room=room, force=force, whole=whole)
+            if kind == 1:
+                piece = self._snapshot(name, s, room=room, force=force)
+            else:
+                piece = self._piece(name, s, lo, room=room, force=force)
             if piece is None:
                 continue
             pieces.append(piece)
             used += _PIECE_OVERHEAD + 4 * len(name) + len(piece.runs) + len(piece.keys)
+            used += 0 if piece.whole else _ARC_OVERHEAD
         drops = kept
         return IndexDelta(tuple(pieces), tuple(drops))
 
@@ -695,6 +875,8 @@ class PrefixIndex:
         return True
 
     def _apply_piece(self, p: SlicePiece) -> bool:
+        if not p.whole:
+            return self._stage(p)
         s = self._slices.get(p.replica)
         prank = (p.epoch, _rank(p.hi, COMPLETE if p.complete else PARTIAL))
         if s is None or p.epoch > s.epoch:
@@ -737,6 +919,38 @@ class PrefixIndex:
         s.seq = p.hi
         self._maybe_compact(s)
         return True
+
+    def _stage(self, p: SlicePiece) -> bool:
+        """Gather an arc of a snapshot; install the snapshot once the arcs cover the key space."""
+        prank = (p.epoch, _rank(p.hi, COMPLETE if p.complete else PARTIAL))
+        s = self._slices.get(p.replica)
+        if s is not None and (
+            p.epoch < s.epoch or (not s.need_reset and prank <= (s.epoch, s.rank()))
+        ):
+            return False
+        d = self._dropped.get(p.replica)
+        if d is not None and d.key() >= prank:
+            return False
+        st = self._staging.get(p.replica)
+        if st is None or (p.epoch, p.complete) > (st.epoch, st.complete):
+            st = self._staging[p.replica] = _Staging(p.epoch, p.complete)
+        elif (p.epoch, p.complete) < (st.epoch, st.complete):
+            return False
+        changed = st.add(p)
+        if st.covered():
+            del self._staging[p.replica]
+            self._apply_piece(st.snapshot(p.replica))
+        return changed
+
+    def _stale_staging(self, replica: str) -> bool:
+        """Nothing the staged arcs could install would beat what we hold now."""
+        st = self._staging[replica]
+        best = (st.epoch, _rank(st.best(), COMPLETE if st.complete else PARTIAL))
+        s = self._slices.get(replica)
+        if s is not None and not s.need_reset and best <= (s.epoch, s.rank()):
+            return True
+        d = self._dropped.get(replica)
+        return d is not None and d.key() >= best
 
     def _load(self, s: _Slice, p: SlicePiece) -> None:
         """Replace ``s`` by a RESET piece."""
@@ -885,19 +1099,113 @@ class PrefixIndex:
         out_counts.reverse()
         return _Selection(out_keys, out_words, out_counts)
 
-    def _piece(
+    def _snapshot(self, name: str, s: _Slice, *, room: int, force: bool) -> SlicePiece | None:
+        """A RESET: whole if it fits ``room``, else the next arc of the key space that does."""
+        if not s.clean and len(s.keys) > 2 * max(s.live, 64):
+            self._compact(s)
+        sel = self._select(s, -1)
+        fixed = _PIECE_OVERHEAD + 4 * len(name)
+        n = len(sel.keys)
+        fits = room < 0 or fixed + 8 * n + 16 * len(sel.words) <= room
+        if fits or (n == 0 and force):
+            return self._make(name, s, sel.keys, sel.words, sel.counts, -1, s.seq, reset=True)
+        if n == 0:
+            return None
+        fixed += _ARC_OVERHEAD
+        if fixed + 24 > room and not force:
+            return None
+        # Laps round the key space: within a lap consecutive arcs tile it, so a peer fed by
+        # one sender is covered after one lap. Peers served in turn by one sender each get
+        # every k-th arc; so each lap starts at another key, picked by rank along a golden
+        # ratio sequence (evenly spread), and arcs a peer missed fall across arcs it has.
+        if s.snap_walked == 0:
+            s.snap_laps += 1
+            rank = (((s.snap_laps * _GOLDEN) & _KEY_MASK) * n) >> 64
+            start = sorted(sel.keys)[rank]
+        else:
+            start = s.snap_cursor
+        # The first piece of a delta takes one key at least, or a few if the budget does not
+        # even cover a piece's overhead (as a continuation takes one seq's worth).
+        floor = (1 if room >= fixed + 24 else _FORCED_ARC_KEYS) if force else 0
+        fit = max(1, floor, (room - fixed) // 8)
+        word_of: list[int] = []
+        for w, c in zip(sel.words, sel.counts, strict=True):
+            word_of.extend(repeat(w, c))
+        cand = nsmallest(
+            fit + 1,
+            (((k - start) & _KEY_MASK, k, w) for k, w in zip(sel.keys, word_of, strict=True)),
+        )
+        cost, seen, taken = fixed, set(), 0
+        for _, _, w in cand:
+            extra = 8 if w in seen else 24
+            if cost + extra > room and taken >= floor:
+                break
+            cost += extra
+            seen.add(w)
+            taken += 1
+        if taken == 0:
+            return None
+        arc_len = KEY_SPACE if taken == len(cand) else cand[taken][0]
+        by_word: dict[int, list[int]] = {}
+        for _, k, w in cand[:taken]:
+            by_word.setdefault(w, []).append(k)
+        words = sorted(by_word, key=lambda w: (w & _SEQ_MASK, w))
+        keys: array[int] = array("Q")
+        for w in words:
+            keys.extend(by_word[w])
+        s.snap_walked += arc_len
+        if s.snap_walked >= KEY_SPACE:
+            s.snap_walked = 0
+        s.snap_cursor = (start + arc_len) & _KEY_MASK
+        return self._make(
+            name,
+            s,
+            keys,
+            words,
+            [len(by_word[w]) for w in words],
+            -1,
+            s.seq,
+            reset=True,
+            arc=(start, arc_len) if arc_len < KEY_SPACE else (0, KEY_SPACE),
+        )
+
+    def _make(
         self,
         name: str,
         s: _Slice,
+        keys: array[int],
+        words: Sequence[int],
+        counts: Sequence[int],
         lo: int,
+        hi: int,
         *,
         reset: bool,
-        room: int,
-        force: bool,
-        whole: bool,
+        arc: tuple[int, int] = (0, KEY_SPACE),
+    ) -> SlicePiece:
+        runs = array("Q")
+        for w, c in zip(words, counts, strict=True):
+            runs.append(w)
+            runs.append(c)
+        return SlicePiece(
+            replica=name,
+            epoch=s.epoch,
+            lo=lo,
+            hi=hi,
+            reset=reset,
+            complete=s.complete,
+            horizon=s.horizon,
+            base=s.base,
+            cleared=s.cleared,
+            runs=_to_le(runs),
+            keys=_to_le(keys),
+            arc_lo=arc[0],
+            arc_len=arc[1],
+        )
+
+    def _piece(
+        self, name: str, s: _Slice, lo: int, *, room: int, force: bool
     ) -> SlicePiece | None:
-        if reset and not s.clean and len(s.keys) > 2 * max(s.live, 64):
-            self._compact(s)
+        """A CONT (lo, hi], cut at a seq boundary to fit ``room``."""
         sel = self._select(s, lo)
         n_runs = len(sel.words)
         fixed = _PIECE_OVERHEAD + 4 * len(name)
@@ -905,7 +1213,7 @@ class PrefixIndex:
         hi = s.seq
         n_keys, n_take = len(sel.keys), n_runs
         if room >= 0 and total > room:
-            if whole or not n_runs:
+            if not n_runs:
                 if not force:
                     return None
             else:
@@ -925,23 +1233,9 @@ class PrefixIndex:
                     return None
                 if n_take < n_runs:
                     hi = sel.words[n_take - 1] & _SEQ_MASK
-        runs = array("Q")
-        for r in range(n_take):
-            runs.append(sel.words[r])
-            runs.append(sel.counts[r])
         keys = sel.keys if n_keys == len(sel.keys) else sel.keys[:n_keys]
-        return SlicePiece(
-            replica=name,
-            epoch=s.epoch,
-            lo=-1 if reset else lo,
-            hi=hi,
-            reset=reset,
-            complete=s.complete,
-            horizon=s.horizon,
-            base=s.base,
-            cleared=s.cleared,
-            runs=_to_le(runs),
-            keys=_to_le(keys),
+        return self._make(
+            name, s, keys, sel.words[:n_take], sel.counts[:n_take], lo, hi, reset=False
         )
 
     # ---- compaction --------------------------------------------------------------------
@@ -1019,7 +1313,9 @@ class PrefixIndex:
 
 
 def _piece_from_wire(obj: object) -> SlicePiece:
-    f = as_list(obj, "slice piece", length=10)
+    f = as_list(obj, "slice piece")
+    if len(f) not in (10, 12):
+        raise DecodeError(f"slice piece: expected 10 or 12 items, got {len(f)}")
     replica = as_str(f[0], "piece replica")
     epoch = as_int(f[1], "piece epoch", 0, MAX_EPOCH)
     lo = as_int(f[2], "piece lo", -1, MAX_SEQ)
@@ -1047,6 +1343,15 @@ def _piece_from_wire(obj: object) -> SlicePiece:
         total += count
     if total * 8 != len(keys_b):
         raise DecodeError(f"piece: runs count {total} keys, payload has {len(keys_b) // 8}")
+    arc_lo, arc_len = 0, KEY_SPACE
+    if len(f) == 12:
+        arc_lo = as_int(f[10], "piece arc start", 0, _KEY_MASK)
+        arc_len = as_int(f[11], "piece arc length", 1, _KEY_MASK)
+        if not reset:
+            raise DecodeError("piece: only a reset is cut by key")
+        for k in _from_le(keys_b):
+            if (k - arc_lo) & _KEY_MASK >= arc_len:
+                raise DecodeError(f"piece: key {k} outside its arc")
     return SlicePiece(
         replica=replica,
         epoch=epoch,
@@ -1059,6 +1364,8 @@ def _piece_from_wire(obj: object) -> SlicePiece:
         cleared=cleared,
         runs=runs_b,
         keys=keys_b,
+        arc_lo=arc_lo,
+        arc_len=arc_len,
     )
 
 

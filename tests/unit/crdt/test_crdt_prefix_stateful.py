@@ -204,12 +204,14 @@ class Mesh(RuleBasedStateMachine):
                 pass
         self.deliver(1)
         for _ in range(300):
-            changed = False
+            sent = False  # until nobody has anything to send (a re-sent arc changes nothing)
             for a in self.nodes:
                 for b in self.nodes:
                     if a is not b:
-                        changed |= b.merge(_rt(b, a.delta_since(b.digest(), self.now, 250)), 0.0)
-            if not changed:
+                        d = a.delta_since(b.digest(), self.now, 250)
+                        sent |= not d.is_empty()
+                        b.merge(_rt(b, d), 0.0)
+            if not sent:
                 break
         expected: dict[str, tuple[object, ...]] = {}
         for name, eng in self.engines.items():
