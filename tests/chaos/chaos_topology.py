@@ -14,8 +14,9 @@ traffic between regions always crosses a delay proxy, traffic within a region ne
 and partitioning a region is ``docker network disconnect`` of the gateways between it and
 the rest (``Mesh.partition``). Engines live only on their region's network.
 
-The host reaches routers and engines through their published ports (``Node.url``), which
-change when a killed container is started again; ``Node.url`` always reads the current one.
+The host reaches routers and engines through their ports published on 127.0.0.1
+(``Node.url``); a killed container started again gets a new one, which ``Mesh.restart`` picks
+up.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ class MeshSpec:
     )
     mesh_key: str = field(default_factory=lambda: secrets.token_hex(16))
     router_config: dict[str, Any] = field(default_factory=lambda: dict(ROUTER_CONFIG))
-    """Extra router configuration keys, merged into every router's file (e.g. ``gossip``)."""
+    """Router configuration keys merged into every router's file (timings, ``gossip``)."""
     engine_args: tuple[str, ...] = ENGINE_ARGS
-    """Extra ``kvmesh sim-engine`` flags for every engine (speedup, block count, ...)."""
+    """``kvmesh sim-engine`` flags for every engine (speedup, block count, ...)."""
     mem_limit: str = "384m"
 
     def rtt(self, a: str, b: str) -> float:
@@ -220,7 +221,8 @@ class Mesh:
             volumes=[(str(self._workdir), "/etc/kvmesh", "ro")],
         )
         if port:
-            container.with_exposed_ports(port)
+            # Published on the loopback interface only, at a port Docker picks.
+            container.ports[str(port)] = ("127.0.0.1",)  # type: ignore[assignment]
         node = Node(alias=alias, role=role, region=region, port=port, container=container)
         with self._lock:
             self.nodes[alias] = node
