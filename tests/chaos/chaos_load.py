@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+from chaos_support import wait_until
 
 Targets = Callable[[str], list[tuple[str, str]]]
 """region -> [(router alias, base URL)] in preference order, read at each attempt."""
@@ -153,8 +154,6 @@ class LoadGenerator:
 
     def wait_for(self, n: int, timeout: float) -> None:
         """Wait until ``n`` more requests have completed (progress under the fault)."""
-        from chaos_support import wait_until
-
         target = self.count() + n
         wait_until(lambda: self.count() >= target, timeout=timeout, what=f"{n} more requests")
 
