@@ -6,9 +6,11 @@ through their published ports: it sends a chat-style completion, and on a connec
 a timeout or a 5xx it retries on the region's next router, as a real client with two
 router addresses would. A request is *lost* when every attempt failed.
 
-The workload shares long prefixes across clients and regions (a few "documents", each with
-a growing conversation), so the routers' prefix maps have something to say, and keeps
-``max_tokens`` small so a 2-core machine is not flooded.
+The workload shares prefixes across clients and regions (a few "documents", each with a
+growing conversation), so the routers' prefix maps have something to say, and keeps
+``max_tokens`` small so a 2-core machine is not flooded. Each region also has a long "home"
+document its own clients use; now and then a client asks about another region's, whose
+prefix only that region's engines hold: the kind of request worth forwarding one hop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ _DOCS = [
     " ".join(f"{topic}{i}" for i in range(160))
     for topic in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 ]
+HOME_WORDS = 600
+"""About 1200 prompt tokens: prefilling that costs more than a round trip between regions."""
+HOME_SHARE, FOREIGN_SHARE = 0.2, 0.1
+"""Fractions of a client's requests on its own region's home document and on another's."""
+
+
+def home_doc(region: str) -> str:
+    return " ".join(f"{region}-manual-{i}" for i in range(HOME_WORDS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,21 +209,30 @@ class LoadGenerator:
     ) -> None:
         name = f"{region}-{k}"
         rng = random.Random(f"{self.seed}-{name}")
-        turns: dict[int, list[str]] = {}
+        turns: dict[str, list[str]] = {}
         while not self._stop.is_set() and time.monotonic() < deadline:
             seq = self._take_ticket()
             if seq is None:
                 return
-            doc = rng.randrange(len(_DOCS))
+            doc = self._pick_doc(rng, region)
             history = turns.setdefault(doc, [])
             history.append(f"question {name} {len(history)}: {rng.random():.6f}")
             if len(history) > 6:
                 history.clear()
-            prompt = _DOCS[doc] + "\n" + "\n".join(history)
+            prompt = doc + "\n" + "\n".join(history)
             outcome = await self._request(session, name, k, region, seq, prompt)
             with self._lock:
                 self.report.outcomes.append(outcome)
             await asyncio.sleep(self.think_s)
+
+    def _pick_doc(self, rng: random.Random, region: str) -> str:
+        draw = rng.random()
+        others = [r for r in self.regions if r != region]
+        if draw < FOREIGN_SHARE and others:
+            return home_doc(rng.choice(others))
+        if draw < FOREIGN_SHARE + HOME_SHARE:
+            return home_doc(region)
+        return rng.choice(_DOCS)
 
     async def _request(
         self,

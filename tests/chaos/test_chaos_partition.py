@@ -63,7 +63,13 @@ def test_region_partition_and_heal(
 
     gen = load(max_duration_s=120)
     gen.wait_for(60, timeout=30)
-    forwards_before = forwards_into_cut(mesh)
+    # Requests about eu's home document are worth a hop into eu: make sure some took it, so
+    # "nothing forwarded into the partition" below is a real change of behaviour.
+    forwards_before = wait_until(
+        lambda: forwards_into_cut(mesh),
+        timeout=60,
+        what=f"a request forwarded into {CUT} before the cut",
+    )
     t_cut = gen.mark("partition")
     mesh.partition(CUT)
     split_at = each_until(
