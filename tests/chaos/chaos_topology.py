@@ -152,10 +152,17 @@ class Mesh:
         self.run_id = f"kvc{secrets.token_hex(3)}"
         self.nodes: dict[str, Node] = {}
         self.networks: dict[str, Network] = {}
-        self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
-        self._workdir.chmod(0o755)
+        self._workdir: Path | None = None
         self._partitioned: set[str] = set()
         self._lock = threading.Lock()
+
+    @property
+    def workdir(self) -> Path:
+        """Host folder mounted read-only at ``/etc/kvmesh`` in every container (configs)."""
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
+            self._workdir.chmod(0o755)
+        return self._workdir
 
     # ---- naming ---------------------------------------------------------------------
     def container_name(self, alias: str) -> str:
@@ -218,7 +225,7 @@ class Mesh:
             name=self.container_name(alias),
             network=self.networks[region],
             network_aliases=[alias, *aliases],
-            volumes=[(str(self._workdir), "/etc/kvmesh", "ro")],
+            volumes=[(str(self.workdir), "/etc/kvmesh", "ro")],
         )
         if port:
             # Published on the loopback interface only, at a port Docker picks.
@@ -251,7 +258,7 @@ class Mesh:
 
     def write_file(self, name: str, text: str) -> str:
         """Write a file every container sees under ``/etc/kvmesh``; returns its path there."""
-        path = self._workdir / name
+        path = self.workdir / name
         path.write_text(text)
         path.chmod(0o644)
         return f"/etc/kvmesh/{name}"
@@ -446,11 +453,12 @@ class Mesh:
             with contextlib.suppress(Exception):
                 net.remove()
         sweep(self.client, run_id=self.run_id)
-        for path in sorted(self._workdir.rglob("*"), reverse=True):
+        if self._workdir is not None:
+            for path in sorted(self._workdir.rglob("*"), reverse=True):
+                with contextlib.suppress(OSError):
+                    path.unlink() if path.is_file() else path.rmdir()
             with contextlib.suppress(OSError):
-                path.unlink() if path.is_file() else path.rmdir()
-        with contextlib.suppress(OSError):
-            self._workdir.rmdir()
+                self._workdir.rmdir()
 
 
 def _answers(node: Node, path: str) -> bool:
