@@ -14,13 +14,13 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from kvevents.tokenizer import Message, Tokenizer
+from kvevents.tokenizer_factory import AsyncTokenizer
 
 log = logging.getLogger("kvmesh.api")
 
@@ -131,33 +131,8 @@ def parse_inference(
     return Inference(kind, path, body, raw, model, stream, [], session, max_tokens or 0)
 
 
-class PromptTokenizer(Protocol):
-    """The tokenizer interface the router uses (``kvevents.tokenizer_factory``'s)."""
-
-    name: str
-
-    async def encode(self, text: str) -> list[int]: ...
-
-    async def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
-
-    async def aclose(self) -> None: ...
-
-
-class SyncTokenizer:
-    """A synchronous :class:`~kvevents.tokenizer.Tokenizer` behind the async interface."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.sync = tokenizer
-        self.name = tokenizer.name
-
-    async def encode(self, text: str) -> list[int]:
-        return self.sync.encode(text)
-
-    async def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self.sync.encode(self.sync.apply_chat_template(messages))
-
-    async def aclose(self) -> None:
-        return None
+PromptTokenizer = AsyncTokenizer
+"""The tokenizer interface the router uses: ``kvevents.tokenizer_factory``'s."""
 
 
 async def tokenize(inf: Inference, tokenizer: PromptTokenizer) -> list[int]:

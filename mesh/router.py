@@ -32,12 +32,11 @@ import aiohttp
 from aiohttp import web
 
 from kvevents.keys import request_keys
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizer_factory import make_tokenizer
 from mesh.api import (
     ApiError,
     Inference,
     PromptTokenizer,
-    SyncTokenizer,
     build_app,
     error_response,
 )
@@ -143,18 +142,11 @@ class LocalOnly:
 def load_tokenizer(spec: str) -> PromptTokenizer:
     """``builtin``, ``hf:<path>`` or ``engine:<url>`` (``kvevents.tokenizer_factory``)."""
     try:
-        from kvevents.tokenizer_factory import make_tokenizer
-    except ImportError:  # a build without the factory: the builtin tokenizer only
-        if spec != "builtin":
-            raise ValueError(f"tokenizer: {spec!r} is not available in this build") from None
-        return SyncTokenizer(BuiltinTokenizer())
-    try:
-        tokenizer: PromptTokenizer = make_tokenizer(spec)
+        return make_tokenizer(spec)
     except ImportError as exc:
         raise ValueError(f"tokenizer: {spec!r} needs a missing package ({exc.name})") from None
     except ValueError as exc:
         raise ValueError(f"tokenizer: {exc}") from None
-    return tokenizer
 
 
 def forward_signature(key: str, origin: str, target: str, request_id: str) -> str:
