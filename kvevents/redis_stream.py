@@ -270,18 +270,15 @@ class RedisStreamReader:
             if self._ctx is None:
                 self._ctx = zmq.asyncio.Context()
                 self._own_ctx = True
-            try:
-                await recover(
-                    self.ingest,
-                    self._ctx,
-                    self.replay_endpoint,
-                    self.clock,
-                    attempts=self.replay_attempts,
-                    idle_timeout=self.replay_idle_timeout,
-                )
-            except zmq.ZMQError as exc:
-                log.warning("engine %s: replay failed: %s", self.replica, exc)
-                self.ingest.on_replay_done(self.clock())
+            await recover(
+                self.ingest,
+                self._ctx,
+                self.replay_endpoint,
+                self.clock,
+                attempts=self.replay_attempts,
+                idle_timeout=self.replay_idle_timeout,
+                name=f"engine {self.replica}",
+            )
 
 
 class _Relay:
@@ -500,18 +497,15 @@ class RedisBridge:
 
     async def _recover(self) -> None:
         assert self.replay_endpoint is not None
-        try:
-            await recover(
-                self.relay,
-                self._ctx,
-                self.replay_endpoint,
-                self.clock,
-                attempts=self.replay_attempts,
-                idle_timeout=self.replay_idle_timeout,
-            )
-        except zmq.ZMQError as exc:
-            log.warning("bridge: replay from %s failed: %s", self.replay_endpoint, exc)
-            self.relay.on_replay_done(self.clock())
+        await recover(
+            self.relay,
+            self._ctx,
+            self.replay_endpoint,
+            self.clock,
+            attempts=self.replay_attempts,
+            idle_timeout=self.replay_idle_timeout,
+            name="bridge",
+        )
 
     async def _write_loop(self) -> None:
         delay = self.retry_delay

@@ -10,6 +10,7 @@ to the next one. An attempt ends at the end marker, when the engine stays silent
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -18,6 +19,8 @@ import zmq
 import zmq.asyncio
 
 from kvevents.decode import RawMessage, WireError, split_replay_reply
+
+log = logging.getLogger(__name__)
 
 
 class ReplayOutcome(enum.Enum):
@@ -86,12 +89,30 @@ async def recover(
     attempts: int = 3,
     idle_timeout: float = 2.0,
     max_duration: float = 120.0,
+    name: str = "",
 ) -> None:
     """Run replays for ``ingest`` until it wants none (each start gets ``attempts`` tries).
 
-    When the attempts are used up, the ingest is told the replay is over: it then decides
-    what was lost (and marks the slice partial) from what it did get.
+    When the attempts are used up, or the replay socket fails outright, the ingest is told
+    the replay is over: it then decides what was lost (and marks the slice partial) from what
+    it did get. ``name`` labels the log line of a socket failure.
     """
+    try:
+        await _recover(ingest, ctx, endpoint, clock, attempts, idle_timeout, max_duration)
+    except zmq.ZMQError as exc:
+        log.warning("%s: replay from %s failed: %s", name or "engine", endpoint, exc)
+        ingest.on_replay_done(clock())
+
+
+async def _recover(
+    ingest: ReplayTarget,
+    ctx: zmq.asyncio.Context,
+    endpoint: str,
+    clock: Callable[[], float],
+    attempts: int,
+    idle_timeout: float,
+    max_duration: float,
+) -> None:
     tries = 0
     while (start := ingest.replay_from) is not None:
         if tries >= attempts:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Callable
 
@@ -25,8 +24,6 @@ from kvevents.decode import WireError, split_message
 from kvevents.events import IndexWriter
 from kvevents.ingest import AliveHook, EngineIngest, EngineStats, Version
 from kvevents.replay import recover
-
-log = logging.getLogger(__name__)
 
 
 def wants_bind(endpoint: str) -> bool:
@@ -190,12 +187,8 @@ class ZmqSubscriber:
                 attempts=self.replay_attempts,
                 idle_timeout=self.replay_idle_timeout,
                 max_duration=self.replay_max_duration,
+                name=f"engine {self.replica}",
             )
-        except zmq.ZMQError as exc:
-            log.warning(
-                "engine %s: replay from %s failed: %s", self.replica, self.replay_endpoint, exc
-            )
-            self.ingest.on_replay_done(self.clock())
         finally:
             self._replay_task = None
 
