@@ -8,14 +8,17 @@ replicas; ingestion writes each replica's keys in batches of 16 per seq, as an e
 - **apply**: ``PrefixIndex.store`` block events per second while building the index (k = 4),
   and with churn (a removal for every store, after the index is full);
 - **memory**: bytes per (block, replica) pair measured with ``tracemalloc`` (everything the
-  index allocates: key -> mask dict, key and mask ints, per-slice logs), for k = 1, 4, 16;
+  index allocates: the holder table and dict, key and mask ints, per-slice logs), for
+  k = 1, 2, 4, 16;
 - **wire**: full-state delta to bytes (``to_wire`` + ``crdt.wire.encode``) and back
   (``decode`` + ``delta_from_wire``), pairs per second and MB/s;
 - **merge**: the decoded full-state delta merged into an empty index (pairs per second), and a
   stream of small incremental deltas (one per ingested batch) merged by a follower;
 - **query**: ``match`` of 128 chained keys against 64 replicas that hold random-length prefixes
   of the chain (a quarter of the queries: all 64 replicas hold all 128 keys, the worst case:
-  the walk never stops early); p50 / p99 / max per query.
+  the walk never stops early), and of 128 keys held by one replica each (lone holders, the
+  compact table's side); p50 / p99 / max per query, beside a floor: the same lookups in one
+  plain dict, timed in the same run.
 
 Writes ``results/crdt.json`` and ``results/crdt.md`` (``--out`` to change the folder).
 """
@@ -30,6 +33,9 @@ import random
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
+from itertools import accumulate, repeat
+from operator import and_
 from pathlib import Path
 from typing import Any
 
@@ -120,76 +126,80 @@ def add_chains(idx: PrefixIndex, replicas: int, chains: int, seed: int) -> list[
         chain = [rng.getrandbits(64) for _ in range(CHAIN)]
         full = c % 4 == 0
         for i in range(replicas):
-            name = replica_name(i)
             n = CHAIN if full else rng.randint(0, CHAIN)
-            version = idx.version(name) or (1, 0)
-            idx.store(name, (version[0], version[1] + 1), chain[:n])
+            _store_next(idx, replica_name(i), chain[:n])
         out.append(chain)
     return out
 
 
-def time_queries(idx: PrefixIndex, chains: list[list[int]], n: int, seed: int) -> dict[str, Any]:
-    """Per query: wall time, and CPU time of this thread (immune to being descheduled)."""
+def add_lone_chains(idx: PrefixIndex, replicas: int, chains: int, seed: int) -> list[list[int]]:
+    """Chains of 128 keys, each held whole by one random replica (its keys have one holder)."""
     rng = random.Random(seed)
+    out = []
+    for _ in range(chains):
+        chain = [rng.getrandbits(64) for _ in range(CHAIN)]
+        _store_next(idx, replica_name(rng.randrange(replicas)), chain)
+        out.append(chain)
+    return out
+
+
+def _store_next(idx: PrefixIndex, name: str, keys: list[int]) -> None:
+    version = idx.version(name) or (1, 0)
+    idx.store(name, (version[0], version[1] + 1), keys)
+
+
+def time_calls(
+    fn: Callable[[list[int]], object], chains: list[list[int]], n: int, rng: random.Random
+) -> dict[str, float]:
+    """``fn`` on ``n`` random chains: wall and this thread's CPU time per call, in us."""
     wall, cpu = [], []
-    replicas_seen = 0
-    match = idx.match
     wall_ns, cpu_ns = time.perf_counter_ns, time.thread_time_ns
     overhead = min(_clock_pair_cost(wall_ns, cpu_ns) for _ in range(200))
     for _ in range(n):
         q = chains[rng.randrange(len(chains))]
         c0 = cpu_ns()
         t0 = wall_ns()
-        res = match(q)
+        fn(q)
         t1 = wall_ns()
         c1 = cpu_ns()
         wall.append(t1 - t0)
         cpu.append(max(0, c1 - c0 - overhead))
-        replicas_seen += len(res)
     wall.sort()
     cpu.sort()
-    floor = _bare_walk_cpu(idx, chains, rng)
 
     def pct(xs: list[int], p: float) -> float:
         return round(xs[min(len(xs) - 1, int(len(xs) * p))] / 1000, 2)
 
     return {
-        "queries": n,
-        "keys_per_query": CHAIN,
         "p50_us": pct(wall, 0.5),
         "p99_us": pct(wall, 0.99),
         "max_us": pct(wall, 1.0),
         "cpu_p50_us": pct(cpu, 0.5),
         "cpu_p99_us": pct(cpu, 0.99),
-        "bare_walk_cpu_p50_us": round(floor / 1000, 2),
-        "query_over_bare_walk": round(cpu[len(cpu) // 2] / max(1, floor), 2),
-        "mean_replicas_matched": round(replicas_seen / n, 1),
     }
 
 
-def _bare_walk_cpu(idx: PrefixIndex, chains: list[list[int]], rng: random.Random) -> int:
-    """Median CPU ns of the least any pure-Python query can do: 128 lookups and ANDs.
+def time_queries(idx: PrefixIndex, chains: list[list[int]], n: int, seed: int) -> dict[str, Any]:
+    """``match`` on random chains, beside the floor: the same lookups in one plain dict.
 
-    Measured in the same run, so ``query_over_bare_walk`` is a ratio that does not depend on
-    how loaded the machine was.
+    The floor is the least a pure-Python query can do: 128 lookups and ANDs run in C
+    (``accumulate(map(dict.get, keys), and_)``) on a dict of every (key, mask) the index
+    holds. Both are timed in the same run, so their ratio does not depend on machine load.
     """
-    get = idx._holders.get  # the index's own dict: same sizes, same cache behaviour
-    cpu_ns = time.thread_time_ns
-    empty = []
-    for _ in range(200):
-        c0 = cpu_ns()
-        empty.append(cpu_ns() - c0)
-    overhead = min(empty)
-    samples = []
-    for _ in range(5000):
-        q = chains[rng.randrange(len(chains))]
-        c0 = cpu_ns()
-        acc = -1
-        for k in q:
-            acc &= get(k, 0)
-        samples.append(max(0, cpu_ns() - c0 - overhead))
-    samples.sort()
-    return samples[len(samples) // 2]
+    rng = random.Random(seed)
+    match = idx.match
+    matched = sum(len(match(q)) for q in chains) / len(chains)
+    q = time_calls(match, chains, n, rng)
+    get = dict(idx._holders.items()).get
+    floor = time_calls(lambda k: list(accumulate(map(get, k, repeat(0)), and_)), chains, n, rng)
+    return {
+        "queries": n,
+        "keys_per_query": CHAIN,
+        **q,
+        "dict_floor": floor,
+        "query_over_floor": round(q["cpu_p50_us"] / max(0.01, floor["cpu_p50_us"]), 2),
+        "mean_replicas_matched": round(matched, 1),
+    }
 
 
 def _clock_pair_cost(wall_ns: Any, cpu_ns: Any) -> int:
@@ -320,21 +330,28 @@ def main(argv: list[str]) -> int:
             f"(identical: {inc['follower_identical']})"
         )
 
-        chains = add_chains(idx, args.replicas, 64, args.seed + 3)
-        q = time_queries(idx, chains, args.queries, args.seed + 4)
-        results["query"] = q
-        print(
-            f"query:   128 keys x {args.replicas} replicas: wall p50 {q['p50_us']} us, "
-            f"p99 {q['p99_us']} us, max {q['max_us']} us; CPU p50 {q['cpu_p50_us']} us, "
-            f"p99 {q['cpu_p99_us']} us ({q['queries']} queries); a bare 128-lookup loop: "
-            f"{q['bare_walk_cpu_p50_us']} us CPU, so match = {q['query_over_bare_walk']} x that"
-        )
+        shared = add_chains(idx, args.replicas, 64, args.seed + 3)
+        lone = add_lone_chains(idx, args.replicas, 64, args.seed + 5)
+        results["query"] = q = time_queries(idx, shared, args.queries, args.seed + 4)
+        results["query_lone"] = ql = time_queries(idx, lone, args.queries, args.seed + 6)
+        for what, r in (
+            (f"{args.replicas} replicas hold random prefixes", q),
+            ("each chain on one replica", ql),
+        ):
+            f = r["dict_floor"]
+            print(
+                f"query:   128 keys, {what}: wall p50 {r['p50_us']} us, p99 {r['p99_us']} us, "
+                f"max {r['max_us']} us; CPU p50 {r['cpu_p50_us']}, p99 {r['cpu_p99_us']} us "
+                f"({r['queries']} queries) | floor (128 lookups in one plain dict): wall p50 "
+                f"{f['p50_us']}, p99 {f['p99_us']} us; match CPU / floor CPU = "
+                f"{r['query_over_floor']}"
+            )
         del idx, held
     finally:
         gc.enable()
 
     mem = []
-    for k in (1, 4, 16):
+    for k in (1, 2, 4, 16):
         m = memory_per_pair(args.pairs, args.replicas, k, args.seed + 5)
         mem.append(m)
         print(
@@ -372,11 +389,21 @@ def markdown(r: dict[str, Any]) -> str:
         f"| full-state merge (pairs/s) | {w['full_merge_pairs_per_s']:,} |",
         f"| incremental merge (deltas/s; block events/s) | {inc['merge_per_s']:,}; "
         f"{inc['merged_block_events_per_s']:,} |",
-        f"| query wall p50 / p99 / max (us, 128 keys, {r['replicas']} replicas) | "
-        f"{q['p50_us']} / {q['p99_us']} / {q['max_us']} |",
-        f"| query CPU p50 / p99 (us, same queries) | {q['cpu_p50_us']} / {q['cpu_p99_us']} |",
-        f"| bare loop of 128 dict lookups + ANDs (CPU p50, us) | {q['bare_walk_cpu_p50_us']} |",
-        f"| query CPU p50 / bare loop (ratio, load-independent) | {q['query_over_bare_walk']} |",
+    ]
+    for label, x in (
+        (f"{r['replicas']} replicas hold random prefixes", q),
+        ("each chain on one replica", r["query_lone"]),
+    ):
+        f = x["dict_floor"]
+        lines += [
+            f"| query, {label}: wall p50 / p99 / max (us, 128 keys) | "
+            f"{x['p50_us']} / {x['p99_us']} / {x['max_us']} |",
+            f"| same queries, CPU p50 / p99 (us) | {x['cpu_p50_us']} / {x['cpu_p99_us']} |",
+            f"| floor, 128 lookups in one plain dict: wall p50 / p99 (us) | "
+            f"{f['p50_us']} / {f['p99_us']} |",
+            f"| match CPU p50 / floor CPU p50 (load-independent ratio) | {x['query_over_floor']} |",
+        ]
+    lines += [
         "",
         "Memory (tracemalloc, everything the index allocates):",
         "",

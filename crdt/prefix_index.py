@@ -9,11 +9,11 @@ their deltas is idempotent; routers that do not ingest R learn its slice from go
 
 A slice is kept as an append-only *log* of operations ``(seq, store|remove, key)`` sorted by
 seq (two compact ``array('Q')``: keys, plus runs of ``(seq|flag, end)``), and every held
-(key, replica) pair is a bit in one global ``key -> replica bitmask`` dict, which is what
-queries walk. The log is compacted to the latest operation per key; removals ("tombstones")
-are kept back to a *horizon* ``h`` (at least ``grace`` seconds, see ``gc``, and at most
-``max(live, min_tombstones)`` of them), so the log always holds every operation after ``h``
-and the latest store of every held key.
+(key, replica) pair is a bit in one global ``key -> replica bitmask`` map
+(``crdt.holders``), which is what queries walk. The log is compacted to the latest
+operation per key; removals ("tombstones") are kept back to a *horizon* ``h`` (at least
+``grace`` seconds, see ``gc``, and at most ``max(live, min_tombstones)`` of them), so the
+log always holds every operation after ``h`` and the latest store of every held key.
 
 Versions and ranks. A slice at ``(epoch, seq)`` is *complete* (its history is whole) or
 *partial* (history was lost: a subset of the truth). Slices of one replica are totally
@@ -68,6 +68,7 @@ from itertools import accumulate, repeat
 from operator import and_
 
 from crdt.base import DecodeError, Digest, Version
+from crdt.holders import HolderMap
 from crdt.wire import as_bytes, as_int, as_list, as_str
 
 __all__ = [
@@ -491,13 +492,13 @@ class PrefixIndex:
     """
 
     def __init__(self, *, min_tombstones: int = 1 << 16) -> None:
-        self._holders: dict[int, int] = {}
         self._slices: dict[str, _Slice] = {}
         self._dropped: dict[str, _Dropped] = {}
         self._names: list[str] = []
         self._free: list[int] = []
         self._bits: list[int] = []
         """slot -> its bit: keys held by one replica all share this int object (memory)."""
+        self._holders = HolderMap(self._bits)
         self._mask_names: dict[int, tuple[str, ...]] = {}
         """Cache: bitmask -> replica names (cleared whenever a slot changes hands)."""
         self._min_tombstones = min_tombstones
@@ -666,24 +667,38 @@ class PrefixIndex:
         """
         if not keys:
             return {}
-        get = self._holders.get
-        active = get(keys[0], 0)
-        if not active:
+        holders = self._holders
+        first = holders.get(keys[0])
+        if not first:
             return {}
-        # The running AND of the masks (lookups and ANDs in C); each time it loses bits, the
-        # replicas behind those bits have matched exactly ``at`` keys.
         names = self._names
+        if not first & (first - 1):  # one holder: only it can match anything
+            slot = first.bit_length() - 1
+            return {names[slot]: 1 + holders.run(keys[1:], slot)}
+        # The running AND of the masks of keys held by several replicas (lookups and ANDs in
+        # C); each time it loses bits, the replicas behind those bits matched exactly ``at``
+        # keys. It ends at the first key no replica of the run holds or that has one holder.
         out: dict[str, int] = {}
-        for at, value in enumerate(accumulate(map(get, keys, repeat(0)), and_)):
-            if value != active:
-                gone = active ^ value
-                if gone & (gone - 1):
-                    out.update(dict.fromkeys(self._names_for(gone), at))
-                else:
-                    out[names[gone.bit_length() - 1]] = at
-                if not value:
-                    return out
-                active = value
+        active = first
+        for at, value in enumerate(accumulate(map(holders.shared.get, keys, repeat(0)), and_)):
+            if value == active:
+                continue
+            if not value:
+                # keys[at] has one holder or none; if one of the run, it alone goes on
+                alone = holders.get(keys[at]) & active
+                if alone:
+                    active ^= alone
+                    slot = alone.bit_length() - 1
+                    out[names[slot]] = at + 1 + holders.run(keys[at + 1 :], slot)
+                if active:
+                    out.update(dict.fromkeys(self._names_for(active), at))
+                return out
+            gone = active ^ value
+            if gone & (gone - 1):
+                out.update(dict.fromkeys(self._names_for(gone), at))
+            else:
+                out[names[gone.bit_length() - 1]] = at
+            active = value
         out.update(dict.fromkeys(self._names_for(active), len(keys)))
         return out
 
@@ -704,7 +719,7 @@ class PrefixIndex:
 
     def holders(self, key: int) -> list[str]:
         """Replicas holding block ``key``."""
-        return list(self._names_for(self._holders.get(key, 0)))
+        return list(self._names_for(self._holders.get(key)))
 
     def first_block_holders(self, keys: Sequence[int]) -> list[str]:
         """Replicas holding the first block of ``keys`` (the candidates for any cache hit)."""
@@ -748,8 +763,8 @@ class PrefixIndex:
         s = self._slices.get(replica)
         if s is None:
             return set()
-        holders, bit = self._holders, s.bit
-        return {k for k in s.keys if holders.get(k, 0) & bit}
+        get, bit = self._holders.get, s.bit
+        return {k for k in s.keys if get(k) & bit}
 
     def pair_count(self) -> int:
         return sum(s.live for s in self._slices.values())
@@ -999,16 +1014,7 @@ class PrefixIndex:
         self._mask_names.clear()
 
     def _wipe(self, s: _Slice) -> None:
-        holders, bit, bits = self._holders, s.bit, self._bits
-        keep = ~bit
-        for k in s.keys:
-            m = holders.get(k)
-            if m is not None and m & bit:
-                m &= keep
-                if not m:
-                    del holders[k]
-                else:
-                    holders[k] = m if m & (m - 1) else bits[m.bit_length() - 1]
+        self._holders.discard(s.keys, s.slot)
         s.keys = array("Q")
         s.run_words = array("Q")
         s.run_ends = array("Q")
@@ -1021,13 +1027,7 @@ class PrefixIndex:
         # operation, or a peer that saw a later removal would never see the key come back.
         if not keys:
             return
-        holders, bit = self._holders, s.bit
-        added = 0
-        for k in keys:
-            m = holders.get(k, 0)
-            if not m & bit:
-                holders[k] = m | bit if m else bit  # a lone holder shares one int
-                added += 1
+        added = self._holders.add(keys, s.slot)
         s.keys.extend(keys)
         s.live += added
         if s.tombs or added < len(keys):
@@ -1035,25 +1035,13 @@ class PrefixIndex:
         s.close_run(seq)
 
     def _apply_remove(self, s: _Slice, seq: int, keys: array[int]) -> None:
-        holders, bit, bits, log = self._holders, s.bit, self._bits, s.keys
-        n0 = len(log)
-        live = s.live
-        for k in keys:
-            m = holders.get(k, 0)
-            if m & bit:
-                m ^= bit
-                if not m:
-                    del holders[k]
-                else:
-                    holders[k] = m if m & (m - 1) else bits[m.bit_length() - 1]
-                live -= 1
-            log.append(k)
-        added = len(log) - n0
-        if added:
-            s.live = live
-            s.tombs += added
-            s.clean = False
-            s.close_run(seq | _FLAG)
+        if not keys:
+            return
+        s.live -= self._holders.discard(keys, s.slot)
+        s.keys.extend(keys)
+        s.tombs += len(keys)
+        s.clean = False
+        s.close_run(seq | _FLAG)
 
     def _entry_index_after(self, s: _Slice, lo: int) -> int:
         """Index of the first log entry with seq > ``lo``."""
@@ -1202,9 +1190,7 @@ class PrefixIndex:
             arc_len=arc[1],
         )
 
-    def _piece(
-        self, name: str, s: _Slice, lo: int, *, room: int, force: bool
-    ) -> SlicePiece | None:
+    def _piece(self, name: str, s: _Slice, lo: int, *, room: int, force: bool) -> SlicePiece | None:
         """A CONT (lo, hi], cut at a seq boundary to fit ``room``."""
         sel = self._select(s, lo)
         n_runs = len(sel.words)
@@ -1309,7 +1295,8 @@ class PrefixIndex:
             for k in held:
                 derived[k] = derived.get(k, 0) | s.bit
             assert prev_seq <= max(s.seq, 0) or not s.keys, (name, prev_seq, s.seq)
-        assert derived == self._holders, "holder masks disagree with slice logs"
+        self._holders.check()
+        assert derived == self._holders.to_dict(), "holder masks disagree with slice logs"
 
 
 def _piece_from_wire(obj: object) -> SlicePiece:
