@@ -6,13 +6,19 @@ has reached the client, so a refused connection, a reset, a timeout or a 5xx ans
 the body to the client chunk by chunk as it arrives (SSE is never buffered); an error after
 the first byte reaches the client as a cut stream. If the client goes away the handler is
 cancelled, the upstream response is closed, and the engine sees the disconnect.
+
+The forwarding protocol between routers lives here too: a forwarded request carries
+``x-kvmesh-hop`` (never forwarded again), the sender's node id, the replica it picked (empty:
+"pick one yourself") and, when mesh keys are set, an HMAC over those three and the request id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -24,6 +30,70 @@ _SKIP = {
     "date", "server", "proxy-authenticate", "proxy-authorization", "te", "trailers", "upgrade",
 }
 ERROR_BODY_LIMIT = 4096
+
+HOP = "x-kvmesh-hop"
+FROM = "x-kvmesh-from"
+TARGET = "x-kvmesh-target"
+SIG = "x-kvmesh-sig"
+H_REPLICA = "x-kvmesh-replica"
+H_REGION = "x-kvmesh-region"
+H_ROUTE = "x-kvmesh-route"
+PASS_HEADERS = ("authorization", "x-request-id", "openai-organization", "openai-project")
+"""Client request headers copied onto the upstream request."""
+
+
+def forward_signature(key: str, origin: str, target: str, request_id: str) -> str:
+    msg = f"{origin}\n{target}\n{request_id}".encode()
+    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """What a forwarded request's headers say about it."""
+
+    origin: str
+    target: str | None
+    """The replica the sending router picked; None: this router picks among its own."""
+
+
+class BadForward(Exception):
+    """A forwarded request whose signature no mesh key verifies."""
+
+
+def read_forward(headers: Mapping[str, str], keys: Sequence[str]) -> Forwarded | None:
+    """None for a client's request; raises :class:`BadForward` on a bad signature."""
+    if headers.get(HOP) is None:
+        return None
+    target = headers.get(TARGET) or None
+    origin = headers.get(FROM, "")
+    if keys:
+        sig, rid = headers.get(SIG, ""), headers.get("x-request-id", "")
+        if not any(hmac.compare_digest(sig, forward_signature(k, origin, target or "", rid))
+                   for k in keys):
+            raise BadForward("forwarded request with a bad or missing mesh signature")
+    return Forwarded(origin, target)
+
+
+def upstream_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, str]:
+    """Headers of the request to the target: the client's pass-through ones and the id."""
+    headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+               "x-request-id": request_id}
+    for h in PASS_HEADERS:
+        if h in incoming and h != "x-request-id":
+            headers[h] = incoming[h]
+    return headers
+
+
+def mark_forward(headers: dict[str, str], origin: str, target: str, request_id: str,
+                 session: str | None, key: str | None) -> None:
+    """Turn ``headers`` into a forward to another region's router (one hop, signed)."""
+    headers[HOP] = "1"
+    headers[FROM] = origin
+    headers[TARGET] = target
+    if session:
+        headers["x-session-id"] = session
+    if key is not None:
+        headers[SIG] = forward_signature(key, origin, target, request_id)
 
 
 class UpstreamError(Exception):

@@ -1,6 +1,6 @@
 """The kvmesh plane: every router's real replicated state, fed and gossiped in virtual time.
 
-Per router, the production pieces: a :class:`mesh.router.MeshState` (``PrefixIndex``,
+Per router, the production pieces: a :class:`mesh.state.MeshState` (``PrefixIndex``,
 ``LoadVector``, the ``meta`` map) is the router's backend; each engine the router manages
 feeds a :class:`kvevents.ingest.EngineIngest` with the exact msgpack batches vLLM would
 publish (``kvevents.publisher.encode_batch``), which writes the engine's slice of the index;
@@ -35,8 +35,8 @@ from mesh.engines import EngineLoad, EngineState
 from mesh.gossip import GossipConfig, MeshCore
 from mesh.membership import SwimConfig
 from mesh.policies.base import PrefixLookup
-from mesh.router import MeshState
 from mesh.simnet import SimNet
+from mesh.state import MeshState
 from mesh.view import RegionRecord, ReplicaRecord
 from sim.des import Timer
 from sim.fleet import Fleet, FleetSpec, Flight, SimEngine, SimRouter

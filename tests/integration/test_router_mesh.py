@@ -26,7 +26,7 @@ from router_support import (
     wait_until,
 )
 
-from mesh.router import forward_signature
+from mesh.proxy import forward_signature
 
 pytestmark = pytest.mark.integration
 
