@@ -212,7 +212,7 @@ async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: f
     cfg = tmp / "router.yaml"
     cfg.write_text(f"region: us\nlisten: 127.0.0.1:{rport}\nengines: [{{url: {engine_url}}}]\n"
                    f"policy: kvmesh\nlog_level: warning\n")
-    py = [sys.executable, "-m", "mesh.cli"]
+    py = [sys.executable, "-m", "cli"]
     log = open(tmp / "procs.log", "wb")  # noqa: SIM115 - closed in finally
     engine = await asyncio.create_subprocess_exec(
         *py, "sim-engine", "--port", str(eport), "--model", MODEL, "--speedup", str(speedup),

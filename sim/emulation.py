@@ -50,7 +50,6 @@ from typing import Any
 
 import aiohttp
 
-from mesh.demo import free_ports
 from sim.emulation_report import (
     EmulationReport,
     VariantComparison,
@@ -63,6 +62,7 @@ from sim.fleet import Fleet, FleetSpec, Flight, RouterLayout, SimRouter
 from sim.loadgen import UNFINISHED, Entry, LoadGenerator, Observation
 from sim.localmesh import LocalFleetSpec, LocalMesh
 from sim.metrics import RequestRecord, RunCounters, percentile, summarize
+from sim.procs import free_ports
 from sim.profiles import Profile
 from sim.report import RunResult
 from sim.scenarios import GORGO_SESSIONS, PER_REGION, SCENARIOS, Scenario, Variant

@@ -13,9 +13,8 @@ a path for half its round trip. Which hops are delayed, and how:
   cannot sit on that path. Gossip between routers is not delayed;
 - client -> router through gateways the load generator opens (``open_gateway``).
 
-Process handling (``Proc``, ``free_ports``, ``kvmesh_argv``, ``wait_http``) is the demo's
-(``mesh/demo.py``); this module generalises its ``Mesh`` to any regions, replica counts,
-profile, gateways and router options. Every process started here is stopped by ``stop``.
+Process handling is :mod:`sim.procs`; ``kvmesh demo`` (:mod:`sim.demo`) is one scenario on
+this module. Every process started here is stopped by ``stop``.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from mesh.demo import Proc, free_ports, kvmesh_argv, wait_http
+from sim.procs import Proc, free_ports, kvmesh_argv, wait_http, wait_listening
 from sim.profiles import get_profile
 from sim.topology import Link
 
@@ -367,27 +366,6 @@ async def scrape_sum(
     return total
 
 
-async def wait_listening(ports: Sequence[int], proc: Proc, timeout: float = 30.0) -> None:
-    """Until every port accepts a TCP connection (or ``proc`` died)."""
-    deadline = time.monotonic() + timeout
-    pending = list(ports)
-    while pending:
-        if not proc.alive:
-            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{proc.name}: ports {pending} not listening:\n{proc.tail()}")
-        port = pending[0]
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        pending.pop(0)
-
-
 __all__ = [
     "MODEL",
     "Gateway",
@@ -398,5 +376,4 @@ __all__ = [
     "link_rtt_ms",
     "prefill_rate",
     "scrape_sum",
-    "wait_listening",
 ]

@@ -66,7 +66,7 @@ class Procs:
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        p = subprocess.Popen([sys.executable, "-m", "mesh.cli", *argv], stdout=log,
+        p = subprocess.Popen([sys.executable, "-m", "cli", *argv], stdout=log,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              cwd=ROOT, start_new_session=True)
         log.close()

@@ -38,7 +38,7 @@ def test_tiny_emulation_answers_everything_and_reports_both_sides(tmp_path: Path
     argv = [a for kv in ARGS.items() for a in kv]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "bench", "emulate", "skylb-arena-332", *argv,
+        [sys.executable, "-m", "cli", "bench", "emulate", "skylb-arena-332", *argv,
          "--out", str(out), "--workdir", str(work), "--no-plots"],
         capture_output=True, text=True, timeout=170, env=env, cwd=ROOT,
     )  # fmt: skip

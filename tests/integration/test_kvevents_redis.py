@@ -425,7 +425,7 @@ async def test_kvmesh_bridge_command_relays_and_stops_cleanly(tmp_path: Path) ->
     with redis_server(tmp_path) as server, publisher() as pub:
         assert pub.replay_endpoint is not None
         cmd = [
-            sys.executable, "-m", "mesh.cli", "bridge",
+            sys.executable, "-m", "cli", "bridge",
             "--zmq", pub.endpoint, "--replay", pub.replay_endpoint,
             "--redis", server.url, "--engine", "http://engine-a:8000", "--maxlen", "1000",
             "--stats-interval", "0", "--log-level", "warning",
@@ -457,7 +457,7 @@ def test_kvmesh_bridge_rejects_bad_arguments() -> None:
     import sys
 
     bad = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "bridge", "--zmq", "http://x", "--redis", "redis://h"],
+        [sys.executable, "-m", "cli", "bridge", "--zmq", "http://x", "--redis", "redis://h"],
         capture_output=True,
         timeout=30,
     )

@@ -29,7 +29,7 @@ def _live_cmdlines() -> list[str]:
 def test_demo_runs_two_policies_and_cleans_up(tmp_path: Path) -> None:
     env = {**os.environ, "KVMESH_RESULTS": str(tmp_path / "results"), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "demo", "--duration", "3", "--policies",
+        [sys.executable, "-m", "cli", "demo", "--duration", "3", "--policies",
          "round_robin,kvmesh", "--clients", "us=3,eu=1,asia=1", "--no-progress",
          "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,

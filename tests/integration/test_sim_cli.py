@@ -25,7 +25,7 @@ READY = re.compile(r"serving http://127\.0\.0\.1:(\d+); kv events (\S+) replay (
 @pytest.fixture
 def engine_process() -> Iterator[tuple[subprocess.Popen[str], int, str, str]]:
     cmd = [
-        sys.executable, "-m", "mesh.cli", "sim-engine",
+        sys.executable, "-m", "cli", "sim-engine",
         "--port", "0", "--model", "m", "--speedup", "50", "--num-gpu-blocks", "64",
         "--kv-events-endpoint", "tcp://127.0.0.1:*", "--replay-endpoint", "tcp://127.0.0.1:*",
         "--topic", "kv@cli@m", "--event-format", "array", "--max-model-len", "512",
@@ -94,7 +94,7 @@ def test_serves_and_publishes_then_stops_on_signal(
 
 
 def test_bad_configuration_exits_with_an_error() -> None:
-    cmd = [sys.executable, "-m", "mesh.cli", "sim-engine", "--port", "0",
+    cmd = [sys.executable, "-m", "cli", "sim-engine", "--port", "0",
            "--num-gpu-blocks", "4", "--max-model-len", "1000"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "larger than the KV cache" in done.stderr

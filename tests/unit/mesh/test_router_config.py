@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli_router import overrides, register
+from cli.router import overrides, register
 from mesh.config import ConfigError, build, load
 
 GOOD = """
@@ -112,7 +112,7 @@ def test_missing_env_reference_is_an_error_on_its_key(tmp_path: Path) -> None:
 def test_cli_exits_2_with_one_line_naming_the_key(tmp_path: Path) -> None:
     path = write(tmp_path, "region: us\nengines: [{url: http://x:1, kv_events: nope}]\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "router", "--config", path],
+        [sys.executable, "-m", "cli", "router", "--config", path],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2

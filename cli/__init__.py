@@ -1,4 +1,4 @@
-"""The ``kvmesh`` command.
+"""The ``kvmesh`` command: the top of the stack (it may import every package; none imports it).
 
 Each subcommand lives in its own module that exposes ``register(subparsers)``;
 the module adds its parser and sets ``func`` (``argparse.Namespace -> int``).
@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Callable, Sequence
 
 # name -> (module path, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("mesh.cli_bench", "run a benchmark or evaluation scenario (--list)"),
-    "bridge": ("mesh.cli_bridge", "relay an engine's ZMQ KV events into a Redis Stream"),
-    "demo": ("mesh.cli_demo", "a local 3-region mesh with simulated engines; compares policies"),
+    "bench": ("cli.bench", "run a benchmark or evaluation scenario (--list)"),
+    "bridge": ("cli.bridge", "relay an engine's ZMQ KV events into a Redis Stream"),
+    "demo": ("cli.demo", "a local 3-region mesh with simulated engines; compares policies"),
     "netdelay": ("sim.netdelay", "user-space TCP delay proxy between regions (no netem needed)"),
-    "router": ("mesh.cli_router", "run a router node (kvmesh router --config FILE)"),
-    "sim-engine": ("sim.cli_engine", "a simulated vLLM engine: OpenAI API, KV events, GPU timing"),
-    "version": ("mesh.cli_version", "print the kvmesh version"),
+    "router": ("cli.router", "run a router node (kvmesh router --config FILE)"),
+    "sim-engine": ("cli.engine", "a simulated vLLM engine: OpenAI API, KV events, GPU timing"),
+    "version": ("cli.version", "print the kvmesh version"),
 }
 
 
@@ -46,6 +45,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

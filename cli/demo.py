@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mesh.demo import DemoConfig, main
 from mesh.policies import POLICIES
+from sim.demo import DemoConfig, main
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ What runs (all subprocesses on 127.0.0.1, free ports):
 - per region (us, eu, asia): two ``kvmesh sim-engine`` processes (vLLM-compatible HTTP and
   ZMQ KV events, timing from the L4 / Llama-3.1-8B profile divided by ``--speedup``) and one
   ``kvmesh router`` that subscribes to its engines' events and gossips with the other two;
+- the processes are :class:`sim.localmesh.LocalMesh`'s (this is one scenario on it);
 - inter-region round trips are added in user space by each router's forwarding client
   (config ``emulate_rtt``): a request forwarded into a region leaves that much later, which
   is what a real round trip costs before the first byte. The routers' cost models are told
@@ -20,15 +21,11 @@ token, throughput, the engines' prefix-cache hit rate and cross-region forwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
 import random
 import shutil
-import signal
-import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -38,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+from sim.localmesh import MODEL, LocalFleetSpec, LocalMesh, prefill_rate
+from sim.profiles import DEFAULT_PROFILE
+from sim.topology import Link
+
 REGIONS = ("us", "eu", "asia")
 RTT_MS: Mapping[tuple[str, str], float] = {
     ("us", "eu"): 80.0, ("us", "asia"): 150.0, ("eu", "asia"): 200.0,
@@ -79,90 +78,7 @@ class DemoConfig:
     progress: bool = True
 
 
-# -- processes ---------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclass(slots=True)
-class Proc:
-    name: str
-    argv: list[str]
-    log: Path
-    proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        out = open(self.log, "ab")  # noqa: SIM115 - handed to the child, closed below
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
-            )
-        finally:
-            out.close()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
-
-    async def stop(self, grace: float = 5.0) -> None:
-        p = self.proc
-        if p is None or p.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(p.wait(), grace)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                p.kill()
-            await p.wait()
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def kvmesh_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mesh.cli", *args]
-
-
-async def wait_http(session: aiohttp.ClientSession, url: str, proc: Proc,
-                    timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive:
-            raise RuntimeError(f"{proc.name} exited early:\n{proc.tail()}")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{proc.name} not ready at {url} after {timeout:.0f}s:\n{proc.tail()}")
-
-
 # -- the mesh ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Engine:
-    region: str
-    url: str
-    kv_events: str
-    replay: str
 
 
 def rtt_s(a: str, b: str, scale: float) -> float:
@@ -172,133 +88,27 @@ def rtt_s(a: str, b: str, scale: float) -> float:
     return ms * scale / 1000.0
 
 
-def engine_prefill_rate(speedup: float) -> float:
-    """Prefill tokens/s of the simulated L4 engine at this speedup (for the cost models)."""
-    from sim.profiles import DEFAULT_PROFILE, get_profile
+def mesh_spec(cfg: DemoConfig) -> LocalFleetSpec:
+    """The demo's fleet: every region the same, no in-region delay, routers on LAN gossip."""
+    return LocalFleetSpec(
+        regions=REGIONS,
+        replicas=dict.fromkeys(REGIONS, cfg.engines_per_region),
+        profile=DEFAULT_PROFILE,
+        speedup=cfg.speedup,
+        intra=Link(0.0, 0.0),
+        inter_rtt_s={(a, b): rtt_s(a, b, cfg.rtt_scale)
+                     for a in REGIONS for b in REGIONS if a != b},
+        seed=cfg.seed,
+        gossip_profile="lan",
+        model=MODEL,
+    )
 
-    profile = get_profile(DEFAULT_PROFILE)
-    tokens = 1024
-    return tokens / profile.prefill_time(tokens) * speedup
 
-
-class Mesh:
-    """The engines (started once) and, per policy, the routers."""
-
-    def __init__(self, cfg: DemoConfig, workdir: Path) -> None:
-        self.cfg = cfg
-        self.workdir = workdir
-        self.engines: list[Engine] = []
-        self.engine_procs: list[Proc] = []
-        self.router_procs: list[Proc] = []
-        self.router_urls: dict[str, str] = {}
-        self.mesh_key = "demo-" + "".join(random.Random(cfg.seed).choices("abcdef0123456789",
-                                                                          k=32))
-
-    async def start_engines(self, session: aiohttp.ClientSession) -> None:
-        n = len(REGIONS) * self.cfg.engines_per_region
-        ports = free_ports(3 * n)
-        i = 0
-        for region in REGIONS:
-            for k in range(self.cfg.engines_per_region):
-                http, pub, replay = ports[3 * i: 3 * i + 3]
-                eng = Engine(region, f"http://127.0.0.1:{http}", f"tcp://127.0.0.1:{pub}",
-                             f"tcp://127.0.0.1:{replay}")
-                self.engines.append(eng)
-                self.engine_procs.append(Proc(
-                    f"engine {region}-{k}",
-                    kvmesh_argv("sim-engine", "--host", "127.0.0.1", "--port", str(http),
-                                "--model", MODEL, "--speedup", str(self.cfg.speedup),
-                                "--seed", str(self.cfg.seed + i),
-                                "--kv-events-endpoint", eng.kv_events,
-                                "--replay-endpoint", eng.replay, "--kv-events-mode", "bind",
-                                "--log-level", "WARNING"),
-                    self.workdir / f"engine-{region}-{k}.log",
-                ))
-                i += 1
-        await asyncio.gather(*(p.start() for p in self.engine_procs))
-        await asyncio.gather(*(wait_http(session, f"{e.url}/health", p)
-                               for e, p in zip(self.engines, self.engine_procs, strict=True)))
-
-    async def reset_engines(self, session: aiohttp.ClientSession) -> None:
-        for e in self.engines:
-            async with session.post(f"{e.url}/reset_prefix_cache") as resp:
-                await resp.read()
-
-    async def start_routers(self, session: aiohttp.ClientSession, policy: str) -> None:
-        ports = free_ports(len(REGIONS))
-        self.router_urls = {r: f"http://127.0.0.1:{p}" for r, p in zip(REGIONS, ports,
-                                                                         strict=True)}
-        rate = engine_prefill_rate(self.cfg.speedup)
-        self.router_procs = []
-        for region, port in zip(REGIONS, ports, strict=True):
-            others = [r for r in REGIONS if r != region]
-            conf: dict[str, Any] = {
-                "node_id": f"router-{region}",
-                "region": region,
-                "listen": f"127.0.0.1:{port}",
-                "engines": [
-                    {"url": e.url, "kv_events": e.kv_events, "replay": e.replay,
-                     "prefill_rate": round(rate, 1)}
-                    for e in self.engines if e.region == region
-                ],
-                "peers": list(self.router_urls.values()),
-                "mesh_key": self.mesh_key,
-                "policy": policy,
-                "emulate_rtt": {r: rtt_s(region, r, self.cfg.rtt_scale) for r in others},
-                "seed": self.cfg.seed,
-                "log_level": "warning",
-            }
-            if policy in {"kvmesh", "gorgo"}:
-                conf["policy_params"] = {"prefill_rate": round(rate, 1)}
-            path = self.workdir / f"router-{region}-{policy}.yaml"
-            path.write_text(yaml.safe_dump(conf, sort_keys=False))
-            self.router_procs.append(Proc(f"router {region} ({policy})",
-                                          kvmesh_argv("router", "--config", str(path)),
-                                          self.workdir / f"router-{region}-{policy}.log"))
-        await asyncio.gather(*(p.start() for p in self.router_procs))
-        await asyncio.gather(*(wait_http(session, f"{self.router_urls[r]}/ready", p)
-                               for r, p in zip(REGIONS, self.router_procs, strict=True)))
-        await self.wait_converged(session)
-
-    async def wait_converged(self, session: aiohttp.ClientSession, timeout: float = 20.0) -> bool:
-        """Until every router sees every replica healthy (the mesh has gossiped)."""
-        want = len(self.engines)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen = []
-            for url in self.router_urls.values():
-                try:
-                    async with session.get(f"{url}/mesh/status") as resp:
-                        status = await resp.json(content_type=None)
-                except (aiohttp.ClientError, ValueError):
-                    status = {}
-                routing = status.get("routing", {}) if isinstance(status, dict) else {}
-                reps = routing.get("replicas", []) if isinstance(routing, dict) else []
-                seen.append(sum(1 for r in reps if r.get("healthy")))
-            if all(n >= want for n in seen):
-                return True
-            await asyncio.sleep(0.1)
-        return False
-
-    async def router_metric(self, session: aiohttp.ClientSession, name: str) -> float:
-        total = 0.0
-        for url in self.router_urls.values():
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{url}/metrics") as resp:
-                    text = await resp.text()
-                for line in text.splitlines():
-                    if line.startswith(name) and not line.startswith("#"):
-                        with contextlib.suppress(ValueError):
-                            total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    async def stop_routers(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self.router_procs))
-        self.router_procs = []
-
-    async def stop(self) -> None:
-        await self.stop_routers()
-        await asyncio.gather(*(p.stop() for p in self.engine_procs))
+def policy_params(cfg: DemoConfig, policy: str) -> dict[str, object]:
+    """The cost models are told the engines' prefill rate at this speedup."""
+    if policy in {"kvmesh", "gorgo"}:
+        return {"prefill_rate": round(prefill_rate(DEFAULT_PROFILE, cfg.speedup), 1)}
+    return {}
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -489,10 +299,10 @@ def write_results(results: Sequence[PolicyResult], cfg: DemoConfig, out_dir: Pat
 # -- main ---------------------------------------------------------------------------------
 
 
-async def run_policy(mesh: Mesh, session: aiohttp.ClientSession, policy: str, cfg: DemoConfig,
+async def run_policy(mesh: LocalMesh, session: aiohttp.ClientSession, policy: str, cfg: DemoConfig,
                      progress: Progress | None) -> PolicyResult:
     await mesh.reset_engines(session)
-    await mesh.start_routers(session, policy)
+    await mesh.start_routers(session, policy, policy_params(cfg, policy), policy)
     converged = await mesh.wait_converged(session, timeout=0.1)
     state = RunState(stop_at=time.monotonic() + cfg.duration)
     task_id = progress.add_task(f"{policy:12s}", total=cfg.duration) if progress else None
@@ -527,7 +337,7 @@ async def run(cfg: DemoConfig, console: Console | None = None) -> list[PolicyRes
     console = console or Console()
     workdir = Path(cfg.workdir) if cfg.workdir else Path(tempfile.mkdtemp(prefix="kvmesh-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = Mesh(cfg, workdir)
+    mesh = LocalMesh(mesh_spec(cfg), workdir)
     results: list[PolicyResult] = []
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -576,4 +386,4 @@ def main(cfg: DemoConfig) -> int:
     return 0 if all(r.requests > 0 for r in results) else 1
 
 
-__all__ = ["DemoConfig", "PolicyResult", "main", "run", "statistics"]
+__all__ = ["DemoConfig", "PolicyResult", "main", "run"]
