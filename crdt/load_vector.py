@@ -159,6 +159,9 @@ class LoadVector:
         self.node_id = node_id
         self._loads: dict[tuple[str, str], _Held[_LoadPayload]] = {}
         self._inflight: dict[str, _Held[_Counts]] = {}
+        self._totals: dict[str, int] = {}
+        """In-flight requests per replica summed over every router, kept as records change,
+        so a view of N replicas costs N lookups rather than N x routers."""
 
     # ---- writes ------------------------------------------------------------------------
 
@@ -231,7 +234,9 @@ class LoadVector:
         held = self._inflight.get(rec.router)
         payload = tuple(sorted(rec.counts.items()))
         if _newer(rec.version, payload, held):
-            self._inflight[rec.router] = _Held(rec.version, payload, now, rec.age)
+            self._count(held, -1)
+            self._inflight[rec.router] = new = _Held(rec.version, payload, now, rec.age)
+            self._count(new, 1)
             return True
         if held is not None and rec.version == held.version and rec.age < held.age(now):
             held.observed_at, held.age0 = now, rec.age
@@ -248,7 +253,7 @@ class LoadVector:
             r for r, h in self._inflight.items() if h.age(now) > self.max_age and r != self.node_id
         ]
         for r in old_inflight:
-            del self._inflight[r]
+            self._count(self._inflight.pop(r), -1)
         return len(old_loads) + len(old_inflight)
 
     # ---- reads -------------------------------------------------------------------------
@@ -279,13 +284,31 @@ class LoadVector:
 
     def inflight(self, replica: str, exclude_router: str | None = None) -> int:
         """Requests in flight to ``replica`` summed over routers (optionally all but one)."""
-        total = 0
-        for router, h in self._inflight.items():
-            if router != exclude_router:
-                for name, n in h.payload:
+        total = self._totals.get(replica, 0)
+        if exclude_router is not None and total:
+            held = self._inflight.get(exclude_router)
+            if held is not None:
+                for name, n in held.payload:
                     if name == replica:
-                        total += n
+                        total -= n
+                        break
         return total
+
+    def inflight_age(self, router: str, now: float) -> float:
+        """Age of ``router``'s in-flight record here (inf: none held)."""
+        held = self._inflight.get(router)
+        return held.age(now) if held is not None else float("inf")
+
+    def _count(self, held: _Held[_Counts] | None, sign: int) -> None:
+        if held is None:
+            return
+        totals = self._totals
+        for name, n in held.payload:
+            left = totals.get(name, 0) + sign * n
+            if left:
+                totals[name] = left
+            else:
+                totals.pop(name, None)
 
     def inflight_by_router(self, replica: str) -> dict[str, int]:
         out = {}

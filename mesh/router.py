@@ -1,15 +1,16 @@
-"""The router service: API, view, policy, proxy, engine health and the mesh, wired together.
+"""The router service: the asyncio shell around the decision core, wired to API, proxy and mesh.
 
 One request (``Router.infer``)::
 
-    tokens -> block keys -> view -> policy -> dispatch (counted at once) -> open upstream
+    tokens -> block keys -> mesh.dispatch (view, filters, policy, queue, target)
+        -> open upstream (counted at once in the ledger)
         -> (failed before the first byte: exclude it, decide again, up to max_attempts)
         -> relay the stream -> release the dispatch
 
-A request forwarded by another router (``x-kvmesh-hop``) is never forwarded again: it goes
-to the replica it names if that engine is healthy, otherwise the policy picks among this
-region's replicas only. A policy may answer "wait" (selective pushing); the request then
-joins this router's FCFS queue, whose head is re-evaluated every ``retry_after`` seconds.
+Every decision is :class:`mesh.dispatch.Dispatcher`'s (the simulator runs the same one); this
+module only does what needs I/O: reading requests, timers that wake the FCFS queue (on
+arrivals, completions, engine load changes and the "wait" retry time), HTTP to engines and
+peer routers, and publishing in-flight counts into the replicated state.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import logging
 import random
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -39,16 +39,17 @@ from mesh.api import (
     error_response,
 )
 from mesh.config import RouterConfig
+from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.engines import EngineMonitor, EngineState
 from mesh.metrics import RouterMetrics, gauge
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
 from mesh.proxy import (
-    FROM,
     H_REGION,
     H_REPLICA,
     H_ROUTE,
     BadForward,
+    Forwarded,
     Forwarder,
     UpstreamError,
     mark_forward,
@@ -57,7 +58,7 @@ from mesh.proxy import (
     upstream_headers,
 )
 from mesh.state import LocalOnly, MeshBackend, MeshState
-from mesh.view import Dispatches, ReplicaRecord, ViewBuilder, region_key
+from mesh.view import Dispatches, ReplicaRecord, ViewBuilder
 
 log = logging.getLogger("kvmesh.router")
 
@@ -71,24 +72,6 @@ def load_tokenizer(spec: str) -> PromptTokenizer:
         raise ValueError(f"tokenizer: {spec!r} needs a missing package ({exc.name})") from None
     except ValueError as exc:
         raise ValueError(f"tokenizer: {exc}") from None
-
-
-@dataclass(slots=True)
-class _Waiter:
-    request: Request
-    forwarded: bool
-    excluded: tuple[frozenset[str], frozenset[str]]
-    future: asyncio.Future[Decision]
-    enqueued: float
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    url: str
-    replica: str
-    region: str
-    local: bool
-    delay: float = 0.0
 
 
 class Router:
@@ -122,10 +105,21 @@ class Router:
             static_rtt=config.rtt,
             emulated_rtt=config.emulate_rtt,
         )
-        self.mean_prompt_tokens = 256.0
+        self.dispatcher = Dispatcher(
+            region=config.region,
+            policy=self.policy,
+            views=self.views,
+            local=self.local_engines.__contains__,
+            healthy=self._engine_healthy,
+            rng=self.rng,
+            max_queue=config.max_queue,
+            emulated_rtt=config.emulate_rtt,
+            on_decision=self._observe_decision,
+        )
         self._published: tuple[int, int, float] = (-1, -1, float("-inf"))
-        self._queue: deque[_Waiter] = deque()
+        self._waiting: dict[Waiter, asyncio.Future[Placement]] = {}
         self._wake = asyncio.Event()
+        self._pump_due = False
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
         self.engines: EngineMonitor | None = None
@@ -172,10 +166,11 @@ class Router:
                  self.policy.name, len(self.config.engines))
 
     async def stop(self) -> None:
-        for w in list(self._queue):
-            if not w.future.done():
-                w.future.cancel()
-        self._queue.clear()
+        self.dispatcher.clear()
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.cancel()
+        self._waiting.clear()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -194,6 +189,10 @@ class Router:
     # -- state -----------------------------------------------------------------------------
     def _engine_update(self, state: EngineState) -> None:
         self.backend.publish_engine(state, self.config.region, self.clock())
+        self.kick()  # a load change: re-evaluate a waiting head
+
+    def _engine_healthy(self, replica: str) -> bool:
+        return self.engines is not None and self.engines.healthy(replica)
 
     def _records(self, now: float) -> Iterable[ReplicaRecord]:
         mon = self.engines
@@ -213,82 +212,69 @@ class Router:
                 yield rec
 
     def view(self, now: float | None = None) -> View:
-        now = self.clock() if now is None else now
-        return self.views.build(now, max(0, len(self._queue) - 1), self.mean_prompt_tokens)
+        return self.dispatcher.view(self.clock() if now is None else now)
 
-    # -- decisions -------------------------------------------------------------------------
-    def _decide_now(self, req: Request, forwarded: bool,
-                    excluded: tuple[frozenset[str], frozenset[str]]) -> Decision:
-        started = time.perf_counter()
-        now = self.clock()
-        view = self.views.build(now, max(0, len(self._queue) - 1), self.mean_prompt_tokens,
-                                req.model)
-        if forwarded:
-            # Never a second hop: only engines this router serves itself.
-            view = view.local_only()
-            view = view.without([r.replica for r in view.replicas
-                                 if r.replica not in self.local_engines])
-        view = view.without(excluded[0], excluded[1])
-        decision = self.policy.decide(req, view, now, self.rng)
-        self.metrics.decision_seconds.observe(time.perf_counter() - started)
+    @property
+    def mean_prompt_tokens(self) -> float:
+        return self.dispatcher.mean_prompt_tokens
+
+    # -- decisions (mesh.dispatch) ------------------------------------------------------------
+    def _observe_decision(self, req: Request, view: View, d: Decision, seconds: float) -> None:
+        self.metrics.decision_seconds.observe(seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decide %s -> %s | %s | top: %s", req.request_id,
-                      decision.replica or decision.region or decision.outcome, decision.reason,
-                      "; ".join(c.describe() for c in decision.candidates))
-        return decision
+                      d.replica or d.region or d.outcome, d.reason,
+                      "; ".join(c.describe() for c in d.candidates))
 
-    async def decide(self, req: Request, forwarded: bool = False,
-                     excluded: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
-                     ) -> Decision:
-        """A decision now, or after waiting in the FCFS queue when the policy says so."""
-        if not self._queue:
-            d = self._decide_now(req, forwarded, excluded)
-            if not d.wait:
-                return d
-            self.metrics.decisions.labels(d.policy or self.policy.name, "wait").inc()
-        if len(self._queue) >= self.config.max_queue:
-            return Decision(None, None, "router queue full", self.policy.name)
-        fut: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(req, forwarded, excluded, fut, self.clock())
-        self._queue.append(waiter)
-        self._wake.set()
+    async def place(self, ask: Ask) -> Placement:
+        """A placement now, or after waiting in the FCFS queue when the policy says so."""
+        got = self.dispatcher.submit(ask, self.clock())
+        if isinstance(got, Placement):
+            return got
+        if got.first is not None:
+            self.metrics.decisions.labels(got.first.policy or self.policy.name, "wait").inc()
+            self._wake.set()  # a new retry time; nothing to re-evaluate yet
+        else:
+            self.kick()  # an arrival behind others: re-evaluate the head
+        fut: asyncio.Future[Placement] = asyncio.get_running_loop().create_future()
+        self._waiting[got] = fut
         try:
             return await fut
         finally:
-            with contextlib.suppress(ValueError):
-                self._queue.remove(waiter)
-            self.metrics.queue_wait_seconds.observe(self.clock() - waiter.enqueued)
+            self.dispatcher.cancel(got)  # a no-op once it has left the queue
+            self._waiting.pop(got, None)
+            self.metrics.queue_wait_seconds.observe(self.clock() - got.since)
+
+    def kick(self) -> None:
+        """Re-evaluate a waiting head now (an arrival, a completion, a load change)."""
+        self._pump_due = True
+        self._wake.set()
 
     async def _queue_loop(self) -> None:
+        """Re-evaluates the queue head when kicked and when the last "wait" asked to be asked
+        again (``Dispatcher.retry_at``)."""
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            head = self._queue[0]
-            if head.future.done():
-                self._queue.popleft()
-                continue
-            try:
-                d = self._decide_now(head.request, head.forwarded, head.excluded)
-            except Exception as exc:  # never let one request stop the queue
-                log.exception("policy failed on a queued request")
-                d = Decision(None, None, f"policy error: {type(exc).__name__}", self.policy.name)
-            if d.wait:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), d.retry_after)
-                continue
-            self._queue.popleft()
-            if not head.future.done():
-                head.future.set_result(d)
+            self._wake.clear()
+            retry_at = self.dispatcher.retry_at
+            now = self.clock()
+            if self._pump_due or (retry_at is not None and now >= retry_at):
+                self._pump_due = False
+                for waiter, placement in self.dispatcher.pump(now):
+                    fut = self._waiting.get(waiter)
+                    if fut is not None and not fut.done():
+                        fut.set_result(placement)
+                retry_at = self.dispatcher.retry_at
+            timeout = None if retry_at is None else max(0.0, retry_at - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _publish(self) -> None:
         """Own in-flight counts and queue length into the replicated state, now."""
-        self._published = (self.dispatches.version, len(self._queue), self.clock())
+        queue = self.dispatcher.queued()
+        self._published = (self.dispatches.version, queue, self.clock())
         try:
             self.backend.publish_inflight(self.dispatches.counts(published_only=True),
-                                          len(self._queue), self._published[2])
+                                          queue, self._published[2])
         except Exception:
             log.exception("publishing in-flight counts failed")
 
@@ -298,42 +284,24 @@ class Router:
         while True:
             await asyncio.sleep(0.02)
             version, queue, at = self._published
-            if (self.dispatches.version != version or len(self._queue) != queue
+            if (self.dispatches.version != version or self.dispatcher.queued() != queue
                     or self.clock() - at >= 5.0):
                 self._publish()
 
     # -- the request path ------------------------------------------------------------------
-    def _target(self, d: Decision, forwarded: bool) -> Target | None:
-        """Where to send the request: the engine itself, or the router that serves it."""
-        region = d.region or self.config.region
-        if d.replica is not None and d.replica in self.local_engines:
-            return Target(d.replica, d.replica, self.config.region, True)
-        if forwarded:
-            return None
-        now = self.clock()
-        router = self.backend.owner_router(d.replica, now) if d.replica else None
-        if router is None:
-            info = self.backend.regions(now).get(region)
-            if info is None or not info.routers:
-                return None
-            router = self.rng.choice(info.routers)
-        return Target(router, d.replica or "", region, False,
-                      self.config.emulate_rtt.get(region, 0.0))
-
-    def _forward_ok(self, request: web.Request) -> tuple[bool, str | None]:
-        """(is this a forwarded request, replica it names); raises ApiError on a bad signature."""
+    def _forward_ok(self, request: web.Request) -> Forwarded | None:
+        """What a forwarded request says of itself (None: a client's); ApiError if forged."""
         try:
-            fwd = read_forward(request.headers, self.config.mesh_keys)
+            return read_forward(request.headers, self.config.mesh_keys)
         except BadForward as exc:
             raise ApiError(403, str(exc), type="permission_error",
                            code="bad_forward_signature") from None
-        return (False, None) if fwd is None else (True, fwd.target)
 
     async def infer(self, request: web.Request, inf: Inference) -> web.StreamResponse:
         arrival = self.clock()
         route = inf.path
         try:
-            forwarded, pinned = self._forward_ok(request)
+            fwd = self._forward_ok(request)
         except ApiError as exc:
             self.metrics.requests.labels(route, str(exc.status)).inc()
             return exc.response()
@@ -346,31 +314,27 @@ class Router:
         self.metrics.block_keys_seconds.observe(time.perf_counter() - t0)
         req = Request(request_id, inf.token_ids, keys, self.config.block_size, inf.session,
                       inf.max_tokens, arrival, inf.model)
-        return await self._place(request, inf, req, forwarded, pinned, request_id, arrival)
+        ask = Ask(req) if fwd is None else Ask(req, True, fwd.target, fwd.origin or "peer")
+        return await self._place(request, inf, ask, request_id, arrival)
 
     async def _place(
-        self, request: web.Request, inf: Inference, req: Request, forwarded: bool,
-        pinned: str | None, request_id: str, arrival: float,
+        self, request: web.Request, inf: Inference, first: Ask, request_id: str,
+        arrival: float,
     ) -> web.StreamResponse:
         """Decide, dispatch and relay, retrying on the next-best target before the first byte."""
         route = inf.path
+        req = first.request
         excluded_replicas: set[str] = set()
         excluded_regions: set[str] = set()
         failures: list[str] = []
         for attempt in range(1, self.config.max_attempts + 1):
-            excluded = (frozenset(excluded_replicas), frozenset(excluded_regions))
-            if forwarded and pinned and attempt == 1 and pinned in self.local_engines \
-                    and self.engines is not None and self.engines.healthy(pinned):
-                d = Decision(pinned, self.config.region,
-                             f"pinned by {request.headers.get(FROM, 'peer')}", "forwarded")
-                self.metrics.forwarded_in.labels("pinned").inc()
-                outcome = "pinned"
-            else:
-                d = await self.decide(req, forwarded, excluded)
-                if forwarded and attempt == 1:
-                    self.metrics.forwarded_in.labels("repicked").inc()
-                outcome = ""
-            target = self._target(d, forwarded) if d.routed else None
+            ask = replace(first, excluded_replicas=frozenset(excluded_replicas),
+                          excluded_regions=frozenset(excluded_regions), attempt=attempt)
+            p = await self.place(ask)
+            d, target = p.decision, p.target
+            if ask.forwarded and attempt == 1:
+                self.metrics.forwarded_in.labels(
+                    "pinned" if p.outcome == "pinned" else "repicked").inc()
             if target is None:
                 self.metrics.decisions.labels(d.policy or self.policy.name, "none").inc()
                 if failures:
@@ -379,12 +343,10 @@ class Router:
                 return error_response(503, f"no replica can serve this request: {d.reason}",
                                       type="server_error", code="no_replica",
                                       headers={H_ROUTE: d.reason, H_REGION: self.config.region})
-            outcome = outcome or ("local" if target.local else
-                                  "remote" if d.replica else "region")
-            self.metrics.decisions.labels(d.policy or self.policy.name, outcome).inc()
+            self.metrics.decisions.labels(d.policy or self.policy.name, p.outcome).inc()
             if attempt == 1:
-                self._note_prompt(req, d)
-            resp = await self._attempt(request, inf, req, d, target, arrival, forwarded,
+                self.metrics.observe_hit(cached_tokens(req, d.matched_blocks), req.num_tokens)
+            resp = await self._attempt(request, inf, req, d, target, arrival, ask.forwarded,
                                        request_id, route)
             if resp is not None:
                 return resp
@@ -402,12 +364,6 @@ class Router:
             headers={H_REGION: self.config.region},
         )
 
-    def _note_prompt(self, req: Request, d: Decision) -> None:
-        cached = cached_tokens(req, d.matched_blocks)
-        self.metrics.observe_hit(cached, req.num_tokens)
-        uncached = req.num_tokens - cached
-        self.mean_prompt_tokens += 0.05 * (uncached - self.mean_prompt_tokens)
-
     async def _attempt(
         self, request: web.Request, inf: Inference, req: Request, d: Decision, target: Target,
         arrival: float, forwarded: bool, request_id: str, route: str,
@@ -420,11 +376,7 @@ class Router:
             mark_forward(headers, self.config.node_id, target.replica, request_id, inf.session,
                          self.config.mesh_key)
             self.metrics.forwards.labels(target.region).inc()
-        replica = target.replica or region_key(target.region)
-        # A forward is published by the router that dispatches it to the engine, not here,
-        # so the mesh counts it once; this router still counts it at once in its own view.
-        ticket = self.dispatches.start(replica, target.region, req.num_tokens, self.clock(),
-                                       publish=target.local)
+        ticket = self.dispatcher.start(target, req.num_tokens, self.clock())
         if ticket.publish:
             self._publish()
         try:
@@ -452,7 +404,8 @@ class Router:
                 log.info("stream %s to %s ended early", request_id, target.replica)
             return resp
         finally:
-            self.dispatches.done(ticket)
+            self.dispatcher.done(ticket)
+            self.kick()  # a completion: re-evaluate a waiting head
             if ticket.publish:
                 self._publish()
 
@@ -534,7 +487,7 @@ class Router:
             "advertise": self.config.advertise,
             "policy": self.policy.name,
             "uptime_s": round(now - self.started_at, 3),
-            "queue": len(self._queue),
+            "queue": self.dispatcher.queued(),
             "inflight": self.dispatches.counts(),
             "estimated_cache_hit_ratio": round(self.metrics.hit_ratio(), 4),
             "engines": [
@@ -575,7 +528,7 @@ class Router:
         yield gauge("kvmesh_replica_healthy", "1 if the replica takes new requests",
                     ["replica", "region"], health)
         yield gauge("kvmesh_router_queue_length", "Requests waiting in the FCFS queue", [],
-                    [([], float(len(self._queue)))])
+                    [([], float(self.dispatcher.queued()))])
         yield gauge("kvmesh_router_inflight", "This router's requests in flight, by target",
                     ["replica"], [([k], float(v)) for k, v in self.dispatches.counts().items()])
 

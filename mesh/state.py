@@ -50,10 +50,6 @@ class MeshBackend(Protocol):
 
     def regions(self, now: float) -> Mapping[str, RegionRecord]: ...
 
-    def owner_router(self, replica: str, now: float) -> str | None:
-        """Base URL of a live router that serves ``replica`` itself (reports its load)."""
-        ...
-
     def publish_engine(self, state: EngineState, region: str, now: float) -> None: ...
 
     def publish_inflight(self, counts: Mapping[str, int], queue: int, now: float) -> None: ...
@@ -87,9 +83,6 @@ class LocalOnly:
 
     def regions(self, now: float) -> Mapping[str, RegionRecord]:
         return {}
-
-    def owner_router(self, replica: str, now: float) -> str | None:
-        return None
 
     def publish_engine(self, state: EngineState, region: str, now: float) -> None:
         return None
@@ -206,25 +199,18 @@ class MeshState:
             info = info if isinstance(info, dict) else {}
             rate = info.get("prefill_rate")
             models = info.get("models")
-            healthy = (load.healthy and load.age <= self.stale_after
-                       and (alive is None or load.reporter in alive))
+            live = alive is None or load.reporter in alive
+            healthy = load.healthy and load.age <= self.stale_after and live
+            addr = meta.get("addr")
+            owner = addr if live and isinstance(addr, str) and addr else None
             yield ReplicaRecord(
                 replica, region, healthy, float(load.waiting), float(load.running),
                 load.kv_usage, load.age, self.loads.inflight(replica, exclude_router=self.me),
                 float(rate) if isinstance(rate, int | float) else None,
                 tuple(m for m in models if isinstance(m, str)) if isinstance(models, list)
                 else (),
+                owner, self.loads.inflight_age(load.reporter, now),
             )
-
-    def owner_router(self, replica: str, now: float) -> str | None:
-        alive = self._alive_routers()
-        for load in sorted(self.loads.reports(replica, now), key=lambda r: r.age):
-            if load.reporter == self.me or (alive is not None and load.reporter not in alive):
-                continue
-            addr = self._router_meta(load.reporter).get("addr")
-            if isinstance(addr, str) and addr:
-                return addr
-        return None
 
     def _alive_routers(self) -> set[str] | None:
         if self.node is None:

@@ -11,8 +11,9 @@ Sources, each with one writer:
 - the prefix index: which replica holds which blocks.
 
 A replica's ``inflight`` is the other routers' published counts plus this router's live
-count, and ``fresh`` is this router's in-flight requests dispatched after the replica's
-load record was measured, so :func:`~mesh.policies.base.estimate_load` counts nothing twice.
+count, less this router's forwards that the owner's published count already holds, and
+``fresh`` is this router's in-flight requests dispatched after the replica's load record was
+measured, so :func:`~mesh.policies.base.estimate_load` counts nothing twice.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ class ReplicaRecord:
     prefill_rate: float | None = None
     models: tuple[str, ...] = ()
     """Models the engine serves (empty: not known yet, assumed to serve any)."""
+    owner: str | None = None
+    """Base URL of the live router reporting it (None: this router's own, or unknown)."""
+    inflight_age: float = float("inf")
+    """Age of the owner's published in-flight counts: this router's forwards to the replica
+    sent before then are in ``others_inflight`` already (inf: assume none are)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +104,12 @@ class Dispatches:
     def fresh(self, replica: str, since: float) -> int:
         return sum(1 for t in self._open.get(replica, {}).values() if t.at > since)
 
+    def covered(self, replica: str, before: float) -> int:
+        """Unpublished tickets (forwards) started by ``before``: the remote router that
+        dispatched them has published them since."""
+        return sum(1 for t in self._open.get(replica, {}).values()
+                   if not t.publish and t.at <= before)
+
     def counts(self, published_only: bool = False) -> dict[str, int]:
         out = {}
         for r, ts in self._open.items():
@@ -130,11 +142,16 @@ class ViewBuilder:
         """The view at ``now``; with ``model``, engines known not to serve it are left out."""
         replicas = []
         seen_regions: set[str] = set()
+        known = self.regions(now)
         for rec in self.records(now):
             if model is not None and rec.models and model not in rec.models:
                 continue
             seen_regions.add(rec.region)
             own = self.dispatches.inflight(rec.replica)
+            if own and rec.inflight_age != float("inf"):
+                # A forward reaches the owner half a round trip after it left here.
+                half = self.rtt(rec.region, known.get(rec.region)) / 2
+                own -= self.dispatches.covered(rec.replica, now - rec.inflight_age - half)
             replicas.append(
                 ReplicaView(
                     replica=rec.replica,
@@ -147,10 +164,10 @@ class ViewBuilder:
                     inflight=rec.others_inflight + own,
                     fresh=self.dispatches.fresh(rec.replica, now - rec.age) if own else 0,
                     prefill_rate=rec.prefill_rate,
+                    owner=rec.owner,
                 )
             )
         regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
-        known = self.regions(now)
         for name in seen_regions | set(known):
             if name == self.region:
                 continue
@@ -162,6 +179,7 @@ class ViewBuilder:
                 reachable=info is not None and bool(info.routers),
                 queue=info.queue if info is not None else 0,
                 pushed=self.dispatches.fresh(region_key(name), now - freshest),
+                routers=info.routers if info is not None else (),
             )
         return View(
             region=self.region,

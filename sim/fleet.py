@@ -38,7 +38,6 @@ import random
 import statistics
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,9 +45,11 @@ from typing import Protocol
 
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvevents.keys import EngineKeyMap, request_keys
-from mesh.policies import Decision, Policy, Request, make_policy
-from mesh.policies.base import NoPrefixes, PrefixLookup, cached_tokens
+from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
+from mesh.policies import Policy, Request, make_policy
+from mesh.policies.base import NoPrefixes, PrefixLookup
 from mesh.policies.cache_aware import ApproxTree
+from mesh.simnet import SimNet
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, Ticket, ViewBuilder
 from sim.des import EventLoop, Timer
 from sim.engine_model import EngineConfig, EngineModel, RequestOutput, StepResult
@@ -234,15 +235,9 @@ class SimEngine:
         return len(s.waiting), len(s.running), self.model.kv.usage
 
 
-@dataclass(slots=True)
-class _Waiting:
-    flight: Flight
-    forwarded: bool
-    since: float
-
-
 class SimRouter:
-    """One router: its policy, dispatch ledger, view builder and FCFS wait queue."""
+    """One router: the product's decision core (:class:`mesh.dispatch.Dispatcher`) driven by
+    the fleet's event loop, plus what the asyncio router does around it (timers, messages)."""
 
     def __init__(self, fleet: Fleet, router_id: str, region: str, managed: list[SimEngine]) -> None:
         self.fleet = fleet
@@ -252,9 +247,6 @@ class SimRouter:
         self.policy: Policy = make_policy(fleet.spec.policy, fleet.spec.policy_params)
         self.rng = random.Random(f"{fleet.spec.seed}/router/{router_id}")
         self.dispatches = Dispatches()
-        self.mean_prompt_tokens = 256.0
-        self.queue: deque[_Waiting] = deque()
-        self._pump: Timer | None = None
         self.views: ViewBuilder = ViewBuilder(
             region=region,
             dispatches=self.dispatches,
@@ -262,54 +254,73 @@ class SimRouter:
             regions=lambda now: fleet.plane.regions(self, now),
             prefix=NoPrefixes(),
         )
+        self.core = Dispatcher(
+            region=region,
+            policy=self.policy,
+            views=self.views,
+            local=self.managed.__contains__,
+            rng=self.rng,
+        )
+        self._waiting: dict[Waiter, Flight] = {}
+        self._timer: Timer | None = None
+        self._kicked = False
+
+    @property
+    def queue(self) -> Sequence[Waiter]:
+        return self.core.queue
+
+    @property
+    def mean_prompt_tokens(self) -> float:
+        return self.core.mean_prompt_tokens
 
     # -- requests ----------------------------------------------------------------------------
     def receive(self, flight: Flight, forwarded: bool) -> None:
         """A request arrives (from a client, or forwarded by a peer router)."""
         now = self.fleet.loop.now
-        if forwarded and flight.pinned is not None and flight.pinned in self.managed:
-            self.fleet.dispatch(self, flight, self.managed[flight.pinned], forwarded=True)
-            return
-        self.queue.append(_Waiting(flight, forwarded, now))
-        if len(self.queue) == 1:
-            self.pump()
-
-    def pump(self) -> None:
-        self._pump = None
-        loop = self.fleet.loop
-        while self.queue:
-            head = self.queue[0]
-            decision = self.decide(head.flight, head.forwarded)
-            if decision.wait:
-                self.fleet.counters.waits += 1
-                self._pump = loop.after(max(decision.retry_after, 1e-4), self.pump)
-                return
-            self.queue.popleft()
-            head.flight.rec.queued_at_router += loop.now - head.since
-            self.fleet.route(self, head.flight, decision, head.forwarded)
-
-    def decide(self, flight: Flight, forwarded: bool) -> Decision:
-        now = self.fleet.loop.now
         preq = flight.policy_request
         assert preq is not None
-        view = self.views.build(now, max(0, len(self.queue) - 1), self.mean_prompt_tokens)
-        if forwarded:
-            view = view.local_only()
-        decision = self.policy.decide(preq, view, now, self.rng)
-        self.fleet.counters.decisions += 1
-        if decision.routed and not decision.wait:
-            if not forwarded or flight.rec.staleness is None:
-                chosen = decision.replica
-                for r in view.replicas:
-                    if r.replica == chosen:
-                        flight.rec.staleness = r.load_age
-                        break
-            self._note_prompt(preq, decision)
-        return decision
+        got = self.core.submit(Ask(preq, forwarded, flight.pinned if forwarded else None), now)
+        if isinstance(got, Placement):
+            self._go(flight, got, forwarded)
+            return
+        self._waiting[got] = flight
+        if got.first is None:
+            self.pump()  # an arrival behind others: re-evaluate the head
+        else:
+            self._arm()
 
-    def _note_prompt(self, req: Request, d: Decision) -> None:
-        uncached = req.num_tokens - cached_tokens(req, d.matched_blocks)
-        self.mean_prompt_tokens += 0.05 * (uncached - self.mean_prompt_tokens)
+    def kick(self) -> None:
+        """A completion or a load change: re-evaluate a waiting head (once, now)."""
+        if self.core.queue and not self._kicked:
+            self._kicked = True
+            self.fleet.loop.at(self.fleet.loop.now, self.pump)
+
+    def pump(self) -> None:
+        self._kicked = False
+        now = self.fleet.loop.now
+        for waiter, placement in self.core.pump(now):
+            flight = self._waiting.pop(waiter)
+            flight.rec.queued_at_router += now - waiter.since
+            self._go(flight, placement, waiter.ask.forwarded)
+        self._arm()
+
+    def _arm(self) -> None:
+        at = self.core.retry_at
+        timer = self._timer
+        if timer is not None and not timer.cancelled:
+            if at is not None and timer.when == at:
+                return
+            timer.cancel()
+        self._timer = None if at is None else self.fleet.loop.at(at, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        self.pump()
+
+    def _go(self, flight: Flight, p: Placement, forwarded: bool) -> None:
+        if p.load_age is not None and (not forwarded or flight.rec.staleness is None):
+            flight.rec.staleness = p.load_age
+        self.fleet.route(self, flight, p, forwarded)
 
 
 class Plane(Protocol):
@@ -462,8 +473,12 @@ class ProbePlane:
         now = fleet.loop.now
         got = {e.replica: _Probe(*e.load(), now) for e in engines}
         back = fleet.topology.one_way_s(engines[0].region, router.region, fleet.rng)
-        fleet.loop.after(back, self._own[router.id].update, got)
+        fleet.loop.after(back, self._arrived, router, got)
         fleet.counters.load_reports += len(got)
+
+    def _arrived(self, router: SimRouter, got: dict[str, _Probe]) -> None:
+        self._own[router.id].update(got)
+        router.kick()  # a load change: re-evaluate a waiting head
 
     def _heartbeat(self, router: SimRouter) -> None:
         fleet = self.fleet
@@ -640,6 +655,9 @@ class Fleet:
                     managed = self.by_region.get(region, [])
                     self.routers.append(SimRouter(self, f"{region}-lb{i}", region, managed))
         self.router_by_id = {r.id: r for r in self.routers}
+        self.router_at = {**self.router_by_id,
+                          **{SimNet.addr_of(r.id): r for r in self.routers}}
+        """Routers by the addresses views name them with (plane-dependent)."""
         self.routers_in: dict[str, list[SimRouter]] = {}
         for r in self.routers:
             self.routers_in.setdefault(r.region, []).append(r)
@@ -697,38 +715,38 @@ class Fleet:
         self.loop.after(delay, router.receive, flight, False)
 
     # -- routing -----------------------------------------------------------------------------
-    def route(self, router: SimRouter, flight: Flight, d: Decision, forwarded: bool) -> None:
-        if not d.routed:
+    def route(self, router: SimRouter, flight: Flight, p: Placement, forwarded: bool) -> None:
+        """Carry out ``router``'s placement: to an engine, one hop to a router, or back."""
+        d, target = p.decision, p.target
+        if target is None:
             self.reject(flight, router.region)
             return
-        if d.replica is not None and d.replica in router.managed:
-            self.dispatch(router, flight, router.managed[d.replica], forwarded)
+        if target.local:
+            self.dispatch(router, flight, target, forwarded)
             return
-        region = d.region or router.region
-        peers = self.routers_in.get(region)
-        if forwarded or region == router.region or not peers:
+        peer = self.router_at.get(target.url)
+        if peer is None or forwarded:
             self.reject(flight, router.region)
             return
-        peer = peers[0] if len(peers) == 1 else router.rng.choice(peers)
         if d.replica is not None:
             self._bind(flight, d.replica)
-        target = d.replica or f"{region}-router"
-        flight.entry_ticket = router.dispatches.start(
-            target, region, flight.req.prompt_len, self.loop.now
-        )
-        self.plane.on_routed(router, flight, d.replica or f"@{region}", region)
+        now = self.loop.now
+        flight.entry_ticket = router.core.start(target, flight.req.prompt_len, now)
+        self.plane.on_routed(router, flight, d.replica or f"@{target.region}", target.region)
         flight.via = peer
         flight.forwarded = True
         flight.pinned = d.replica
         flight.rec.forwards += 1
-        delay = self.topology.one_way_s(router.region, region, self.rng)
+        delay = self.topology.one_way_s(router.region, target.region, self.rng)
         self.loop.after(delay, peer.receive, flight, True)
 
     def dispatch(
-        self, router: SimRouter, flight: Flight, engine: SimEngine, forwarded: bool
+        self, router: SimRouter, flight: Flight, target: Target, forwarded: bool
     ) -> None:
-        ticket = router.dispatches.start(
-            engine.replica, engine.region, flight.req.prompt_len, self.loop.now
+        engine = self.engines[target.replica]
+        ticket = router.core.start(
+            Target(engine.replica, engine.replica, engine.region, True),
+            flight.req.prompt_len, self.loop.now,
         )
         if forwarded:
             flight.via_ticket = ticket
@@ -784,11 +802,12 @@ class Fleet:
 
     def _release(self, flight: Flight, router: SimRouter) -> None:
         if router is flight.via and flight.via_ticket is not None:
-            router.dispatches.done(flight.via_ticket)
+            router.core.done(flight.via_ticket)
             flight.via_ticket = None
         if router is flight.entry and flight.entry_ticket is not None:
-            router.dispatches.done(flight.entry_ticket)
+            router.core.done(flight.entry_ticket)
             flight.entry_ticket = None
+        router.kick()
 
     def _bind(self, flight: Flight, replica: str) -> None:
         if flight.target is None:
@@ -847,6 +866,8 @@ class Fleet:
         check_drained()
         if self.outstanding > 0:
             self.loop.run(until=end, on_progress=progress)
+        self.counters.decisions = sum(r.core.decisions for r in self.routers)
+        self.counters.waits = sum(r.core.waits for r in self.routers)
         return FleetResult(
             records=self.records,
             counters=self.counters,

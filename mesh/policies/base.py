@@ -67,6 +67,9 @@ class ReplicaView:
     """This router's dispatches since the load record was measured: not in it yet."""
     prefill_rate: float | None = None
     """Prefill throughput of the replica's profile, tokens/s (None: the policy's default)."""
+    owner: str | None = None
+    """Base URL of the live router that reports this replica (forwards go there); None for
+    this router's own engines or when unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,8 @@ class RegionView:
     """Requests waiting in that region's routers' queues (selective pushing)."""
     pushed: int = 0
     """This router's region-level pushes into it that its load records cannot show yet."""
+    routers: tuple[str, ...] = ()
+    """Addresses of the region's live routers (where a region-level forward goes)."""
 
 
 class PrefixLookup(Protocol):

@@ -321,7 +321,7 @@ async def test_selective_pushing_waits_in_fcfs_order_until_a_replica_frees(
                     return resp.status, asyncio.get_running_loop().time()
 
             tasks = [asyncio.create_task(send(i)) for i in range(3)]
-            await wait_for(lambda: len(router._queue) == 3)
+            await wait_for(lambda: router.dispatcher.queued() == 3)
             assert sum(e.served for e in engines) == 0
             engines[0].waiting = 0
             results = await asyncio.gather(*tasks)

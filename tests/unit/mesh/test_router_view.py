@@ -75,3 +75,23 @@ def test_region_pushes_newer_than_its_freshest_record_are_counted() -> None:
                ReplicaRecord("http://e2", "eu", True, 0, 0, 0, age=3.0)]
     view = builder(records, {"eu": RegionRecord("eu", 0.05, ("http://r-eu",))}, d).build(10.0)
     assert view.regions["eu"].pushed == 1
+
+
+def test_an_own_forward_counts_until_the_owners_published_count_holds_it() -> None:
+    d = Dispatches()
+    d.start("http://e", "eu", 10, now=1.0, publish=False)  # forwarded to eu's router at 1.0
+    regions = {"eu": RegionRecord("eu", 0.1, ("http://eu-router",))}
+
+    def inflight(inflight_age: float) -> int:
+        rec = ReplicaRecord("http://e", "eu", True, 0, 0, 0.0, 0.2, others_inflight=1,
+                            owner="http://eu-router", inflight_age=inflight_age)
+        (r,) = builder([rec], regions, d).build(now=5.0).replicas
+        return r.inflight
+
+    # The owner's counts were published at 4.0, after the forward arrived (1.0 + 0.05):
+    # its "1" is this request; counting it here too would count it twice.
+    assert inflight(1.0) == 1
+    # Published at 1.02, before the forward could arrive: not in there yet, count it here.
+    assert inflight(3.98) == 2
+    # No published counts known from the owner: count it here.
+    assert inflight(math.inf) == 2
