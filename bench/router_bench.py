@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +34,7 @@ from kvevents.keys import request_keys
 from kvevents.tokenizer import BuiltinTokenizer
 from mesh.policies import POLICIES, Policy, RegionView, Request, View, make_policy
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder
+from sim.procs import Proc, free_ports, kvmesh_argv, wait_http
 
 MODEL = "bench-model"
 
@@ -145,29 +144,6 @@ def decision_bench(blocks: int, replicas: int, iterations: int, seed: int) -> di
 # -- 2 and 3. a router in front of a simulated engine ----------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def wait_ready(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process,
-                     timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.returncode is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                if resp.status == 200:
-                    return
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"{url} not ready after {timeout}s")
-
-
 async def ttft(session: aiohttp.ClientSession, base: str, prompt: str, max_tokens: int) -> float:
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "stream": True}
@@ -206,24 +182,23 @@ async def rps(session: aiohttp.ClientSession, base: str, concurrency: int,
 
 async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: float,
                       seed: int) -> dict[str, Any]:
-    eport, rport = free_port(), free_port()
+    eport, rport = free_ports(2)
     engine_url, router_url = f"http://127.0.0.1:{eport}", f"http://127.0.0.1:{rport}"
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     cfg = tmp / "router.yaml"
     cfg.write_text(f"region: us\nlisten: 127.0.0.1:{rport}\nengines: [{{url: {engine_url}}}]\n"
                    f"policy: kvmesh\nlog_level: warning\n")
-    py = [sys.executable, "-m", "cli"]
-    log = open(tmp / "procs.log", "wb")  # noqa: SIM115 - closed in finally
-    engine = await asyncio.create_subprocess_exec(
-        *py, "sim-engine", "--port", str(eport), "--model", MODEL, "--speedup", str(speedup),
-        "--log-level", "WARNING", stdout=log, stderr=log)
-    router = await asyncio.create_subprocess_exec(
-        *py, "router", "--config", str(cfg), stdout=log, stderr=log)
+    engine = Proc("engine", kvmesh_argv("sim-engine", "--port", str(eport), "--model", MODEL,
+                                        "--speedup", str(speedup), "--log-level", "WARNING"),
+                  tmp / "engine.log")
+    router = Proc("router", kvmesh_argv("router", "--config", str(cfg)), tmp / "router.log")
     rng = random.Random(seed)
     try:
+        await engine.start()
+        await router.start()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await wait_ready(session, f"{engine_url}/health", engine)
-            await wait_ready(session, f"{router_url}/ready", router)
+            await wait_http(session, f"{engine_url}/health", engine)
+            await wait_http(session, f"{router_url}/ready", router)
             direct: list[float] = []
             routed: list[float] = []
             for i in range(samples + 10):
@@ -239,16 +214,7 @@ async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: f
             rps_direct = await rps(session, engine_url, concurrency, seconds)
             rps_router = await rps(session, router_url, concurrency, seconds)
     finally:
-        for p in (router, engine):
-            if p.returncode is None:
-                p.terminate()
-        for p in (router, engine):
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(p.wait(), 10)
-            if p.returncode is None:
-                p.kill()
-                await p.wait()
-        log.close()
+        await asyncio.gather(router.stop(10.0), engine.stop(10.0))
     ms = 1000.0
     return {
         "samples": samples,
