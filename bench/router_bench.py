@@ -31,7 +31,7 @@ import aiohttp
 
 from crdt.prefix_index import PrefixIndex
 from kvevents.keys import request_keys
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 from mesh.policies import POLICIES, Policy, RegionView, Request, View, make_policy
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder
 from sim.procs import Proc, free_ports, kvmesh_argv, wait_http

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from kvevents.redis_stream import RedisBridge
+    from kvevents.redis_bridge import RedisBridge
 
     bridge = RedisBridge(
         args.zmq,

@@ -15,7 +15,8 @@ import zmq.asyncio
 
 from kvevents.events import IndexWriter
 from kvevents.ingest import AliveHook, Version
-from kvevents.redis_stream import RedisStreamReader, split_redis_url
+from kvevents.redis_reader import RedisStreamReader
+from kvevents.redis_stream import split_redis_url
 from kvevents.zmq_subscriber import ZmqSubscriber
 
 EventSource = ZmqSubscriber | RedisStreamReader

@@ -18,17 +18,12 @@ from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
-from kvevents.decode import WireError, split_message
 from kvevents.events import IndexWriter
 from kvevents.ingest import AliveHook, EngineIngest, EngineStats, Version
-from kvevents.replay import recover
+from kvevents.zmq_stream import ZmqStream, wants_bind
 
-
-def wants_bind(endpoint: str) -> bool:
-    """The engines' own rule: wildcard, ipc and inproc endpoints are bound, others connected."""
-    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+__all__ = ["ZmqSubscriber", "wants_bind"]
 
 
 class ZmqSubscriber:
@@ -80,17 +75,28 @@ class ZmqSubscriber:
             resume_from=resume_from,
             on_alive=on_alive,
         )
-        self.other_topics = 0
         self._own_ctx = context is None
         self._ctx = context if context is not None else zmq.asyncio.Context()
-        self._sock: zmq.asyncio.Socket | None = None
+        self.zmq = ZmqStream(
+            f"engine {replica}", endpoint, self.ingest, self._ctx,
+            replay_endpoint=replay_endpoint, bind=self.bind, topic=topic, clock=clock,
+            replay_attempts=replay_attempts, replay_idle_timeout=replay_idle_timeout,
+            replay_max_duration=replay_max_duration, rcvhwm=rcvhwm,
+        )
         self._task: asyncio.Task[None] | None = None
-        self._replay_task: asyncio.Task[None] | None = None
-        self._monitor: zmq.asyncio.Socket | None = None
-        self._monitor_task: asyncio.Task[None] | None = None
-        self.disconnects = 0
-        self.bound_endpoint: str | None = None
+
+    @property
+    def other_topics(self) -> int:
+        return self.zmq.other_topics
+
+    @property
+    def disconnects(self) -> int:
+        return self.zmq.disconnects
+
+    @property
+    def bound_endpoint(self) -> str | None:
         """The address actually bound (``tcp://*:0`` becomes a real port), when binding."""
+        return self.zmq.bound_endpoint
 
     def stats(self) -> EngineStats:
         return self.ingest.stats(self.clock())
@@ -100,18 +106,18 @@ class ZmqSubscriber:
         """Open the socket and start ingesting in a background task."""
         if self._task is not None:
             return
-        self._open()
-        self._task = asyncio.create_task(self._loop(), name=f"kvevents-zmq-{self.replica}")
+        self.zmq.open()
+        self._task = asyncio.create_task(self.zmq.read(), name=f"kvevents-zmq-{self.replica}")
 
     async def run(self) -> None:
         """Ingest until cancelled."""
         if self._task is not None:
             raise RuntimeError("already started")
-        self._open()
+        self.zmq.open()
         try:
-            await self._loop()
+            await self.zmq.read()
         finally:
-            await self._shutdown()
+            self._shutdown()
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
@@ -119,93 +125,9 @@ class ZmqSubscriber:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._shutdown()
+        self._shutdown()
 
-    # -- internals ------------------------------------------------------------------------
-    def _open(self) -> None:
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, self.rcvhwm)
-        sock.setsockopt(zmq.SUBSCRIBE, (self.topic or "").encode())
-        try:
-            if self.bind:
-                sock.bind(self.endpoint)
-                last = sock.getsockopt(zmq.LAST_ENDPOINT)
-                self.bound_endpoint = last.decode() if isinstance(last, bytes) else str(last)
-            else:
-                sock.connect(self.endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            raise
-        self._sock = sock
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-
-    async def _watch(self) -> None:
-        """A dropped connection may hide an engine restart: verify the next batch."""
-        monitor = self._monitor
-        assert monitor is not None
-        while True:
-            frames = await monitor.recv_multipart()
-            try:
-                event = parse_monitor_message(frames)
-            except (ValueError, zmq.ZMQError):  # pragma: no cover - libzmq's own frames
-                continue
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self.disconnects += 1
-                self.ingest.on_disconnect()
-
-    async def _loop(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        self._monitor_task = asyncio.create_task(self._watch(), name=f"kvevents-mon-{self.replica}")
-        ingest, clock, topic = self.ingest, self.clock, self.topic
-        want = topic.encode() if topic is not None else None
-        while True:
-            frames = await sock.recv_multipart()
-            now = clock()
-            try:
-                msg = split_message(frames)
-            except WireError as exc:
-                ingest.on_bad_message(str(exc), now)
-                continue
-            if want is not None and msg.topic != want:
-                self.other_topics += 1
-                continue
-            if ingest.on_message(msg, now) and self._replay_task is None:
-                self._replay_task = asyncio.create_task(
-                    self._recover(), name=f"kvevents-replay-{self.replica}"
-                )
-
-    async def _recover(self) -> None:
-        assert self.replay_endpoint is not None
-        try:
-            await recover(
-                self.ingest,
-                self._ctx,
-                self.replay_endpoint,
-                self.clock,
-                attempts=self.replay_attempts,
-                idle_timeout=self.replay_idle_timeout,
-                max_duration=self.replay_max_duration,
-                name=f"engine {self.replica}",
-            )
-        finally:
-            self._replay_task = None
-
-    async def _shutdown(self) -> None:
-        for task in (self._replay_task, self._monitor_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._replay_task = self._monitor_task = None
-        if self._sock is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            self._sock.close(linger=0)
-            self._sock = None
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
-            self._monitor = None
-        if self._own_ctx:
+    def _shutdown(self) -> None:
+        self.zmq.close()
+        if self._own_ctx and not self._ctx.closed:
             self._ctx.term()

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from kvevents.tokenizer_factory import AsyncTokenizer
+from kvevents.tokenizers.factory import AsyncTokenizer
 
 log = logging.getLogger("kvmesh.api")
 
@@ -132,7 +132,7 @@ def parse_inference(
 
 
 PromptTokenizer = AsyncTokenizer
-"""The tokenizer interface the router uses: ``kvevents.tokenizer_factory``'s."""
+"""The tokenizer interface the router uses: ``kvevents.tokenizers.factory``'s."""
 
 
 async def tokenize(inf: Inference, tokenizer: PromptTokenizer) -> list[int]:

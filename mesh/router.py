@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from kvevents.keys import request_keys
-from kvevents.tokenizer_factory import make_tokenizer
+from kvevents.tokenizers.factory import make_tokenizer
 from mesh.api import (
     ApiError,
     Inference,
@@ -65,7 +65,7 @@ log = logging.getLogger("kvmesh.router")
 
 
 def load_tokenizer(spec: str) -> PromptTokenizer:
-    """``builtin``, ``hf:<path>`` or ``engine:<url>`` (``kvevents.tokenizer_factory``)."""
+    """``builtin``, ``hf:<path>`` or ``engine:<url>`` (``kvevents.tokenizers.factory``)."""
     try:
         return make_tokenizer(spec)
     except ImportError as exc:

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 from sim.fleet import CLIENTS_START_S
 from sim.metrics import RequestRecord
 from sim.workloads.base import Client, SimRequest, Workload

@@ -26,7 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from kvevents.publisher import ZmqEventPublisher
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 from sim.engine_model import EngineConfig, EngineModel, RequestOutput
 from sim.engine_runner import EngineRunner, Finished
 from sim.openai_api import (

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 
 _WORD_TEXT = """
 the of and to in is that for it as was with be by on not he this are or his from at which but

@@ -1,7 +1,7 @@
 """What a workload hands the simulator: requests with token ids, and clients that react.
 
 Token ids are generated directly as integer lists (no text, no tokenizer): ids below 1000
-are the chat-template markers below, the same range ``kvevents.tokenizer.BuiltinTokenizer``
+are the chat-template markers below, the same range ``kvevents.tokenizers.base.BuiltinTokenizer``
 reserves for special tokens, and content ids are drawn from ``[1000, VOCAB)``. Generating ids
 directly is what lets a run hold millions of tokens in seconds; the block keys a router
 computes from them are the same as for any other token stream.

@@ -25,7 +25,8 @@ from crdt.prefix_index import PrefixIndex
 from kvevents.events import BlockRemoved, BlockStored, KVEvent
 from kvevents.keys import request_keys
 from kvevents.publisher import ZmqEventPublisher
-from kvevents.redis_stream import RedisBridge, RedisStreamReader
+from kvevents.redis_bridge import RedisBridge
+from kvevents.redis_reader import RedisStreamReader
 from kvevents.tracker import epoch_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]

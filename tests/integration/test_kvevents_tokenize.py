@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kvevents.engine_tokenizer import EngineTokenizer, TokenizeError
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
+from kvevents.tokenizers.engine import EngineTokenizer, TokenizeError
 from sim.engine_model import EngineConfig, EngineModel
 from sim.profiles import L4_LLAMA_3_1_8B
 from sim.server import SimEngineServer

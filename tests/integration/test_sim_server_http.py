@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 from sim.engine_model import EngineConfig, EngineModel
 from sim.profiles import L4_LLAMA_3_1_8B
 from sim.server import SimEngineServer

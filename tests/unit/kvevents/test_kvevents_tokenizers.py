@@ -24,9 +24,9 @@ from tokenizers import (
     trainers,
 )
 
-import kvevents.tokenizer as tk
-from kvevents.hf_tokenizer import HFTokenizer
-from kvevents.tokenizer_factory import LocalTokenizer, make_tokenizer
+import kvevents.tokenizers.base as tk
+from kvevents.tokenizers.factory import LocalTokenizer, make_tokenizer
+from kvevents.tokenizers.hf import HFTokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -249,9 +249,3 @@ async def test_factory(folders: dict[str, Path]) -> None:
     for bad in ("", "hf:", "engine:ftp://x", "tiktoken:x", "hf:/nonexistent/dir"):
         with pytest.raises(ValueError):
             make_tokenizer(bad)
-
-
-def test_hf_tokenizer_reachable_from_the_protocol_module() -> None:
-    assert getattr(tk, "HFTokenizer") is HFTokenizer  # noqa: B009 - the router's lookup
-    with pytest.raises(AttributeError):
-        _ = tk.NoSuchTokenizer  # type: ignore[attr-defined]

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 from sim.openai_api import (
     SSE_DONE,
     ApiError,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvevents.tokenizer import BuiltinTokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer
 from sim.textgen import TextGenerator
 
 

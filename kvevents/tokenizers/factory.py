@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvevents.engine_tokenizer import EngineTokenizer
-from kvevents.tokenizer import BuiltinTokenizer, Message, Tokenizer
+from kvevents.tokenizers.base import BuiltinTokenizer, Message, Tokenizer
+from kvevents.tokenizers.engine import EngineTokenizer
 
 
 class AsyncTokenizer(Protocol):
@@ -55,7 +55,7 @@ def make_tokenizer(spec: str) -> AsyncTokenizer:
     if spec == "builtin":
         return LocalTokenizer(BuiltinTokenizer())
     if spec.startswith("hf:") and len(spec) > 3:
-        from kvevents.hf_tokenizer import HFTokenizer  # needs the optional `tokenizers` package
+        from kvevents.tokenizers.hf import HFTokenizer  # needs the optional `tokenizers` package
 
         try:
             return LocalTokenizer(HFTokenizer(spec[3:]))

@@ -28,8 +28,8 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as _HFTokenizer
 
-from kvevents.prefix_cache import PrefixTokenCache
-from kvevents.tokenizer import Message, message_text
+from kvevents.tokenizers.base import Message, message_text
+from kvevents.tokenizers.prefix_cache import PrefixTokenCache
 
 _SPECIAL_VARS = (
     "bos_token",
@@ -119,7 +119,7 @@ def _offset_sensitive(node: object) -> bool:
 
 
 class HFTokenizer:
-    """Implements ``kvevents.tokenizer.Tokenizer`` over a local Hugging Face tokenizer.
+    """Implements ``kvevents.tokenizers.base.Tokenizer`` over a local Hugging Face tokenizer.
 
     ``path``: a folder with ``tokenizer.json`` (and ``tokenizer_config.json``), or the
     ``tokenizer.json`` file itself. ``prefix_cache``: cache chat encodings by prefix.

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from kvevents.tokenizer import Message
+from kvevents.tokenizers.base import Message
 
 
 class TokenizeError(RuntimeError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import xxhash
 
@@ -84,15 +84,3 @@ class BuiltinTokenizer:
             out.append(f"<|{role}|>\n{message_text(msg.get('content'))}<|end|>\n")
         out.append("<|assistant|>\n")
         return "".join(out)
-
-
-if not TYPE_CHECKING:  # invisible to type checkers, so typos in imports stay errors
-
-    def __getattr__(name: str) -> object:
-        """``HFTokenizer`` lives in ``kvevents.hf_tokenizer`` (it needs the optional
-        ``tokenizers`` package); it is importable from here too, loaded on first use."""
-        if name == "HFTokenizer":
-            from kvevents.hf_tokenizer import HFTokenizer
-
-            return HFTokenizer
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
