@@ -41,6 +41,7 @@ from typing import Any
 
 from crdt import wire
 from crdt.prefix_index import PrefixIndex
+from sim.metrics import percentile
 
 BATCH = 16
 CHAIN = 128
@@ -168,7 +169,7 @@ def time_calls(
     cpu.sort()
 
     def pct(xs: list[int], p: float) -> float:
-        return round(xs[min(len(xs) - 1, int(len(xs) * p))] / 1000, 2)
+        return round(percentile(xs, p * 100) / 1000, 2)
 
     return {
         "p50_us": pct(wall, 0.5),

@@ -33,6 +33,7 @@ from crdt.prefix_index import PrefixIndex
 from mesh.gossip import GossipConfig, MeshCore
 from mesh.membership import SwimConfig
 from mesh.simnet import SimNet, region_latency
+from sim.metrics import percentile
 
 REGIONS = ("us", "eu", "ap", "sa")
 ONE_WAY = {
@@ -53,11 +54,6 @@ class Router:
     index: PrefixIndex
     replica: str
     seq: int = 0
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def build(n: int, seed: int, swim: SwimConfig, gossip: GossipConfig) -> tuple[SimNet, list[Router]]:
@@ -124,11 +120,11 @@ def convergence(
     return {
         "routers": n,
         "trials": trials,
-        "p50_ms": pct(times, 0.5) * 1000,
-        "p99_ms": pct(times, 0.99) * 1000,
+        "p50_ms": percentile(times, 50) * 1000,
+        "p99_ms": percentile(times, 99) * 1000,
         "mean_ms": statistics.fmean(times) * 1000,
-        "p50_rounds": pct(times, 0.5) / gi,
-        "p99_rounds": pct(times, 0.99) / gi,
+        "p50_rounds": percentile(times, 50) / gi,
+        "p99_rounds": percentile(times, 99) / gi,
         "wall_s": time.perf_counter() - wall,
     }
 

@@ -34,18 +34,14 @@ from kvevents.keys import request_keys
 from kvevents.tokenizers.base import BuiltinTokenizer
 from mesh.policies import POLICIES, Policy, RegionView, Request, View, make_policy
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder
+from sim.metrics import percentile
 from sim.procs import Proc, free_ports, kvmesh_argv, wait_http
 
 MODEL = "bench-model"
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 def summary_us(values: Sequence[float]) -> dict[str, float]:
-    return {"p50_us": pct(values, 0.5) * 1e6, "p99_us": pct(values, 0.99) * 1e6}
+    return {"p50_us": percentile(values, 50) * 1e6, "p99_us": percentile(values, 99) * 1e6}
 
 
 def timed(fn: Callable[[], object], n: int) -> list[float]:
@@ -219,10 +215,10 @@ async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: f
     return {
         "samples": samples,
         "engine_speedup": speedup,
-        "ttft_direct_ms": {"p50": pct(direct, 0.5) * ms, "p99": pct(direct, 0.99) * ms},
-        "ttft_router_ms": {"p50": pct(routed, 0.5) * ms, "p99": pct(routed, 0.99) * ms},
-        "added_ms": {"p50": (pct(routed, 0.5) - pct(direct, 0.5)) * ms,
-                     "p99": (pct(routed, 0.99) - pct(direct, 0.99)) * ms,
+        "ttft_direct_ms": {"p50": percentile(direct, 50) * ms, "p99": percentile(direct, 99) * ms},
+        "ttft_router_ms": {"p50": percentile(routed, 50) * ms, "p99": percentile(routed, 99) * ms},
+        "added_ms": {"p50": (percentile(routed, 50) - percentile(direct, 50)) * ms,
+                     "p99": (percentile(routed, 99) - percentile(direct, 99)) * ms,
                      "mean_paired": statistics.fmean(added) * ms},
         "concurrency": concurrency,
         "rps_direct": rps_direct,

@@ -30,7 +30,7 @@ from mesh.engines import EngineState
 from mesh.metrics import gauge
 from mesh.node import MeshConfig, MeshNode
 from mesh.policies.base import NoPrefixes, PrefixLookup
-from mesh.status import ReplicaLoad, ReplicaStatus, replica_rows
+from mesh.status import ReplicaLoad, ReplicaStatus, build_status, replica_rows
 from mesh.transport import STATUS_PATH
 from mesh.view import RegionRecord, ReplicaRecord
 
@@ -318,11 +318,16 @@ class MeshState:
         return replica_rows(self.index.slices(), loads)
 
     def status(self) -> dict[str, Any]:
-        if self.node is None:
-            return {"index": {"replicas": len(self.index.replicas()),
-                              "pairs": self.index.pair_count()}}
-        doc: dict[str, Any] = self.node.status()
-        return doc
+        """The mesh document; a lone router (no peers) has the same shape, with no peers."""
+        if self.node is not None:
+            doc: dict[str, Any] = self.node.status()
+            return doc
+        now = self.clock()
+        return build_status(
+            node_id=self.me, region=self.config.region, address=self.config.advertise,
+            generation=self.versions.generation, incarnation=0, peers=(),
+            replicas=self._status_rows(now), now=now, region_rtt_ms={},
+        )
 
     def metric_providers(self) -> list[Callable[[], Iterable[Any]]]:
         return [self._ingest_metrics, self._gossip_metrics]

@@ -40,6 +40,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sim.localmesh import MODEL, LocalFleetSpec, LocalMesh, prefill_rate
+from sim.metrics import percentile
 from sim.profiles import DEFAULT_PROFILE
 from sim.topology import Link
 
@@ -213,14 +214,6 @@ async def client_loop(
 # -- reporting ----------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    idx = min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))
-    return s[idx]
-
-
 @dataclass(frozen=True, slots=True)
 class PolicyResult:
     policy: str
@@ -248,8 +241,8 @@ def summarize(policy: str, state: RunState, duration: float, forwards: float,
         policy=policy,
         requests=len(ok),
         errors=state.errors,
-        ttft_p50_ms=percentile(ttfts, 0.5) * 1000,
-        ttft_p90_ms=percentile(ttfts, 0.9) * 1000,
+        ttft_p50_ms=percentile(ttfts, 50) * 1000,
+        ttft_p90_ms=percentile(ttfts, 90) * 1000,
         throughput_rps=len(ok) / duration,
         output_tokens_per_s=sum(s.output_tokens for s in ok) / duration,
         prefix_hit_rate=cached / prompt if prompt else 0.0,
@@ -317,7 +310,7 @@ async def run_policy(mesh: LocalMesh, session: aiohttp.ClientSession, policy: st
             await asyncio.sleep(0.25)
             if progress is not None and task_id is not None:
                 ok = [s.ttft for s in state.samples if s.ok]
-                p50 = percentile(ok, 0.5) * 1000 if ok else math.nan
+                p50 = percentile(ok, 50) * 1000 if ok else math.nan
                 progress.update(task_id, completed=min(cfg.duration, time.monotonic() - started),
                                 description=f"{policy:12s} {len(ok):4d} req  p50 TTFT "
                                             f"{p50:5.0f} ms")

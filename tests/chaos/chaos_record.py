@@ -2,7 +2,9 @@
 
 Each scenario fills one :class:`ScenarioRecord` (faults, requests, losses, convergence and
 its bound, health figures); the session-finish hook in ``conftest.py`` renders the records
-of the session into ``docs/reliability.md`` together with the command that produced them.
+of the session, with the command that produced them, into ``results/chaos/reliability.md``
+(ignored by git: a test run never rewrites a tracked file). ``python
+tests/chaos/chaos_record.py publish`` copies the latest one to ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import shutil
 import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,10 @@ RECORDS: list[ScenarioRecord] = []
 """Records of this session, in the order the scenarios ran."""
 
 DOC_ENV = "KVMESH_RELIABILITY_DOC"
-"""Where the page goes (default ``docs/reliability.md``; set it for partial dev runs)."""
+"""Where a run's page goes (default ``results/chaos/reliability.md``)."""
+RESULT = Path("results") / "chaos" / "reliability.md"
+PAGE = Path("docs") / "reliability.md"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(slots=True)
@@ -61,8 +68,10 @@ def render(
     lines = [
         "# Reliability: chaos scenarios and their latest results",
         "",
-        "Written by the chaos suite (`tests/chaos/`) at the end of every run that includes it;",
-        "do not edit by hand. `bash deploy/test.sh` runs it together with every other test.",
+        "Written by the chaos suite (`tests/chaos/`) into `results/chaos/reliability.md` at the",
+        "end of every run that includes it, and copied here by",
+        "`python tests/chaos/chaos_record.py publish`; do not edit by hand. `bash deploy/test.sh`",
+        "runs the suite together with every other test.",
         "",
         *textwrap.wrap(setup, 92, break_on_hyphens=False, break_long_words=False),
         "",
@@ -100,7 +109,22 @@ def render(
 def write(
     records: list[ScenarioRecord], command: str, wall_s: float, root: Path, setup: str
 ) -> Path:
-    target = Path(os.environ.get(DOC_ENV) or root / "docs" / "reliability.md")
+    target = Path(os.environ.get(DOC_ENV) or root / RESULT)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render(records, command, wall_s, root, setup))
     return target
+
+
+def publish(root: Path = ROOT) -> Path:
+    """Copy the latest run's page (``results/chaos/reliability.md``) to ``docs/``."""
+    src = root / RESULT
+    if not src.is_file():
+        raise SystemExit(f"no chaos results at {src}: run the chaos suite first")
+    shutil.copyfile(src, root / PAGE)
+    return root / PAGE
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["publish"]:
+        raise SystemExit("usage: python tests/chaos/chaos_record.py publish")
+    print(f"updated {publish()}")

@@ -7,7 +7,8 @@
 The deployment (``mesh``) is session-scoped: starting 15 containers costs more than most
 scenarios, so every scenario leaves it as it found it, and ``restored_mesh`` checks that
 (and repairs what a failed scenario left behind) before the next one runs. Each scenario
-fills a ``record``; the session-finish hook writes the records to ``docs/reliability.md``.
+fills a ``record``; the session-finish hook writes the records to
+``results/chaos/reliability.md`` (``chaos_record.py publish`` copies it to docs/).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ _RESULT = pytest.StashKey[str]()
 
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Iterator[ScenarioRecord]:
-    """This scenario's row in docs/reliability.md (result filled in at teardown)."""
+    """This scenario's row in the reliability page (result filled in at teardown)."""
     doc = (request.function.__doc__ or "").strip().splitlines()
     _started.append(time.monotonic())
     rec = ScenarioRecord(scenario=doc[0].rstrip(".") if doc else request.node.name)
