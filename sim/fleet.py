@@ -53,6 +53,7 @@ from mesh.simnet import SimNet
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, Ticket, ViewBuilder
 from sim.des import EventLoop, Timer
 from sim.engine_model import EngineConfig, EngineModel, RequestOutput, StepResult
+from sim.mesh_plane import MeshPlane
 from sim.metrics import RequestRecord, RunCounters
 from sim.profiles import Profile
 from sim.textgen import OutputPlan, TextGenerator
@@ -884,6 +885,4 @@ def make_plane(spec: FleetSpec) -> Plane:
         return ProbePlane(approx_prefix=spec.prefix == "approx")
     if spec.plane == "oracle":
         return OraclePlane()
-    from sim.mesh_plane import MeshPlane
-
     return MeshPlane(spec)

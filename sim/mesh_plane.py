@@ -21,7 +21,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crdt.versions import VersionClock
 from kvevents.decode import RawMessage
@@ -38,7 +38,9 @@ from mesh.simnet import SimNet
 from mesh.state import MeshState
 from mesh.view import RegionRecord, ReplicaRecord
 from sim.des import Timer
-from sim.fleet import Fleet, FleetSpec, Flight, SimEngine, SimRouter
+
+if TYPE_CHECKING:  # the fleet builds this plane; annotations only
+    from sim.fleet import Fleet, FleetSpec, Flight, SimEngine, SimRouter
 
 WALL_BASE = 1_700_000_000.0
 """Engines stamp batches with wall time; the simulated wall clock starts here."""
