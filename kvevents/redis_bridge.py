@@ -117,8 +117,6 @@ class RedisBridge:
         self.clock = clock
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
-        self.replay_attempts = replay_attempts
-        self.replay_idle_timeout = replay_idle_timeout
         self.relay = _Relay(replay_endpoint is not None, first_seq, self._enqueue)
         self.written = 0
         self.dropped = 0

@@ -63,10 +63,6 @@ class ZmqSubscriber:
         self.bind = wants_bind(endpoint) if bind is None else bind
         self.topic = topic
         self.clock = clock
-        self.replay_attempts = replay_attempts
-        self.replay_idle_timeout = replay_idle_timeout
-        self.replay_max_duration = replay_max_duration
-        self.rcvhwm = rcvhwm
         self.ingest = EngineIngest(
             replica,
             writer,
