@@ -57,7 +57,7 @@ from mesh.proxy import (
     relay,
     upstream_headers,
 )
-from mesh.state import LocalOnly, MeshBackend, MeshState
+from mesh.state import LocalOnly, MeshBackend, MeshState, view_records
 from mesh.view import Dispatches, ReplicaRecord, ViewBuilder
 
 log = logging.getLogger("kvmesh.router")
@@ -195,21 +195,11 @@ class Router:
         return self.engines is not None and self.engines.healthy(replica)
 
     def _records(self, now: float) -> Iterable[ReplicaRecord]:
-        mon = self.engines
-        for url, eng in self.local_engines.items():
-            st = mon.states.get(url) if mon is not None else None
-            if st is None or st.load is None:
-                yield ReplicaRecord(url, self.config.region, False, 0, 0, 0, float("inf"),
-                                    self.backend.others_inflight(url), eng.prefill_rate)
-                continue
-            yield ReplicaRecord(
-                url, self.config.region, st.healthy, st.load.waiting, st.load.running,
-                st.load.kv_usage, max(0.0, now - st.measured_at),
-                self.backend.others_inflight(url), eng.prefill_rate, st.models,
-            )
-        for rec in self.backend.remote_records(now):
-            if rec.replica not in self.local_engines:
-                yield rec
+        states = self.engines.states if self.engines is not None else {}
+        region = self.config.region
+        own = ((url, region, states.get(url), eng.prefill_rate)
+               for url, eng in self.local_engines.items())
+        return view_records(own, self.local_engines, self.backend, now)
 
     def view(self, now: float | None = None) -> View:
         return self.dispatcher.view(self.clock() if now is None else now)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,27 @@ from mesh.transport import STATUS_PATH
 from mesh.view import RegionRecord, ReplicaRecord
 
 log = logging.getLogger("kvmesh.mesh")
+
+OwnEngine = tuple[str, str, EngineState | None, float | None]
+"""(replica, region, its last probe or None, prefill rate) of an engine this router probes."""
+
+
+def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: MeshBackend,
+                 now: float) -> Iterator[ReplicaRecord]:
+    """What a router's view is built from: its own engines as it probes them (no load known
+    yet: not healthy), then every other replica as the replicated state has it."""
+    for url, region, st, rate in own:
+        others = backend.others_inflight(url)
+        if st is None or st.load is None:
+            yield ReplicaRecord(url, region, False, 0, 0, 0, float("inf"), others, rate)
+            continue
+        load = st.load
+        yield ReplicaRecord(url, region, st.healthy, load.waiting, load.running,
+                            load.kv_usage, max(0.0, now - st.measured_at), others, rate,
+                            st.models)
+    for rec in backend.remote_records(now):
+        if rec.replica not in own_set:
+            yield rec
 
 
 class MeshBackend(Protocol):

@@ -35,7 +35,7 @@ from mesh.gossip import GossipConfig, MeshCore
 from mesh.membership import SwimConfig
 from mesh.policies.base import PrefixLookup
 from mesh.simnet import SimNet
-from mesh.state import MeshState
+from mesh.state import MeshState, view_records
 from mesh.view import RegionRecord, ReplicaRecord
 from sim.des import Timer
 
@@ -242,30 +242,11 @@ class MeshPlane:
 
     # -- what a router's view is built from --------------------------------------------------------
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
-        """As ``mesh.router.Router._records``: own scrapes first, then the replicated rest."""
+        """The router's own (``mesh.state.view_records``, as ``mesh.router.Router`` does)."""
         rm = self._routers[router.id]
-        state = rm.state
         rate = self.fleet.prefill_rate
-        for replica, e in router.managed.items():
-            st = rm.local.get(replica)
-            others = state.others_inflight(replica)
-            if st is None or st.load is None:
-                yield ReplicaRecord(replica, e.region, False, 0, 0, 0, math.inf, others, rate)
-                continue
-            yield ReplicaRecord(
-                replica,
-                e.region,
-                st.healthy,
-                st.load.waiting,
-                st.load.running,
-                st.load.kv_usage,
-                max(0.0, now - st.measured_at),
-                others,
-                rate,
-            )
-        for rec in state.remote_records(now):
-            if rec.replica not in router.managed:
-                yield rec
+        own = ((r, e.region, rm.local.get(r), rate) for r, e in router.managed.items())
+        return view_records(own, router.managed, rm.state, now)
 
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
         """``MeshState.regions``, plus the regions of engines this router reaches directly.
