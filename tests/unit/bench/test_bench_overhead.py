@@ -1,0 +1,66 @@
+"""The overhead benchmark's wrk parsing and summary (the bench itself runs processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.overhead import Case, WrkResult, parse_wrk, summarise, wrk_script
+
+WRK = """Running 2s test @ http://127.0.0.1:18002/v1/chat/completions
+  1 threads and 1 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.90ms    4.01ms  37.48ms   88.18%
+    Req/Sec   591.55    429.75     1.05k    45.00%
+  Latency Distribution
+     50%  337.00us
+     75%    3.34ms
+     90%    7.68ms
+     99%    1.05s
+  1183 requests in 2.03s, 847.97KB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:    582.96
+Transfer/sec:    417.87KB
+"""
+
+
+def test_parse_wrk_reads_every_figure_in_seconds() -> None:
+    r = parse_wrk(WRK)
+    assert r.rps == pytest.approx(582.96)
+    assert r.p50 == pytest.approx(337e-6)
+    assert r.p90 == pytest.approx(7.68e-3)
+    assert r.p99 == pytest.approx(1.05)
+    assert r.requests == 1183
+    assert r.errors == 4 + 2 + 1
+
+
+def test_parse_wrk_rejects_output_without_latency_distribution() -> None:
+    with pytest.raises(ValueError, match="not wrk --latency output"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_script_posts_valid_json_body() -> None:
+    import json
+
+    line = next(x for x in wrk_script(True, 5).splitlines() if x.startswith("wrk.body"))
+    body = json.loads(json.loads(line.split("=", 1)[1]))
+    assert body["stream"] is True and body["max_tokens"] == 4
+    assert len(body["messages"][0]["content"].split()) == 5
+
+
+def test_summary_pairs_rounds_and_compares_with_the_best_peer() -> None:
+    def w(rps: float, p50: float) -> WrkResult:
+        return WrkResult(rps, p50, p50 * 2, p50 * 3, 100, 0)
+
+    case = Case(False, 32, {
+        "engine direct": [w(3000, 0.010), w(3000, 0.012)],
+        "kvmesh": [w(1500, 0.014), w(1500, 0.018)],
+        "peer a": [w(2000, 0.012), w(2000, 0.014)],
+        "peer b": [w(1000, 0.020), w(1000, 0.022)],
+    })
+    rows = {r["target"]: r for r in summarise(case, "engine direct")}
+    assert rows["engine direct"]["added_p50_ms"] is None
+    assert rows["kvmesh"]["added_p50_ms"] == pytest.approx(5.0)  # median of 4 and 6
+    assert rows["peer a"]["added_p50_ms"] == pytest.approx(2.0)
+    assert rows["kvmesh"]["rps_vs_best_peer"] == pytest.approx(0.75)
+    assert rows["kvmesh"]["added_p50_vs_best_peer"] == pytest.approx(2.5)
