@@ -21,8 +21,10 @@ sending them to the replica that looked idle.
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh.policies.base import (
@@ -34,7 +36,6 @@ from mesh.policies.base import (
     cached_tokens,
     estimate_load,
     no_replica,
-    top,
 )
 from mesh.policies.params import parse_params
 
@@ -80,18 +81,67 @@ class ExpectedTtft:
         reps = view.healthy("mesh")
         if not reps:
             return no_replica(self.name)
+        p = self.params
         matches = view.prefix.match(request.keys) if request.keys else {}
-        scored = [expected_ttft(request, r, view, matches.get(r.replica, 0), self.params)
-                  for r in reps]
-        best = min(s.cost for s in scored)
-        band = max(self.params.tie_abs, self.params.tie_rel * best)
-        ties = [s for s in scored if s.cost <= best + band]
-        s = rng.choice(ties)
-        matched = matches.get(s.replica, 0)
+        # The cost of every candidate in one pass over plain floats (``expected_ttft`` inlined:
+        # this loop runs for every replica of the mesh on every request); the explained
+        # ``Scored`` rows are built only for the winner and the best few.
+        costs = _costs(request, reps, view, matches, p)
+        best = min(costs)
+        band = max(p.tie_abs, p.tie_rel * best)
+        limit = best + band
+        ties = [i for i, c in enumerate(costs) if c <= limit]
+        chosen = rng.choice(ties)
+        pick = reps[chosen]
+        matched = matches.get(pick.replica, 0)
+        shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)
         return Decision(
-            s.replica, s.region,
-            f"kvmesh ttft={s.cost * 1000:.1f}ms prefix={matched}/{len(request.keys)} "
-            f"ties={len(ties)}",
+            pick.replica, pick.region,
+            f"kvmesh ttft={costs[chosen] * 1000:.1f}ms "
+            f"prefix={matched}/{len(request.keys)} ties={len(ties)}",
             self.name, matched_blocks=matched, total_blocks=len(request.keys),
-            candidates=top(scored),
+            candidates=tuple(
+                expected_ttft(request, reps[i], view, matches.get(reps[i].replica, 0), p)
+                for i in shortlist),
         )
+
+
+def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
+           matches: Mapping[str, int], p: TtftParams) -> list[float]:
+    """``expected_ttft(...).cost`` of every replica, without building explanations.
+
+    The same arithmetic in the same order as :func:`expected_ttft` and
+    :func:`~mesh.policies.base.estimate_load` (so the same floats), inlined: this loop runs
+    for every replica of the mesh on every request.
+    """
+    half_life, default_rate = p.load_half_life, p.prefill_rate
+    decode_weight, kv_weight, kv_cap = p.decode_weight, p.kv_weight, p.kv_cap
+    mean_prompt = view.mean_prompt_tokens
+    n_tokens, block = request.num_tokens, request.block_size
+    rtts: dict[str, float] = {}
+    out = []
+    for r in reps:
+        rtt = rtts.get(r.region)
+        if rtt is None:
+            rtt = rtts[r.region] = p.rtt_weight * view.rtt(r.region)
+        age = r.load_age
+        if not math.isfinite(age):
+            d = 0.0
+        elif half_life <= 0:
+            d = 1.0
+        else:
+            d = float(0.5 ** (max(age, 0.0) / half_life))
+        waiting = d * r.waiting + r.fresh
+        running = d * r.running
+        unexplained = r.inflight - (waiting + running)
+        if unexplained > 0:
+            waiting += unexplained
+        rate = r.prefill_rate or default_rate
+        matched = matches.get(r.replica, 0)
+        cached = max(0, min(matched * block, n_tokens - 1)) if n_tokens else 0
+        queue = waiting * mean_prompt / rate
+        prefill = (n_tokens - cached) / rate
+        k = min(max(r.kv_usage, 0.0), kv_cap)
+        decode = (queue + prefill) * decode_weight * running + kv_weight * k / (1.0 - k)
+        out.append(rtt + queue + prefill + decode)
+    return out

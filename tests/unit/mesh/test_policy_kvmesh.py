@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
-from mesh.policies.ttft import ExpectedTtft
+from mesh.policies.ttft import ExpectedTtft, TtftParams, _costs, expected_ttft
 
 
 class Index:
@@ -99,3 +103,37 @@ def test_gossiped_inflight_from_other_routers_counts_as_queue() -> None:
     d = make_policy("kvmesh", PARAMS).decide(REQ, View("us", reps, REGIONS), 0.0,
                                              random.Random(0))
     assert d.replica == "http://b"
+
+
+_finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False)
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from(["us", "eu", "asia"]), _finite, _finite,
+                       st.floats(min_value=0.0, max_value=1.0), st.one_of(_finite, st.just(
+                           math.inf)), st.integers(0, 50), st.integers(0, 5),
+                       st.one_of(st.none(), st.floats(min_value=1.0, max_value=1e5)),
+                       st.integers(0, 200)),
+             min_size=1, max_size=12),
+    st.integers(0, 3000), st.floats(min_value=1.0, max_value=5000.0),
+    st.sampled_from([0.0, 2.0]),
+)
+def test_batch_costs_are_exactly_the_explained_costs(
+    rows: list[tuple[str, float, float, float, float, int, int, float | None, int]],
+    n_tokens: int, mean_prompt: float, half_life: float,
+) -> None:
+    """The decision's one-pass cost loop and ``expected_ttft`` give the same floats, so the
+    fast path changes no decision."""
+    reps = tuple(
+        rep(f"r{i}", region, waiting=w, running=run, kv_usage=kv, load_age=age, inflight=inf,
+            fresh=fresh, prefill_rate=rate)
+        for i, (region, w, run, kv, age, inf, fresh, rate, _) in enumerate(rows))
+    held = {f"http://r{i}": row[8] for i, row in enumerate(rows)}
+    view = View("us", reps, REGIONS, prefix=Index(held), mean_prompt_tokens=mean_prompt)
+    req = Request("q", token_ids=list(range(n_tokens)), keys=list(range(n_tokens // 16)),
+                  block_size=16)
+    p = TtftParams(load_half_life=half_life)
+    matches = view.prefix.match(req.keys)
+    fast = _costs(req, reps, view, matches, p)
+    slow = [expected_ttft(req, r, view, matches.get(r.replica, 0), p).cost for r in reps]
+    assert fast == slow
