@@ -91,6 +91,13 @@ def decision_bench(blocks: int, replicas: int, iterations: int, seed: int) -> di
                 {"role": "user", "content": " ".join(rng.choice(words) for _ in range(40))}]
     ids = tok.encode(tok.apply_chat_template(messages))
     tokenize = timed(lambda: tok.encode(tok.apply_chat_template(messages)), iterations)
+    # The same conversation's next turn, the earlier turns seen before (the prefix cache):
+    # each iteration a different new turn, so only the earlier turns can hit.
+    seen = BuiltinTokenizer()
+    seen.encode_chat(messages[:2])
+    turns = iter([[*messages[:2], {"role": "user", "content": " ".join(
+        rng.choice(words) for _ in range(40))}] for _ in range(iterations)])
+    tokenize_seen = timed(lambda: seen.encode_chat(next(turns)), iterations)
     keys_t = timed(lambda: request_keys(ids, 16), iterations)
     keys = request_keys(ids, 16)
     match = timed(lambda: index.match(keys), iterations)
@@ -129,6 +136,7 @@ def decision_bench(blocks: int, replicas: int, iterations: int, seed: int) -> di
         "best_match_blocks": matched,
         "index_build_s": round(build_s, 2),
         "tokenize": summary_us(tokenize),
+        "tokenize_turns_seen": summary_us(tokenize_seen),
         "block_keys": summary_us(keys_t),
         "index_match": summary_us(match),
         "view_build": summary_us(view_t),
@@ -236,7 +244,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{d['prompt_blocks']} blocks)", "",
         "| step | p50 (us) | p99 (us) |", "|---|---|---|",
     ]
-    for step in ("tokenize", "block_keys", "index_match", "view_build",
+    for step in ("tokenize", "tokenize_turns_seen", "block_keys", "index_match", "view_build",
                  "keys_view_decide_kvmesh"):
         lines.append(f"| {step} | {d[step]['p50_us']:.1f} | {d[step]['p99_us']:.1f} |")
     for name, v in d["policy_decide"].items():

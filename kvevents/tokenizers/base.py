@@ -14,6 +14,8 @@ from typing import Protocol
 
 import xxhash
 
+from kvevents.tokenizers.prefix_cache import PrefixTokenCache
+
 Message = Mapping[str, object]
 
 
@@ -57,12 +59,16 @@ class BuiltinTokenizer:
     name = "builtin"
     _RESERVED = 1000
 
-    def __init__(self, vocab_size: int = 128_000) -> None:
+    def __init__(self, vocab_size: int = 128_000, *, prefix_cache: bool = True) -> None:
         if vocab_size <= self._RESERVED:
             raise ValueError(f"vocab_size must exceed {self._RESERVED}, got {vocab_size}")
         self.vocab_size = vocab_size
         self._span = vocab_size - self._RESERVED
         self._cache: dict[str, int] = {}
+        self.prefix_cache: PrefixTokenCache | None = (
+            PrefixTokenCache(_turn_ends, self._encode_chunks, self.encode)
+            if prefix_cache else None
+        )
 
     def _piece_id(self, piece: str) -> int:
         tid = self._cache.get(piece)
@@ -75,6 +81,15 @@ class BuiltinTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self._piece_id(m.group()) for m in _PIECE.finditer(text)]
 
+    def _encode_chunks(self, chunks: list[str]) -> list[list[int]]:
+        return [self.encode(c) for c in chunks]
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        """Rendered and encoded; earlier turns of a conversation come from the prefix cache."""
+        text = self.apply_chat_template(messages)
+        cache = self.prefix_cache
+        return cache.encode(text) if cache is not None else self.encode(text)
+
     def apply_chat_template(self, messages: Sequence[Message]) -> str:
         out = []
         for msg in messages:
@@ -84,3 +99,19 @@ class BuiltinTokenizer:
             out.append(f"<|{role}|>\n{message_text(msg.get('content'))}<|end|>\n")
         out.append("<|assistant|>\n")
         return "".join(out)
+
+
+_TURN_END = "<|end|>\n"
+
+
+def _turn_ends(text: str) -> list[int]:
+    """Offsets just after each rendered turn, where no piece spans the cut (the next character
+    is not whitespace): the prefix cache's cut points."""
+    out = []
+    at = text.find(_TURN_END)
+    while at != -1:
+        end = at + len(_TURN_END)
+        if end < len(text) and not text[end].isspace():
+            out.append(end)
+        at = text.find(_TURN_END, end)
+    return out

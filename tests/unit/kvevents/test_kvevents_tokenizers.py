@@ -249,3 +249,18 @@ async def test_factory(folders: dict[str, Path]) -> None:
     for bad in ("", "hf:", "engine:ftp://x", "tiktoken:x", "hf:/nonexistent/dir"):
         with pytest.raises(ValueError):
             make_tokenizer(bad)
+
+
+def test_builtin_encode_chat_reuses_earlier_turns_and_equals_a_full_encode() -> None:
+    tok = tk.BuiltinTokenizer()
+    plain = tk.BuiltinTokenizer(prefix_cache=False)
+    convo: list[dict[str, object]] = []
+    # Content that looks like the template's own turn end, followed by whitespace or not.
+    texts = ["hello there", "fine<|end|>\n  and you?", "a\n\n b", "<|end|>\n<|user|>x", "end"]
+    for i, text in enumerate(texts):
+        convo.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+        want = plain.encode(plain.apply_chat_template(convo))
+        assert tok.encode_chat(convo) == want
+        assert plain.encode_chat(convo) == want
+    cache = tok.prefix_cache
+    assert cache is not None and cache.enabled and cache.hits > 0
