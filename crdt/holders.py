@@ -21,10 +21,18 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import compress, repeat
-from operator import and_, eq, mod, not_
+from types import ModuleType
 
-__all__ = ["HolderMap"]
+_compiled: ModuleType | None
+try:  # the compiled query loops (crdt/_match.c); the loops in ``HolderMap`` are the reference
+    from crdt import _match as _compiled
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _compiled = None
+
+__all__ = ["COMPILED", "HolderMap"]
+
+COMPILED = _compiled is not None
+"""Whether ``HolderMap.runs`` runs compiled (``crdt/_match.c``)."""
 
 _MIN_SIZE = 1023
 _GROW_AT = 0.75
@@ -77,33 +85,55 @@ class HolderMap:
             return self._bits[self._slots[i]]
         return self._shared.get(key, 0)
 
-    @property
-    def shared(self) -> dict[int, int]:
-        """The keys not in the table, with their masks (read-only to callers; lookups in C)."""
-        return self._shared
+    def runs(self, keys: Sequence[int], compiled: bool = True) -> list[tuple[int, int]]:
+        """Where each replica's consecutive run of ``keys`` ends: ``[(at, mask), ...]``.
 
-    def run(self, keys: Sequence[int], slot: int) -> int:
-        """How many leading ``keys`` replica ``slot`` holds, stopping at its first miss.
-
-        The table is probed for every key in C (one pass per step); keys found elsewhere
-        (the dict) are checked one by one, in order, until the first the slot lacks.
+        Walks ``keys`` with a running AND of their masks, starting from the holders of
+        ``keys[0]``; each time bits drop out at key ``at``, the replicas behind them held
+        exactly ``at`` leading keys. The last entry, at ``len(keys)``, holds every key.
+        Empty when nobody holds ``keys[0]``. Compiled where built (``compiled=False``: this
+        loop, the reference the compiled one is tested against).
         """
-        size, tk, ts = self._size, self._keys, self._slots
-        slots = list(map(mod, keys, repeat(size)))
-        ok = list(
-            map(
-                and_,
-                map(eq, map(tk.__getitem__, slots), keys),
-                map(eq, map(ts.__getitem__, slots), repeat(slot)),
-            )
-        )
-        if all(ok):
-            return len(ok)
-        get, bit = self._shared.get, self._bits[slot]
-        for i in compress(range(len(ok)), map(not_, ok)):
-            if not get(keys[i], 0) & bit:
-                return i
-        return len(ok)
+        if compiled and _compiled is not None:
+            out: list[tuple[int, int]] = _compiled.runs(
+                keys, self._keys, self._slots, self._shared, self._bits)
+            return out
+        result: list[tuple[int, int]] = []
+        active = 0
+        for at, key in enumerate(keys):
+            mask = self.get(key)
+            if at == 0:
+                if not mask:
+                    return result
+                active = mask
+                continue
+            nxt = active & mask
+            if nxt != active:
+                result.append((at, active ^ nxt))
+                active = nxt
+                if not active:
+                    return result
+        if active:
+            result.append((len(keys), active))
+        return result
+
+    def match(self, keys: Sequence[int], names: list[str],
+              compiled: bool = True) -> dict[str, int]:
+        """``names[slot] -> run length`` for every slot holding ``keys[0]`` (see ``runs``).
+
+        Up to 64 slots, compiled, the running AND is a machine word and the dict is built in C.
+        """
+        if compiled and _compiled is not None and len(self._bits) <= 64:
+            found: dict[str, int] = _compiled.match64(
+                keys, self._keys, self._slots, self._shared, names)
+            return found
+        out: dict[str, int] = {}
+        for at, mask in self.runs(keys, compiled):
+            while mask:
+                low = mask & -mask
+                out[names[low.bit_length() - 1]] = at
+                mask ^= low
+        return out
 
     def add(self, keys: Iterable[int], slot: int) -> int:
         """Give ``slot`` every key in ``keys``; returns how many it did not hold before."""

@@ -64,8 +64,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from heapq import nsmallest
-from itertools import accumulate, repeat
-from operator import and_
+from itertools import repeat
 
 from crdt.base import DecodeError, Digest, Version
 from crdt.holders import HolderMap
@@ -665,42 +664,7 @@ class PrefixIndex:
         A replica's count stops at its first miss, as the engine's prefix cache does.
         Replicas holding none of the prefix are absent (count 0).
         """
-        if not keys:
-            return {}
-        holders = self._holders
-        first = holders.get(keys[0])
-        if not first:
-            return {}
-        names = self._names
-        if not first & (first - 1):  # one holder: only it can match anything
-            slot = first.bit_length() - 1
-            return {names[slot]: 1 + holders.run(keys[1:], slot)}
-        # The running AND of the masks of keys held by several replicas (lookups and ANDs in
-        # C); each time it loses bits, the replicas behind those bits matched exactly ``at``
-        # keys. It ends at the first key no replica of the run holds or that has one holder.
-        out: dict[str, int] = {}
-        active = first
-        for at, value in enumerate(accumulate(map(holders.shared.get, keys, repeat(0)), and_)):
-            if value == active:
-                continue
-            if not value:
-                # keys[at] has one holder or none; if one of the run, it alone goes on
-                alone = holders.get(keys[at]) & active
-                if alone:
-                    active ^= alone
-                    slot = alone.bit_length() - 1
-                    out[names[slot]] = at + 1 + holders.run(keys[at + 1 :], slot)
-                if active:
-                    out.update(dict.fromkeys(self._names_for(active), at))
-                return out
-            gone = active ^ value
-            if gone & (gone - 1):
-                out.update(dict.fromkeys(self._names_for(gone), at))
-            else:
-                out[names[gone.bit_length() - 1]] = at
-            active = value
-        out.update(dict.fromkeys(self._names_for(active), len(keys)))
-        return out
+        return self._holders.match(keys, self._names) if keys else {}
 
     def _names_for(self, mask: int) -> tuple[str, ...]:
         names = self._mask_names.get(mask)

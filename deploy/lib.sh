@@ -44,7 +44,8 @@ ensure_python() {  # venv with kvmesh (editable) and the extras given, e.g. ensu
         || die "kvmesh needs Python >= 3.11 (found $(python3 --version 2>&1))"
     [ -x "$KVMESH_VENV/bin/python" ] || { log "creating $KVMESH_VENV"; python3 -m venv "$KVMESH_VENV"; }
     local stamp="$KVMESH_VENV/.kvmesh-installed" want
-    want="$(sha256sum "$KVMESH_ROOT/pyproject.toml" | cut -c1-16) $spec"
+    # The stamp covers what an editable install builds: the project file and the C sources.
+    want="$(cat "$KVMESH_ROOT/pyproject.toml" "$KVMESH_ROOT"/crdt/*.c | sha256sum | cut -c1-16) $spec"
     if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
         log "pip install -e '$spec'"
         "$KVMESH_VENV/bin/python" -m pip install -q --upgrade pip >/dev/null

@@ -11,7 +11,8 @@ from crdt.holders import HolderMap
 from crdt.prefix_index import PrefixIndex
 
 BIG = (1 << 64) - 1
-SLOTS = 70  # masks wider than 64 bits
+SLOTS = 70  # masks wider than 64 bits (the word-sized compiled query takes up to 64 slots)
+NAMES = [f"http://r{s}" for s in range(SLOTS)]
 # Small keys collide at small sizes (k and k + size share a position); big ones test u64 edges.
 key_st = st.one_of(
     st.integers(0, 40), st.sampled_from([BIG, BIG - 1, BIG - 2, 1 << 63, (1 << 63) + 3, 1 << 40])
@@ -36,13 +37,15 @@ def mask_of(model: dict[int, set[int]], key: int) -> int:
     ops=st.lists(op_st, max_size=60),
     min_size=st.sampled_from([2, 3, 7]),
     runs=st.lists(st.lists(key_st, max_size=10), max_size=6),
+    nslots=st.sampled_from([SLOTS, 64, 3]),
 )
 def test_holder_map_matches_a_model(
-    ops: list[tuple[str, list[int], int]], min_size: int, runs: list[list[int]]
+    ops: list[tuple[str, list[int], int]], min_size: int, runs: list[list[int]], nslots: int
 ) -> None:
-    hm = HolderMap(bits(), min_size=min_size)
+    hm = HolderMap(bits()[:nslots], min_size=min_size)
     model: dict[int, set[int]] = {}
-    for kind, keys, slot in ops:
+    for kind, keys, raw_slot in ops:
+        slot = raw_slot % nslots
         if kind == "add":
             fresh = {k for k in keys if slot not in model.get(k, set())}
             assert hm.add(keys, slot) == len(fresh)
@@ -62,11 +65,40 @@ def test_holder_map_matches_a_model(
     pool = sorted({k for _, keys, _ in ops for k in keys} | {41, BIG - 3})
     assert [hm.get(k) for k in pool] == [mask_of(model, k) for k in pool]
     for seq in [pool, *runs]:
-        for slot in {s for _, _, s in ops}:
+        want = {}
+        for slot in range(SLOTS):
             n = 0
             while n < len(seq) and slot in model.get(seq[n], set()):
                 n += 1
-            assert hm.run(seq, slot) == n
+            if n:
+                want[slot] = n
+        for compiled in (False, True):
+            assert run_lengths(hm.runs(seq, compiled=compiled)) == want, compiled
+            assert hm.match(seq, NAMES[:nslots], compiled=compiled) == {
+                NAMES[s]: n for s, n in want.items()}, compiled
+
+
+def run_lengths(runs: list[tuple[int, int]]) -> dict[int, int]:
+    """slot -> run length, from ``HolderMap.runs``' (at, mask) entries."""
+    out = {}
+    for at, mask in runs:
+        assert mask, "an entry without replicas"
+        for slot in range(SLOTS):
+            if mask >> slot & 1:
+                assert slot not in out, "a slot ends twice"
+                out[slot] = at
+    return out
+
+
+def test_compiled_query_loop_is_built_where_ci_runs() -> None:
+    """CI runs every query test against the compiled loop: a build that silently fell back
+    to the pure-Python loop would not test it."""
+    import os
+
+    from crdt.holders import COMPILED
+
+    if os.environ.get("CI") == "true":
+        assert COMPILED, "crdt/_match.c was not built (pip install -e . needs a C compiler)"
 
 
 def test_holder_map_grows_and_shrinks_with_the_lone_keys() -> None:

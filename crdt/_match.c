@@ -1,0 +1,265 @@
+/* The query loop of PrefixIndex.match, compiled.
+ *
+ * runs(keys, table_keys, table_slots, shared, bits) walks the request's block keys with a
+ * running AND of their holder masks (HolderMap's layout: lone-holder keys in the flat table
+ * at key % size, the rest in the `shared` dict) and returns [(at, lost_mask), ...]: the
+ * replicas whose consecutive run ended at key `at`, in order, the last entry at len(keys)
+ * for those holding every key. Same semantics as HolderMap.runs' pure-Python loop, which
+ * stays the reference and the fallback; this file only removes the interpreter from the
+ * per-key loop (a query is 128 keys on the request path).
+ *
+ * Masks are Python ints (a mesh may have more than 64 replicas); the table holds uint64 keys
+ * ('Q') and uint32 slots ('I').
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+static int
+append_run(PyObject *out, Py_ssize_t at, PyObject *mask)
+{
+    PyObject *item = Py_BuildValue("(nO)", at, mask);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(out, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+static PyObject *
+runs(PyObject *self, PyObject *args)
+{
+    PyObject *keys_obj, *tk_obj, *ts_obj, *shared, *bits;
+    if (!PyArg_ParseTuple(args, "OOOO!O!", &keys_obj, &tk_obj, &ts_obj, &PyDict_Type, &shared,
+                          &PyList_Type, &bits))
+        return NULL;
+
+    Py_buffer tk, ts;
+    if (PyObject_GetBuffer(tk_obj, &tk, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(ts_obj, &ts, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&tk);
+        return NULL;
+    }
+    PyObject *keys = NULL, *out = NULL, *active = NULL;
+    if (tk.itemsize != 8 || ts.itemsize != 4 || tk.len / 8 != ts.len / 4 || tk.len == 0) {
+        PyErr_SetString(PyExc_TypeError, "runs: table must be array('Q') and array('I') "
+                                         "of one non-zero length");
+        goto done;
+    }
+    const uint64_t *tkeys = (const uint64_t *)tk.buf;
+    const uint32_t *tslots = (const uint32_t *)ts.buf;
+    const uint64_t size = (uint64_t)(tk.len / 8);
+    const Py_ssize_t nbits = PyList_GET_SIZE(bits);
+
+    keys = PySequence_Fast(keys_obj, "runs: keys must be a sequence");
+    if (keys == NULL)
+        goto done;
+    out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    PyObject **items = PySequence_Fast_ITEMS(keys);
+
+    for (Py_ssize_t at = 0; at < n; at++) {
+        PyObject *key = items[at];
+        uint64_t k = PyLong_AsUnsignedLongLong(key);
+        if (k == (uint64_t)-1 && PyErr_Occurred())
+            goto fail;
+        uint64_t i = k % size;
+        PyObject *mask; /* borrowed */
+        if (tkeys[i] == k) {
+            uint32_t slot = tslots[i];
+            if ((Py_ssize_t)slot >= nbits) {
+                PyErr_SetString(PyExc_IndexError, "runs: table slot beyond bits");
+                goto fail;
+            }
+            mask = PyList_GET_ITEM(bits, slot);
+        } else {
+            mask = PyDict_GetItemWithError(shared, key);
+            if (mask == NULL && PyErr_Occurred())
+                goto fail;
+        }
+        if (active == NULL) { /* the first key: its holders are the candidates */
+            if (mask == NULL)
+                break;
+            active = Py_NewRef(mask);
+            continue;
+        }
+        PyObject *next = mask == NULL ? PyLong_FromLong(0) : PyNumber_And(active, mask);
+        if (next == NULL)
+            goto fail;
+        int same = PyObject_RichCompareBool(next, active, Py_EQ);
+        if (same < 0) {
+            Py_DECREF(next);
+            goto fail;
+        }
+        if (!same) {
+            PyObject *lost = PyNumber_Xor(active, next);
+            if (lost == NULL || append_run(out, at, lost) < 0) {
+                Py_XDECREF(lost);
+                Py_DECREF(next);
+                goto fail;
+            }
+            Py_DECREF(lost);
+        }
+        Py_SETREF(active, next);
+        int alive = PyObject_IsTrue(active);
+        if (alive < 0)
+            goto fail;
+        if (!alive)
+            goto done;
+    }
+    if (active != NULL && append_run(out, n, active) < 0)
+        goto fail;
+    goto done;
+
+fail:
+    Py_CLEAR(out);
+done:
+    Py_XDECREF(active);
+    Py_XDECREF(keys);
+    PyBuffer_Release(&ts);
+    PyBuffer_Release(&tk);
+    return out;
+}
+
+/* match64(keys, table_keys, table_slots, shared, names) -> {name: run length}
+ *
+ * PrefixIndex.match for a mesh of at most 64 replica slots, where slot s's mask is 1 << s:
+ * the running AND is a machine word (no int objects per key) and the result dict is built
+ * here, one entry per replica whose run ended, named by names[slot].
+ */
+static PyObject *
+match64(PyObject *self, PyObject *args)
+{
+    PyObject *keys_obj, *tk_obj, *ts_obj, *shared, *names;
+    if (!PyArg_ParseTuple(args, "OOOO!O!", &keys_obj, &tk_obj, &ts_obj, &PyDict_Type, &shared,
+                          &PyList_Type, &names))
+        return NULL;
+    if (PyList_GET_SIZE(names) > 64) {
+        PyErr_SetString(PyExc_ValueError, "match64: more than 64 replica slots");
+        return NULL;
+    }
+    Py_buffer tk, ts;
+    if (PyObject_GetBuffer(tk_obj, &tk, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(ts_obj, &ts, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&tk);
+        return NULL;
+    }
+    PyObject *keys = NULL, *out = NULL;
+    if (tk.itemsize != 8 || ts.itemsize != 4 || tk.len / 8 != ts.len / 4 || tk.len == 0) {
+        PyErr_SetString(PyExc_TypeError, "match64: table must be array('Q') and array('I') "
+                                         "of one non-zero length");
+        goto done;
+    }
+    const uint64_t *tkeys = (const uint64_t *)tk.buf;
+    const uint32_t *tslots = (const uint32_t *)ts.buf;
+    const uint64_t size = (uint64_t)(tk.len / 8);
+    const Py_ssize_t nslots = PyList_GET_SIZE(names);
+
+    keys = PySequence_Fast(keys_obj, "match64: keys must be a sequence");
+    if (keys == NULL)
+        goto done;
+    out = PyDict_New();
+    if (out == NULL)
+        goto done;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    PyObject **items = PySequence_Fast_ITEMS(keys);
+    uint64_t active = 0;
+    Py_ssize_t at = 0;
+    for (; at < n; at++) {
+        PyObject *key = items[at];
+        uint64_t k = PyLong_AsUnsignedLongLong(key);
+        if (k == (uint64_t)-1 && PyErr_Occurred())
+            goto fail;
+        uint64_t i = k % size, mask;
+        if (tkeys[i] == k) {
+            if ((Py_ssize_t)tslots[i] >= nslots) {
+                PyErr_SetString(PyExc_IndexError, "match64: table slot beyond names");
+                goto fail;
+            }
+            mask = (uint64_t)1 << tslots[i];
+        } else {
+            PyObject *m = PyDict_GetItemWithError(shared, key);
+            if (m == NULL) {
+                if (PyErr_Occurred())
+                    goto fail;
+                mask = 0;
+            } else {
+                mask = PyLong_AsUnsignedLongLong(m);
+                if (mask == (uint64_t)-1 && PyErr_Occurred())
+                    goto fail;
+            }
+        }
+        if (at == 0) {
+            active = mask;
+            if (!active)
+                goto done;
+            continue;
+        }
+        uint64_t next = active & mask, lost = active ^ next;
+        if (lost) {
+            PyObject *count = PyLong_FromSsize_t(at);
+            if (count == NULL)
+                goto fail;
+            for (; lost; lost &= lost - 1) {
+                int slot = __builtin_ctzll(lost);
+                if (slot >= nslots || PyDict_SetItem(out, PyList_GET_ITEM(names, slot), count) < 0) {
+                    if (slot >= nslots)
+                        PyErr_SetString(PyExc_IndexError, "match64: mask bit beyond names");
+                    Py_DECREF(count);
+                    goto fail;
+                }
+            }
+            Py_DECREF(count);
+            active = next;
+            if (!active)
+                goto done;
+        }
+    }
+    if (active) {
+        PyObject *count = PyLong_FromSsize_t(n);
+        if (count == NULL)
+            goto fail;
+        for (uint64_t left = active; left; left &= left - 1) {
+            int slot = __builtin_ctzll(left);
+            if (slot >= nslots || PyDict_SetItem(out, PyList_GET_ITEM(names, slot), count) < 0) {
+                if (slot >= nslots)
+                    PyErr_SetString(PyExc_IndexError, "match64: mask bit beyond names");
+                Py_DECREF(count);
+                goto fail;
+            }
+        }
+        Py_DECREF(count);
+    }
+    goto done;
+
+fail:
+    Py_CLEAR(out);
+done:
+    Py_XDECREF(keys);
+    PyBuffer_Release(&ts);
+    PyBuffer_Release(&tk);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"runs", runs, METH_VARARGS,
+     "runs(keys, table_keys, table_slots, shared, bits) -> [(at, lost_mask), ...]"},
+    {"match64", match64, METH_VARARGS,
+     "match64(keys, table_keys, table_slots, shared, names) -> {name: run length}"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "crdt._match", "PrefixIndex.match's per-key loop, compiled.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__match(void)
+{
+    return PyModule_Create(&module);
+}
