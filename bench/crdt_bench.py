@@ -149,50 +149,58 @@ def _store_next(idx: PrefixIndex, name: str, keys: list[int]) -> None:
     idx.store(name, (version[0], version[1] + 1), keys)
 
 
-def time_calls(
-    fn: Callable[[list[int]], object], chains: list[list[int]], n: int, rng: random.Random
-) -> dict[str, float]:
-    """``fn`` on ``n`` random chains: wall and this thread's CPU time per call, in us."""
-    wall, cpu = [], []
+def time_pair(
+    fns: tuple[Callable[[list[int]], object], Callable[[list[int]], object]],
+    chains: list[list[int]], n: int, rng: random.Random,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Two functions on the same ``n`` random chains, interleaved query by query (the order
+    alternating), so a change in machine load hits both alike: wall and this thread's CPU
+    time per call, in us, for each."""
+    samples: tuple[tuple[list[int], list[int]], ...] = (([], []), ([], []))
     wall_ns, cpu_ns = time.perf_counter_ns, time.thread_time_ns
     overhead = min(_clock_pair_cost(wall_ns, cpu_ns) for _ in range(200))
-    for _ in range(n):
+    for i in range(n):
         q = chains[rng.randrange(len(chains))]
-        c0 = cpu_ns()
-        t0 = wall_ns()
-        fn(q)
-        t1 = wall_ns()
-        c1 = cpu_ns()
-        wall.append(t1 - t0)
-        cpu.append(max(0, c1 - c0 - overhead))
-    wall.sort()
-    cpu.sort()
+        for j in ((0, 1) if i % 2 else (1, 0)):
+            fn, (wall, cpu) = fns[j], samples[j]
+            c0 = cpu_ns()
+            t0 = wall_ns()
+            fn(q)
+            t1 = wall_ns()
+            c1 = cpu_ns()
+            wall.append(t1 - t0)
+            cpu.append(max(0, c1 - c0 - overhead))
 
     def pct(xs: list[int], p: float) -> float:
         return round(percentile(xs, p * 100) / 1000, 2)
 
-    return {
-        "p50_us": pct(wall, 0.5),
-        "p99_us": pct(wall, 0.99),
-        "max_us": pct(wall, 1.0),
-        "cpu_p50_us": pct(cpu, 0.5),
-        "cpu_p99_us": pct(cpu, 0.99),
-    }
+    out = []
+    for wall, cpu in samples:
+        wall.sort()
+        cpu.sort()
+        out.append({
+            "p50_us": pct(wall, 0.5),
+            "p99_us": pct(wall, 0.99),
+            "max_us": pct(wall, 1.0),
+            "cpu_p50_us": pct(cpu, 0.5),
+            "cpu_p99_us": pct(cpu, 0.99),
+        })
+    return out[0], out[1]
 
 
 def time_queries(idx: PrefixIndex, chains: list[list[int]], n: int, seed: int) -> dict[str, Any]:
     """``match`` on random chains, beside the floor: the same lookups in one plain dict.
 
-    The floor is the least a pure-Python query can do: 128 lookups and ANDs run in C
-    (``accumulate(map(dict.get, keys), and_)``) on a dict of every (key, mask) the index
-    holds. Both are timed in the same run, so their ratio does not depend on machine load.
+    The floor: 128 lookups and ANDs run in C (``accumulate(map(dict.get, keys), and_)``) on a
+    dict of every (key, mask) the index holds. Both are timed query by query, interleaved,
+    so their ratio does not depend on machine load.
     """
     rng = random.Random(seed)
     match = idx.match
     matched = sum(len(match(q)) for q in chains) / len(chains)
-    q = time_calls(match, chains, n, rng)
     get = dict(idx._holders.items()).get
-    floor = time_calls(lambda k: list(accumulate(map(get, k, repeat(0)), and_)), chains, n, rng)
+    q, floor = time_pair(
+        (match, lambda k: list(accumulate(map(get, k, repeat(0)), and_))), chains, n, rng)
     return {
         "queries": n,
         "keys_per_query": CHAIN,

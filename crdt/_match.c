@@ -174,23 +174,39 @@ match64(PyObject *self, PyObject *args)
         uint64_t k = PyLong_AsUnsignedLongLong(key);
         if (k == (uint64_t)-1 && PyErr_Occurred())
             goto fail;
-        uint64_t i = k % size, mask;
-        if (tkeys[i] == k) {
-            if ((Py_ssize_t)tslots[i] >= nslots) {
-                PyErr_SetString(PyExc_IndexError, "match64: table slot beyond names");
-                goto fail;
-            }
-            mask = (uint64_t)1 << tslots[i];
-        } else {
+        /* A key is in exactly one of the table (one holder) and the dict. While several
+         * replicas are still in the run, only a dict key can keep more than one of them,
+         * so look there first: one memory access per key instead of two. */
+        uint64_t mask = 0;
+        int in_dict = 0;
+        if (active & (active - 1)) {
             PyObject *m = PyDict_GetItemWithError(shared, key);
-            if (m == NULL) {
-                if (PyErr_Occurred())
-                    goto fail;
-                mask = 0;
-            } else {
+            if (m == NULL && PyErr_Occurred())
+                goto fail;
+            if (m != NULL) {
                 mask = PyLong_AsUnsignedLongLong(m);
                 if (mask == (uint64_t)-1 && PyErr_Occurred())
                     goto fail;
+                in_dict = 1;
+            }
+        }
+        if (!in_dict) {
+            uint64_t i = k % size;
+            if (tkeys[i] == k) {
+                if ((Py_ssize_t)tslots[i] >= nslots) {
+                    PyErr_SetString(PyExc_IndexError, "match64: table slot beyond names");
+                    goto fail;
+                }
+                mask = (uint64_t)1 << tslots[i];
+            } else if (!(active & (active - 1))) {
+                PyObject *m = PyDict_GetItemWithError(shared, key);
+                if (m == NULL && PyErr_Occurred())
+                    goto fail;
+                if (m != NULL) {
+                    mask = PyLong_AsUnsignedLongLong(m);
+                    if (mask == (uint64_t)-1 && PyErr_Occurred())
+                        goto fail;
+                }
             }
         }
         if (at == 0) {
