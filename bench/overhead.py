@@ -19,6 +19,7 @@ environment under the kvmesh cache folder, never into the project's, and wrk fro
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -28,12 +29,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+
+from sim.procs import Proc, free_ports, kvmesh_argv, wait_http
 
 MODEL = "bench-model"
 PEERS = {"sglang-router": "0.3.2", "vllm-router": "0.1.17"}
@@ -107,107 +110,76 @@ def wrk_script(stream: bool, words: int) -> str:
             f"wrk.body = {json.dumps(body)}\n")
 
 
-def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> WrkResult:
+async def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> WrkResult:
     threads = 1 if concurrency == 1 else 2
-    out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency",
-         "-s", str(script), f"{url}/v1/chat/completions"],
-        capture_output=True, text=True, timeout=seconds + 30, check=False)
-    return parse_wrk(out.stdout)
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency",
+        "-s", str(script), f"{url}/v1/chat/completions",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(), seconds + 30)
+    return parse_wrk(out.decode(errors="replace"))
 
 
 # -- processes ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
-            if resp.status == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s")
-
 
 @dataclass(slots=True)
 class Target:
     name: str
     url: str
-    argv: list[str] | None
-    """None: nothing to start (the engine, started first)."""
+    proc: Proc
     ready: str = "/health"
-    proc: subprocess.Popen[bytes] | None = None
 
 
-@contextlib.contextmanager
-def started(targets: Sequence[Target], logs: Path) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def started(targets: Sequence[Target]) -> AsyncIterator[None]:
     try:
         for t in targets:
-            if t.argv is None:
-                continue
-            log = open(logs / f"{t.name}.log", "wb")  # noqa: SIM115 - the child owns it
-            t.proc = subprocess.Popen(t.argv, stdout=log, stderr=subprocess.STDOUT)
-            log.close()
-        for t in targets:
-            if t.proc is not None:
-                wait_http(f"{t.url}{t.ready}", t.proc)
+            await t.proc.start()
+        async with aiohttp.ClientSession() as session:
+            for t in targets:
+                await wait_http(session, f"{t.url}{t.ready}", t.proc, timeout=60.0)
         yield
     finally:
-        for t in targets:
-            if t.proc is not None and t.proc.poll() is None:
-                t.proc.terminate()
-        for t in targets:
-            if t.proc is not None:
-                try:
-                    t.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    t.proc.kill()
-                    t.proc.wait()
+        for t in reversed(targets):
+            await t.proc.stop()
 
 
 def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
                  peers: bool) -> list[Target]:
-    py = [sys.executable, "-m", "mesh.cli"]
-    eport = free_port()
+    ports = iter(free_ports(2 + 2 * len(workers) + 8))
+    eport = next(ports)
     engine = f"http://127.0.0.1:{eport}"
-    out = [Target("engine direct", engine,
-                  [*py, "sim-engine", "--port", str(eport), "--model", MODEL,
-                   "--speedup", str(speedup), "--log-level", "WARNING"])]
+
+    def target(name: str, port: int, argv: list[str], ready: str = "/health") -> Target:
+        log = tmp / f"{name.replace(' ', '-')}.log"
+        return Target(name, f"http://127.0.0.1:{port}", Proc(name, argv, log), ready)
+
+    out = [target("engine direct", eport, kvmesh_argv(
+        "sim-engine", "--port", str(eport), "--model", MODEL, "--speedup", str(speedup),
+        "--log-level", "WARNING"))]
     for n in workers:
-        port = free_port()
+        port = next(ports)
         cfg = tmp / f"router-{n}.yaml"
         cfg.write_text(f"region: us\nlisten: 127.0.0.1:{port}\nengines: [{{url: {engine}}}]\n"
                        "policy: kvmesh\nlog_level: warning\n"
                        + (f"workers: {n}\n" if n > 1 else ""))
         label = "kvmesh" if n == 1 else f"kvmesh x{n} workers"
-        out.append(Target(label, f"http://127.0.0.1:{port}",
-                          [*py, "router", "--config", str(cfg)], ready="/ready"))
+        out.append(target(label, port, kvmesh_argv("router", "--config", str(cfg)), "/ready"))
     if not peers:
         return out
     sg, vr = peer_bin("sglang-router"), peer_bin("vllm-router")
     if sg.exists():
-        port = free_port()
-        out.append(Target("sglang-router cache_aware", f"http://127.0.0.1:{port}",
-                          [str(sg), "launch", "--host", "127.0.0.1", "--port", str(port),
-                           "--worker-urls", engine, "--policy", "cache_aware",
-                           "--log-level", "error", "--prometheus-port", str(free_port())]))
+        port = next(ports)
+        out.append(target("sglang-router cache_aware", port, [
+            str(sg), "launch", "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", engine, "--policy", "cache_aware", "--log-level", "error",
+            "--prometheus-port", str(next(ports))]))
     if vr.exists():
         for policy in ("round_robin", "cache_aware"):
-            port = free_port()
-            out.append(Target(f"vllm-router {policy}", f"http://127.0.0.1:{port}",
-                              [str(vr), "--host", "127.0.0.1", "--port", str(port),
-                               "--worker-urls", engine, "--policy", policy,
-                               "--prometheus-port", str(free_port())]))
+            port = next(ports)
+            out.append(target(f"vllm-router {policy}", port, [
+                str(vr), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", engine,
+                "--policy", policy, "--prometheus-port", str(next(ports))]))
     return out
 
 
@@ -279,6 +251,24 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def measure(targets: Sequence[Target], cases: Sequence[Case],
+                  scripts: dict[bool, Path], rounds: int, seconds: float) -> None:
+    total = rounds * len(cases) * len(targets)
+    done = 0
+    async with started(targets):
+        for rnd in range(rounds):
+            k = rnd % len(targets)
+            order = [*targets[k:], *targets[:k]]
+            for case in cases:
+                for t in order:
+                    res = await run_wrk(t.url, scripts[case.stream], case.concurrency, seconds)
+                    case.runs.setdefault(t.name, []).append(res)
+                    done += 1
+                    print(f"[{done}/{total}] round {rnd + 1} {case.label}: {t.name}: "
+                          f"{res.rps:.0f} req/s p50 {res.p50 * 1e3:.2f} ms"
+                          + (f" ({res.errors} errors)" if res.errors else ""), flush=True)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="kvmesh bench overhead",
                                  description=(__doc__ or "").split("\n")[0])
@@ -310,19 +300,7 @@ def main(argv: list[str]) -> int:
     scripts = {s: tmp / f"post-{int(s)}.lua" for s in streams}
     for s, path in scripts.items():
         path.write_text(wrk_script(s, args.words))
-    total = args.rounds * len(cases) * len(targets)
-    done = 0
-    with started(targets, tmp):
-        for rnd in range(args.rounds):
-            order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
-            for case in cases:
-                for t in order:
-                    res = run_wrk(t.url, scripts[case.stream], case.concurrency, args.seconds)
-                    case.runs.setdefault(t.name, []).append(res)
-                    done += 1
-                    print(f"[{done}/{total}] round {rnd + 1} {case.label}: {t.name}: "
-                          f"{res.rps:.0f} req/s p50 {res.p50 * 1e3:.2f} ms"
-                          + (f" ({res.errors} errors)" if res.errors else ""), flush=True)
+    asyncio.run(measure(targets, cases, scripts, args.rounds, args.seconds))
     res_doc: dict[str, Any] = {
         "command": "kvmesh bench overhead " + " ".join(argv),
         "speedup": args.speedup, "words": args.words, "rounds": args.rounds,
