@@ -126,13 +126,24 @@ async def serve(config: RouterConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    picker = None
+    if config.endpoint_picker is not None:
+        from mesh.picker_server import PickerServer
+
+        picker = PickerServer(router, config.endpoint_picker)
     try:
         await router.start()
+        if picker is not None:
+            await picker.start()
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        if picker is not None:
+            await picker.stop()
         await router.stop()
         return 1
     await stop.wait()
     log.info("shutting down")
+    if picker is not None:
+        await picker.stop()
     await router.stop()
     return 0

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from mesh.auth import MIN_KEY_LEN, parse_key
+from mesh.picker_config import PickerConfig, PickerConfigError
+from mesh.picker_config import parse as parse_picker
 from mesh.policies import DEFAULT_POLICY, PolicyError, make_policy
 
 
@@ -77,6 +79,8 @@ class RouterConfig:
     """Options handed to the gossip node as they are."""
     seed: int | None = None
     log_level: str = "info"
+    endpoint_picker: PickerConfig | None = None
+    """Serve the gateway endpoint-picker protocol (ext_proc over gRPC) too; docs/gateway.md."""
 
     @property
     def host(self) -> str:
@@ -328,6 +332,13 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
             "tokenizer",
             f"expected 'builtin', 'hf:<path>' or 'engine:<engine URL>', got {tokenizer!r}",
         )
+    picker_raw = raw.get("endpoint_picker")
+    if isinstance(picker_raw, str):
+        picker_raw = _parse_structured(picker_raw, "endpoint_picker")
+    try:
+        picker = parse_picker(picker_raw)
+    except PickerConfigError as exc:
+        raise ConfigError(exc.key, str(exc).partition(": ")[2]) from None
     d = RouterConfig(region="x")
     return RouterConfig(
         region=region,
@@ -359,6 +370,7 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         gossip=_mapping(raw.get("gossip"), "gossip"),
         seed=None if seed is None else _number(seed, "seed", integer=True),
         log_level=log_level,
+        endpoint_picker=picker,
     )
 
 

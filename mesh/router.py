@@ -58,7 +58,7 @@ from mesh.proxy import (
     upstream_headers,
 )
 from mesh.state import LocalOnly, MeshBackend, MeshState, view_records
-from mesh.view import Dispatches, ReplicaRecord, ViewBuilder
+from mesh.view import Dispatches, ReplicaRecord, Ticket, ViewBuilder
 
 log = logging.getLogger("kvmesh.router")
 
@@ -127,6 +127,8 @@ class Router:
         self._runner: web.AppRunner | None = None
         self.started_at = clock()
         self.port: int | None = None
+        self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
+        """Extra parts of ``/mesh/status`` by name (the endpoint picker's)."""
         self.app = build_app(self, self.backend.routes())
         self.metrics.add_provider(self._state_metrics)
         for p in self.backend.metric_providers():
@@ -399,6 +401,63 @@ class Router:
             if ticket.publish:
                 self._publish()
 
+    # -- the endpoint-picker seam (mesh.picker_server) ---------------------------------------
+    async def pick(self, req: Request, *, allowed: frozenset[str] | None = None,
+                   remote: bool = True, sheddable: bool = False) -> Placement:
+        """Place ``req`` as ``infer`` does before dispatching, for a gateway to send it.
+
+        ``allowed``: the only replicas that may be picked (a gateway's subset hint), which
+        also keeps the pick in this region; ``remote=False`` does the latter alone. A
+        ``sheddable`` request is not queued: when it would wait, the placement has no target
+        and the outcome ``shed``.
+        """
+        ask = Ask(req)
+        now = self.clock()
+        if allowed is not None or not remote:
+            keep = allowed if allowed is not None else set(self.local_engines)
+            names = {r.replica for r in self._records(now)}
+            ask = replace(ask, excluded_replicas=frozenset(names - keep),
+                          excluded_regions=frozenset(self.backend.regions(now)))
+        policy = self.policy.name
+        if sheddable:
+            if self.dispatcher.queued():
+                d = Decision(None, None, "requests are queued", policy, wait=True)
+            else:
+                d, view = self.dispatcher.decide(ask, now)
+            if d.wait:
+                self.metrics.decisions.labels(d.policy or policy, "shed").inc()
+                return Placement(d, None, "shed")
+            p = self.dispatcher.place(ask, d, view)
+        else:
+            p = await self.place(ask)
+        d = p.decision
+        if p.target is None:
+            self.metrics.decisions.labels(d.policy or policy, "none").inc()
+            return p
+        self.metrics.decisions.labels(d.policy or policy, p.outcome).inc()
+        if not p.target.local:
+            self.metrics.forwards.labels(p.target.region).inc()
+        self.metrics.observe_hit(cached_tokens(req, d.matched_blocks), req.num_tokens)
+        return p
+
+    def hold(self, target: Target, tokens: int) -> Ticket:
+        """Count a picked request in flight now (published at once when local)."""
+        ticket = self.dispatcher.start(target, tokens, self.clock())
+        if ticket.publish:
+            self._publish()
+        return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        self.dispatcher.done(ticket)
+        self.kick()  # a completion: re-evaluate a waiting head
+        if ticket.publish:
+            self._publish()
+
+    def report_failure(self, replica: str, reason: str) -> None:
+        """A local engine failed a request the gateway sent it: out until its next health check."""
+        if self.engines is not None and replica in self.local_engines:
+            self.engines.mark_down(replica, reason)
+
     # -- other routes ----------------------------------------------------------------------
     def count_rejected(self, path: str, reason: str) -> None:
         self.metrics.rejected.labels(path, reason).inc()
@@ -500,6 +559,8 @@ class Router:
             "regions": {k: {"rtt_s": v.rtt, "reachable": v.reachable, "queue": v.queue}
                         for k, v in view.regions.items()},
         }
+        for name, section in self.status_sections.items():
+            doc[name] = section()
         return doc
 
     def _state_metrics(self) -> Iterable[Any]:
