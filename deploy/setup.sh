@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [ "${1:-}" = "--full" ]; then
     ensure_python test
+    ensure_envoy
     ensure_redis
     ensure_docker
     ensure_base_image

@@ -29,6 +29,7 @@ from mesh.metrics import gauge
 from mesh.picker import (
     Ask,
     Finished,
+    ImmediateReply,
     NeedPick,
     Out,
     Pick,
@@ -95,6 +96,9 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 ev = to_event(msg)
                 if ev is None:
                     continue
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("ext_proc %s %s eos=%s", type(ev).__name__, ev.phase,
+                              getattr(ev, "end_of_stream", None))
                 pending: list[Out] = stream.feed(ev)
                 while pending:
                     out, pending = pending[0], pending[1:]
@@ -105,10 +109,15 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     elif isinstance(out, Finished):
                         self._end(held, "complete" if out.complete else "broken")
                     else:
+                        if isinstance(out, ImmediateReply):
+                            self._count(str(out.status))
                         yield to_response(out)
         finally:
-            for _ in stream.close():
-                self._end(held, "broken")
+            # Envoy may cancel the RPC as soon as it has the last reply: whatever is still
+            # held is released here, however the stream ended.
+            complete = stream.finished and stream.served is not None
+            stream.close()
+            self._end(held, "complete" if complete else "broken")
             self.active -= 1
 
     async def _pick(self, ask: Ask, stream: PickerStream, held: list[Ticket]) -> list[Out]:
@@ -123,12 +132,12 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if isinstance(result, Pick):
             assert target is not None
             held.append(self.router.hold(target, tokens))
-            label = "local" if target.local else "remote"
-        else:
-            label = str(result.status)
+            self._count("local" if target.local else "remote")
+        return stream.decided(result)
+
+    def _count(self, label: str) -> None:
         self.metrics.picks.labels(label).inc()
         self.counts[label] = self.counts.get(label, 0) + 1
-        return stream.decided(result)
 
     async def _decide(self, ask: Ask) -> tuple[Pick | Refusal | PickerError, Target | None, int]:
         router = self.router
