@@ -298,7 +298,7 @@ def picker_healthy_at_envoy(admin: str) -> bool | None:
         return None
     for line in text.splitlines():
         if line.startswith("picker::") and "::health_flags::" in line:
-            return line.rsplit("::", 1)[1].strip() == "healthy"
+            return bool(line.rsplit("::", 1)[1].strip() == "healthy")
     return None
 
 

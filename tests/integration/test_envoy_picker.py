@@ -257,11 +257,11 @@ async def test_subset_hint_priority_and_bad_bodies(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         await ask(c, messages, {"x-kvmesh-priority": "high"})
     assert "x-kvmesh-priority" in str(bad.value)
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{lis['closed']}/v1/chat/completions", data=b"{oops",
-                          headers={"content-type": "application/json"}) as resp:
-            assert resp.status == 400
-            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{lis['closed']}/v1/chat/completions", data=b"{oops",
+            headers={"content-type": "application/json"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["type"] == "invalid_request_error"
     # A sheddable request (priority below shed_below) is served when nothing waits; the
     # 429 path is covered by the unit tests, which can hold the policy in "wait".
     headers, _ = await ask(c, messages, {"x-kvmesh-priority": "-1"})
