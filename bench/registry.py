@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "gossip": ("bench.gossip_convergence", "mesh gossip: convergence p50/p99 and bytes/router/s"),
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
     "overhead": ("bench.overhead", "added latency and req/s beside sglang-router, vllm-router"),
+    "picker": ("bench.picker_bench", "endpoint picker behind Envoy: added TTFT, hit rate vs proxy"),
     "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
     "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
     "sim-profiles": ("bench.sim_profiles", "sim-engine profiles: TTFT cached/uncached, saturation"),
