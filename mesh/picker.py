@@ -264,10 +264,10 @@ class PickerStream:
 
     def _body_chunk(self, ev: Body) -> list[Out]:
         if ev.phase == "response":
-            out: list[Out] = [BodyReply("response", ev.chunk, ev.end_of_stream)]
-            if ev.end_of_stream:
-                out.append(self._finish(True))
-            return out
+            # At the response's end the request leaves the books first, then the last chunk
+            # goes out (the proxy may end the RPC as soon as it has that chunk).
+            last = BodyReply("response", ev.chunk, ev.end_of_stream)
+            return [self._finish(True), last] if ev.end_of_stream else [last]
         if self.request_headers is None:
             return self._fail(PickerError(400, "request body before its headers", "protocol"))
         if self.ask is not None:
@@ -347,9 +347,11 @@ class PickerStream:
             extra = (("x-kvmesh-replica", self.pick.replica),
                      ("x-kvmesh-region", self.pick.region),
                      ("x-kvmesh-route", self.pick.reason[:200]))
-        out: list[Out] = [HeadersReply("response", set_headers=extra), self.served]
+        # Notes before the reply: the shell acts on them before the proxy hears back.
+        out: list[Out] = [self.served]
         if ev.end_of_stream:
             out.append(self._finish(True))
+        out.append(HeadersReply("response", set_headers=extra))
         return out
 
     def close(self) -> list[Out]:
