@@ -178,7 +178,7 @@ async def test_a_full_exchange_picks_streams_and_releases(
 async def test_served_failure_marks_the_engine_down_and_a_break_releases(
     rig: tuple[Router, list[Engine], PickerService],
 ) -> None:
-    router, engines, service = rig
+    router, _engines, service = rig
     f = Feed(service)
     await f.send(headers_msg("request", {":path": "/v1/chat/completions"}), 0)
     head, _ = await f.send(body_msg("request", CHAT, True), 2)
@@ -200,7 +200,7 @@ async def test_served_failure_marks_the_engine_down_and_a_break_releases(
 async def test_subset_hint_limits_the_pick(
     rig: tuple[Router, list[Engine], PickerService],
 ) -> None:
-    router, engines, service = rig
+    _router, engines, service = rig
     only = engines[1].url.split("//")[1]
     for _ in range(3):
         f = Feed(service)
