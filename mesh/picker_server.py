@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
@@ -81,7 +84,10 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                                        dest_namespace=config.dest_namespace,
                                        subset_namespace=config.subset_namespace,
                                        max_body=config.max_body)
-        self.by_endpoint = {endpoint_of(url): url for url in router.local_engines}
+        self.endpoints = {url: endpoint_of(url) for url in router.local_engines}
+        """Engine URL -> the ``ip:port`` the proxy dials (host names resolved by
+        :meth:`resolve`; the protocol speaks addresses)."""
+        self.by_endpoint = {ep: url for url, ep in self.endpoints.items()}
         self.metrics = _Metrics(router)
         self.active = 0
         self.counts: dict[str, int] = {}
@@ -176,7 +182,7 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                                "shed"), None, 0
             return Refusal(503, f"no replica can serve this request: {d.reason}",
                            "no_replica"), None, 0
-        endpoints = [endpoint_of(target.url)]
+        endpoints = [self.endpoint(target.url)]
         headers: tuple[tuple[str, str], ...] = ()
         if target.local:
             for c in d.candidates:
@@ -185,12 +191,41 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 if c.replica in router.local_engines and c.replica != target.replica \
                         and (allowed is None or c.replica in allowed) \
                         and router.engines is not None and router.engines.healthy(c.replica):
-                    endpoints.append(endpoint_of(c.replica))
+                    endpoints.append(self.endpoint(c.replica))
         else:
             hop = router.forward_headers(target, request_id, session)
             headers = (("x-request-id", request_id), *hop.items())
         pick = Pick(tuple(endpoints), target.replica, target.region, d.reason, headers)
         return pick, target, req.num_tokens
+
+    def endpoint(self, url: str) -> str:
+        return self.endpoints.get(url) or endpoint_of(url)
+
+    async def resolve(self) -> None:
+        """Resolve engine (and router) URLs given by host name to ``ip:port`` (a pod's
+        address behind a headless Service); literal addresses are kept as they are."""
+        loop = asyncio.get_running_loop()
+        for url in list(self.router.local_engines):
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            try:
+                ipaddress.ip_address(host)
+                continue
+            except ValueError:
+                pass
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("cannot resolve engine %s: %s", url, exc)
+                continue
+            if infos:
+                addr = infos[0][4][0]
+                ep = f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
+                if self.endpoints.get(url) != ep:
+                    log.info("engine %s is %s", url, ep)
+                    self.endpoints[url] = ep
+        self.by_endpoint = {ep: url for url, ep in self.endpoints.items()}
 
     def _served(self, s: Served, pick: Pick | None) -> None:
         by = "primary" if not s.picked or s.endpoint in (None, s.picked[0]) else "fallback"
@@ -247,6 +282,7 @@ class PickerServer:
         self.port = self.server.add_insecure_port(addr)
         if not self.port:
             raise OSError(f"endpoint_picker: cannot listen on {self.config.listen}")
+        await self.service.resolve()
         await self.server.start()
         await self.health.set("liveness", health_pb2.HealthCheckResponse.SERVING)
         await self._update_health()
@@ -261,10 +297,14 @@ class PickerServer:
             await self.health.set(name, status)
 
     async def _health_loop(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(0.5)
+            ticks += 1
             try:
                 await self._update_health()
+                if ticks % 10 == 0:  # pods behind a headless Service come and go
+                    await self.service.resolve()
             except Exception:  # health reporting must never stop
                 log.exception("picker health update failed")
 

@@ -284,3 +284,24 @@ async def test_bad_body_is_a_400_counted_like_the_http_api(
     await f.close()
     assert 'kvmesh_router_rejected_total{field="messages",route="/v1/chat/completions"} 1.0' \
         in router.metrics.render().decode()
+
+
+async def test_engine_host_names_are_resolved_to_addresses() -> None:
+    engine = Engine()
+    await engine.start()
+    port = engine.url.rsplit(":", 1)[1]
+    cfg = build({"region": "us", "listen": "127.0.0.1:0",
+                 "engines": [f"http://localhost:{port}"], "endpoint_picker": {}})
+    router = Router(cfg)
+    try:
+        assert cfg.endpoint_picker is not None
+        service = PickerService(router, cfg.endpoint_picker)
+        assert service.endpoint(f"http://localhost:{port}") == f"localhost:{port}"
+        await service.resolve()
+        assert service.endpoint(f"http://localhost:{port}") in {f"127.0.0.1:{port}",
+                                                                 f"[::1]:{port}"}
+        assert set(service.by_endpoint.values()) == {f"http://localhost:{port}"}
+    finally:
+        await router.tokenizer.aclose()
+        assert engine.runner is not None
+        await engine.runner.cleanup()
