@@ -207,6 +207,12 @@ def parse_endpoints(value: object) -> frozenset[str]:
     return frozenset(out)
 
 
+def header_value(text: str, limit: int = 200) -> str:
+    """Text safe as an HTTP header value: printable ASCII, at most ``limit`` characters
+    (a proxy rejects a mutation with control characters)."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+
+
 def error_body(status: int, message: str, code: str) -> bytes:
     kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
     if status == 429:
@@ -346,7 +352,7 @@ class PickerStream:
         if self.pick is not None:
             extra = (("x-kvmesh-replica", self.pick.replica),
                      ("x-kvmesh-region", self.pick.region),
-                     ("x-kvmesh-route", self.pick.reason[:200]))
+                     ("x-kvmesh-route", header_value(self.pick.reason)))
         # Notes before the reply: the shell acts on them before the proxy hears back.
         out: list[Out] = [self.served]
         if ev.end_of_stream:
@@ -368,6 +374,6 @@ class PickerStream:
         self.finished = True
         return [ImmediateReply(exc.status, error_body(exc.status, exc.message, exc.code),
                                (("content-type", "application/json"),
-                                ("x-kvmesh-route", exc.message[:200])),
+                                ("x-kvmesh-route", header_value(exc.message))),
                                details=exc.code),
                 Finished(False)]

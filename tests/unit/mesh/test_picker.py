@@ -155,6 +155,16 @@ def test_served_falls_back_to_the_upstream_attribute_and_close_breaks_off() -> N
     assert s.close() == []
 
 
+def test_error_text_in_headers_is_made_header_safe() -> None:
+    s = started()
+    s.feed(Body("request", b"{}", True))
+    reply, _ = s.decided(PickerError(400, "bad\r\nx-evil: 1 \u00e9" + "y" * 500, "x"))
+    assert isinstance(reply, ImmediateReply)
+    route = dict(reply.headers)["x-kvmesh-route"]
+    assert route.startswith("bad??x-evil: 1 ?") and len(route) == 200
+    assert "\r\nx-evil" in json.loads(reply.body)["error"]["message"]
+
+
 def test_endpoints() -> None:
     assert endpoint_of("http://10.1.2.3:8000") == "10.1.2.3:8000"
     assert endpoint_of("http://[::1]:9000/x") == "[::1]:9000"
