@@ -112,6 +112,9 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         pending = [*await self._pick(out.ask, stream, held), *pending]
                     elif isinstance(out, Served):
                         self._served(out, stream.pick)
+                        if stream.ask is not None:
+                            self.router.metrics.requests.labels(stream.ask.path,
+                                                                str(out.status)).inc()
                     elif isinstance(out, Finished):
                         self._end(held, "complete" if out.complete else "broken")
                     else:

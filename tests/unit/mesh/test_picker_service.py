@@ -172,6 +172,8 @@ async def test_a_full_exchange_picks_streams_and_releases(
     assert router.dispatches.counts() == {}
     await f.close()
     assert service.status()["picks"] == {"local": 1}
+    assert 'kvmesh_router_requests_total{code="200",route="/v1/chat/completions"} 1.0' \
+        in router.metrics.render().decode()
     assert router.status_dict()["router"]["estimated_cache_hit_ratio"] == 0.0
 
 
