@@ -277,12 +277,17 @@ class PickerServer:
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.config.max_body + 1024 * 1024),
             ("grpc.max_send_message_length", self.config.max_body + 1024 * 1024),
+            ("grpc.so_reuseport", 0),  # a second picker on the same port is an error
         ])
         ep_grpc.add_ExternalProcessorServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = self.config.host
         addr = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(addr)
+        try:
+            self.port = self.server.add_insecure_port(addr)
+        except RuntimeError as exc:  # grpc reports a busy port this way
+            raise OSError(f"endpoint_picker: cannot listen on {self.config.listen}: "
+                          f"{exc}") from None
         if not self.port:
             raise OSError(f"endpoint_picker: cannot listen on {self.config.listen}")
         await self.service.resolve()

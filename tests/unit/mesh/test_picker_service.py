@@ -307,3 +307,27 @@ async def test_engine_host_names_are_resolved_to_addresses() -> None:
         await router.tokenizer.aclose()
         assert engine.runner is not None
         await engine.runner.cleanup()
+
+
+async def test_a_busy_picker_port_is_a_clear_error() -> None:
+    import socket
+
+    from mesh.picker_server import PickerServer
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    router, engines = await start_router(1, picker={"listen": f"127.0.0.1:{port}"})
+    try:
+        assert router.config.endpoint_picker is not None
+        server = PickerServer(router, router.config.endpoint_picker)
+        with pytest.raises(OSError, match="endpoint_picker: cannot listen"):
+            await server.start()
+        await server.stop()
+    finally:
+        busy.close()
+        await router.stop()
+        for e in engines:
+            assert e.runner is not None
+            await e.runner.cleanup()
