@@ -247,6 +247,7 @@ class PickerStream:
         self.refused: Refusal | None = None
         self.served: Served | None = None
         self.finished = False
+        self._trailers = False
 
     # -- request side ----------------------------------------------------------------------
     def feed(self, ev: Event) -> list[Out]:
@@ -256,6 +257,11 @@ class PickerStream:
             return self._headers(ev)
         if isinstance(ev, Body):
             return self._body_chunk(ev)
+        if ev.phase == "request" and self.request_headers is not None and self.ask is None:
+            # Trailers end a request body that never said end_of_stream: pick now, and
+            # acknowledge them after the body is sent on.
+            self._trailers = True
+            return self._ready()
         return [TrailersReply(ev.phase)]
 
     def _headers(self, ev: Headers) -> list[Out]:
@@ -331,7 +337,9 @@ class PickerStream:
         out: list[Out] = [reply]
         assert self.request_headers is not None
         if not self.request_headers.end_of_stream:
-            out.append(BodyReply("request", bytes(self._body), True))
+            out.append(BodyReply("request", bytes(self._body), not self._trailers))
+        if self._trailers:
+            out.append(TrailersReply("request"))
         self._body = bytearray()
         return out
 

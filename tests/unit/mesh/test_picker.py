@@ -165,6 +165,15 @@ def test_error_text_in_headers_is_made_header_safe() -> None:
     assert "\r\nx-evil" in json.loads(reply.body)["error"]["message"]
 
 
+def test_request_trailers_end_the_body_and_are_acknowledged_after_it() -> None:
+    s = started()
+    assert s.feed(Body("request", b"{}", False)) == []
+    [need] = s.feed(Trailers("request"))
+    assert isinstance(need, NeedPick) and need.ask.body == b"{}"
+    out = s.decided(Pick(("1.2.3.4:80",), "http://1.2.3.4", "us", "r"))
+    assert out[1:] == [BodyReply("request", b"{}", False), TrailersReply("request")]
+
+
 def test_endpoints() -> None:
     assert endpoint_of("http://10.1.2.3:8000") == "10.1.2.3:8000"
     assert endpoint_of("http://[::1]:9000/x") == "[::1]:9000"
