@@ -206,6 +206,14 @@ async def test_a_dead_engine_is_avoided_after_the_gateway_reports_its_failure(
     assert f'kvmesh_picker_endpoint_failures_total{{replica="{victim}"}} 1.0' in metrics
 
 
+def envoy_counter(admin: str, name: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{admin}/stats?filter=^{name}$", timeout=2) as resp:
+        text = resp.read().decode()
+    return int(text.split(":", 1)[1]) if ":" in text else 0
+
+
 async def test_a_stopped_picker_fails_open_or_closed_as_configured(gateway: Gateway) -> None:
     lis = await start(gateway)
     messages = [{"role": "user", "content": "hello " * 20}]
@@ -222,20 +230,27 @@ async def test_a_stopped_picker_fails_open_or_closed_as_configured(gateway: Gate
             await ask(client(lis["closed"]), messages)
         assert err.value.status_code == 500
     # Fail open: Envoy goes on without a pick and routes round-robin over the pool. In
-    # full-duplex mode Envoy can do so only until the first body chunk went to the picker;
-    # bodiless requests (model list, probes) always fail open, a request with a body only
-    # when the failure comes first (a race inside Envoy: docs/gateway.md), so not asserted.
-    served = set()
+    # full-duplex mode it can do so only before a body chunk went to the picker, which holds
+    # once its workers know the picker has no healthy host (the stream then fails at once):
+    # bodiless requests fail open in any case, and show when that point is reached.
     async with aiohttp.ClientSession() as s:
-        for _ in range(4):
+        async def no_healthy_picker() -> bool:
             async with s.get(f"{lis['open']}/v1/models") as resp:
-                assert resp.status == 200
+                assert resp.status == 200 and "x-kvmesh-replica" not in resp.headers
                 assert (await resp.json())["data"][0]["id"] == MODEL
-                assert "x-kvmesh-replica" not in resp.headers
-                served.add(resp.headers[UPSTREAM_HEADER])
-            async with s.get(f"{lis['closed']}/v1/models") as resp:
-                assert resp.status == 500
+            return envoy_counter(lis["admin"], "cluster.picker.upstream_cx_none_healthy") > 0
+
+        deadline = time.monotonic() + 30
+        while not await no_healthy_picker():
+            assert time.monotonic() < deadline, "Envoy never stopped dialling the picker"
+            await asyncio.sleep(0.05)
+    served = set()
+    for _ in range(4):  # requests with a body now fail open too, round robin
+        headers, _ = await ask(client(lis["open"]), messages)
+        assert "x-kvmesh-replica" not in headers
+        served.add(headers[UPSTREAM_HEADER])
     assert served == {endpoint(u) for u, _, _ in gateway.engines}
+    assert envoy_counter(lis["admin"], "http.open.ext_proc.failure_mode_allowed") >= 4
 
 
 async def test_subset_hint_priority_and_bad_bodies(gateway: Gateway) -> None:
