@@ -286,24 +286,29 @@ async def test_subset_hint_priority_and_bad_bodies(gateway: Gateway) -> None:
     assert 'kvmesh_picker_picks_total{result="503"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("b_region", ["us", "eu"])
 async def test_a_prefix_on_another_routers_engine_goes_to_that_router_once(
-    gateway: Gateway,
+    gateway: Gateway, b_region: str,
 ) -> None:
-    # Two routers of the mesh, one engine each; Envoy asks router A. Turn 1 goes straight
-    # to engine B, which only router B ingests; A learns it by gossip and points Envoy at
-    # router B's address with the signed one-hop headers; B serves it from engine B.
+    # Two routers of the mesh, one engine each (router B in the same region or another);
+    # Envoy asks router A. Turn 1 goes straight to engine B, which only router B ingests; A
+    # learns it by gossip and points Envoy at router B's address with the signed one-hop
+    # headers; B serves it from engine B without forwarding again.
     a_url = gateway.engine("engine-a")
     b_url = gateway.engine("engine-b")
     pa, pb, grpc_a = free_ports(3)
     peers = [f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"]
     common = {"region": "us", "log_level": "info", "health_interval": 0.1, "seed": 1,
               "peers": peers, "mesh_key": MESH_KEY, "policy": "kvmesh",
-              "gossip": {"profile": "local", "gossip_interval": 0.05}}
+              "gossip": {"profile": "local", "gossip_interval": 0.05},
+              # Loopback "regions": a small round trip until the mesh has measured one.
+              "rtt": {"us": 0.001, "eu": 0.001}}
     (ea, ka, ra), (eb, kb, rb) = gateway.engines
     conf_a = {**common, "node_id": "router-a", "listen": f"127.0.0.1:{pa}",
               "engines": [{"url": ea, "kv_events": ka, "replay": ra}],
               "endpoint_picker": {"listen": f"127.0.0.1:{grpc_a}"}}
-    conf_b = {**common, "node_id": "router-b", "listen": f"127.0.0.1:{pb}",
+    conf_b = {**common, "region": b_region, "node_id": "router-b",
+              "listen": f"127.0.0.1:{pb}",
               "engines": [{"url": eb, "kv_events": kb, "replay": rb}]}
     gateway.start_router("router-a", conf_a)
     gateway.start_router("router-b", conf_b)
@@ -335,6 +340,9 @@ async def test_a_prefix_on_another_routers_engine_goes_to_that_router_once(
         headers, reply = await ask(c, messages)
         assert headers[UPSTREAM_HEADER] == endpoint(peers[1]), headers  # router B, once
         assert headers["x-kvmesh-replica"] == b_url
+        assert headers["x-kvmesh-region"] == b_region
     assert status_doc(router_a)["endpoint_picker"]["picks"] == {"remote": 3}
+    a_metrics = aiohttp_free_get(f"{router_a}/metrics")
+    assert f'kvmesh_router_forwards_total{{region="{b_region}"}} 3.0' in a_metrics
     b_metrics = aiohttp_free_get(f"{peers[1]}/metrics")
     assert 'kvmesh_router_forwarded_in_total{placement="pinned"} 3.0' in b_metrics
