@@ -90,6 +90,7 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         """Engine URL -> the ``ip:port`` the proxy dials (host names resolved by
         :meth:`resolve`; the protocol speaks addresses)."""
         self.by_endpoint = {ep: url for url, ep in self.endpoints.items()}
+        self._routers: dict[str, str] = {}
         self.metrics = _Metrics(router)
         self.active = 0
         self.counts: dict[str, int] = {}
@@ -159,6 +160,7 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         max_tokens = 0
         salt = None
         if ask.kind is not None:
+            t0 = time.perf_counter()
             try:
                 inf = parse_inference(ask.kind, ask.path, ask.body, ask.headers)
                 token_ids = await tokenize(inf, router.tokenizer)
@@ -166,11 +168,14 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 router.count_rejected(ask.path, exc.param or "body")
                 return PickerError(exc.status, exc.message, exc.code or "invalid_request"), \
                     None, 0
+            router.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
             session, model, max_tokens = inf.session, inf.model, inf.max_tokens
             s = inf.body.get("cache_salt")
             salt = s if isinstance(s, str) else None
         request_id = ask.headers.get("x-request-id") or f"kvm-{uuid.uuid4().hex[:16]}"
+        t0 = time.perf_counter()
         keys = request_keys(token_ids, router.config.block_size, salt=salt)
+        router.metrics.block_keys_seconds.observe(time.perf_counter() - t0)
         req = Request(request_id, token_ids, keys, router.config.block_size, session,
                       max_tokens, arrival, model)
         allowed = None
@@ -188,7 +193,8 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                                "shed"), None, 0
             return Refusal(503, f"no replica can serve this request: {d.reason}",
                            "no_replica"), None, 0
-        endpoints = [self.endpoint(target.url)]
+        endpoints = [self.endpoint(target.url) if target.local
+                     else await self.remote_endpoint(target.url)]
         headers: tuple[tuple[str, str], ...] = ()
         if target.local:
             for c in d.candidates:
@@ -210,30 +216,23 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return self.endpoints.get(url) or endpoint_of(url)
 
     async def resolve(self) -> None:
-        """Resolve engine (and router) URLs given by host name to ``ip:port`` (a pod's
-        address behind a headless Service); literal addresses are kept as they are."""
-        loop = asyncio.get_running_loop()
+        """Resolve engine URLs given by host name to ``ip:port`` (a pod's address behind a
+        headless Service); literal addresses are kept as they are."""
         for url in list(self.router.local_engines):
-            parts = urlsplit(url)
-            host = parts.hostname or ""
-            try:
-                ipaddress.ip_address(host)
-                continue
-            except ValueError:
-                pass
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                log.warning("cannot resolve engine %s: %s", url, exc)
-                continue
-            if infos:
-                addr = infos[0][4][0]
-                ep = f"[{addr}]:{port}" if ":" in str(addr) else f"{addr}:{port}"
-                if self.endpoints.get(url) != ep:
-                    log.info("engine %s is %s", url, ep)
-                    self.endpoints[url] = ep
+            ep = await _lookup(url)
+            if ep is not None and self.endpoints.get(url) != ep:
+                log.info("engine %s is %s", url, ep)
+                self.endpoints[url] = ep
         self.by_endpoint = {ep: url for url, ep in self.endpoints.items()}
+        self._routers.clear()  # peer routers' addresses are looked up again when next used
+
+    async def remote_endpoint(self, url: str) -> str:
+        """``ip:port`` of another router (its advertised URL may name a Service)."""
+        ep = self._routers.get(url)
+        if ep is None:
+            ep = await _lookup(url) or endpoint_of(url)
+            self._routers[url] = ep
+        return ep
 
     def _served(self, s: Served, pick: Pick | None) -> None:
         by = "primary" if not s.picked or s.endpoint in (None, s.picked[0]) else "fallback"
@@ -262,6 +261,28 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def metric_rows(self) -> Iterable[Any]:
         yield gauge("kvmesh_picker_active_streams", "ext_proc streams open now", [],
                     [([], float(self.active))])
+
+
+async def _lookup(url: str) -> str | None:
+    """``ip:port`` for a URL whose host is a name; None for a literal address or a failure."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)
+    except OSError as exc:
+        log.warning("cannot resolve %s: %s", url, exc)
+        return None
+    if not infos:
+        return None
+    addr = str(infos[0][4][0])
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 class PickerServer:

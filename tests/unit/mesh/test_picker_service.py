@@ -303,6 +303,10 @@ async def test_engine_host_names_are_resolved_to_addresses() -> None:
         assert service.endpoint(f"http://localhost:{port}") in {f"127.0.0.1:{port}",
                                                                  f"[::1]:{port}"}
         assert set(service.by_endpoint.values()) == {f"http://localhost:{port}"}
+        # Another router's advertised name is looked up too; an address stays as it is.
+        assert await service.remote_endpoint("http://localhost:8000") in {"127.0.0.1:8000",
+                                                                          "[::1]:8000"}
+        assert await service.remote_endpoint("http://10.1.2.3:8000") == "10.1.2.3:8000"
     finally:
         await router.tokenizer.aclose()
         assert engine.runner is not None
