@@ -71,6 +71,8 @@ class RouterConfig:
     """Dispatch attempts per request (retries before the first byte on the next-best target)."""
     max_queue: int = 10_000
     """Requests allowed to wait in this router's FCFS queue (selective pushing); then 503."""
+    warm_timeout: float = 30.0
+    """Longest ``/ready`` waits for a warm index (engines covered, a peer's snapshot), seconds."""
     rtt: Mapping[str, float] = field(default_factory=dict)
     """Static round-trip estimates to other regions, seconds (used until measured)."""
     emulate_rtt: Mapping[str, float] = field(default_factory=dict)
@@ -365,6 +367,7 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         max_attempts=_number(raw.get("max_attempts", d.max_attempts), "max_attempts",
                              integer=True, minimum=1),
         max_queue=_number(raw.get("max_queue", d.max_queue), "max_queue", integer=True),
+        warm_timeout=_number(raw.get("warm_timeout", d.warm_timeout), "warm_timeout"),
         rtt=_region_seconds(raw.get("rtt"), "rtt"),
         emulate_rtt=_region_seconds(raw.get("emulate_rtt"), "emulate_rtt"),
         gossip=_mapping(raw.get("gossip"), "gossip"),

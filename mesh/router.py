@@ -31,6 +31,7 @@ from aiohttp import web
 
 from kvevents.keys import request_keys
 from kvevents.tokenizers.factory import make_tokenizer
+from mesh import dashboard, warmup
 from mesh.api import (
     ApiError,
     Inference,
@@ -39,6 +40,7 @@ from mesh.api import (
     error_response,
 )
 from mesh.config import RouterConfig
+from mesh.decision_log import DecisionEntry, DecisionLog
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.engines import EngineMonitor, EngineState
 from mesh.metrics import RouterMetrics, gauge
@@ -129,8 +131,11 @@ class Router:
         self.port: int | None = None
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         """Extra parts of ``/mesh/status`` by name (the endpoint picker's)."""
-        self.app = build_app(self, self.backend.routes())
+        self.decision_log = DecisionLog()
+        self.warmup = warmup.Warmup(self.started_at, config.warm_timeout)
+        self.app = build_app(self, [*self.backend.routes(), *dashboard.routes(self)])
         self.metrics.add_provider(self._state_metrics)
+        self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
         for p in self.backend.metric_providers():
             self.metrics.add_provider(p)
 
@@ -155,6 +160,10 @@ class Router:
         self.engines.start()
         self._tasks.append(asyncio.create_task(self._queue_loop(), name="fcfs queue"))
         self._tasks.append(asyncio.create_task(self._publish_loop(), name="publish inflight"))
+        self._tasks.append(asyncio.create_task(
+            warmup.watch(self.warmup, self.backend, {e.url: e.replay for e in self.config.engines
+                                                     if e.kv_events and e.replay}, self.clock),
+            name="warmup"))
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port,
@@ -324,6 +333,9 @@ class Router:
                           excluded_regions=frozenset(excluded_regions), attempt=attempt)
             p = await self.place(ask)
             d, target = p.decision, p.target
+            self.decision_log.add(DecisionEntry(
+                self.clock(), request_id, p.outcome, d.replica, d.region, d.reason,
+                d.policy or self.policy.name, req.num_tokens, d.matched_blocks, attempt))
             if ask.forwarded and attempt == 1:
                 self.metrics.forwarded_in.labels(
                     "pinned" if p.outcome == "pinned" else "repicked").inc()
@@ -509,6 +521,8 @@ class Router:
         view = self.view()
         if not view.healthy("mesh"):
             return "no healthy replica in the mesh"
+        if not self.warmup.warm:
+            return f"warming up: {self.warmup.waiting_for}"
         return None
 
     async def ready_page(self, request: web.Request) -> web.Response:
@@ -539,6 +553,7 @@ class Router:
             "queue": self.dispatcher.queued(),
             "inflight": self.dispatches.counts(),
             "estimated_cache_hit_ratio": round(self.metrics.hit_ratio(), 4),
+            "warmup": self.warmup.status(),
             "engines": [
                 {"url": s.url, "healthy": s.healthy, "reason": s.reason,
                  "load": None if s.load is None else {
