@@ -70,6 +70,12 @@ ensure_redis() {
     # Debian starts a system redis on 6379 where systemd runs; tests start their own.
 }
 
+ensure_chromium() {
+    # The dashboard's browser tests drive Debian's Chromium through Playwright
+    # (executable_path), never a browser build Playwright would download.
+    command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
+}
+
 ensure_docker() {
     command -v dockerd >/dev/null || apt_install docker.io
     if docker info >/dev/null 2>&1; then return 0; fi

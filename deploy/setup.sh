@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything kvmesh needs on a Debian machine, idempotently.
 #   deploy/setup.sh          Python venv with kvmesh (enough for `kvmesh demo`)
-#   deploy/setup.sh --full   plus the test extras, Redis, Docker, the base and kvmesh images
+#   deploy/setup.sh --full   plus the test extras, Redis, Chromium, Docker, the base and kvmesh images
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -9,6 +9,7 @@ if [ "${1:-}" = "--full" ]; then
     ensure_python test
     ensure_envoy
     ensure_redis
+    ensure_chromium
     ensure_docker
     ensure_base_image
     ensure_kvmesh_image

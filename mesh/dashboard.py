@@ -111,7 +111,8 @@ def local_snapshot(src: Source) -> dict[str, Any]:
         })
     peers = [{k: p.get(k) for k in ("id", "region", "address", "state", "rtt_ms")}
              for p in status.get("peers", []) if isinstance(p, dict)]
-    lags: list[float] = [r["load_age_s"] for r in replicas if not r["own"] and r["load_age_s"] is not None]
+    lags: list[float] = [r["load_age_s"] for r in replicas
+                         if not r["own"] and r["load_age_s"] is not None]
     silence: dict[str, float] = {}
     node = getattr(backend, "node", None)
     if node is not None:

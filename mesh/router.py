@@ -43,6 +43,7 @@ from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry, DecisionLog
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.engines import EngineMonitor, EngineState
+from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
@@ -136,6 +137,7 @@ class Router:
         self.app = build_app(self, [*self.backend.routes(), *dashboard.routes(self)])
         self.metrics.add_provider(self._state_metrics)
         self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
+        self.metrics.add_provider(lambda: mesh_metrics(self.backend))
         for p in self.backend.metric_providers():
             self.metrics.add_provider(p)
 

@@ -68,8 +68,12 @@ function drawChart(canvas, key) {
   const g = canvas.getContext("2d");
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, w, h);
-  let max = 0;
-  for (const s of state.series.values()) for (const v of s[key]) if (v !== null && v > max) max = v;
+  let max = 0, len = 0;
+  for (const s of state.series.values()) {
+    len = Math.max(len, s[key].length);
+    for (const v of s[key]) if (v !== null && v > max) max = v;
+  }
+  const span = Math.min(POINTS, Math.max(30, len));  // a short history fills the width
   max = niceMax(key === "hit" ? Math.max(max, 100) : max);
   const left = 38, right = 6, top = 6, bottom = 14;
   const pw = w - left - right, ph = h - top - bottom;
@@ -79,14 +83,14 @@ function drawChart(canvas, key) {
     g.beginPath(); g.moveTo(left, y); g.lineTo(w - right, y); g.stroke();
     g.fillText(fmt((max * i) / 4, max < 4 ? 1 : 0), 2, y + 4);
   }
-  g.fillText(`last ${POINTS} s`, w - right - 60, h - 2);
+  g.fillText(`last ${span} s`, w - right - 60, h - 2);
   let drawn = 0;
   for (const [id, s] of state.series) {
     const arr = s[key];
     g.strokeStyle = colorOf(id); g.lineWidth = 1.6; g.beginPath();
     let pen = false;
     arr.forEach((v, i) => {
-      const x = left + pw * (i + POINTS - arr.length) / (POINTS - 1);
+      const x = left + pw * (i + span - arr.length) / (span - 1);
       if (v === null) { pen = false; return; }
       const y = top + ph - ph * Math.min(v, max) / max;
       if (pen) g.lineTo(x, y); else g.moveTo(x, y);
@@ -120,11 +124,11 @@ function render(doc) {
 }
 
 function replicaTable(rows) {
-  const head = el("tr", {}, ["replica", "load (wait/run)", "KV", "in flight", "indexed blocks", "load age"].map(h => el("th", {}, h)));
+  const head = el("tr", {}, ["replica", "wait/run", "KV use", "in flight", "blocks", "load age"].map(h => el("th", {}, h)));
   const body = rows.map(r => el("tr", { class: r.healthy ? "" : "down", "data-replica": r.replica, "data-healthy": r.healthy ? "true" : "false" },
     el("td", { title: r.reason || "" }, el("span", { class: `dot ${r.healthy ? "ok" : "bad"}` }), r.replica, r.healthy ? "" : " (down)"),
     el("td", {}, `${fmt(r.waiting, 0)} / ${fmt(r.running, 0)}`),
-    el("td", {}, el("span", { class: "bar", title: `${fmt(100 * r.kv_usage)}%` }, el("span", { style: `width:${Math.round(100 * Math.min(1, r.kv_usage))}%` })), ` ${fmt(100 * r.kv_usage, 0)}%`),
+    el("td", {}, el("span", { class: "bar", title: `KV cache ${fmt(100 * r.kv_usage)}% used` }, el("span", { style: `width:${Math.round(100 * Math.min(1, r.kv_usage))}%` })), ` ${fmt(100 * r.kv_usage, 0)}%`),
     el("td", {}, r.inflight),
     el("td", { class: "blocks" }, r.blocks === null ? "–" : r.blocks),
     el("td", {}, r.load_age_s === null ? "–" : `${fmt(r.load_age_s, 2)} s`)));
@@ -215,10 +219,10 @@ function renderDecisions(doc) {
   const all = doc.routers.flatMap(s => s.decisions.map(d => ({ ...d, router: s.router.node_id })));
   all.sort((a, b) => a.age_s - b.age_s);
   const head = el("tr", {}, ["age", "router", "outcome", "target", "prefix", "reason"].map(h => el("th", {}, h)));
-  const rows = all.slice(0, 40).map(d => el("tr", { class: d.outcome === "none" ? "down" : "" },
+  const rows = all.slice(0, 25).map(d => el("tr", { class: d.outcome === "none" ? "down" : "" },
     el("td", {}, `${fmt(d.age_s, 1)} s`), el("td", {}, d.router), el("td", {}, d.outcome),
     el("td", {}, d.replica || (d.region ? `region ${d.region}` : "–")),
-    el("td", {}, `${d.matched_blocks} blk / ${d.prompt_tokens} tok`), el("td", { class: "reason" }, d.reason)));
+    el("td", {}, d.outcome === "pinned" ? `– / ${d.prompt_tokens} tok` : `${d.matched_blocks} blk / ${d.prompt_tokens} tok`), el("td", { class: "reason" }, d.reason)));
   document.getElementById("decisions").replaceChildren(head, ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 6, class: "muted" }, "no requests yet"))]));
 }
 

@@ -167,3 +167,30 @@ async def chat(
             for ch in json.loads(event[6:]).get("choices") or []:
                 text.append((ch.get("delta") or {}).get("content") or "")
     return 200, hdrs, "".join(text)
+
+
+GOSSIP_LOCAL = {"profile": "local", "gossip_interval": 0.05}
+
+
+def mesh_of(procs: Procs, replicas: dict[str, int], policy: str = "kvmesh",
+            **extra: Any) -> tuple[dict[str, list[Engine]], dict[str, str]]:
+    """One router per region over ``replicas[region]`` simulated engines, all peers of each
+    other: (engines by region, router URL by region). Router ``router-<region>``, engine
+    ``engine-<region>-<i>``."""
+    ports = dict(zip(replicas, free_ports(len(replicas)), strict=True))
+    peers = [f"http://127.0.0.1:{p}" for p in ports.values()]
+    engines = {r: [procs.engine(f"engine-{r}-{i}") for i in range(n)]
+               for r, n in replicas.items()}
+    routers = {}
+    for region, engs in engines.items():
+        routers[region] = procs.router(f"router-{region}", {
+            "region": region, "policy": policy, "peers": peers, "mesh_key": MESH_KEY,
+            "gossip": GOSSIP_LOCAL, "listen": f"127.0.0.1:{ports[region]}",
+            "engines": [{"url": e.url, "kv_events": e.kv_events, "replay": e.replay}
+                        for e in engs], **extra})
+    return engines, routers
+
+
+async def ready(session: aiohttp.ClientSession, url: str) -> bool:
+    async with session.get(f"{url}/ready", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+        return resp.status == 200
