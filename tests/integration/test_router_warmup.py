@@ -3,6 +3,7 @@ once its index holds its engines' history and the other regions' slices."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections.abc import Iterator
@@ -88,6 +89,7 @@ async def test_a_restarted_router_is_ready_only_when_warm(procs: Procs) -> None:
                 body = await resp.json()
                 assert body["error"]["code"] == "not_ready"
             assert time.monotonic() - started < 40, "never ready"
+            await asyncio.sleep(0.02)
         # The first moment it says ready, its index already holds both engines' blocks.
         blocks = await index_blocks(s, us)
         assert blocks.get(us_engine.url, 0) > 0, blocks
