@@ -76,6 +76,21 @@ ensure_chromium() {
     command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
 }
 
+ensure_compose() {
+    # The 3-region Compose mesh (deploy/compose/) and its test use Debian's docker-compose.
+    command -v docker-compose >/dev/null || apt_install docker-compose
+}
+
+ensure_prometheus() {
+    # promtool checks the alert rules; the metrics test runs a Prometheus on loopback.
+    # Debian starts the packaged service where systemd runs: stop it when we installed it.
+    if command -v prometheus >/dev/null && command -v promtool >/dev/null; then return 0; fi
+    apt_install prometheus
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+        as_root systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+    fi
+}
+
 ensure_docker() {
     command -v dockerd >/dev/null || apt_install docker.io
     if docker info >/dev/null 2>&1; then return 0; fi

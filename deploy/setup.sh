@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything kvmesh needs on a Debian machine, idempotently.
 #   deploy/setup.sh          Python venv with kvmesh (enough for `kvmesh demo`)
-#   deploy/setup.sh --full   plus the test extras, Redis, Chromium, Docker, the base and kvmesh images
+#   deploy/setup.sh --full   plus the test extras, Redis, Chromium, Prometheus, Docker
+#                            (+ docker-compose), the base and kvmesh images
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -10,7 +11,9 @@ if [ "${1:-}" = "--full" ]; then
     ensure_envoy
     ensure_redis
     ensure_chromium
+    ensure_prometheus
     ensure_docker
+    ensure_compose
     ensure_base_image
     ensure_kvmesh_image
 else
