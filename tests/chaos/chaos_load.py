@@ -53,6 +53,9 @@ class Attempt:
     replica: str
     replica_region: str
     route: str
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the engine served from its prefix cache (its ``usage``): real hits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,15 @@ class LoadReport:
     def between(self, start: float, end: float = float("inf")) -> list[Outcome]:
         """Requests that started in ``[start, end)`` (monotonic seconds)."""
         return [o for o in self.outcomes if start <= o.t_start < end]
+
+    def hit_rate(self, router: str, start: float, end: float = float("inf")
+                 ) -> tuple[float | None, int]:
+        """(cached / prompt tokens, requests) of the requests ``router`` served that started
+        in ``[start, end)``: the engines' real prefix-cache hits."""
+        served = [o.served_by for o in self.between(start, end)]
+        mine = [a for a in served if a is not None and a.router == router]
+        prompt = sum(a.prompt_tokens for a in mine)
+        return (sum(a.cached_tokens for a in mine) / prompt if prompt else None), len(mine)
 
     def summary(self) -> str:
         errors: dict[str, int] = {}
@@ -265,6 +277,7 @@ class LoadGenerator:
     ) -> Attempt:
         t0 = time.monotonic()
         status, error, headers = 0, "", {}
+        prompt_tokens = cached_tokens = 0
         try:
             async with session.post(f"{base}/v1/completions", json=body) as resp:
                 status = resp.status
@@ -277,6 +290,10 @@ class LoadGenerator:
                         data = await resp.json(content_type=None)
                         if not data.get("choices"):
                             status, error = 0, f"answer without choices: {text[:120]}"
+                        usage = data.get("usage") or {}
+                        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+                        details = usage.get("prompt_tokens_details") or {}
+                        cached_tokens = int(details.get("cached_tokens") or 0)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             status, error = 0, f"{type(exc).__name__}: {exc}"[:200]
         return Attempt(
@@ -288,4 +305,6 @@ class LoadGenerator:
             replica=headers.get("x-kvmesh-replica", ""),
             replica_region=headers.get("x-kvmesh-region", ""),
             route=headers.get("x-kvmesh-route", ""),
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached_tokens,
         )
