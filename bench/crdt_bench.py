@@ -39,6 +39,7 @@ from operator import and_
 from pathlib import Path
 from typing import Any
 
+from bench.progress import Phases
 from crdt import wire
 from crdt.prefix_index import PrefixIndex
 from sim.metrics import percentile
@@ -309,17 +310,22 @@ def main(argv: list[str]) -> int:
         "replicas": args.replicas,
     }
 
+    phases = Phases("crdt", 6)
     gc.disable()
     try:
-        held = layout(args.pairs, args.replicas, 4, args.seed)
-        idx, events, secs = build(held)
+        with phases.step(f"apply {args.pairs:,} pairs"):
+            held = layout(args.pairs, args.replicas, 4, args.seed)
+            idx, events, secs = build(held)
         results["apply"] = {"block_events": events, "events_per_s": round(events / secs)}
         print(f"apply:   {events / secs:,.0f} store events/s ({events:,} events, {secs:.2f} s)")
-        ch_events, ch_secs = churn(idx, held, args.seed + 1, rounds=max(1, args.pairs // 100_000))
+        with phases.step("churn"):
+            ch_events, ch_secs = churn(idx, held, args.seed + 1,
+                                       rounds=max(1, args.pairs // 100_000))
         results["apply"]["churn_events_per_s"] = round(ch_events / ch_secs)
         print(f"churn:   {ch_events / ch_secs:,.0f} store+remove events/s ({ch_events:,} events)")
 
-        w = wire_and_merge(idx)
+        with phases.step("wire encode/decode and full-state merge"):
+            w = wire_and_merge(idx)
         results["wire"] = w
         print(
             f"wire:    encode {w['encode_pairs_per_s']:,} pairs/s ({w['encode_mb_per_s']} MB/s), "
@@ -330,7 +336,8 @@ def main(argv: list[str]) -> int:
             f"merge:   full state {w['full_merge_pairs_per_s']:,} pairs/s "
             f"(follower identical: {w['follower_identical']})"
         )
-        inc = incremental(args.seed + 2, batches=max(200, min(20_000, args.pairs // 50)))
+        with phases.step("incremental deltas"):
+            inc = incremental(args.seed + 2, batches=max(200, min(20_000, args.pairs // 50)))
         results["incremental"] = inc
         print(
             f"         incremental: {inc['merge_per_s']:,} deltas merged/s "
@@ -339,10 +346,11 @@ def main(argv: list[str]) -> int:
             f"(identical: {inc['follower_identical']})"
         )
 
-        shared = add_chains(idx, args.replicas, 64, args.seed + 3)
-        lone = add_lone_chains(idx, args.replicas, 64, args.seed + 5)
-        results["query"] = q = time_queries(idx, shared, args.queries, args.seed + 4)
-        results["query_lone"] = ql = time_queries(idx, lone, args.queries, args.seed + 6)
+        with phases.step(f"{args.queries:,} queries, two shapes"):
+            shared = add_chains(idx, args.replicas, 64, args.seed + 3)
+            lone = add_lone_chains(idx, args.replicas, 64, args.seed + 5)
+            results["query"] = q = time_queries(idx, shared, args.queries, args.seed + 4)
+            results["query_lone"] = ql = time_queries(idx, lone, args.queries, args.seed + 6)
         for what, r in (
             (f"{args.replicas} replicas hold random prefixes", q),
             ("each chain on one replica", ql),
@@ -360,13 +368,14 @@ def main(argv: list[str]) -> int:
         gc.enable()
 
     mem = []
-    for k in (1, 2, 4, 16):
-        m = memory_per_pair(args.pairs, args.replicas, k, args.seed + 5)
-        mem.append(m)
-        print(
-            f"memory:  {m['bytes_per_pair']} B/pair for {m['layout']} "
-            f"({m['bytes'] / 1e6:.1f} MB, {m['pairs']:,} pairs)"
-        )
+    with phases.step("memory per pair, 4 layouts"):
+        for k in (1, 2, 4, 16):
+            m = memory_per_pair(args.pairs, args.replicas, k, args.seed + 5)
+            mem.append(m)
+            print(
+                f"memory:  {m['bytes_per_pair']} B/pair for {m['layout']} "
+                f"({m['bytes'] / 1e6:.1f} MB, {m['pairs']:,} pairs)"
+            )
     results["memory"] = mem
 
     out = Path(args.out)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.progress import Bar, Phases
 from crdt.prefix_index import PrefixIndex
 from mesh.gossip import GossipConfig, MeshCore
 from mesh.membership import SwimConfig
@@ -76,11 +77,15 @@ def build(n: int, seed: int, swim: SwimConfig, gossip: GossipConfig) -> tuple[Si
         index.store(r.replica, (1, 1), [random.Random(i).getrandbits(63) for _ in range(32)])
         routers.append(r)
     want = n - 1
-    ok = net.run_until_true(
-        lambda: all(len(r.core.membership.alive()) == want for r in routers),
-        timeout=300,
-        check_every=0.5,
-    )
+    bar = Bar(f"N={n} membership", None, "virtual s")
+
+    def all_alive() -> bool:
+        alive = sum(len(r.core.membership.alive()) == want for r in routers)
+        bar.update(net.now, f"{alive}/{n} routers see every peer")
+        return alive == n
+
+    ok = net.run_until_true(all_alive, timeout=300, check_every=0.5)
+    bar.close()
     if not ok:
         raise RuntimeError(f"membership of {n} routers did not converge")
     target = {r.replica: (1, r.seq) for r in routers}
@@ -101,6 +106,7 @@ def convergence(
     n = len(routers)
     rng = random.Random(seed)
     times: list[float] = []
+    bar = Bar(f"N={n} convergence", trials, "events")
     for _ in range(trials):
         r = rng.choice(routers)
         r.seq += 1
@@ -115,7 +121,9 @@ def convergence(
         if not ok:
             raise RuntimeError(f"an event did not reach all {n} routers within 60 s")
         times.append(net.now - start)
+        bar.advance(1, f"last {times[-1] * 1000:.0f} ms")
         net.run_for(rng.uniform(0.1, 0.3))
+    bar.close()
     gi = gossip.gossip_interval
     return {
         "routers": n,
@@ -150,19 +158,23 @@ def traffic(
         r.index.store(r.replica, (1, r.seq), new)
         return len(new)
 
-    def run(seconds: float) -> int:
+    def run(seconds: float, label: str) -> int:
         blocks = 0
         end = net.now + seconds
         step = 1.0 / rate
+        bar = Bar(f"N={n} {label}", seconds, "virtual s")
+        t0 = net.now
         while net.now + step <= end:
             blocks += one_event()
             net.run_for(step)
+            bar.update(net.now - t0)
         net.run_until(end)
+        bar.close()
         return blocks
 
-    run(2.0)  # warm up: pushes and beliefs in their steady state
+    run(2.0, "traffic warm-up")  # pushes and beliefs in their steady state
     before = [Counter(r.core.counters) for r in routers]
-    blocks = run(duration)
+    blocks = run(duration, "traffic")
     diff = Counter[str]()
     for r, b in zip(routers, before, strict=True):
         diff.update({k: v - b.get(k, 0) for k, v in r.core.counters.items()})
@@ -242,20 +254,24 @@ def main(argv: list[str]) -> int:
         "convergence": [],
         "traffic": [],
     }
+    phases = Phases("gossip", 3 * len(sizes))
     for n in sizes:
         wall = time.perf_counter()
-        net, routers = build(n, args.seed, SwimConfig.lan(), gossip)
+        with phases.step(f"N={n}: build the mesh"):
+            net, routers = build(n, args.seed, SwimConfig.lan(), gossip)
         print(
             f"N={n:4d}  mesh built in {net.now:.1f} virtual s  [{time.perf_counter() - wall:.0f} s]"
         )
-        c = convergence(net, routers, args.trials, args.seed, gossip)
+        with phases.step(f"N={n}: convergence of {args.trials} events"):
+            c = convergence(net, routers, args.trials, args.seed, gossip)
         res["convergence"].append(c)
         print(
             f"N={n:4d}  convergence p50 {c['p50_ms']:6.0f} ms ({c['p50_rounds']:.1f} rounds)"
             f"  p99 {c['p99_ms']:6.0f} ms ({c['p99_rounds']:.1f} rounds)  [{c['wall_s']:.0f} s]",
             flush=True,
         )
-        t = traffic(net, routers, args.rate, args.duration, args.seed)
+        with phases.step(f"N={n}: traffic at {args.rate:g} events/s"):
+            t = traffic(net, routers, args.rate, args.duration, args.seed)
         res["traffic"].append(t)
         print(
             f"N={n:4d}  {t['bytes_per_router_s'] / 1024:7.1f} KB/s per router"
@@ -270,6 +286,46 @@ def main(argv: list[str]) -> int:
     (out / "gossip_convergence.json").write_text(json.dumps(res, indent=1))
     text = markdown(res)
     (out / "gossip_convergence.md").write_text(text)
+    plotted = plot(res, out / "gossip_convergence.png")
     print()
     print(text)
+    if plotted:
+        print(f"plot: {plotted}")
     return 0
+
+
+def plot(res: dict[str, Any], path: Path) -> Path | None:
+    """Convergence (p50/p99) and traffic per router against the number of routers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install 'kvmesh[plots]' for matplotlib)")
+        return None
+    conv, traf = res["convergence"], res["traffic"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ns = [c["routers"] for c in conv]
+    a.plot(ns, [c["p50_ms"] for c in conv], "o-", label="p50")
+    a.plot(ns, [c["p99_ms"] for c in conv], "s-", label="p99")
+    a.set(xscale="log", xlabel="routers", ylabel="ms until every router has an event",
+          title="Convergence")
+    a.legend()
+    nt = [t["routers"] for t in traf]
+    b.plot(nt, [t["bytes_per_router_s"] / 1024 for t in traf], "o-", label="total")
+    b.plot(nt, [t["state_bytes_per_router_s"] / 1024 for t in traf], "s-", label="state")
+    b.plot(nt, [t["membership_bytes_per_router_s"] / 1024 for t in traf], "^-",
+           label="membership")
+    b.plot(nt, [t["floor_bytes_per_router_s"] / 1024 for t in traf], "k--", label="floor")
+    b.set(xscale="log", xlabel="routers", ylabel="KB/s sent per router",
+          title=f"Traffic at {res['rate']:g} events/s")
+    b.legend()
+    for ax in (a, b):
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.grid(alpha=0.3)
+    fig.suptitle(res["command"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

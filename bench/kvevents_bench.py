@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.progress import Bar
 from crdt.prefix_index import PrefixIndex
 from kvevents.decode import RawMessage, decode_batch
 from kvevents.decode_fast import REMOVED_TYPES, STORED_TYPES, decode_for_ingest
@@ -185,6 +186,7 @@ def bench_encoding(fmt: EventFormat, batches: int, rounds: int, seed: int) -> di
     }
     decoded: list[EventBatch] = []
     writes: Writes = []
+    bar = Bar(f"{fmt}: {batches} batches, 6 stages", rounds, "rounds")
     try:
         for _ in range(rounds):
             took, decoded = stage_decode(payloads)
@@ -195,6 +197,8 @@ def bench_encoding(fmt: EventFormat, batches: int, rounds: int, seed: int) -> di
             times["apply"].append(stage_apply(PrefixIndex(), writes))
             times["apply_dict_model"].append(stage_apply(MemoryIndex(), writes))
             times["e2e"].append(stage_e2e(payloads, PrefixIndex()))
+            bar.advance()
+        bar.close()
     finally:
         gc.enable()
     stages: dict[str, Any] = {}

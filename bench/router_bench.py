@@ -29,6 +29,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.progress import Bar
 from crdt.prefix_index import PrefixIndex
 from kvevents.keys import request_keys
 from kvevents.tokenizers.base import BuiltinTokenizer
@@ -68,6 +69,7 @@ def decision_bench(blocks: int, replicas: int, iterations: int, seed: int) -> di
     t_build = time.perf_counter()
     stored = 0
     base_texts: list[str] = []
+    bar = Bar("indexing", blocks, "blocks")
     while stored < blocks:
         # A conversation-sized chain of about 2k tokens on one or two replicas.
         text = " ".join(rng.choice(words) for _ in range(1024))
@@ -79,6 +81,8 @@ def decision_bench(blocks: int, replicas: int, iterations: int, seed: int) -> di
             seqs[name] += 1
             index.store(name, (1, seqs[name]), keys)
             stored += len(keys)
+        bar.update(stored)
+    bar.close()
     build_s = time.perf_counter() - t_build
     # Move the long-lived index out of the collector's way, as a running router's would be.
     gc.collect()
@@ -205,6 +209,7 @@ async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: f
             await wait_http(session, f"{router_url}/ready", router)
             direct: list[float] = []
             routed: list[float] = []
+            bar = Bar("TTFT pairs (engine, router)", samples + 10, "pairs")
             for i in range(samples + 10):
                 prompt = " ".join(f"w{rng.randrange(5000)}" for _ in range(256))
                 order = [(engine_url, direct), (router_url, routed)]
@@ -214,6 +219,10 @@ async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: f
                     value = await ttft(session, base, prompt, 4)
                     if i >= 10:  # warm-up
                         out.append(value)
+                bar.advance()
+            bar.close()
+            print(f"  throughput: {concurrency} clients for {seconds:g} s, engine then router",
+                  file=sys.stderr, flush=True)
             added = [r - d for r, d in zip(routed, direct, strict=True)]
             rps_direct = await rps(session, engine_url, concurrency, seconds)
             rps_router = await rps(session, router_url, concurrency, seconds)

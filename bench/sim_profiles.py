@@ -21,6 +21,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.progress import Bar, Phases
 from sim.engine_model import EngineConfig, EngineModel
 from sim.profiles import PROFILES, Profile
 
@@ -166,10 +167,16 @@ def main(argv: list[str]) -> int:
     command = shlex.join(["kvmesh", "bench", "sim-profiles", *argv])
     ttft: list[TtftRow] = []
     load: list[LoadRow] = []
+    phases = Phases("sim-profiles", len(names))
     for name in names:
         profile = PROFILES[name]
-        ttft += ttft_rows(profile, args.seed)
-        load += [load_row(profile, c, args.seed, max(args.requests, 2 * c)) for c in CLIENTS]
+        with phases.step(f"{name}: TTFT, then {len(CLIENTS)} load points"):
+            ttft += ttft_rows(profile, args.seed)
+            bar = Bar(name, len(CLIENTS), "load points")
+            for c in CLIENTS:
+                load.append(load_row(profile, c, args.seed, max(args.requests, 2 * c)))
+                bar.advance(1, f"{c} clients done")
+            bar.close()
     md = markdown(ttft, load, command)
     print(md)
     out = Path(args.out)
