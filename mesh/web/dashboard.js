@@ -81,7 +81,8 @@ function drawChart(canvas, key) {
   for (let i = 0; i <= 4; i++) {
     const y = top + ph - (ph * i) / 4;
     g.beginPath(); g.moveTo(left, y); g.lineTo(w - right, y); g.stroke();
-    g.fillText(fmt((max * i) / 4, max < 4 ? 1 : 0), 2, y + 4);
+    const tick = (max * i) / 4;
+    g.fillText(fmt(tick, Number.isInteger(tick) ? 0 : 1), 2, y + 4);
   }
   g.fillText(`last ${span} s`, w - right - 60, h - 2);
   let drawn = 0;
