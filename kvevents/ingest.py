@@ -133,6 +133,14 @@ class EngineIngest:
     def version(self) -> Version | None:
         return self.tracker.version
 
+    def join(self) -> bool:
+        """Before the first batch: True when the shell should replay the run so far."""
+        try:
+            self._run(self.tracker.join())
+        except Exception:
+            self._internal_error()
+        return self.tracker.replaying
+
     def on_message(self, msg: RawMessage, now: float) -> bool:
         """A live message; True when the shell should run a replay (see ``replay_from``)."""
         batch = self._decode(msg, now)

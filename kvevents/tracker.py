@@ -22,6 +22,11 @@ a different run (a hidden restart), handled like any restart. After ``suspect()`
 the connection drop, so the engine may have restarted) the next batch is verified the same way
 even when its seq is the expected one. Without a replay endpoint such a batch is taken on trust
 and counted in ``unverified``: that is the one case the tracker cannot decide.
+
+``join()`` before any batch replays the run so far: an engine that served before this reader
+started holds blocks its live stream will never mention again, and an idle one sends no batch
+that would reveal the gap. An empty answer then means the engine has no history yet (not a
+failure), unless live batches that arrived meanwhile show the run had started.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class SequenceTracker(Generic[T]):
         self._got = False
         self._verify_next = False
         self._strict = False
+        self._joining = False
         # Digests of batches applied through replay: a lagging live source (a Redis stream
         # behind the engine) delivers them again later, and they are duplicates, not a restart.
         self._replayed: dict[int, int] = {}
@@ -130,6 +136,14 @@ class SequenceTracker(Generic[T]):
         self.epoch, self.last, self.last_digest, self.partial = epoch, last, digest, partial
 
     # -- inputs --------------------------------------------------------------------------
+    def join(self) -> list[Action[T]]:
+        """Before any batch: replay the run so far (see the module docstring)."""
+        out: list[Action[T]] = []
+        if self.can_replay and self.last is None and self._mode is None:
+            self._request(_FRESH, self.first_seq, out, "joining: the run so far")
+            self._joining = True
+        return out
+
     def suspect(self) -> None:
         """Continuity is in doubt (connection dropped): verify the next batch before applying."""
         if self.last is not None:
@@ -197,7 +211,9 @@ class SequenceTracker(Generic[T]):
         """The replay ended (end marker, or attempts used up): fold in the buffered live batches."""
         if self._mode is None:
             return []
-        if not self._got:
+        joining, self._joining = self._joining, False
+        started = any(seq != self.first_seq for seq, _, _, _ in self._buf[:1])
+        if not self._got and (not joining or started):
             self.replay_failures += 1
         self._mode = None
         self._anchor_checked = True

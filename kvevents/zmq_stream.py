@@ -102,8 +102,9 @@ class ZmqStream:
         self._sock = sock
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
 
-    async def read(self) -> None:
-        """Feed the sink until cancelled (the socket must be open)."""
+    async def read(self, join: Callable[[], bool] | None = None) -> None:
+        """Feed the sink until cancelled (the socket must be open). ``join``: asked once
+        before the first message; True starts a replay of the run so far at once."""
         sock = self._sock
         assert sock is not None, "open() first"
         watch = asyncio.create_task(self._watch(), name=f"kvevents-mon-{self.name}")
@@ -111,6 +112,8 @@ class ZmqStream:
         sink, clock = self.sink, self.clock
         want = self.topic.encode() if self.topic is not None else None
         try:
+            if join is not None and self.replay_endpoint is not None and join():
+                replay = asyncio.create_task(self._recover(), name=f"kvevents-replay-{self.name}")
             while True:
                 frames = await sock.recv_multipart()
                 now = clock()

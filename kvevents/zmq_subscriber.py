@@ -103,7 +103,9 @@ class ZmqSubscriber:
         if self._task is not None:
             return
         self.zmq.open()
-        self._task = asyncio.create_task(self.zmq.read(), name=f"kvevents-zmq-{self.replica}")
+        # join: an idle engine's blocks would otherwise stay unknown until it serves again.
+        self._task = asyncio.create_task(self.zmq.read(join=self.ingest.join),
+                                         name=f"kvevents-zmq-{self.replica}")
 
     async def run(self) -> None:
         """Ingest until cancelled."""
@@ -111,7 +113,7 @@ class ZmqSubscriber:
             raise RuntimeError("already started")
         self.zmq.open()
         try:
-            await self.zmq.read()
+            await self.zmq.read(join=self.ingest.join)
         finally:
             self._shutdown()
 
