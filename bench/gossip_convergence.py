@@ -323,6 +323,7 @@ def plot(res: dict[str, Any], path: Path) -> Path | None:
     b.legend()
     for ax in (a, b):
         ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
     fig.suptitle(res["command"], fontsize=8)
     fig.tight_layout()

@@ -190,4 +190,47 @@ def main(argv: list[str]) -> int:
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    plotted = plot(ttft, load, command, out / "sim_profiles.png")
+    if plotted:
+        print(f"plot: {plotted}")
     return 0
+
+
+def plot(ttft: list[TtftRow], load: list[LoadRow], command: str, path: Path) -> Path | None:
+    """TTFT against prompt length (uncached, half, cached) and saturation against clients."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no plot: pip install 'kvmesh[plots]' for matplotlib)")
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for profile in dict.fromkeys(r.profile for r in ttft):
+        rows = [r for r in ttft if r.profile == profile]
+        xs = [r.prompt_tokens for r in rows]
+        line = a.plot(xs, [r.uncached_ms for r in rows], "o-", label=f"{profile} uncached")[0]
+        a.plot(xs, [r.half_cached_ms for r in rows], "s--", color=line.get_color(),
+               label=f"{profile} half cached")
+        a.plot(xs, [r.cached_ms for r in rows], "^:", color=line.get_color(),
+               label=f"{profile} cached")
+        lrows = [r for r in load if r.profile == profile]
+        b.plot([r.clients for r in lrows], [r.output_tok_s for r in lrows], "o-",
+               color=line.get_color(), label=profile)
+    a.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="TTFT (ms)",
+          title="Time to first token")
+    b.set(xscale="log", xlabel="concurrent clients", ylabel="output tokens/s",
+          title="Saturation")
+    a.set_xticks(PROMPT_LENGTHS, [str(n) for n in PROMPT_LENGTHS])
+    a.minorticks_off()
+    b.set_xticks(CLIENTS, [str(n) for n in CLIENTS])
+    b.minorticks_off()
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(command, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
