@@ -21,6 +21,7 @@ import gc
 import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
