@@ -12,6 +12,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "diurnal-cycle": ("bench.scenarios:diurnal_cycle", "sim: one day, local vs shared capacity"),
     "diurnal-skew": ("bench.scenarios:diurnal_skew", "sim: SkyLB diurnal skew, 9 shared vs 12"),
     "emulate": ("sim.emulation", "a scenario on real processes vs the simulator (emulate --list)"),
+    "fuzz-decoders": ("bench.fuzz:fuzz_decoders", "1M generated inputs to every network decoder"),
+    "fuzz-http": ("bench.fuzz:fuzz_http", "100k generated HTTP requests against two routers"),
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
     "gossip": ("bench.gossip_convergence", "mesh gossip: convergence p50/p99 and bytes/router/s"),
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),

@@ -190,13 +190,13 @@ async def rps(session: aiohttp.ClientSession, base: str, concurrency: int,
 
 
 async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: float,
-                      seed: int) -> dict[str, Any]:
+                      seed: int, prepare_in: str = "process") -> dict[str, Any]:
     eport, rport = free_ports(2)
     engine_url, router_url = f"http://127.0.0.1:{eport}", f"http://127.0.0.1:{rport}"
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-bench-"))
     cfg = tmp / "router.yaml"
     cfg.write_text(f"region: us\nlisten: 127.0.0.1:{rport}\nengines: [{{url: {engine_url}}}]\n"
-                   f"policy: kvmesh\nlog_level: warning\n")
+                   f"policy: kvmesh\nlog_level: warning\nprepare_in: {prepare_in}\n")
     engine = Proc("engine", kvmesh_argv("sim-engine", "--port", str(eport), "--model", MODEL,
                                         "--speedup", str(speedup), "--log-level", "WARNING"),
                   tmp / "engine.log")
@@ -239,6 +239,7 @@ async def proxy_bench(samples: int, concurrency: int, seconds: float, speedup: f
                      "p99": (percentile(routed, 99) - percentile(direct, 99)) * ms,
                      "mean_paired": statistics.fmean(added) * ms},
         "concurrency": concurrency,
+        "prepare_in": prepare_in,
         "rps_direct": rps_direct,
         "rps_router": rps_router,
     }
@@ -289,6 +290,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--speedup", type=float, default=100.0, help="simulated engine speedup")
     ap.add_argument("--skip-proxy", action="store_true", help="only the in-process part")
+    ap.add_argument("--prepare-in", choices=["process", "thread"], default="process",
+                    help="the router's prepare_in setting")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results", help="output folder")
     args = ap.parse_args(argv)
@@ -299,7 +302,7 @@ def main(argv: list[str]) -> int:
     if not args.skip_proxy:
         print("router overhead and throughput against a simulated engine ...", flush=True)
         res["proxy"] = asyncio.run(proxy_bench(args.samples, args.concurrency, args.seconds,
-                                               args.speedup, args.seed))
+                                               args.speedup, args.seed, args.prepare_in))
     text = markdown(res)
     print(text)
     out = Path(args.out)

@@ -91,6 +91,10 @@ ensure_prometheus() {
     fi
 }
 
+ensure_openssl() {  # the TLS tests make a throwaway CA with the openssl command
+    command -v openssl >/dev/null || apt_install openssl
+}
+
 ensure_docker() {
     command -v dockerd >/dev/null || apt_install docker.io
     if docker info >/dev/null 2>&1; then return 0; fi

@@ -12,6 +12,7 @@ if [ "${1:-}" = "--full" ]; then
     ensure_redis
     ensure_chromium
     ensure_prometheus
+    ensure_openssl
     ensure_docker
     ensure_compose
     ensure_base_image

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from kvevents.tokenizers.factory import AsyncTokenizer
+from mesh.http_guard import BodyRefused, HttpLimits, read_body
+from mesh.limits import field_label
 
 log = logging.getLogger("kvmesh.api")
 
@@ -75,11 +78,15 @@ class Inference:
     raw: bytes
     model: str
     stream: bool
-    token_ids: list[int]
+    token_ids: Sequence[int]
     session: str | None
     max_tokens: int
     parse_seconds: float = 0.0
     """Time spent validating, rendering and tokenizing the prompt."""
+    keys: list[int] = dataclasses.field(default_factory=list)
+    """The prompt's chained block keys (``kvevents.keys.request_keys``)."""
+    digest: str = ""
+    """SHA-256 of ``raw`` (hex): what a forward's signature covers."""
 
 
 def _require_model(body: Mapping[str, Any]) -> str:
@@ -89,9 +96,13 @@ def _require_model(body: Mapping[str, Any]) -> str:
     return model
 
 
+MAX_TOKEN_ID = 2**32 - 1
+"""Token ids travel as u32 (``kvevents.keys``); no vocabulary comes near."""
+
+
 def _int_list(value: object) -> bool:
     return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in value
     )
 
 
@@ -103,6 +114,8 @@ def parse_inference(
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     model = _require_model(body)
@@ -119,16 +132,36 @@ def parse_inference(
     if kind == "chat":
         _check_messages(body)
     else:
-        _routing_prompt(body)
+        routing_prompt(body)
+    salt = body.get("cache_salt")
+    if salt is not None and not isinstance(salt, str):
+        raise ApiError(400, "'cache_salt' must be a string", param="cache_salt")
     session = None
     for h in SESSION_HEADERS:
         if headers.get(h):
-            session = headers[h]
+            session = session_key(headers[h])
             break
     user = body.get("user")
     if session is None and isinstance(user, str) and user:
-        session = user
+        session = session_key(user)
     return Inference(kind, path, body, raw, model, stream, [], session, max_tokens or 0)
+
+
+_HEADER_SAFE = re.compile(r"[!-~][ -~]{0,254}")
+
+
+def session_key(value: str) -> str:
+    """The session as this router uses and forwards it (an HTTP header value): printable
+    ASCII up to 255 characters as it is, anything else as a stable digest of it."""
+    if _HEADER_SAFE.fullmatch(value):
+        return value
+    data = value.encode("utf-8", "surrogatepass")
+    return "h:" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def header_safe(value: str | None) -> str | None:
+    """``value`` if it can be echoed in a response header, else None."""
+    return value if value is not None and _HEADER_SAFE.fullmatch(value) else None
 
 
 PromptTokenizer = AsyncTokenizer
@@ -143,7 +176,7 @@ async def tokenize(inf: Inference, tokenizer: PromptTokenizer) -> list[int]:
             return await tokenizer.encode_chat(inf.body["messages"])
         except ValueError as exc:
             raise ApiError(400, f"cannot render messages: {exc}", param="messages") from None
-    prompt = _routing_prompt(inf.body)
+    prompt = routing_prompt(inf.body)
     if isinstance(prompt, str):
         return await tokenizer.encode(prompt)
     return list(prompt)
@@ -165,7 +198,7 @@ def _check_messages(body: Mapping[str, Any]) -> None:
                            param=f"messages[{i}].content")
 
 
-def _routing_prompt(body: Mapping[str, Any]) -> str | list[int]:
+def routing_prompt(body: Mapping[str, Any]) -> str | list[int]:
     """The prompt routing looks at: the prompt, or the first of a batch."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
@@ -187,10 +220,21 @@ def _routing_prompt(body: Mapping[str, Any]) -> str | list[int]:
     )
 
 
+class Preparing(Protocol):
+    async def prepare(self, kind: str, path: str, raw: bytes,
+                      headers: Mapping[str, str]) -> Inference: ...
+
+
 class Service(Protocol):
     """What the HTTP layer needs from the router."""
 
     tokenizer: PromptTokenizer
+
+    @property
+    def preparer(self) -> Preparing: ...
+
+    @property
+    def http_limits(self) -> HttpLimits: ...
 
     async def infer(self, request: web.Request, inference: Inference) -> web.StreamResponse: ...
 
@@ -204,7 +248,7 @@ class Service(Protocol):
 
     async def status_page(self, request: web.Request) -> web.Response: ...
 
-    def count_rejected(self, path: str, reason: str) -> None: ...
+    def count_rejected(self, path: str, reason: str, status: str = "400") -> None: ...
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -222,11 +266,16 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
             raise
         kind = "invalid_request_error" if exc.status < 500 else "server_error"
         message = exc.reason
+        headers = None
         if exc.status == 404:
             message = f"no route for {request.method} {request.path}"
+        elif exc.status == 405:
+            allow = exc.headers.get("Allow", "")
+            message = f"method {request.method} not allowed on {request.path} (allowed: {allow})"
+            headers = {"Allow": allow}
         elif exc.status == 413:
             message = f"request body is larger than {MAX_BODY} bytes"
-        return error_response(exc.status, message, type=kind, headers=None)
+        return error_response(exc.status, message, type=kind, headers=headers)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
@@ -242,17 +291,23 @@ def build_app(
 
     def inference(kind: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            raw = await request.read()
-            started = time.perf_counter()
             try:
-                parsed = parse_inference(kind, request.path, raw, request.headers)
-                token_ids = await tokenize(parsed, service.tokenizer)
-                parsed = dataclasses.replace(parsed, token_ids=token_ids,
-                                             parse_seconds=time.perf_counter() - started)
+                raw = await read_body(request, service.http_limits)
+                parsed = await service.preparer.prepare(kind, request.path, raw,
+                                                        request.headers)
+            except BodyRefused as refused:
+                service.count_rejected(request.path, refused.code, str(refused.status))
+                log.info("refused %s: %s", request.path, refused.message)
+                resp = error_response(refused.status, refused.message, code=refused.code)
+                if refused.close:
+                    resp.force_close()
+                return resp
             except ApiError as exc:
-                service.count_rejected(request.path, exc.param or "body")
+                service.count_rejected(request.path, field_label(exc.param),
+                                       str(exc.status))
                 log.info("rejected %s: %s", request.path, exc.message)
-                return exc.response()
+                headers = {"Retry-After": "1"} if exc.status == 503 else None
+                return exc.response(headers)
             return await service.infer(request, parsed)
 
         return handle

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from mesh.auth import MIN_KEY_LEN, parse_key
+from mesh.client_auth import ApiKey
 from mesh.picker_config import PickerConfig, PickerConfigError
 from mesh.picker_config import parse as parse_picker
 from mesh.policies import DEFAULT_POLICY, PolicyError, make_policy
@@ -44,6 +45,8 @@ class EngineConfig:
     """ZMQ replay (ROUTER) endpoint for gap recovery, if the engine offers one."""
     prefill_rate: float | None = None
     """Prefill tokens/s of the engine's profile (the kvmesh cost model); None: policy default."""
+    first_byte_timeout: float | None = None
+    """This engine's own time-to-first-byte limit (else the router's ``first_byte_timeout``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,46 @@ class RouterConfig:
     log_level: str = "info"
     endpoint_picker: PickerConfig | None = None
     """Serve the gateway endpoint-picker protocol (ext_proc over gRPC) too; docs/gateway.md."""
+    # -- the client-facing edge (mesh.http_guard, mesh.prepare, mesh.forward_auth) --
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Larger request bodies are refused with 413 (a declared Content-Length at once)."""
+    header_timeout: float = 10.0
+    """Seconds from a request's first byte to its complete headers; then the connection closes."""
+    body_timeout: float = 60.0
+    """Seconds to receive a whole request body; then 408 and the connection closes."""
+    idle_timeout: float = 75.0
+    """Seconds a keep-alive connection may sit idle between requests."""
+    prepare_workers: int = 1
+    """Worker processes (threads with ``prepare_in: thread``) for large request bodies."""
+    max_preparing: int = 64
+    """Requests being prepared (or waiting for a worker) at once; beyond that 503."""
+    prepare_in: str = "process"
+    """``process``: worker processes parse and tokenize bodies over ``prepare_inline_bytes``
+    (the event loop never waits on the interpreter lock for them); ``thread``: threads of
+    the router's process for every body."""
+    prepare_inline_bytes: int = 256 * 1024
+    """Bodies up to this size are prepared in a thread of the router (a millisecond or less)."""
+    forward_window: float = 30.0
+    """A signed forward is accepted this many seconds around its timestamp, once."""
+    first_byte_timeout: float = 120.0
+    """Seconds a dispatch may wait for its first body byte; then the next-best target."""
+    outlier_consecutive_failures: int = 5
+    """Failed dispatches in a row (5xx, no first byte, reset) that eject a replica here."""
+    outlier_ejection: float = 10.0
+    """First ejection, seconds; doubles on each repeat up to ``outlier_max_ejection``."""
+    outlier_max_ejection: float = 300.0
+    api_keys: tuple[ApiKey, ...] = ()
+    """Client keys for ``/v1/`` (``Authorization: Bearer``), each with an optional rate limit;
+    none: the API is open."""
+    tls_cert: str | None = None
+    """PEM certificate chain: the listener serves HTTPS (clients and peers) when set."""
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    """PEM CA bundle that peers' certificates are verified against (and engines', with the
+    system's)."""
+    tls_peer_mtls: bool = False
+    """Peers authenticate with a certificate from ``tls_ca``: gossip and forwards without
+    one are refused (clients need none)."""
 
     @property
     def host(self) -> str:
@@ -208,10 +251,12 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
             item = {"url": item}
         if not isinstance(item, Mapping):
             raise ConfigError(key, f"expected a mapping with 'url', got {item!r}")
-        unknown = set(item) - {"url", "kv_events", "replay", "prefill_rate"}
+        unknown = set(item) - {"url", "kv_events", "replay", "prefill_rate",
+                               "first_byte_timeout"}
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown engine key "
-                              "(known: url, kv_events, replay, prefill_rate)")
+                              "(known: url, kv_events, replay, prefill_rate, "
+                              "first_byte_timeout)")
         if "url" not in item:
             raise ConfigError(f"{key}.url", "missing")
         url = _http_url(item["url"], f"{key}.url")
@@ -221,6 +266,7 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
         ev = item.get("kv_events")
         rp = item.get("replay")
         rate = item.get("prefill_rate")
+        ttfb = item.get("first_byte_timeout")
         out.append(
             EngineConfig(
                 url=url,
@@ -229,6 +275,10 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
                 prefill_rate=(
                     _number(rate, f"{key}.prefill_rate", minimum=1e-9)
                     if rate is not None else None
+                ),
+                first_byte_timeout=(
+                    _number(ttfb, f"{key}.first_byte_timeout", minimum=0.001)
+                    if ttfb is not None else None
                 ),
             )
         )
@@ -374,7 +424,81 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         seed=None if seed is None else _number(seed, "seed", integer=True),
         log_level=log_level,
         endpoint_picker=picker,
+        **_edge(raw, d),
     )
+
+
+def _edge(raw: Mapping[str, object], d: RouterConfig) -> dict[str, Any]:
+    """The client-facing edge's limits and timeouts."""
+    out: dict[str, Any] = {}
+    for key in ("header_timeout", "body_timeout", "idle_timeout", "forward_window",
+                "first_byte_timeout", "outlier_ejection", "outlier_max_ejection"):
+        out[key] = _number(raw.get(key, getattr(d, key)), key, minimum=0.001)
+    for key in ("max_body_bytes", "prepare_workers", "max_preparing",
+                "outlier_consecutive_failures", "prepare_inline_bytes"):
+        out[key] = _number(raw.get(key, getattr(d, key)), key, integer=True, minimum=1)
+    out["api_keys"] = _api_keys(raw.get("api_keys"))
+    prepare_in = _string(raw.get("prepare_in", d.prepare_in), "prepare_in")
+    if prepare_in not in {"process", "thread"}:
+        raise ConfigError("prepare_in", f"expected process or thread, got {prepare_in!r}")
+    out["prepare_in"] = prepare_in
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = raw.get(key)
+        if value is not None:
+            path = _string(value, key)
+            if not os.path.isfile(path):
+                raise ConfigError(key, f"no such file: {path}")
+            out[key] = path
+    mtls = raw.get("tls_peer_mtls", False)
+    if isinstance(mtls, str):
+        mtls = mtls.strip().lower() in {"1", "true", "yes", "on"}
+    if not isinstance(mtls, bool):
+        raise ConfigError("tls_peer_mtls", f"expected true or false, got {mtls!r}")
+    out["tls_peer_mtls"] = mtls
+    if ("tls_cert" in out) != ("tls_key" in out):
+        raise ConfigError("tls_key" if "tls_cert" in out else "tls_cert",
+                          "tls_cert and tls_key go together")
+    if mtls and ("tls_cert" not in out or "tls_ca" not in out):
+        raise ConfigError("tls_peer_mtls", "needs tls_cert, tls_key and tls_ca")
+    return out
+
+
+def _api_keys(value: object) -> tuple[ApiKey, ...]:
+    """``api_keys``: a list of keys, or of ``{key, name, rate, burst}``."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = _parse_structured(value, "api_keys")
+        if isinstance(value, str):
+            value = [k for k in value.replace(",", " ").split() if k]
+    if not isinstance(value, list):
+        raise ConfigError("api_keys", f"expected a list of keys, got {value!r}")
+    out = []
+    names = set()
+    for i, item in enumerate(value):
+        where = f"api_keys[{i}]"
+        if isinstance(item, str):
+            item = {"key": item}
+        if not isinstance(item, Mapping):
+            raise ConfigError(where, f"expected a key or a mapping with 'key', got {item!r}")
+        unknown = set(item) - {"key", "name", "rate", "burst"}
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}",
+                              "unknown key (known: key, name, rate, burst)")
+        key = _string(item.get("key"), f"{where}.key")
+        if len(key) < 16:
+            raise ConfigError(f"{where}.key", "must be at least 16 characters")
+        name = _string(item.get("name", f"key{i}"), f"{where}.name")
+        if name in names:
+            raise ConfigError(f"{where}.name", f"{name!r} is used twice")
+        names.add(name)
+        rate, burst = item.get("rate"), item.get("burst")
+        out.append(ApiKey(
+            key, name,
+            None if rate is None else _number(rate, f"{where}.rate", minimum=1e-6),
+            None if burst is None else _number(burst, f"{where}.burst", minimum=1),
+        ))
+    return tuple(out)
 
 
 def load(

@@ -452,6 +452,9 @@ class MeshCore:
             return self._reject("undecodable", str(exc))
         if env.sender.node_id == self.me.node_id:
             return self._reject("from_self")
+        if env.recipient != self.me.node_id and (env.recipient or not isinstance(env.body, Sync)):
+            # A frame sent to another router (replayed here), or unaddressed but not a join.
+            return self._reject("wrong_recipient", env.recipient)
         try:
             self.replay.admit(
                 env.sender.node_id, env.generation, env.counter, env.sent_at, self.wall()
@@ -677,6 +680,7 @@ class MeshCore:
                 int(self.wall()),
                 body,
                 attempt,
+                peer_id,
             )
             frame = self.auth.seal(encode_envelope(env))
             if len(frame) <= self.config.max_message_bytes:

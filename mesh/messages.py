@@ -23,7 +23,8 @@ import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 from crdt.base import DecodeError, Version
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+"""2: the envelope names its recipient (a frame is good only at the router it was sent to)."""
 MAX_ID_LEN = 128
 MAX_ADDR_LEN = 512
 MAX_UPDATES = 4096
@@ -190,6 +191,9 @@ class Envelope:
     """Sender's wall clock in whole seconds: bounds how long a captured frame stays replayable."""
     body: Body
     updates: tuple[MemberUpdate, ...] = ()
+    recipient: str = ""
+    """Node id the frame is for; empty only for a first-contact :class:`Sync` to an address
+    whose router the sender does not know yet (a seed). Receivers refuse frames for others."""
 
     def sender_update(self) -> MemberUpdate:
         """The envelope itself is the sender's own claim to be alive."""
@@ -245,6 +249,7 @@ def envelope_wire(env: Envelope) -> list[object]:
         _KIND[type(env.body)],
         _body_wire(env.body),
         [update_wire(u) for u in env.updates],
+        env.recipient,
     ]
 
 
@@ -434,8 +439,8 @@ def decode_envelope(data: bytes) -> Envelope:
     f = _list(unpack(data), "envelope")
     if not f or f[0] != WIRE_VERSION:
         raise DecodeError(f"wire version {f[0] if f else None!r}, expected {WIRE_VERSION}")
-    if len(f) != 11:
-        raise DecodeError(f"envelope: {len(f)} fields, expected 11")
+    if len(f) != 12:
+        raise DecodeError(f"envelope: {len(f)} fields, expected 12")
     return Envelope(
         sender=NodeInfo(
             _str(f[1], "node id"), _str(f[2], "region"), _str(f[3], "address", MAX_ADDR_LEN)
@@ -446,4 +451,5 @@ def decode_envelope(data: bytes) -> Envelope:
         sent_at=_int(f[7], "sent_at", -(1 << 62), 1 << 62),
         body=_body(_int(f[8], "kind"), f[9]),
         updates=_updates(f[10]),
+        recipient=_str(f[11], "recipient"),
     )

@@ -82,11 +82,14 @@ class RouterMetrics:
         )
         self.tokenize_seconds = Histogram(
             "kvmesh_router_tokenize_seconds",
-            "Time to validate, render (chat template) and tokenize a request",
+            "Time to prepare a request: parse, validate, render (chat template), tokenize, "
+            "chain its block keys and hash its body (in a worker)",
             buckets=_FAST_BUCKETS, registry=r,
         )
         self.block_keys_seconds = Histogram(
-            "kvmesh_router_block_keys_seconds", "Time to chain a prompt's block keys",
+            "kvmesh_router_block_keys_seconds",
+            "Time to chain a prompt's block keys (endpoint-picker path; on the HTTP path they "
+            "are part of kvmesh_router_tokenize_seconds)",
             buckets=_FAST_BUCKETS, registry=r,
         )
         self.first_byte_seconds = Histogram(

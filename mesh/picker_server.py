@@ -29,6 +29,8 @@ from prometheus_client import Counter, Histogram
 from kvevents.keys import request_keys
 from mesh.api import ApiError, parse_inference, tokenize
 from mesh.dispatch import Target
+from mesh.forward_auth import body_digest, sign_headers
+from mesh.limits import field_label
 from mesh.metrics import gauge
 from mesh.picker import (
     Ask,
@@ -47,7 +49,6 @@ from mesh.picker import (
 from mesh.picker_config import PickerConfig
 from mesh.picker_proto import to_event, to_response
 from mesh.policies import Request
-from mesh.proxy import mark_forward
 from mesh.router import Router
 from mesh.view import Ticket
 
@@ -165,7 +166,7 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 inf = parse_inference(ask.kind, ask.path, ask.body, ask.headers)
                 token_ids = await tokenize(inf, router.tokenizer)
             except ApiError as exc:
-                router.count_rejected(ask.path, exc.param or "body")
+                router.count_rejected(ask.path, field_label(exc.param), str(exc.status))
                 return PickerError(exc.status, exc.message, exc.code or "invalid_request"), \
                     None, 0
             router.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
@@ -205,10 +206,12 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                         and router.engines is not None and router.engines.healthy(c.replica):
                     endpoints.append(self.endpoint(c.replica))
         else:
-            hop: dict[str, str] = {}
-            mark_forward(hop, router.config.node_id, target.replica, request_id, session,
-                         router.config.mesh_key)
-            headers = (("x-request-id", request_id), *hop.items())
+            hop: dict[str, str] = {"x-request-id": request_id}
+            if router.config.mesh_key is not None:  # signed over the body Envoy will send
+                hop = sign_headers(router.config.mesh_key, router.config.node_id,
+                                   target.replica, request_id, ask.path, session,
+                                   body_digest(ask.body), time.time())
+            headers = tuple(hop.items())
         pick = Pick(tuple(endpoints), target.replica, target.region, d.reason, headers)
         return pick, target, req.num_tokens
 

@@ -4,21 +4,22 @@
 has reached the client, so a refused connection, a reset, a timeout or a 5xx answer is an
 :class:`UpstreamError` and the router tries the next-best target. ``relay`` then copies
 the body to the client chunk by chunk as it arrives (SSE is never buffered); an error after
-the first byte reaches the client as a cut stream. If the client goes away the handler is
-cancelled, the upstream response is closed, and the engine sees the disconnect.
+the first byte ends an SSE stream with an OpenAI-style ``data: {"error": ...}`` event (what
+vLLM sends, and what the OpenAI clients raise on), any other body as a cut stream. If the
+client goes away the handler is cancelled, the upstream response is closed, and the engine
+sees the disconnect. ``first_byte_timeout`` bounds the wait for the first byte (a hung engine
+is a retry elsewhere, not a request held for the whole ``request_timeout``).
 
-The forwarding protocol between routers lives here too: a forwarded request carries
-``x-kvmesh-hop`` (never forwarded again), the sender's node id, the replica it picked (empty:
-"pick one yourself") and, when mesh keys are set, an HMAC over those three and the request id.
+The forwarding protocol between routers is ``mesh/forward_auth.py`` (signed, body-bound,
+single-use hops); here are the headers a dispatch carries: :func:`upstream_headers`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -31,69 +32,30 @@ _SKIP = {
 }
 ERROR_BODY_LIMIT = 4096
 
-HOP = "x-kvmesh-hop"
-FROM = "x-kvmesh-from"
-TARGET = "x-kvmesh-target"
-SIG = "x-kvmesh-sig"
 H_REPLICA = "x-kvmesh-replica"
 H_REGION = "x-kvmesh-region"
 H_ROUTE = "x-kvmesh-route"
-PASS_HEADERS = ("authorization", "x-request-id", "openai-organization", "openai-project")
-"""Client request headers copied onto the upstream request."""
+H_CLIENT_ID = "x-client-request-id"
+PASS_HEADERS = ("authorization", "openai-organization", "openai-project")
+"""Client headers passed to a local engine; a hop to another router carries none of them."""
+_HEADER_SAFE = frozenset(range(0x20, 0x7F))
 
 
-def forward_signature(key: str, origin: str, target: str, request_id: str) -> str:
-    msg = f"{origin}\n{target}\n{request_id}".encode()
-    return hmac.new(key.encode(), msg, hashlib.sha256).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class Forwarded:
-    """What a forwarded request's headers say about it."""
-
-    origin: str
-    target: str | None
-    """The replica the sending router picked; None: this router picks among its own."""
-
-
-class BadForward(Exception):
-    """A forwarded request whose signature no mesh key verifies."""
-
-
-def read_forward(headers: Mapping[str, str], keys: Sequence[str]) -> Forwarded | None:
-    """None for a client's request; raises :class:`BadForward` on a bad signature."""
-    if headers.get(HOP) is None:
-        return None
-    target = headers.get(TARGET) or None
-    origin = headers.get(FROM, "")
-    if keys:
-        sig, rid = headers.get(SIG, ""), headers.get("x-request-id", "")
-        if not any(hmac.compare_digest(sig, forward_signature(k, origin, target or "", rid))
-                   for k in keys):
-            raise BadForward("forwarded request with a bad or missing mesh signature")
-    return Forwarded(origin, target)
-
-
-def upstream_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, str]:
-    """Headers of the request to the target: the client's pass-through ones and the id."""
+def upstream_headers(incoming: Mapping[str, str], request_id: str, *, local: bool,
+                     pass_authorization: bool = True) -> dict[str, str]:
+    """Headers of the request to the target: the router's request id, and for a local engine
+    the client's pass-through headers (printable ASCII only; ``authorization`` unless it is
+    the router's own API key). The client's ``x-request-id`` never goes upstream."""
     headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
                "x-request-id": request_id}
-    for h in PASS_HEADERS:
-        if h in incoming and h != "x-request-id":
-            headers[h] = incoming[h]
+    if local:
+        for h in PASS_HEADERS:
+            value = incoming.get(h)
+            if value is None or (h == "authorization" and not pass_authorization):
+                continue
+            if value and all(ord(c) in _HEADER_SAFE for c in value):
+                headers[h] = value
     return headers
-
-
-def mark_forward(headers: dict[str, str], origin: str, target: str, request_id: str,
-                 session: str | None, key: str | None) -> None:
-    """Turn ``headers`` into a forward to another region's router (one hop, signed)."""
-    headers[HOP] = "1"
-    headers[FROM] = origin
-    headers[TARGET] = target
-    if session:
-        headers["x-session-id"] = session
-    if key is not None:
-        headers[SIG] = forward_signature(key, origin, target, request_id)
 
 
 class UpstreamError(Exception):
@@ -103,7 +65,8 @@ class UpstreamError(Exception):
                  body: bytes = b"") -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
-        """``connect`` (never reached it), ``status`` (answered 5xx), ``reset`` (died early)."""
+        """``connect`` (never reached it), ``status`` (answered 5xx), ``reset`` (died early),
+        ``timeout`` (no first byte in time)."""
         self.detail = detail
         self.status = status
         self.body = body
@@ -129,19 +92,33 @@ class Forwarder:
         *,
         connect_timeout: float = 2.0,
         request_timeout: float = 600.0,
+        first_byte_timeout: float | None = None,
     ) -> None:
         self.session = session
+        self.first_byte_timeout = first_byte_timeout
         self.timeout = aiohttp.ClientTimeout(
             total=request_timeout, sock_connect=connect_timeout, connect=connect_timeout
         )
 
     async def open(
-        self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0
+        self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
+        first_byte_timeout: float | None = None,
     ) -> Upstream:
-        """POST ``body`` to ``url``; return once the first body bytes are in."""
+        """POST ``body`` to ``url``; return once the first body bytes are in, or raise
+        ``UpstreamError`` (``timeout``) after ``first_byte_timeout`` seconds."""
         if delay > 0:
             # Emulated round trip to a far region (demo): the request leaves late.
             await asyncio.sleep(delay)
+        limit = first_byte_timeout or self.first_byte_timeout
+        if limit is None:
+            return await self._open(url, body, headers)
+        try:
+            async with asyncio.timeout(limit):
+                return await self._open(url, body, headers)
+        except TimeoutError:
+            raise UpstreamError("timeout", f"no first byte within {limit:g}s") from None
+
+    async def _open(self, url: str, body: bytes, headers: Mapping[str, str]) -> Upstream:
         try:
             resp = await self.session.post(url, data=body, headers=headers, timeout=self.timeout)
         except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionError, TimeoutError,
@@ -160,10 +137,21 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             resp.close()
             raise UpstreamError("reset", str(exc) or type(exc).__name__) from None
+        except asyncio.CancelledError:  # the first-byte timeout, or the client left
+            resp.close()
+            raise
         if not first and not resp.content.at_eof():
             resp.close()
             raise UpstreamError("reset", "empty first read")
         return Upstream(resp, first)
+
+
+def sse_error(exc: BaseException) -> bytes:
+    """The SSE event that tells a streaming client its upstream failed mid-stream."""
+    kind = "timeout" if isinstance(exc, TimeoutError) else "upstream_failed"
+    body = {"error": {"message": f"the engine failed mid-stream: {type(exc).__name__}",
+                      "type": "server_error", "param": None, "code": kind}}
+    return f"data: {json.dumps(body)}\n\n".encode()
 
 
 def response_headers(up: Upstream) -> dict[str, str]:
@@ -195,11 +183,19 @@ async def relay(
             sent += len(chunk)
         await resp.write_eof()
         completed = True
-    except (aiohttp.ClientError, TimeoutError, ConnectionResetError):
+    except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
         # After the first byte there is no retry: the client sees the stream end early.
-        with contextlib.suppress(Exception):
-            if request.transport is not None:
-                request.transport.close()
+        sse = up.resp.headers.get("Content-Type", "").startswith("text/event-stream")
+        ended = False
+        if sse and not isinstance(exc, ConnectionResetError):
+            with contextlib.suppress(Exception):
+                await resp.write(sse_error(exc))
+                await resp.write_eof()
+                ended = True
+        if not ended:
+            with contextlib.suppress(Exception):
+                if request.transport is not None:
+                    request.transport.close()
     finally:
         up.close()
     return resp, sent, completed

@@ -29,7 +29,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from kvevents.keys import request_keys
 from kvevents.tokenizers.factory import make_tokenizer
 from mesh import dashboard, warmup
 from mesh.api import (
@@ -38,30 +37,30 @@ from mesh.api import (
     PromptTokenizer,
     build_app,
     error_response,
+    header_safe,
 )
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry, DecisionLog
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
+from mesh.edge import Edge
 from mesh.engines import EngineMonitor, EngineState
 from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
 from mesh.proxy import (
+    H_CLIENT_ID,
     H_REGION,
     H_REPLICA,
     H_ROUTE,
-    BadForward,
-    Forwarded,
     Forwarder,
     UpstreamError,
-    mark_forward,
-    read_forward,
     relay,
     upstream_headers,
 )
 from mesh.state import LocalOnly, MeshBackend, MeshState, view_records
-from mesh.view import Dispatches, ReplicaRecord, Ticket, ViewBuilder
+from mesh.tls import client_context
+from mesh.view import Dispatches, ReplicaRecord, Ticket, ViewBuilder, region_key
 
 log = logging.getLogger("kvmesh.router")
 
@@ -128,13 +127,18 @@ class Router:
         self.engines: EngineMonitor | None = None
         self.forwarder: Forwarder | None = None
         self._runner: web.AppRunner | None = None
+        self._client_ids: dict[str, str | None] = {}
         self.started_at = clock()
         self.port: int | None = None
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         """Extra parts of ``/mesh/status`` by name (the endpoint picker's)."""
         self.decision_log = DecisionLog()
         self.warmup = warmup.Warmup(self.started_at, config.warm_timeout)
+        self.edge = Edge(config, self.tokenizer, from_config=tokenizer is None)
+        self.preparer = self.edge.preparer
+        self.http_limits = self.edge.limits
         self.app = build_app(self, [*self.backend.routes(), *dashboard.routes(self)])
+        self.edge.install(self.app, self.metrics)
         self.metrics.add_provider(self._state_metrics)
         self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
         self.metrics.add_provider(lambda: mesh_metrics(self.backend))
@@ -143,12 +147,15 @@ class Router:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        tls = client_context(self.config)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300,
+                                         ssl=tls if tls is not None else True)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self.forwarder = Forwarder(
             self._session,
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
+            first_byte_timeout=self.config.first_byte_timeout,
         )
         self.engines = EngineMonitor(
             self.config.engines,
@@ -166,13 +173,9 @@ class Router:
             warmup.watch(self.warmup, self.backend, {e.url: e.replay for e in self.config.engines
                                                      if e.kv_events and e.replay}, self.clock),
             name="warmup"))
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._runner = self.edge.runner(self.app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port,
-                           reuse_address=True)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self.config.port
+        self.port = await self.edge.listen(self._runner, self.config.host, self.config.port)
         await self.backend.start_gossip()
         log.info("router %s (%s) listening on %s:%s, policy %s, %d engines",
                  self.config.node_id, self.config.region, self.config.host, self.port,
@@ -190,6 +193,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        await self.edge.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self.engines is not None:
@@ -292,33 +296,26 @@ class Router:
                 self._publish()
 
     # -- the request path ------------------------------------------------------------------
-    def _forward_ok(self, request: web.Request) -> Forwarded | None:
-        """What a forwarded request says of itself (None: a client's); ApiError if forged."""
-        try:
-            return read_forward(request.headers, self.config.mesh_keys)
-        except BadForward as exc:
-            raise ApiError(403, str(exc), type="permission_error",
-                           code="bad_forward_signature") from None
-
     async def infer(self, request: web.Request, inf: Inference) -> web.StreamResponse:
         arrival = self.clock()
         route = inf.path
         try:
-            fwd = self._forward_ok(request)
+            fwd = await self.edge.check_forward(request.headers, inf)  # (mesh.forward_auth)
         except ApiError as exc:
             self.metrics.requests.labels(route, str(exc.status)).inc()
             return exc.response()
-        request_id = request.headers.get("x-request-id") or f"kvm-{uuid.uuid4().hex[:16]}"
+        # The router owns request ids (unique per dispatch); the client's id is echoed back.
+        request_id = fwd.request_id if fwd else f"kvm-{uuid.uuid4().hex}"
         self.metrics.tokenize_seconds.observe(inf.parse_seconds)
-        t0 = time.perf_counter()
-        salt = inf.body.get("cache_salt")
-        keys = request_keys(inf.token_ids, self.config.block_size,
-                            salt=salt if isinstance(salt, str) else None)
-        self.metrics.block_keys_seconds.observe(time.perf_counter() - t0)
-        req = Request(request_id, inf.token_ids, keys, self.config.block_size, inf.session,
+        req = Request(request_id, inf.token_ids, inf.keys, self.config.block_size, inf.session,
                       inf.max_tokens, arrival, inf.model)
-        ask = Ask(req) if fwd is None else Ask(req, True, fwd.target, fwd.origin or "peer")
-        return await self._place(request, inf, ask, request_id, arrival)
+        ask = Ask(req) if fwd is None else Ask(req, True, fwd.target or None, fwd.origin)
+        self._client_ids[request_id] = (
+            None if fwd else header_safe(request.headers.get("x-request-id")))
+        try:
+            return await self._place(request, inf, ask, request_id, arrival)
+        finally:
+            self._client_ids.pop(request_id, None)
 
     async def _place(
         self, request: web.Request, inf: Inference, first: Ask, request_id: str,
@@ -327,7 +324,7 @@ class Router:
         """Decide, dispatch and relay, retrying on the next-best target before the first byte."""
         route = inf.path
         req = first.request
-        excluded_replicas: set[str] = set()
+        excluded_replicas: set[str] = set(self.edge.outliers.excluded(self.clock()))
         excluded_regions: set[str] = set()
         failures: list[str] = []
         for attempt in range(1, self.config.max_attempts + 1):
@@ -376,24 +373,30 @@ class Router:
     ) -> web.StreamResponse | None:
         """One dispatch; None when it failed before the first byte (try the next target)."""
         assert self.forwarder is not None
-        headers = upstream_headers(request.headers, request_id)
+        headers = upstream_headers(request.headers, request_id, local=target.local,
+                                   pass_authorization=not self.config.api_keys)
         url = f"{target.url}{inf.path}"
         if not target.local:
-            mark_forward(headers, self.config.node_id, target.replica, request_id, inf.session,
-                         self.config.mesh_key)
+            headers.update(self.edge.sign_forward(target.replica, request_id, inf))
             self.metrics.forwards.labels(target.region).inc()
         ticket = self.dispatcher.start(target, req.num_tokens, self.clock())
         if ticket.publish:
             self._publish()
+        ttfb = self.local_engines[target.replica].first_byte_timeout if target.local else None
+        replica = target.replica or region_key(target.region)
+        self.edge.outliers.admit(replica, self.clock())
         try:
             try:
-                up = await self.forwarder.open(url, inf.raw, headers, target.delay)
+                up = await self.forwarder.open(url, inf.raw, headers, target.delay, ttfb)
             except UpstreamError as exc:
                 self.metrics.retries.labels(exc.kind).inc()
                 log.warning("attempt on %s failed before the first byte: %s", url, exc)
                 if target.local and exc.kind in {"connect", "reset"} and self.engines:
                     self.engines.mark_down(target.replica, str(exc))
+                self.edge.dispatch_outcome(replica, False, self.clock(),
+                                           sum(1 for _ in self._records(self.clock())))
                 return None
+            self.edge.dispatch_outcome(replica, True, self.clock())
             self.metrics.first_byte_seconds.observe(self.clock() - arrival)
             extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason}
             if not target.local:
@@ -404,6 +407,9 @@ class Router:
             if forwarded:
                 extra[H_ROUTE] = f"{d.reason} (forwarded)"
             extra["x-request-id"] = request_id
+            client_id = self._client_ids.get(request_id)
+            if client_id is not None:
+                extra[H_CLIENT_ID] = client_id
             resp, _, completed = await relay(request, up, extra)
             self.metrics.requests.labels(route, str(up.status)).inc()
             if not completed:
@@ -473,9 +479,9 @@ class Router:
             self.engines.mark_down(replica, reason)
 
     # -- other routes ----------------------------------------------------------------------
-    def count_rejected(self, path: str, reason: str) -> None:
+    def count_rejected(self, path: str, reason: str, status: str = "400") -> None:
         self.metrics.rejected.labels(path, reason).inc()
-        self.metrics.requests.labels(path, "400").inc()
+        self.metrics.requests.labels(path, status).inc()
 
     def local_models(self) -> list[str]:
         if self.engines is None:

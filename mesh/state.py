@@ -31,6 +31,7 @@ from mesh.metrics import gauge
 from mesh.node import MeshConfig, MeshNode
 from mesh.policies.base import NoPrefixes, PrefixLookup
 from mesh.status import ReplicaLoad, ReplicaStatus, build_status, replica_rows
+from mesh.tls import client_context
 from mesh.transport import STATUS_PATH
 from mesh.view import RegionRecord, ReplicaRecord
 
@@ -188,6 +189,7 @@ class MeshState:
             node_id=self.config.node_id, region=self.config.region,
             advertise=self.config.advertise, keys=list(self.config.mesh_keys),
             seeds=self.config.peers, options=self.config.gossip,
+            ssl_context=client_context(self.config),
         )
         return MeshNode(mesh_config, {"prefix": self.index, "load": self.loads,
                                       "meta": self.meta}, replicas=self._status_rows)

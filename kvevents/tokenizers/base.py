@@ -69,13 +69,22 @@ class BuiltinTokenizer:
             PrefixTokenCache(_turn_ends, self._encode_chunks, self.encode)
             if prefix_cache else None
         )
+        self.cache_bytes = 0
+        """Approximate memory held by the piece cache; it stops growing at ``CACHE_BYTES``."""
+
+    CACHE_BYTES = 16 * 1024 * 1024
+    CACHE_PIECE = 64
+    """Longer pieces are hashed every time: they are rare and would crowd out common ones."""
+    _ENTRY = 120
+    """Per cached piece beyond its characters: the str header and the dict slot."""
 
     def _piece_id(self, piece: str) -> int:
         tid = self._cache.get(piece)
         if tid is None:
             tid = self._RESERVED + xxhash.xxh3_64_intdigest(piece.encode()) % self._span
-            if len(self._cache) < 200_000:
+            if len(piece) <= self.CACHE_PIECE and self.cache_bytes < self.CACHE_BYTES:
                 self._cache[piece] = tid
+                self.cache_bytes += self._ENTRY + len(piece)
         return tid
 
     def encode(self, text: str) -> list[int]:

@@ -35,12 +35,16 @@ class PrefixTokenCache:
         encode_full: Callable[[str], list[int]],
         *,
         max_chunks: int = 8192,
+        max_bytes: int = 64 * 1024 * 1024,
         verify: int = 16,
     ) -> None:
         self.cut_points = cut_points
         self.encode_chunks = encode_chunks
         self.encode_full = encode_full
         self.max_chunks = max_chunks
+        self.max_bytes = max_bytes
+        """Bound on the cached ids' memory (``ENTRY_BYTES`` per chunk + ``ID_BYTES`` per id)."""
+        self.bytes = 0
         self.verify_left = verify
         self.enabled = True
         self.hits = 0
@@ -77,10 +81,19 @@ class PrefixTokenCache:
             bounds = [0, *ends]
             encoded = self.encode_chunks([text[bounds[i] : bounds[i + 1]] for i in missing])
             for i, ids in zip(missing, encoded, strict=True):
-                parts[i] = tuple(ids)
-                lru[keys[i]] = parts[i]  # type: ignore[assignment]
-            while len(lru) > self.max_chunks:
-                lru.popitem(last=False)
+                part = tuple(ids)
+                parts[i] = part
+                size = _size(part)
+                if size > self.max_bytes // 4:
+                    continue  # one huge chunk would flush everything else
+                old = lru.get(keys[i])
+                if old is not None:
+                    self.bytes -= _size(old)
+                lru[keys[i]] = part
+                self.bytes += size
+            while len(lru) > self.max_chunks or self.bytes > self.max_bytes:
+                _, evicted = lru.popitem(last=False)
+                self.bytes -= _size(evicted)
         out = [t for part in parts for t in part]  # type: ignore[union-attr]
         if self.verify_left > 0:
             self.verify_left -= 1
@@ -89,5 +102,16 @@ class PrefixTokenCache:
                 log.warning("prefix token cache disagrees with a full encode: caching disabled")
                 self.enabled = False
                 self._lru.clear()
+                self.bytes = 0
                 return full
         return out
+
+
+ENTRY_BYTES = 200
+"""Per cached chunk: the dict slot, its key and the tuple header (CPython, 64-bit)."""
+ID_BYTES = 8
+"""Per cached id: the tuple slot (small ints are shared)."""
+
+
+def _size(part: tuple[int, ...]) -> int:
+    return ENTRY_BYTES + ID_BYTES * len(part)

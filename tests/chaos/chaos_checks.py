@@ -73,7 +73,9 @@ def finish_scenario(
         problems.append(f"convergence {converged:.2f} s over its bound {limit:.2f} s")
     assert not problems, "; ".join(problems)
     if report is not None:
-        assert not lost, f"{len(lost)} requests lost: {report.summary()}; first: {lost[:3]}"
+        origin = report.outcomes[0].t_start if report.outcomes else 0.0
+        named = "\n".join(o.describe(origin) for o in lost[:5])
+        assert not lost, f"{len(lost)} requests lost: {report.summary()}\n{named}"
 
 
 # ---- what routers believe and what engines hold -------------------------------------------

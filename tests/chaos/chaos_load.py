@@ -75,6 +75,16 @@ class Outcome:
     def served_by(self) -> Attempt | None:
         return self.attempts[-1] if self.ok else None
 
+    def describe(self, origin: float = 0.0) -> str:
+        """The request and every attempt, times in seconds since ``origin`` (for asserts)."""
+        tries = "; ".join(
+            f"#{i + 1} {a.router} {a.t_start - origin:+.2f}..{a.t_end - origin:+.2f}s "
+            f"status {a.status}" + (f" ({a.error[:80]})" if a.error else "")
+            + (f" via {a.replica_region}" if a.replica_region else "")
+            for i, a in enumerate(self.attempts))
+        return (f"request {self.client}#{self.seq} {self.t_start - origin:+.2f}.."
+                f"{self.t_end - origin:+.2f}s: {tries or 'no attempt'}")
+
 
 @dataclass(slots=True)
 class LoadReport:

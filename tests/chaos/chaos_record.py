@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from pathlib import Path
 RECORDS: list[ScenarioRecord] = []
 """Records of this session, in the order the scenarios ran."""
 
+KEEP_MARKER = "<!-- written by hand below this line; the chaos suite keeps it -->"
 DOC_ENV = "KVMESH_RELIABILITY_DOC"
 """Where a run's page goes (default ``results/chaos/reliability.md``)."""
 RESULT = Path("results") / "chaos" / "reliability.md"
@@ -70,8 +70,9 @@ def render(
         "",
         "Written by the chaos suite (`tests/chaos/`) into `results/chaos/reliability.md` at the",
         "end of every run that includes it, and copied here by",
-        "`python tests/chaos/chaos_record.py publish`; do not edit by hand. `bash deploy/test.sh`",
-        "runs the suite together with every other test.",
+        "`python tests/chaos/chaos_record.py publish`; do not edit by hand above the marker line.",
+        "`bash deploy/test.sh` runs the suite together with every other test; abuse and fuzzing",
+        "results follow the chaos table.",
         "",
         *textwrap.wrap(setup, 92, break_on_hyphens=False, break_long_words=False),
         "",
@@ -120,8 +121,14 @@ def publish(root: Path = ROOT) -> Path:
     src = root / RESULT
     if not src.is_file():
         raise SystemExit(f"no chaos results at {src}: run the chaos suite first")
-    shutil.copyfile(src, root / PAGE)
-    return root / PAGE
+    page = root / PAGE
+    kept = ""
+    if page.exists():  # the hand-written part below the marker survives every publish
+        old = page.read_text()
+        if KEEP_MARKER in old:
+            kept = "\n" + KEEP_MARKER + old.split(KEEP_MARKER, 1)[1]
+    page.write_text(src.read_text() + kept)
+    return page
 
 
 if __name__ == "__main__":

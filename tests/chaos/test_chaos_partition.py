@@ -108,11 +108,13 @@ def test_region_partition_and_heal(
     inside = [o for o in split if o.region == CUT]
     outside = [o for o in split if o.region != CUT]
     assert inside and outside, "one side sent nothing during the partition"
-    assert all(o.ok and o.served_by and o.served_by.replica_region == CUT for o in inside), (
-        "the cut region was not served by its own engines"
-    )
+    elsewhere = [o for o in inside
+                 if not (o.ok and o.served_by and o.served_by.replica_region == CUT)]
+    assert not elsewhere, "the cut region was not served by its own engines:\n" + "\n".join(
+        o.describe(t_detect) for o in elsewhere[:10])
     into_cut = [o for o in outside if o.served_by and o.served_by.replica_region == CUT]
-    assert not into_cut, f"{len(into_cut)} requests served across the partition"
+    assert not into_cut, f"{len(into_cut)} requests served across the partition:\n" + "\n".join(
+        o.describe(t_detect) for o in into_cut[:10])
     assert forwards_at_heal == forwards_at_detect, "requests forwarded into the partition"
 
     record.convergence_s = convergence

@@ -95,9 +95,17 @@ def test_router_killed_under_load(
     assert n_new > 0 and n_old > 0, (n_new, n_old)
 
     # While it was down, its region was served by the other router, with no request lost.
-    us_down = [o for o in report.between(t_kill, t_restart) if o.region == victim.region]
+    # (Requests still running when the restart began may end at the restarted router: they
+    # are not "during the outage", and lost ones are caught by finish_scenario anyway.)
+    us_down = [o for o in report.between(t_kill, t_restart)
+               if o.region == victim.region and o.t_end < t_restart]
     assert us_down, "no request from the victim's region ran while it was down"
-    assert all(o.ok and o.attempts[-1].router == survivor.alias for o in us_down)
+    not_survivor = [o for o in us_down
+                    if not (o.ok and o.attempts[-1].router == survivor.alias)]
+    assert not not_survivor, (
+        f"{len(not_survivor)} of {len(us_down)} requests of {victim.region} during the outage "
+        f"were not served by {survivor.alias} (times from the kill):\n"
+        + "\n".join(o.describe(t_kill) for o in not_survivor[:10]))
     assert any(
         a.router == victim.alias and a.status != 200
         for o in report.between(t_kill - 10, t_restart)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -26,7 +27,7 @@ from router_support import (
     wait_until,
 )
 
-from mesh.proxy import forward_signature
+from mesh.forward_auth import body_digest, sign_headers
 
 pytestmark = pytest.mark.integration
 
@@ -104,25 +105,27 @@ async def test_forwarded_request_is_never_forwarded_again(procs: Procs) -> None:
     us_engine, eu_engine, us, eu = two_regions(procs, "kvmesh")
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
+    raw = json.dumps(body).encode()
+
     def hop(target: str, rid: str, key: str = MESH_KEY) -> dict[str, str]:
-        return {"x-kvmesh-hop": "1", "x-kvmesh-from": "router-us", "x-kvmesh-target": target,
-                "x-request-id": rid,
-                "x-kvmesh-sig": forward_signature(key, "router-us", target, rid)}
+        return {"Content-Type": "application/json",
+                **sign_headers(key, "router-us", target, rid, "/v1/chat/completions", None,
+                               body_digest(raw), time.time())}
 
     async with aiohttp.ClientSession() as s:
         await converge(s, us, eu)
-        async with s.post(f"{eu}/v1/chat/completions", json=body,
+        async with s.post(f"{eu}/v1/chat/completions", data=raw,
                           headers=hop(eu_engine.url, "r1")) as resp:
             assert resp.status == 200
             assert resp.headers["x-kvmesh-replica"] == eu_engine.url
             assert resp.headers["x-kvmesh-route"].startswith("pinned by router-us")
         # It names a replica of another region: the receiver picks at home, never forwards.
-        async with s.post(f"{eu}/v1/chat/completions", json=body,
+        async with s.post(f"{eu}/v1/chat/completions", data=raw,
                           headers=hop(us_engine.url, "r2")) as resp:
             assert resp.status == 200
             assert resp.headers["x-kvmesh-replica"] == eu_engine.url
             assert resp.headers["x-kvmesh-region"] == "eu"
-        async with s.post(f"{eu}/v1/chat/completions", json=body,
+        async with s.post(f"{eu}/v1/chat/completions", data=raw,
                           headers=hop(eu_engine.url, "r3", "a different key of 32 bytes!!")) \
                 as resp:
             assert resp.status == 403

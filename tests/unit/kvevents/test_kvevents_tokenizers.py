@@ -25,8 +25,10 @@ from tokenizers import (
 )
 
 import kvevents.tokenizers.base as tk
+from kvevents.tokenizers.base import BuiltinTokenizer
 from kvevents.tokenizers.factory import LocalTokenizer, make_tokenizer
 from kvevents.tokenizers.hf import HFTokenizer
+from kvevents.tokenizers.prefix_cache import PrefixTokenCache
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -264,3 +266,30 @@ def test_builtin_encode_chat_reuses_earlier_turns_and_equals_a_full_encode() -> 
         assert plain.encode_chat(convo) == want
     cache = tok.prefix_cache
     assert cache is not None and cache.enabled and cache.hits > 0
+
+
+def test_builtin_piece_cache_is_bounded_in_bytes_and_skips_huge_pieces() -> None:
+    tok = BuiltinTokenizer()
+    tok.CACHE_BYTES = 64 * 1024  # type: ignore[misc]
+    huge = "a" * 1_000_000
+    assert tok.encode(huge) == tok.encode(huge)  # same id, recomputed, never cached
+    assert tok.cache_bytes == 0
+    for i in range(5000):
+        tok.encode(f"word{i} other{i}")
+    assert tok.cache_bytes <= 64 * 1024 + 200
+    assert len(tok._cache) < 2000
+
+
+def test_prefix_cache_is_bounded_in_bytes() -> None:
+    def cuts(text: str) -> list[int]:
+        return [i + 1 for i, ch in enumerate(text) if ch == "|"]
+
+    def chunks(parts: list[str]) -> list[list[int]]:
+        return [[ord(c) for c in p] for p in parts]
+
+    cache = PrefixTokenCache(cuts, chunks, lambda t: [ord(c) for c in t], max_bytes=100_000)
+    for i in range(200):
+        text = f"turn {i} " + "x" * 2000 + "|" + f"reply {i}|"
+        assert cache.encode(text) == [ord(c) for c in text]
+    assert cache.bytes <= 100_000
+    assert cache.bytes == sum(200 + 8 * len(p) for p in cache._lru.values())

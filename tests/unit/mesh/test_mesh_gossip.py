@@ -232,3 +232,26 @@ def test_prefix_index_converges_through_loss_cuts_a_router_crash_and_its_restart
         rt.index.check_invariants()
         assert rt.core.counters["rx.rejected.bad_delta"] == 0
     assert sum(rt.core.counters["delta.oversize.prefix"] for rt in routers.values()) == 0
+
+
+def test_a_frame_is_accepted_only_by_the_router_it_was_sent_to() -> None:
+    """A frame captured on the way from a to b and replayed at c is refused by c."""
+
+    def core(name: str) -> MeshCore:
+        return MeshCore(_info(name), 1, {"prefix": PrefixIndex()}, keys=[b"k" * 32],
+                        rng=random.Random(1), now=0.0, wall=lambda: 0.0)
+
+    a, b, c = core("a"), core("b"), core("c")
+    for x in (a, b, c):
+        for y in (a, b, c):
+            if x is not y:
+                x.membership.apply(MemberUpdate(y.node_id, "us", y.addr, 1, 0, Status.ALIVE), 0.0)
+    frames = [o for o in a.tick(5.0) if o.addr == b.addr]
+    assert frames, "a sends nothing to b"
+    for o in frames:
+        assert decode_envelope(o.data[HEADER_LEN:]).recipient == "b"
+        c.receive(o.data, 5.0)
+        assert c.last_rejection is not None and c.last_rejection[0] == "wrong_recipient"
+        b.receive(o.data, 5.0)
+        assert b.last_rejection is None
+    assert c.counters["rx.rejected.wrong_recipient"] == len(frames)

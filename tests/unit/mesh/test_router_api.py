@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import openai
@@ -13,7 +14,10 @@ import pytest
 from aiohttp import web
 
 from mesh.config import build
+from mesh.limits import field_label
+from mesh.policies.base import NoPrefixes
 from mesh.router import Router
+from mesh.view import RegionRecord, ReplicaRecord
 
 
 @dataclass
@@ -26,7 +30,10 @@ class FakeEngine:
     hold: asyncio.Event | None = None
     """When set, the stream pauses after its first chunk until the event is set."""
     die_after_first: bool = False
+    stall: float = 0.0
+    """Seconds to wait before answering at all (a hung engine)."""
     served: int = 0
+    attempts: int = 0
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
     url: str = ""
@@ -66,6 +73,9 @@ class FakeEngine:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.attempts += 1
+        if self.stall:
+            await asyncio.sleep(self.stall)
         if self.status != 200:
             return web.json_response({"error": {"message": "boom"}}, status=self.status)
         self.served += 1
@@ -124,7 +134,10 @@ async def engines() -> AsyncIterator[list[FakeEngine]]:
 async def start_router(engines: list[FakeEngine], **extra: object) -> Router:
     raw: dict[str, object] = {"region": "us", "listen": "127.0.0.1:0",
                               "engines": [e.url for e in engines], "health_interval": 0.02,
-                              "seed": 1}
+                              "seed": 1,
+                              # threads: no worker processes to spawn per test (the
+                              # integration tests run the default, processes)
+                              "prepare_in": "thread"}
     raw.update(extra)
     router = Router(build(raw))
     await router.start()
@@ -214,7 +227,7 @@ async def test_malformed_requests_get_400_in_openai_error_format(
     assert err["type"] == "invalid_request_error" and err["message"]
     assert err["param"] == param
     assert sum(e.served for e in engines) == 0
-    assert router.metrics.rejected.labels(path, param or "body")._value.get() == 1
+    assert router.metrics.rejected.labels(path, field_label(param))._value.get() == 1
 
 
 async def test_unknown_route_is_json_404(router: Router) -> None:
@@ -263,9 +276,94 @@ async def test_error_after_first_byte_reaches_the_client(
         base(router) + "/v1/chat/completions", json={**CHAT, "stream": True}
     ) as resp:
         assert resp.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await resp.content.read()
+        body = await resp.content.read()
+    # The stream ends with an SSE error event (what OpenAI clients raise on), not silence.
+    last = body.rstrip().rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: ") and json.loads(last[6:])["error"]["type"] == "server_error"
+    assert b"[DONE]" not in body
     assert sum(e.served for e in engines) == 1  # no second attempt after the first byte
+
+
+async def test_the_openai_client_raises_on_a_mid_stream_failure(
+    engines: list[FakeEngine], router: Router
+) -> None:
+    for e in engines:
+        e.die_after_first = True
+    client = openai.AsyncOpenAI(base_url=base(router) + "/v1", api_key="unused", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="m", messages=CHAT["messages"],
+                                                      stream=True)
+        with pytest.raises(openai.APIError, match="mid-stream"):
+            async for _ in stream:
+                pass
+    finally:
+        await client.close()
+
+
+async def test_a_hung_engine_is_a_retry_after_the_first_byte_timeout(
+    engines: list[FakeEngine],
+) -> None:
+    router = await start_router(engines, first_byte_timeout=0.3)
+    try:
+        engines[0].stall = engines[1].stall = 30.0
+        async with aiohttp.ClientSession() as s:
+            t0 = asyncio.get_running_loop().time()
+            async with s.post(base(router) + "/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 502
+            assert asyncio.get_running_loop().time() - t0 < 5.0
+            engines[1].stall = 0.0
+            async with s.post(base(router) + "/v1/chat/completions", json=CHAT) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-kvmesh-replica"] == engines[1].url
+        assert router.metrics.retries.labels("timeout")._value.get() >= 2
+    finally:
+        await router.stop()
+
+
+async def test_a_failing_engine_is_ejected_then_readmitted_by_one_trial(
+    engines: list[FakeEngine],
+) -> None:
+    router = await start_router(engines, outlier_consecutive_failures=2,
+                                outlier_ejection=0.5, max_attempts=1)
+    try:
+        engines[0].status = 503
+        async with aiohttp.ClientSession() as s:
+            async def ask() -> int:
+                async with s.post(base(router) + "/v1/chat/completions", json=CHAT) as resp:
+                    return resp.status
+
+            for _ in range(12):
+                await ask()
+            tried = engines[0].attempts
+            assert tried == 2  # then ejected: no more attempts on it
+            for _ in range(6):
+                assert await ask() == 200
+            assert engines[0].attempts == tried
+            engines[0].status = 200
+            await asyncio.sleep(0.6)  # the ejection ends: a trial goes there, and succeeds
+
+            async def readmitted() -> bool:
+                assert await ask() == 200
+                return engines[0].served > 0
+
+            await wait_for(readmitted, timeout=10)
+            assert router.edge.outliers.excluded(router.clock()) == frozenset()
+    finally:
+        await router.stop()
+
+
+async def test_a_failing_engine_tokenizer_falls_back_to_the_builtin_one(
+    engines: list[FakeEngine],
+) -> None:
+    router = await start_router(engines, tokenizer="engine:http://127.0.0.1:9")
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(base(router) + "/v1/chat/completions", json=CHAT) as resp:
+                    assert resp.status == 200
+        assert router.preparer.fallbacks == 2
+    finally:
+        await router.stop()
 
 
 async def test_client_disconnect_cancels_the_upstream_request(
@@ -342,3 +440,103 @@ async def test_an_unexpected_failure_is_a_json_500(router: Router) -> None:
         assert resp.status == 500
         err = (await resp.json())["error"]
     assert err["type"] == "server_error" and err["code"] == "internal_error"
+
+
+async def test_api_keys_and_per_key_rate_limits(engines: list[FakeEngine]) -> None:
+    router = await start_router(engines, api_keys=[
+        {"key": "sk-open-0123456789abcdef", "name": "open"},
+        {"key": "sk-slow-0123456789abcdef", "name": "slow", "rate": 0.5, "burst": 2}])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async def ask(key: str | None) -> aiohttp.ClientResponse:
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                async with s.post(base(router) + "/v1/chat/completions", json=CHAT,
+                                  headers=headers) as resp:
+                    await resp.read()
+                    return resp
+
+            for key in (None, "sk-wrong-0123456789abcdef"):
+                resp = await ask(key)
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+            assert (await ask("sk-open-0123456789abcdef")).status == 200
+            assert [(await ask("sk-slow-0123456789abcdef")).status for _ in range(2)] == [200] * 2
+            limited = await ask("sk-slow-0123456789abcdef")
+            assert limited.status == 429 and int(limited.headers["Retry-After"]) >= 1
+            assert (await ask("sk-open-0123456789abcdef")).status == 200  # other keys unaffected
+            async with s.get(base(router) + "/health") as resp:
+                assert resp.status == 200  # probes need no key
+        assert sum(e.served for e in engines) == 4
+    finally:
+        await router.stop()
+
+
+@dataclass
+class OneRemoteRegion:
+    """A mesh backend that knows one replica in region eu, served by the router at ``peer``."""
+
+    peer: str
+    replica: str = "http://eu-engine:8000"
+    prefix: Any = field(default_factory=NoPrefixes)
+
+    def remote_records(self, now: float) -> list[ReplicaRecord]:
+        return [ReplicaRecord(self.replica, "eu", True, 0, 0, 0.0, 0.1)]
+
+    def others_inflight(self, replica: str) -> int:
+        return 0
+
+    def regions(self, now: float) -> dict[str, RegionRecord]:
+        return {"eu": RegionRecord("eu", 0.01, (self.peer,))}
+
+    def owner_router(self, replica: str, now: float) -> str | None:
+        return self.peer
+
+    def publish_engine(self, *args: object) -> None: ...
+    def publish_inflight(self, *args: object) -> None: ...
+    def routes(self) -> list[Any]:
+        return []
+
+    async def start(self, session: object) -> None: ...
+    async def start_gossip(self) -> None: ...
+    async def stop(self) -> None: ...
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def metric_providers(self) -> list[Any]:
+        return []
+
+
+async def test_a_forward_carries_a_signature_and_none_of_the_clients_headers() -> None:
+    seen: list[dict[str, str]] = []
+    peer = FakeEngine()
+    await peer.start()
+    original = peer.chat
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        return await original(request)
+
+    peer.chat = record  # type: ignore[method-assign]
+    await peer.stop()
+    await peer.start()  # routes bound again, now to the recording handler
+    config = build({"region": "us", "listen": "127.0.0.1:0", "engines": [],
+                    "mesh_key": "unit-test mesh key of 32 bytes!!", "prepare_in": "thread"})
+    router = Router(config, backend=OneRemoteRegion(peer.url))  # type: ignore[arg-type]
+    await router.start()
+    try:
+        async with aiohttp.ClientSession() as s, s.post(
+            base(router) + "/v1/chat/completions", json=CHAT,
+            headers={"Authorization": "Bearer client-secret", "x-request-id": "client-1",
+                     "OpenAI-Organization": "org-1"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert resp.headers["x-client-request-id"] == "client-1"
+        (hop,) = seen
+        lowered = {k.lower(): v for k, v in hop.items()}
+        assert "authorization" not in lowered and "openai-organization" not in lowered
+        assert lowered["x-kvmesh-hop"] == "2" and len(lowered["x-kvmesh-sig"]) == 64
+        assert lowered["x-request-id"].startswith("kvm-")
+        assert lowered["x-kvmesh-target"] == "http://eu-engine:8000"
+    finally:
+        await router.stop()
+        await peer.stop()

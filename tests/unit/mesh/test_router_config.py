@@ -135,3 +135,27 @@ def test_mesh_key_list_rotates_first_signs_all_accepted() -> None:
         build({"region": "us", "mesh_key": ["n" * 16, "short"]})
     with pytest.raises(ConfigError, match=r"^mesh_key: an empty list"):
         build({"region": "us", "mesh_key": []})
+
+
+def test_edge_keys_are_validated() -> None:
+    from mesh.config import ConfigError, build
+
+    c = build({"region": "us", "api_keys": [{"key": "k" * 20, "name": "a", "rate": 2}],
+               "first_byte_timeout": 5, "header_timeout": 2, "max_body_bytes": 1024})
+    assert c.api_keys[0].name == "a" and c.api_keys[0].rate == 2.0
+    assert (c.first_byte_timeout, c.header_timeout, c.max_body_bytes) == (5.0, 2.0, 1024)
+    for raw, key in [
+        ({"api_keys": ["short"]}, "api_keys[0].key"),
+        ({"api_keys": [{"key": "k" * 20, "rps": 1}]}, "api_keys[0].rps"),
+        ({"tls_cert": "/no/such/file.pem"}, "tls_cert"),
+        ({"tls_peer_mtls": True}, "tls_peer_mtls"),
+        ({"max_body_bytes": 0}, "max_body_bytes"),
+        ({"engines": [{"url": "http://e:1", "first_byte_timeout": -1}]},
+         "engines[0].first_byte_timeout"),
+    ]:
+        try:
+            build({"region": "us", **raw})
+        except ConfigError as exc:
+            assert exc.key == key, (raw, exc)
+        else:
+            raise AssertionError(f"{raw} accepted")
