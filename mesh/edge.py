@@ -107,7 +107,6 @@ class Edge:
     async def listen(self, runner: web.AppRunner, host: str, port: int) -> int:
         """Serve ``runner`` on host:port behind the connection guard; the bound port."""
         assert runner.server is not None
-        await self.preparer.start()
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {}
         if self.ssl is not None:

@@ -21,7 +21,9 @@ parse). So, by default, preparation runs in worker *processes*:
 
 The pool is bounded twice: ``workers`` processes (or threads), and at most ``max_pending``
 requests being prepared or waiting; beyond that the router answers 503 with ``Retry-After``.
-A worker that dies is replaced; the request it held gets a 503.
+A worker that dies is replaced; the request it held gets a 503. Workers start with the first
+large body (a router that never sees one never pays their memory; that first body waits
+about a second for the spawn).
 """
 
 from __future__ import annotations
@@ -201,14 +203,6 @@ class Preparer:
             self._threads = ThreadPoolExecutor(2 if self.in_processes else self.workers,
                                                thread_name_prefix="kvmesh-prepare")
         return self._threads
-
-    async def start(self) -> None:
-        """Start the workers now (a spawned process takes a moment), not on a first request."""
-        if self.in_processes:
-            loop = asyncio.get_running_loop()
-            pool = self._executor()
-            await asyncio.gather(*(loop.run_in_executor(pool, _init_worker, self.spec)
-                                   for _ in range(self.workers)))
 
     def close(self) -> None:
         if self._pool is not None:
