@@ -273,21 +273,29 @@ class Preparer:
                                   headers: dict[str, str], started: float) -> Inference:
         loop = asyncio.get_running_loop()
         pool = self._thread_pool()
+        if self._local is not None:  # one hop to the thread for the whole preparation
+            inf = await loop.run_in_executor(pool, self._prepare_local, kind, path, raw,
+                                             headers)
+            return dataclasses.replace(inf, parse_seconds=time.perf_counter() - started)
         inf = await loop.run_in_executor(pool, parse_inference, kind, path, raw, headers)
-        if self._local is not None:
-            ids = await loop.run_in_executor(pool, self._encode_locked, inf)
-        else:
-            pending = inf.body["messages"] if kind == "chat" else routing_prompt(inf.body)
-            try:
-                ids = await _encode_async(self.tokenizer, kind, pending)
-            except TokenizeError as exc:
-                self._note_fallback(exc)
-                ids = await loop.run_in_executor(pool, encode_sync, BuiltinTokenizer(), inf)
+        pending = inf.body["messages"] if kind == "chat" else routing_prompt(inf.body)
+        try:
+            ids = await _encode_async(self.tokenizer, kind, pending)
+        except TokenizeError as exc:
+            self._note_fallback(exc)
+            ids = await loop.run_in_executor(pool, encode_sync, BuiltinTokenizer(), inf)
         salt = inf.body.get("cache_salt")
-        keys = await loop.run_in_executor(pool, block_keys, ids, salt, self.block_size)
-        digest = await loop.run_in_executor(pool, body_digest, raw)
+        keys, digest = await loop.run_in_executor(pool, _keys_and_digest, ids, salt,
+                                                  self.block_size, raw)
         return dataclasses.replace(inf, token_ids=ids, keys=keys, digest=digest,
                                    parse_seconds=time.perf_counter() - started)
+
+    def _prepare_local(self, kind: str, path: str, raw: bytes,
+                       headers: dict[str, str]) -> Inference:
+        inf = parse_inference(kind, path, raw, headers)
+        ids = self._encode_locked(inf)
+        keys, digest = _keys_and_digest(ids, inf.body.get("cache_salt"), self.block_size, raw)
+        return dataclasses.replace(inf, token_ids=ids, keys=keys, digest=digest)
 
     def _encode_locked(self, inf: Inference) -> list[int]:
         with _worker_lock:  # local tokenizers' caches are not thread-safe
@@ -301,6 +309,11 @@ class Preparer:
             self._warned_at = time.monotonic()
             log.warning("tokenizer %s failed (%s): using the builtin tokenizer",
                         self.tokenizer.name, exc)
+
+
+def _keys_and_digest(ids: Sequence[int], salt: str | None, block_size: int,
+                     raw: bytes) -> tuple[list[int], str]:
+    return block_keys(ids, salt, block_size), body_digest(raw)
 
 
 async def _encode_async(tokenizer: PromptTokenizer, kind: str, pending: Any) -> list[int]:
