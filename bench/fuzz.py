@@ -203,6 +203,7 @@ async def fuzz_http_run(requests: int, concurrency: int, seed: int) -> dict[str,
             statuses: Counter[int] = Counter()
             client_errors: Counter[str] = Counter()
             five_hundreds: list[str] = []
+            server_codes: Counter[str] = Counter()
             sent = 0
             rng = random.Random(seed)
             t0 = time.monotonic()
@@ -219,8 +220,10 @@ async def fuzz_http_run(requests: int, concurrency: int, seed: int) -> dict[str,
                             method, base + path, data=body, headers=headers,
                             timeout=aiohttp.ClientTimeout(total=30),
                         ) as resp:
-                            await resp.read()
+                            answer = await resp.read()
                             statuses[resp.status] += 1
+                            if resp.status >= 500:
+                                server_codes[f"{resp.status} {_error_code(answer)}"] += 1
                             if resp.status == 500:
                                 five_hundreds.append(f"{method} {path} {body[:120]!r}")
                     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -252,6 +255,7 @@ async def fuzz_http_run(requests: int, concurrency: int, seed: int) -> dict[str,
         "seconds": round(elapsed, 1),
         "statuses": {str(k): v for k, v in sorted(statuses.items())},
         "client_errors": dict(client_errors),
+        "server_error_codes": dict(server_codes),
         "five_hundreds": five_hundreds[:20],
         "router_log_tracebacks": tracebacks,
         "router_log_unexpected_errors": unexpected,
@@ -259,6 +263,14 @@ async def fuzz_http_run(requests: int, concurrency: int, seed: int) -> dict[str,
         "unhandled_exceptions": unhandled,
         "logs": str(tmp),
     }
+
+
+def _error_code(answer: bytes) -> str:
+    try:
+        err = json.loads(answer)["error"]
+        return str(err.get("code")) + ": " + str(err.get("message"))[:60]
+    except (ValueError, KeyError, TypeError):
+        return "?"
 
 
 def fuzz_http(argv: list[str]) -> int:
