@@ -104,7 +104,7 @@ class RouterConfig:
     (the event loop never waits on the interpreter lock for them); ``thread``: threads of
     the router's process for every body."""
     prepare_inline_bytes: int = 256 * 1024
-    """Bodies up to this size are prepared in a thread of the router (a millisecond or less)."""
+    """Bodies up to this size are prepared in a thread of the router, not a worker process."""
     forward_window: float = 30.0
     """A signed forward is accepted this many seconds around its timestamp, once."""
     first_byte_timeout: float = 120.0
