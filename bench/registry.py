@@ -19,6 +19,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
     "overhead": ("bench.overhead", "added latency and req/s beside sglang-router, vllm-router"),
     "picker": ("bench.picker_bench", "endpoint picker behind Envoy: added TTFT, hit rate vs proxy"),
+    "plan-diurnal": ("plan.validate", "sim: capacity plan vs region-local/reactive, 3 seeds"),
+    "plan-solver": ("plan.solver_bench", "capacity MILP solve time at 3/10/30 regions"),
     "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
     "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
     "sim-profiles": ("bench.sim_profiles", "sim-engine profiles: TTFT cached/uncached, saturation"),

@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bridge": ("cli.bridge", "relay an engine's ZMQ KV events into a Redis Stream"),
     "demo": ("cli.demo", "a local 3-region mesh with simulated engines; compares policies"),
     "netdelay": ("sim.netdelay", "user-space TCP delay proxy between regions (no netem needed)"),
+    "plan": ("plan.cli", "capacity plan from demand history: forecast + integer program"),
     "router": ("cli.router", "run a router node (kvmesh router --config FILE)"),
     "sim-engine": ("cli.engine", "a simulated vLLM engine: OpenAI API, KV events, GPU timing"),
     "version": ("cli.version", "print the kvmesh version"),

@@ -126,6 +126,8 @@ class RouterConfig:
     tls_peer_mtls: bool = False
     """Peers authenticate with a certificate from ``tls_ca``: gossip and forwards without
     one are refused (clients need none)."""
+    plan_file: str | None = None
+    """A ``kvmesh plan`` JSON whose targets the router exports (``kvmesh_plan_target_replicas``)."""
 
     @property
     def host(self) -> str:
@@ -425,6 +427,7 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         log_level=log_level,
         endpoint_picker=picker,
         **_edge(raw, d),
+        plan_file=_plan_file(raw.get("plan_file")),
     )
 
 
@@ -499,6 +502,19 @@ def _api_keys(value: object) -> tuple[ApiKey, ...]:
             None if burst is None else _number(burst, f"{where}.burst", minimum=1),
         ))
     return tuple(out)
+
+
+def _plan_file(value: object) -> str | None:
+    if value in (None, ""):
+        return None
+    path = _string(value, "plan_file")
+    from mesh.demand import PlanFileError, PlanTargets
+
+    try:
+        PlanTargets.from_file(path)
+    except PlanFileError as exc:
+        raise ConfigError("plan_file", str(exc)) from None
+    return path
 
 
 def load(

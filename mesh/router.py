@@ -41,6 +41,7 @@ from mesh.api import (
 )
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry, DecisionLog
+from mesh.demand import DemandMeter, PlanTargets, hint_metrics
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.edge import Edge
 from mesh.engines import EngineMonitor, EngineState
@@ -142,6 +143,9 @@ class Router:
         self.metrics.add_provider(self._state_metrics)
         self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
         self.metrics.add_provider(lambda: mesh_metrics(self.backend))
+        self.demand = DemandMeter()
+        self.plan = PlanTargets.from_file(config.plan_file) if config.plan_file else None
+        self.metrics.add_provider(self._hint_metrics)
         for p in self.backend.metric_providers():
             self.metrics.add_provider(p)
 
@@ -309,6 +313,8 @@ class Router:
         self.metrics.tokenize_seconds.observe(inf.parse_seconds)
         req = Request(request_id, inf.token_ids, inf.keys, self.config.block_size, inf.session,
                       inf.max_tokens, arrival, inf.model)
+        if fwd is None:
+            self.demand.observe(inf.model, req.num_tokens, inf.max_tokens, arrival)
         ask = Ask(req) if fwd is None else Ask(req, True, fwd.target or None, fwd.origin)
         self._client_ids[request_id] = (
             None if fwd else header_safe(request.headers.get("x-request-id")))
@@ -605,6 +611,15 @@ class Router:
                     [([], float(self.dispatcher.queued()))])
         yield gauge("kvmesh_router_inflight", "This router's requests in flight, by target",
                     ["replica"], [([k], float(v)) for k, v in self.dispatches.counts().items()])
+
+    def _hint_metrics(self) -> Iterable[Any]:
+        healthy: dict[str, int] = {}
+        for r in self._records(self.clock()):
+            if r.replica in self.local_engines and r.healthy:
+                for m in r.models or ("any",):
+                    healthy[m] = healthy.get(m, 0) + 1
+        return hint_metrics(self.config.region, self.demand, self.plan, healthy,
+                            self.clock(), time.time())
 
 
 def build_router(config: RouterConfig) -> Router:

@@ -251,7 +251,7 @@ class SimRouter:
         self.views: ViewBuilder = ViewBuilder(
             region=region,
             dispatches=self.dispatches,
-            records=lambda now: fleet.plane.records(self, now),
+            records=lambda now: fleet.live_records(self, now),
             regions=lambda now: fleet.plane.regions(self, now),
             prefix=NoPrefixes(),
         )
@@ -669,6 +669,16 @@ class Fleet:
         """Requests bound for each replica and not yet answered, each counted once."""
         self._horizon = math.inf
         self._keys_cache: dict[int, list[int]] = {}
+        self.offline: set[str] = set()
+        """Replicas taking no new requests (not started, starting, or draining): set by an
+        autoscaler (``sim.scaling``); routers drop them from their view as a failed health
+        check would."""
+
+    def live_records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
+        records = self.plane.records(router, now)
+        if not self.offline:
+            return records
+        return [r for r in records if r.replica not in self.offline]
 
     # -- clients -----------------------------------------------------------------------------
     def entry_router(self, client: Client) -> SimRouter:
