@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -540,3 +542,43 @@ async def test_a_forward_carries_a_signature_and_none_of_the_clients_headers() -
     finally:
         await router.stop()
         await peer.stop()
+
+
+async def test_demand_and_plan_target_metrics(
+    engines: list[FakeEngine], tmp_path: Path
+) -> None:
+    plan = {"day_s": 86400, "slot_s": 3600, "targets": {"us": {"m": list(range(24))}}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    router = await start_router(engines, plan_file=str(path))
+    try:
+        await wait_for(lambda: router.ready_reason() is None)
+        # Healthy replicas are counted per model once the engines' /v1/models has been read.
+        await wait_for(lambda: all(
+            r.models for r in router._records(router.clock()) if r.replica in router.local_engines
+        ))
+        body = {**CHAT, "max_tokens": 7}
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.post(base(router) + "/v1/chat/completions", json=body) as resp:
+                    assert resp.status == 200
+            async with s.get(base(router) + "/metrics") as resp:
+                text = await resp.text()
+        prompt = router.demand.totals[("m", "in")]
+        assert prompt > 0
+        assert (
+            f'kvmesh_demand_tokens_total{{direction="in",model="m",region="us"}} {prompt}' in text
+        )
+        assert 'kvmesh_demand_tokens_total{direction="out",model="m",region="us"} 14.0' in text
+        assert 'kvmesh_demand_tokens_per_second{direction="out",model="m",region="us"}' in text
+        assert [x for x in text.splitlines() if x.startswith("kvmesh_healthy_replicas{")] == [
+            'kvmesh_healthy_replicas{model="m",region="us"} 2.0'
+        ]
+        hour = int(time.time() % 86400 // 3600)
+        line = next(x for x in text.splitlines() if x.startswith("kvmesh_plan_target_replicas{"))
+        assert line == f'kvmesh_plan_target_replicas{{model="m",region="us"}} {float(hour)}' or (
+            # the hour turned between the scrape and this line
+            line.endswith(f" {float((hour - 1) % 24)}")
+        )
+    finally:
+        await router.stop()
