@@ -134,7 +134,7 @@ ensure_base_image() {
 ensure_kvmesh_image() {
     # Rebuilt when the source changes: the tag carries a hash of the tracked tree.
     local src_hash
-    src_hash="$(cd "$KVMESH_ROOT" && { git ls-files -z -- pyproject.toml mesh crdt kvevents sim bench cli deploy/Dockerfile 2>/dev/null \
+    src_hash="$(cd "$KVMESH_ROOT" && { git ls-files -z -- pyproject.toml mesh crdt kvevents sim bench cli plan deploy/Dockerfile 2>/dev/null \
         | xargs -0 sha256sum 2>/dev/null; } | sha256sum | cut -c1-12)"
     if docker image inspect "$KVMESH_IMAGE" --format '{{ index .Config.Labels "kvmesh.src" }}' 2>/dev/null \
         | grep -qx "$src_hash"; then return 0; fi

@@ -28,10 +28,18 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from plan.inputs import read_samples, read_spec
-    from plan.planner import PlanOptions, make_plan
-    from plan.report import write_plan
-    from plan.series import DemandHistory
+    try:
+        from plan.inputs import read_samples, read_spec
+        from plan.planner import PlanOptions, make_plan
+        from plan.report import write_plan
+        from plan.series import DemandHistory
+    except ImportError as exc:
+        print(
+            f"kvmesh plan: {exc.name or exc} is missing; install the planning extra: "
+            "pip install 'kvmesh[plan]'",
+            file=sys.stderr,
+        )
+        return 2
 
     try:
         spec = read_spec(args.spec)
