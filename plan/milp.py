@@ -442,7 +442,7 @@ def solve(
             if slots > 1:
                 starts = sum(max(0.0, added[t] - added[t - 1]) for t in range(slots))
             else:
-                starts = max(0.0, added[0] - (previous or {}).get(k, 0)) if previous else 0.0
+                starts = max(0.0, added[0] - previous.get(k, 0)) if previous is not None else 0.0
             cost["startup"] += starts * p.on_demand * spec.startup_s / 3600.0
         if k in spot and p.spot is not None:
             n = sum(spot[k])

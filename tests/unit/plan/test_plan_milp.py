@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plan.milp import PlanInfeasible, solve
+from plan.milp import PlanInfeasible, solve, solve_hourly
 from plan.spec import GpuType, PlanInputError, PlanSpec, Prices, RegionSpec, spec_from_dict
 
 
@@ -153,3 +153,32 @@ def test_bad_demand_values_are_refused() -> None:
         solve(two_regions(), {("z", "m"): [1.0]})
     with pytest.raises(PlanInputError, match="same, non-zero length"):
         solve(two_regions(), {("a", "m"): [1.0], ("b", "m"): [1.0, 2.0]})
+
+
+def test_hourly_programs_run_in_order_and_pay_start_up_beyond_what_runs() -> None:
+    # Each hour is solved knowing only the previous one, as SageServe's hourly arbiter:
+    # slot 0 starts 3 (3 x 2 $ + 3 x 2 $ start-up), slot 1 keeps 1 (2 $), slot 2 starts 2
+    # more (3 x 2 $ + 2 x 2 $). Total 12 + 2 + 10 = 24 $.
+    spec = PlanSpec(
+        gpus={"A": GpuType("A", {"m": 100.0})},
+        regions={"a": RegionSpec("a", {"A": Prices(10.0, 2.0)})},
+        rtt_ms={},
+        startup_s=3600.0,
+    )
+    a = solve_hourly(spec, {("a", "m"): [300.0, 100.0, 300.0]}, {("a", "m", "A"): 0})
+    assert a.on_demand[("a", "m", "A")] == [3, 1, 3]
+    assert a.cost["startup"] == pytest.approx(10.0)
+    assert a.total_cost == pytest.approx(24.0)
+    assert a.targets() == {("a", "m"): [3, 1, 3]}
+
+
+def test_fluid_stage_one_keeps_the_reservation_whole() -> None:
+    # 250 tokens/s in 3 slots of 4 and 350 in one, reserved 1 $/h, on demand 4 $/h:
+    # R = 2 costs 8 + (0.5 x 3 + 1.5) x 4 = 20, R = 3 costs 12 + 0.5 x 4 = 14, R = 4 costs 16.
+    spec = two_regions(on_demand=4.0)
+    a = solve(spec, {("a", "m"): [250.0, 250.0, 250.0, 350.0]}, fluid_hourly=True,
+              cross_region=False)
+    assert a.reserved[("a", "m", "A")] == 3
+    assert a.on_demand[("a", "m", "A")] == pytest.approx([0.0, 0.0, 0.0, 0.5])
+    assert a.total_cost == pytest.approx(14.0)
+    assert a.integer_columns == 2  # only the reservations are whole
