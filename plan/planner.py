@@ -38,7 +38,7 @@ class PlanOptions:
     margin: float = 0.0
     """Extra share of demand planned for (on top of the forecast)."""
     time_limit_s: float = 60.0
-    mip_rel_gap: float = 1e-4
+    mip_rel_gap: float = 1e-3
 
 
 def allocation_dict(a: Allocation) -> dict[str, object]:

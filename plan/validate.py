@@ -319,7 +319,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--history-days", type=int, default=4)
     p.add_argument("--history-seed", type=int, default=1000)
     p.add_argument("--history", help="reuse a history CSV written by an earlier run")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--variants", help=f"comma-separated (default: {','.join(VARIANTS)} and global-reserved@U)"
+    )
     p.add_argument(
         "--global-utilization",
         default="0.9",
@@ -374,8 +376,14 @@ def main(argv: list[str]) -> int:
     write_plan(plan, out / "plan", plots=not args.no_plots)
     startup_v = args.startup * day / REAL_DAY_S
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    variants = [v for v in args.variants.split(",") if v]
-    variants[2:2] = [v for v in extra if v not in variants]
+    if args.variants:
+        variants = [v for v in args.variants.split(",") if v]
+        unknown = [v for v in variants if v not in VARIANTS and v not in extra]
+        if unknown:
+            p.error(f"unknown variant {unknown[0]!r}")
+    else:
+        variants = list(VARIANTS)
+        variants[2:2] = list(extra)
     warmup, horizon, drain = 60.0, 60.0 + day, 120.0
     runs: list[dict[str, Any]] = []
     for seed in seeds:
