@@ -147,7 +147,7 @@ def markdown(plan: Mapping[str, Any]) -> str:
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines.append("| **mean** | " + " | ".join(f"{mean[m]:.2f}" for m in sorted(mean)) + " |")
     else:
-        lines.append("Not enough days to hold one back (needs 3).")
+        lines.append("Not enough days to hold one back (needs 4: three to forecast from).")
     lines += ["", "## Hourly targets (replicas per slot)", ""]
     for r, by_model in sorted(plan["targets"].items()):
         for m, v in sorted(by_model.items()):

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--regions", default="3,10,30")
     p.add_argument("--models", type=int, default=4)
     p.add_argument("--gpus", type=int, default=3)
-    p.add_argument("--gap", type=float, default=1e-3, help="relative MIP gap accepted")
+    p.add_argument("--gap", type=float, default=1e-2, help="relative MIP gap accepted")
     p.add_argument("--time-limit", type=float, default=120.0)
     p.add_argument("--out", default="results/plan-solver")
     args = p.parse_args(argv)

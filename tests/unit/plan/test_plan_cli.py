@@ -27,7 +27,7 @@ spot_max_share: 0.3
 """
 
 
-def write_trace(path: Path, days: int = 3, seed: int = 3) -> int:
+def write_trace(path: Path, days: int = 4, seed: int = 3) -> int:
     """Mooncake-format requests whose rate follows a daily cosine (peak 1/s)."""
     rng = random.Random(seed)
     lines = []
