@@ -28,3 +28,10 @@ def test_keda_example_queries_exported_metrics() -> None:
         names = set(re.findall(r"(kvmesh_[a-z_]+)\{", trig["metadata"]["query"]))
         assert names and names <= exported, names - exported
     assert triggers[0]["metadata"]["threshold"] == "1"  # replicas = the plan's target
+
+
+def test_example_spec_is_a_valid_plan_spec() -> None:
+    from plan.inputs import read_spec
+
+    spec = read_spec(EXAMPLE.parents[1] / "plan" / "spec.yaml")
+    assert set(spec.regions) == {"us", "eu", "asia"} and len(spec.gpus) == 3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.cli import main
+from cli import main
 
 DAY = 1200.0
 SPEC = """
