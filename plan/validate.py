@@ -299,6 +299,8 @@ def plot_timeline(runs: Sequence[Mapping[str, Any]], out: Path) -> Path | None:
         xs: list[float] = []
         ys: list[int] = []
         for t, region, _on, billed in r["timeline"]:
+            if t > DIURNAL_SHAPE.day_s + 60.0:
+                break
             per_region[region] = billed
             xs.append(t / DIURNAL_SHAPE.day_s * 24.0)
             ys.append(sum(per_region.values()))

@@ -148,6 +148,9 @@ class Autoscaler:
                 self._set(e, ON if i < n else OFF, 0.0)
 
     def install(self) -> None:
+        for region, engines in self.fleet.by_region.items():
+            on = sum(1 for e in engines if self.state[e.replica] == ON)
+            self.bill.timeline.append((0.0, region, on, on))
         self.fleet.loop.every(self.interval_s, self.tick, first=self.interval_s)
 
     def finish(self, now: float) -> None:
