@@ -129,8 +129,8 @@ def read_prom(path: str | Path, metric: str = DEMAND_COUNTER) -> Iterator[Sample
             labels = dict(_PROM_LABEL.findall(m["labels"] or ""))
             if m["ts"] is None:
                 raise PlanInputError(
-                    f"{where}: {metric} sample without a timestamp (dump the scrapes with "
-                    "their timestamps, e.g. from the Prometheus API or 'kvmesh plan --help')"
+                    f"{where}: {metric} sample without a timestamp (record the scrapes with "
+                    "their timestamps, e.g. from Prometheus' query API; docs/planning.md)"
                 )
             for lab in ("region", "model"):
                 if not labels.get(lab):
