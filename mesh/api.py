@@ -173,13 +173,27 @@ async def tokenize(inf: Inference, tokenizer: PromptTokenizer) -> list[int]:
     be rendered."""
     if inf.kind == "chat":
         try:
-            return await tokenizer.encode_chat(inf.body["messages"])
+            return await tokenizer.encode_chat(inf.body["messages"], **chat_options(inf.body))
         except ValueError as exc:
             raise ApiError(400, f"cannot render messages: {exc}", param="messages") from None
     prompt = routing_prompt(inf.body)
     if isinstance(prompt, str):
         return await tokenizer.encode(prompt)
     return list(prompt)
+
+
+def chat_options(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What besides the messages the engine renders into a chat prompt: ``tools`` (vLLM renders
+    them even with ``tool_choice: none`` unless started to exclude them) and
+    ``chat_template_kwargs``."""
+    out: dict[str, Any] = {}
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        out["tools"] = tools
+    kwargs = body.get("chat_template_kwargs")
+    if isinstance(kwargs, dict) and kwargs:
+        out["template_kwargs"] = kwargs
+    return out
 
 
 def _check_messages(body: Mapping[str, Any]) -> None:

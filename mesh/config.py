@@ -47,6 +47,8 @@ class EngineConfig:
     """Prefill tokens/s of the engine's profile (the kvmesh cost model); None: policy default."""
     first_byte_timeout: float | None = None
     """This engine's own time-to-first-byte limit (else the router's ``first_byte_timeout``)."""
+    data_parallel_size: int = 1
+    """Data-parallel ranks: rank r publishes on the ``kv_events`` and ``replay`` ports + r."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,8 @@ class RouterConfig:
     policy: str = DEFAULT_POLICY
     policy_params: Mapping[str, object] = field(default_factory=dict)
     tokenizer: str = "builtin"
-    block_size: int = 16
+    block_size: int | None = None
+    """Expected KV block size; None (the default): learned per engine from its events."""
     health_interval: float = 0.1
     """Seconds between engine /health + /metrics scrapes."""
     health_timeout: float = 1.0
@@ -254,11 +257,11 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
         if not isinstance(item, Mapping):
             raise ConfigError(key, f"expected a mapping with 'url', got {item!r}")
         unknown = set(item) - {"url", "kv_events", "replay", "prefill_rate",
-                               "first_byte_timeout"}
+                               "first_byte_timeout", "data_parallel_size"}
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown engine key "
                               "(known: url, kv_events, replay, prefill_rate, "
-                              "first_byte_timeout)")
+                              "first_byte_timeout, data_parallel_size)")
         if "url" not in item:
             raise ConfigError(f"{key}.url", "missing")
         url = _http_url(item["url"], f"{key}.url")
@@ -282,6 +285,8 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
                     _number(ttfb, f"{key}.first_byte_timeout", minimum=0.001)
                     if ttfb is not None else None
                 ),
+                data_parallel_size=_number(item.get("data_parallel_size", 1),
+                                           f"{key}.data_parallel_size", integer=True, minimum=1),
             )
         )
     return tuple(out)
@@ -406,8 +411,8 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         policy=policy,
         policy_params=params,
         tokenizer=tokenizer,
-        block_size=_number(raw.get("block_size", d.block_size), "block_size", integer=True,
-                           minimum=1),
+        block_size=(None if raw.get("block_size") is None else
+                    _number(raw.get("block_size"), "block_size", integer=True, minimum=1)),
         health_interval=_number(raw.get("health_interval", d.health_interval),
                                 "health_interval", minimum=0.001),
         health_timeout=_number(raw.get("health_timeout", d.health_timeout), "health_timeout",

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kvevents.block_sizes import DEFAULT_BLOCK_SIZE
 from mesh import forward_auth
 from mesh.api import ApiError, Inference, PromptTokenizer, error_response
 from mesh.client_auth import ApiKeys, KeyRefused
@@ -44,7 +45,9 @@ class Edge:
         self.guard = ConnectionGuard(self.limits)
         self.http_log = QuietLogger(logging.getLogger("aiohttp.server"))
         in_processes = from_config and config.prepare_in == "process"
-        self.preparer = Preparer(tokenizer, config.block_size,
+        # Keys computed while preparing are at the fallback size; the router keys requests at
+        # every size its engines publish (mesh.precision) from the prepared token ids.
+        self.preparer = Preparer(tokenizer, config.block_size or DEFAULT_BLOCK_SIZE,
                                  workers=config.prepare_workers,
                                  max_pending=config.max_preparing,
                                  spec=config.tokenizer if in_processes else None,

@@ -102,6 +102,8 @@ class EngineMonitor:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._models_every = models_every
         self._models_at: dict[str, float] = {}
+        self.adapters: dict[str, frozenset[str]] = {}
+        """Per engine: served model ids that are LoRA adapters (``parent`` set in /v1/models)."""
         self._on_update = on_update
         self._clock = clock
         self._tasks: list[asyncio.Task[None]] = []
@@ -193,6 +195,9 @@ class EngineMonitor:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             return ()
+        self.adapters[url] = frozenset(
+            str(m["id"]) for m in data if isinstance(m, dict) and "id" in m and m.get("parent")
+        )
         return tuple(str(m["id"]) for m in data if isinstance(m, dict) and "id" in m)
 
 

@@ -26,7 +26,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Histogram
 
-from kvevents.keys import request_keys
 from mesh.api import ApiError, parse_inference, tokenize
 from mesh.dispatch import Target
 from mesh.forward_auth import body_digest, sign_headers
@@ -159,7 +158,7 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         session: str | None = None
         model: str | None = None
         max_tokens = 0
-        salt = None
+        body: dict[str, Any] = {}
         if ask.kind is not None:
             t0 = time.perf_counter()
             try:
@@ -171,14 +170,13 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     None, 0
             router.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
             session, model, max_tokens = inf.session, inf.model, inf.max_tokens
-            s = inf.body.get("cache_salt")
-            salt = s if isinstance(s, str) else None
+            body = inf.body
         request_id = ask.headers.get("x-request-id") or f"kvm-{uuid.uuid4().hex[:16]}"
         t0 = time.perf_counter()
-        keys = request_keys(token_ids, router.config.block_size, salt=salt)
+        keys = router.precision.keys(token_ids, model, body, arrival)
         router.metrics.block_keys_seconds.observe(time.perf_counter() - t0)
-        req = Request(request_id, token_ids, keys, router.config.block_size, session,
-                      max_tokens, arrival, model)
+        req = Request(request_id, token_ids, keys, keys.unit, session, max_tokens, arrival,
+                      model)
         allowed = None
         if ask.subset is not None:
             allowed = frozenset(url for ep, url in self.by_endpoint.items() if ep in ask.subset)

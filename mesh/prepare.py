@@ -47,7 +47,14 @@ from typing import Any
 from kvevents.keys import request_keys
 from kvevents.tokenizers.base import BuiltinTokenizer
 from kvevents.tokenizers.engine import TokenizeError
-from mesh.api import ApiError, Inference, PromptTokenizer, parse_inference, routing_prompt
+from mesh.api import (
+    ApiError,
+    Inference,
+    PromptTokenizer,
+    chat_options,
+    parse_inference,
+    routing_prompt,
+)
 from mesh.forward_auth import body_digest
 
 log = logging.getLogger("kvmesh.router")
@@ -98,6 +105,9 @@ def encode_sync(sync: Any, inf: Inference) -> list[int]:
         if inf.kind == "chat":
             messages = inf.body["messages"]
             encode_chat = getattr(sync, "encode_chat", None)
+            options = chat_options(inf.body)  # tools, chat_template_kwargs: as the engine
+            if encode_chat is not None and options and hasattr(sync, "template"):
+                return list(encode_chat(messages, **options))
             if encode_chat is not None:
                 return list(encode_chat(messages))
             return list(sync.encode(sync.apply_chat_template(messages)))
@@ -292,7 +302,7 @@ class Preparer:
         inf = await loop.run_in_executor(pool, parse_inference, kind, path, raw, headers)
         pending = inf.body["messages"] if kind == "chat" else routing_prompt(inf.body)
         try:
-            ids = await _encode_async(self.tokenizer, kind, pending)
+            ids = await _encode_async(self.tokenizer, kind, pending, chat_options(inf.body))
         except TokenizeError as exc:
             self._note_fallback(exc)
             ids = await loop.run_in_executor(pool, encode_sync, BuiltinTokenizer(), inf)
@@ -328,11 +338,12 @@ def _keys_and_digest(ids: Sequence[int], salt: str | None, block_size: int,
     return block_keys(ids, salt, block_size), body_digest(raw)
 
 
-async def _encode_async(tokenizer: PromptTokenizer, kind: str, pending: Any) -> list[int]:
+async def _encode_async(tokenizer: PromptTokenizer, kind: str, pending: Any,
+                        options: Mapping[str, Any] | None = None) -> list[int]:
     try:
         if kind == "chat":
             try:
-                return await tokenizer.encode_chat(pending)
+                return await tokenizer.encode_chat(pending, **(options or {}))
             except ValueError as exc:
                 raise ApiError(400, f"cannot render messages: {exc}",
                                param="messages") from None

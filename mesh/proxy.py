@@ -21,6 +21,7 @@ import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +40,8 @@ H_CLIENT_ID = "x-client-request-id"
 PASS_HEADERS = ("authorization", "openai-organization", "openai-project")
 """Client headers passed to a local engine; a hop to another router carries none of them."""
 _HEADER_SAFE = frozenset(range(0x20, 0x7F))
+H_PREDICTED = "x-kvmesh-predicted-cached-tokens"
+"""On answers from this router's own engines: the cached prompt tokens it predicted there."""
 
 
 def upstream_headers(incoming: Mapping[str, str], request_id: str, *, local: bool,
@@ -154,33 +157,53 @@ def sse_error(exc: BaseException) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
+class Tap(Protocol):
+    """Watches (and may rewrite) the body on its way to the client (``mesh.selfcheck``)."""
+
+    @property
+    def rewrites(self) -> bool:
+        """True when ``feed`` may send other bytes than it got."""
+        ...
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
 def response_headers(up: Upstream) -> dict[str, str]:
     return {k: v for k, v in up.resp.headers.items() if k.lower() not in _SKIP}
 
 
 async def relay(
-    request: web.Request, up: Upstream, extra_headers: Mapping[str, str]
+    request: web.Request, up: Upstream, extra_headers: Mapping[str, str],
+    tap: Tap | None = None,
 ) -> tuple[web.StreamResponse, int, bool]:
-    """Copy ``up`` to the client as it arrives; returns (response, bytes sent, completed)."""
+    """Copy ``up`` to the client as it arrives; returns (response, bytes sent, completed).
+
+    A ``tap`` sees every chunk and says what to send on (a tap that rewrites makes the
+    length unknown in advance, so the answer is then chunked)."""
     headers = response_headers(up)
     headers.update(extra_headers)
     resp = web.StreamResponse(status=up.status, headers=headers)
     length = up.resp.headers.get("Content-Length")
-    if length is not None and length.isdigit():
+    if length is not None and length.isdigit() and (tap is None or not tap.rewrites):
         resp.content_length = int(length)
     await resp.prepare(request)
     sent = 0
     completed = False
     try:
-        if up.first:
-            await resp.write(up.first)
-            sent += len(up.first)
-        while True:
+        chunk = up.first
+        while chunk:
+            out = tap.feed(chunk) if tap is not None else chunk
+            if out:
+                await resp.write(out)
+                sent += len(out)
             chunk = await up.resp.content.readany()
-            if not chunk:
-                break
-            await resp.write(chunk)
-            sent += len(chunk)
+        if tap is not None:
+            rest = tap.finish()
+            if rest:
+                await resp.write(rest)
+                sent += len(rest)
         await resp.write_eof()
         completed = True
     except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -49,8 +49,10 @@ from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
+from mesh.precision import Precision
 from mesh.proxy import (
     H_CLIENT_ID,
+    H_PREDICTED,
     H_REGION,
     H_REPLICA,
     H_ROUTE,
@@ -99,12 +101,13 @@ class Router:
         self.metrics = RouterMetrics()
         self.dispatches = Dispatches()
         self.local_engines = {e.url: e for e in config.engines}
+        self.precision = Precision(config, self.backend, self._adapters)
         self.views = ViewBuilder(
             region=config.region,
             dispatches=self.dispatches,
             records=self._records,
             regions=self.backend.regions,
-            prefix=self.backend.prefix,
+            prefix=self.precision.lookup,
             static_rtt=config.rtt,
             emulated_rtt=config.emulate_rtt,
         )
@@ -133,6 +136,7 @@ class Router:
         self.port: int | None = None
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         """Extra parts of ``/mesh/status`` by name (the endpoint picker's)."""
+        self.status_sections["precision"] = self.precision.status
         self.decision_log = DecisionLog()
         self.warmup = warmup.Warmup(self.started_at, config.warm_timeout)
         self.edge = Edge(config, self.tokenizer, from_config=tokenizer is None)
@@ -141,6 +145,7 @@ class Router:
         self.app = build_app(self, [*self.backend.routes(), *dashboard.routes(self)])
         self.edge.install(self.app, self.metrics)
         self.metrics.add_provider(self._state_metrics)
+        self.metrics.add_provider(self.precision.metrics)
         self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
         self.metrics.add_provider(lambda: mesh_metrics(self.backend))
         self.demand = DemandMeter()
@@ -208,6 +213,9 @@ class Router:
             await self._session.close()
 
     # -- state -----------------------------------------------------------------------------
+    def _adapters(self) -> Mapping[str, frozenset[str]]:
+        return self.engines.adapters if self.engines is not None else {}
+
     def _engine_update(self, state: EngineState) -> None:
         self.backend.publish_engine(state, self.config.region, self.clock())
         self.kick()  # a load change: re-evaluate a waiting head
@@ -311,7 +319,8 @@ class Router:
         # The router owns request ids (unique per dispatch); the client's id is echoed back.
         request_id = fwd.request_id if fwd else f"kvm-{uuid.uuid4().hex}"
         self.metrics.tokenize_seconds.observe(inf.parse_seconds)
-        req = Request(request_id, inf.token_ids, inf.keys, self.config.block_size, inf.session,
+        keys = self.precision.keys_for(inf, arrival)
+        req = Request(request_id, inf.token_ids, keys, keys.unit, inf.session,
                       inf.max_tokens, arrival, inf.model)
         if fwd is None:
             self.demand.observe(inf.model, req.num_tokens, inf.max_tokens, arrival)
@@ -385,6 +394,9 @@ class Router:
         if not target.local:
             headers.update(self.edge.sign_forward(target.replica, request_id, inf))
             self.metrics.forwards.labels(target.region).inc()
+        check = (self.precision.prepare(inf, target.replica, req.keys, req.block_size,
+                                        self.dispatches.inflight(target.replica) > 0)
+                 if target.local else None)
         ticket = self.dispatcher.start(target, req.num_tokens, self.clock())
         if ticket.publish:
             self._publish()
@@ -393,7 +405,8 @@ class Router:
         self.edge.outliers.admit(replica, self.clock())
         try:
             try:
-                up = await self.forwarder.open(url, inf.raw, headers, target.delay, ttfb)
+                up = await self.forwarder.open(url, check.body if check else inf.raw, headers,
+                                               target.delay, ttfb)
             except UpstreamError as exc:
                 self.metrics.retries.labels(exc.kind).inc()
                 log.warning("attempt on %s failed before the first byte: %s", url, exc)
@@ -416,7 +429,12 @@ class Router:
             client_id = self._client_ids.get(request_id)
             if client_id is not None:
                 extra[H_CLIENT_ID] = client_id
-            resp, _, completed = await relay(request, up, extra)
+            if check is not None:
+                extra[H_PREDICTED] = str(check.predicted)
+            resp, _, completed = await relay(request, up, extra,
+                                             check.tap if check else None)
+            if check is not None:
+                self.precision.observe(check, up.status, completed, self.clock())
             self.metrics.requests.labels(route, str(up.status)).inc()
             if not completed:
                 log.info("stream %s to %s ended early", request_id, target.replica)

@@ -30,6 +30,7 @@ from mesh.engines import EngineState
 from mesh.metrics import gauge
 from mesh.node import MeshConfig, MeshNode
 from mesh.policies.base import NoPrefixes, PrefixLookup
+from mesh.sized_lookup import dp_sources, engine_of, learned_block_sizes
 from mesh.status import ReplicaLoad, ReplicaStatus, build_status, replica_rows
 from mesh.tls import client_context
 from mesh.transport import STATUS_PATH
@@ -168,7 +169,8 @@ class MeshState:
         for i, eng in enumerate(config.engines):
             if eng.kv_events is None:
                 continue
-            self.subscribers.append(self._subscriber(i, eng.url, eng.kv_events, eng.replay))
+            for name, events, replay in dp_sources(eng):  # one stream per data-parallel rank
+                self.subscribers.append(self._subscriber(i, name, events, replay))
         if config.peers:
             self.node = self._node()
         generation = self.node.generation if self.node is not None else int(time.time() * 1000)
@@ -195,8 +197,10 @@ class MeshState:
                                       "meta": self.meta}, replicas=self._status_rows)
 
     def _write_meta(self, now: float) -> None:
+        sizes = learned_block_sizes(self.subscribers)
         engines = {e.url: {"prefill_rate": e.prefill_rate,
-                           "models": list(self._models.get(e.url, ()))}
+                           "models": list(self._models.get(e.url, ())),
+                           "block_size": sizes.get(e.url)}
                    for e in self.config.engines}
         self.meta.set(self.me, {"region": self.config.region, "addr": self.config.advertise,
                                 "engines": engines, "queue": self._queue},
@@ -323,9 +327,13 @@ class MeshState:
 
     def _tidy(self, now: float) -> None:
         for url, since in list(self._down_since.items()):
-            if now - since >= self.slice_expiry and self.index.version(url) is not None:
-                log.info("engine %s down for %.0fs: dropping its slice", url, now - since)
-                self.index.drop(url, now=now)
+            if now - since < self.slice_expiry:
+                continue
+            for name in [r for r in self.index.replicas() if engine_of(r) == url]:  # DP ranks
+                if self.index.version(name) is not None:
+                    log.info("engine %s down for %.0fs: dropping slice %s", url, now - since,
+                             name)
+                    self.index.drop(name, now=now)
         self.index.gc(now, 60.0)
         self.loads.expire(now)
         self.meta.gc(now, 300.0)

@@ -13,7 +13,7 @@ from collections.abc import Generator
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-_STRICT_MARKERS = ("integration", "chaos", "redis")
+_STRICT_MARKERS = ("integration", "chaos", "redis", "real")
 
 
 @pytest.hookimpl(hookwrapper=True)

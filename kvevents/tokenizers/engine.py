@@ -8,7 +8,7 @@ round trip per request. Request: ``{"prompt": text, "add_special_tokens": true}`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -46,12 +46,22 @@ class EngineTokenizer:
     async def encode(self, text: str) -> list[int]:
         return await self._tokenize({"prompt": text, "add_special_tokens": True})
 
-    async def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        body = {
+    async def encode_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[object] | None = None,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> list[int]:
+        body: dict[str, Any] = {
             "messages": [dict(m) for m in messages],
             "add_generation_prompt": True,
             "add_special_tokens": False,
         }
+        if tools:
+            body["tools"] = list(tools)
+        if template_kwargs:
+            body["chat_template_kwargs"] = dict(template_kwargs)
         return await self._tokenize(body)
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ callers that cannot await.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from kvevents.tokenizers.base import BuiltinTokenizer, Message, Tokenizer
@@ -24,7 +24,16 @@ class AsyncTokenizer(Protocol):
 
     async def encode(self, text: str) -> list[int]: ...
 
-    async def encode_chat(self, messages: Sequence[Message]) -> list[int]: ...
+    async def encode_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[object] | None = None,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> list[int]:
+        """Messages rendered by the chat template (generation prompt on); ``tools`` and
+        ``template_kwargs`` (a request's ``chat_template_kwargs``) as the engine passes them."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -39,10 +48,21 @@ class LocalTokenizer:
     async def encode(self, text: str) -> list[int]:
         return self.sync.encode(text)
 
-    async def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+    async def encode_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[object] | None = None,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> list[int]:
         encode_chat = getattr(self.sync, "encode_chat", None)
         if encode_chat is not None:
-            ids: list[int] = encode_chat(messages)
+            options: dict[str, object] = {}
+            if tools:
+                options["tools"] = tools
+            if template_kwargs:
+                options["template_kwargs"] = template_kwargs
+            ids: list[int] = encode_chat(messages, **options)
             return ids
         return self.sync.encode(self.sync.apply_chat_template(messages))
 

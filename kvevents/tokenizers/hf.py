@@ -42,6 +42,10 @@ _SPECIAL_VARS = (
 )
 
 
+_RESERVED = frozenset({"messages", "add_generation_prompt", "tools"})
+"""Template variables a request's ``chat_template_kwargs`` cannot set."""
+
+
 class TemplateError(ValueError):
     """The chat template cannot render these messages (or cannot be loaded)."""
 
@@ -168,7 +172,15 @@ class HFTokenizer:
             return self.encode_rendered(text)
         return list(self.tok.encode(text, add_special_tokens=True).ids)
 
-    def apply_chat_template(self, messages: Sequence[Message]) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[object] | None = None,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> str:
+        """Render as vLLM does: ``tools`` and the request's ``chat_template_kwargs`` are
+        template variables (they cannot override the messages or the special tokens)."""
         if self.template is None:
             raise ValueError(f"{self.name} has no chat template")
         msgs = []
@@ -178,8 +190,11 @@ class HFTokenizer:
                 raise ValueError("every message needs a non-empty string 'role'")
             msgs.append({**m, "content": message_text(m.get("content"))})
         try:
+            extra = {k: v for k, v in (template_kwargs or {}).items()
+                     if k not in self.special_vars and k not in _RESERVED}
             text = self.template.render(
-                messages=msgs, add_generation_prompt=True, tools=None, **self.special_vars
+                **extra, messages=msgs, add_generation_prompt=True,
+                tools=list(tools) if tools else None, **self.special_vars,
             )
         except (jinja2.TemplateError, TemplateError) as exc:
             raise ValueError(f"chat template: {exc}") from None
@@ -189,8 +204,16 @@ class HFTokenizer:
         return text
 
     # -- explicit entry points --------------------------------------------------------------
-    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        return self.encode_rendered(self.apply_chat_template(messages))
+    def encode_chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        tools: Sequence[object] | None = None,
+        template_kwargs: Mapping[str, object] | None = None,
+    ) -> list[int]:
+        return self.encode_rendered(
+            self.apply_chat_template(messages, tools=tools, template_kwargs=template_kwargs)
+        )
 
     def encode_rendered(self, text: str) -> list[int]:
         """A rendered chat: no special tokens added, through the prefix cache."""
