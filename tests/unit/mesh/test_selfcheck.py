@@ -9,7 +9,7 @@ import pytest
 
 from mesh.api import Inference
 from mesh.config import EngineConfig
-from mesh.precision import dp_sources, has_media, single_prompt
+from mesh.precision import has_media, single_prompt
 from mesh.selfcheck import (
     CheckParams,
     EventHealth,
@@ -20,6 +20,7 @@ from mesh.selfcheck import (
     wants_usage_injection,
     with_usage,
 )
+from mesh.sized_lookup import dp_sources
 
 E = "http://e:8000"
 
