@@ -204,7 +204,14 @@ def test_stream_usage_asked_for_and_stripped(engines: Engines, routers: Routers,
     chunks = list(c.chat.completions.create(model=MODEL_NAME, messages=msgs,  # type: ignore
                                             max_tokens=4, stream=True))
     assert all(ch.usage is None for ch in chunks)
-    doc = r.status()["precision"]["engines"][engines.a.url]
+    # The router scores a stream once it has relayed the end, which may come just after the
+    # client has read it: wait for the second outcome.
+    deadline = time.monotonic() + 10
+    while True:
+        doc = r.status()["precision"]["engines"][engines.a.url]
+        if sum(doc["outcomes"].values()) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert doc["outcomes"]["exact"] == 2 and doc["outcomes"]["no_usage"] == 0, doc
     assert doc["reported_tokens"] > 0, "the second stream should have hit the cache"
 
