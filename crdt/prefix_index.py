@@ -39,13 +39,15 @@ join: per key point the arc of the newest snapshot seq wins, equal seqs unite, s
 merge in any order, duplicated or re-sent. Arcs of one snapshot install exactly that
 snapshot; arcs from snapshots at several seqs (the origin moved on between pieces) install
 at the oldest of them, ``v``, keeping only entries <= v: the receiver then has every key
-whose latest operation is <= v and every key it holds is live as of v. That is the
+whose latest operation is <= v and every key it holds is live as of v. Arcs of snapshots
+older than a clear or a sender horizon that a staged piece reports are void (a slice
+installed from them could not be continued). That is the
 *catching up* state of a receiver whose ``base`` is above its data: any later CONT from a
 sender whose horizon is <= base is safe. A CONT whose sender dropped tombstones the
 receiver may still need (sender horizon > receiver base) is refused and the receiver asks
 for a RESET by reporting rank 0 in its digest (it keeps answering queries from what it has
-meanwhile). ``AllBlocksCleared`` empties the log and records the clear's seq;
-peers that have not seen it get a RESET.
+meanwhile); it takes no RESET older than what it holds. ``AllBlocksCleared`` empties the
+log and records the clear's seq; peers that have not seen it get a RESET.
 
 Whole replicas leave with ``drop``: a versioned tombstone that beats every slice of that
 replica up to its version (a stale copy cannot come back) and loses to a later one; it is
@@ -296,8 +298,13 @@ class _Slice:
         """Key space walked since the cursor last jumped (see ``_snapshot``)."""
 
     def rank(self) -> int:
-        if self.need_reset:
-            return 0
+        """The digest's rank: 0 while waiting for a reset (so peers send one)."""
+        return 0 if self.need_reset else self.held_rank()
+
+    def held_rank(self) -> int:
+        """The rank of what the slice holds. A slice waiting for a reset takes none below
+        it: going back would lose writes, and an ingester would then continue its stream
+        from a log that lacks the batches in between."""
         return _rank(self.seq, COMPLETE if self.complete else PARTIAL)
 
     def close_run(self, word: int) -> None:
@@ -341,7 +348,13 @@ class _Staging:
     """Arcs of snapshots of one replica at ``(epoch, complete)``, gathered until they cover
     the key space. ``cover`` is sorted, disjoint ``(start, end, snapshot seq)``; ``entries``
     maps each staged key to its log word. Every operation is a pointwise join (per key point
-    the higher snapshot seq wins, equal seqs unite), so arrival order does not matter."""
+    the higher snapshot seq wins, equal seqs unite), so arrival order does not matter.
+
+    Arcs of snapshots older than ``floor`` are void, as if never staged: the latest clear a
+    staged piece has seen (they describe a log the clear emptied), or a staged sender's
+    horizon (it forgot removals after them). Kept, they would install a slice no sender can
+    continue -- a peer below a sender's clear gets a reset, and a continuation from a horizon
+    above the peer's base is refused -- and the install would throw away the newer arcs."""
 
     epoch: int
     complete: bool
@@ -349,18 +362,26 @@ class _Staging:
     entries: dict[int, int] = field(default_factory=dict)
     horizon: int = -1
     base: int = _OPEN
-    clears: set[int] = field(default_factory=lambda: {-1})
+    cleared: int = -1
+    floor: int = -1
 
     def add(self, p: SlicePiece) -> bool:
         v = p.hi
+        if v < self.floor:
+            return False
         changed = False
+        if p.cleared > self.cleared:
+            self.cleared, changed = p.cleared, True
+        floor = max(p.cleared, min(p.horizon, v))  # a catching-up sender's may pass its seq
+        if floor > self.floor:
+            self.floor, changed = floor, True
+            self.cover = [iv for iv in self.cover if iv[2] >= floor]
+            spans = [(a, b) for a, b, _ in self.cover]
+            self.entries = {k: w for k, w in self.entries.items() if _inside(k, spans)}
         if p.horizon > self.horizon:
             self.horizon, changed = p.horizon, True
         if p.base < self.base:
             self.base, changed = p.base, True
-        if p.cleared not in self.clears:
-            self.clears.add(p.cleared)
-            changed = True
         # Paint the piece's arc over the cover: strictly newer wins, equal joins.
         win: list[tuple[int, int]] = []
         join: list[tuple[int, int]] = []
@@ -452,7 +473,7 @@ class _Staging:
             complete=self.complete,
             horizon=self.horizon,
             base=max(self.base, v),
-            cleared=max(c for c in self.clears if c <= v),
+            cleared=self.cleared,  # <= v: no arc below it is staged
             runs=_to_le(runs),
             keys=_to_le(keys),
         )
@@ -569,8 +590,12 @@ class PrefixIndex:
         if epoch < s.epoch:
             return None
         if s.need_reset:
-            self._restart_partial(s, seq)
-            return s
+            if s.base != s.seq or seq > s.seq + 1:
+                self._restart_partial(s, seq)
+                return s
+            # What we hold is exact at our seq (a refused continuation changed nothing), and
+            # the stream follows on from it: continue it, no reset needed.
+            s.need_reset = False
         if seq < s.seq:
             return None
         if s.pending_gap:
@@ -870,7 +895,7 @@ class PrefixIndex:
         if p.epoch < s.epoch:
             return False
         if s.need_reset:
-            if not p.reset:
+            if not p.reset or prank < (s.epoch, s.held_rank()):
                 return False
             self._load(s, p)
             return True
@@ -904,7 +929,9 @@ class PrefixIndex:
         prank = (p.epoch, _rank(p.hi, COMPLETE if p.complete else PARTIAL))
         s = self._slices.get(p.replica)
         if s is not None and (
-            p.epoch < s.epoch or (not s.need_reset and prank <= (s.epoch, s.rank()))
+            p.epoch < s.epoch
+            or prank < (s.epoch, s.held_rank())
+            or (not s.need_reset and prank == (s.epoch, s.held_rank()))
         ):
             return False
         d = self._dropped.get(p.replica)
@@ -926,7 +953,9 @@ class PrefixIndex:
         st = self._staging[replica]
         best = (st.epoch, _rank(st.best(), COMPLETE if st.complete else PARTIAL))
         s = self._slices.get(replica)
-        if s is not None and not s.need_reset and best <= (s.epoch, s.rank()):
+        if s is not None and (
+            best < (s.epoch, s.held_rank()) or (not s.need_reset and best == (s.epoch, s.rank()))
+        ):
             return True
         d = self._dropped.get(replica)
         return d is not None and d.key() >= best

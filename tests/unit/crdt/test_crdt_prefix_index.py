@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crdt import wire
@@ -203,6 +203,44 @@ def test_partial_slices_travel_as_partial() -> None:
     sync_all([a, b])
     info = b.slice_info("r")
     assert info is not None and info.partial and b.keys("r") == {1, 2}
+
+
+def test_an_ingester_waiting_for_a_reset_takes_no_older_one_and_continues_its_stream() -> None:
+    """A continuation from a sender that forgot removals is refused (the receiver asks for a
+    reset). An older reset must not be loaded meanwhile: the ingester would continue its
+    stream from a log lacking the batches in between, at a complete version."""
+    stream: list[tuple[str, int, list[int]]] = [
+        ("store", 0, [1, 2, 3]),
+        ("remove", 1, [1]),
+        ("store", 2, [4]),
+        ("remove", 3, [2]),
+        ("store", 4, [5]),
+        ("remove", 5, [3]),
+        ("store", 6, [6]),
+        ("remove", 7, [4]),
+        ("store", 8, [7]),
+    ]
+
+    def feed(idx: PrefixIndex, upto: int) -> None:
+        for kind, seq, keys in stream[: upto + 1]:
+            (idx.store if kind == "store" else idx.remove)("r", (1, seq), keys)
+
+    ingester, ahead, stale = PrefixIndex(), PrefixIndex(), PrefixIndex()
+    for idx in (ingester, ahead, stale):
+        idx.reset("r", 1)
+    feed(ingester, 5)
+    feed(stale, 2)
+    feed(ahead, 8)
+    ahead.gc(now=0.0, grace=0.0)
+    ahead.compact()  # forgets the removals: its horizon passes the ingester's seq
+    ingester.merge(ahead.delta_since(ingester.digest(), 0.0), 0.0)
+    assert ingester.digest()["r"] == (1, 0)  # refused: asks for a reset
+    assert not ingester.merge(stale.full_delta(), 0.0)  # an older reset is no reset
+    assert ingester.version("r") == (1, 5) and ingester.keys("r") == {4, 5}
+    for kind, seq, keys in stream[6:]:  # its own stream follows on: no reset needed
+        (ingester.store if kind == "store" else ingester.remove)("r", (1, seq), keys)
+    assert ingester.content() == ahead.content() == {"r": (1, 8, True, frozenset({5, 6, 7}))}
+    ingester.check_invariants()
 
 
 def test_drop_leaves_a_tombstone_that_beats_stale_copies_but_not_newer_versions() -> None:
@@ -424,6 +462,12 @@ def random_stream(rnd: random.Random, length: int) -> list[list[Op]]:
     seed=st.integers(0, 2**32 - 1),
     budget=st.sampled_from([None, 60, 200, 1000]),
 )
+# arcs staged before a clear installed a slice below it, throwing away the newer arcs
+@example(n_engines=4, seed=432366, budget=200)
+# an ingester waiting for a reset loaded an older one, then continued its stream from it
+@example(n_engines=2, seed=604258321, budget=None)
+# ... or, once that was refused, restarted partial although its slice was exact
+@example(n_engines=4, seed=3168211705, budget=1000)
 def test_routers_converge_to_the_model_under_loss_duplication_and_reordering(
     n_engines: int, seed: int, budget: int | None
 ) -> None:

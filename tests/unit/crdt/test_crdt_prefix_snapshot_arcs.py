@@ -211,3 +211,37 @@ def test_arc_pieces_are_checked_on_decode() -> None:
             src.delta_from_wire([obj[0], obj[1], [outside], []])
     # the well-formed piece round-trips
     assert src.delta_from_wire(obj) == d
+
+
+@pytest.mark.parametrize("old_first", [True, False])
+def test_arcs_of_a_snapshot_from_before_a_clear_are_void_once_a_later_one_is_staged(
+    old_first: bool,
+) -> None:
+    """Arcs staged before the origin cleared must not install: the slice would sit below the
+    clear, where no sender can continue it (it gets another reset), and the install would
+    throw away the newer arcs staged so far. So the first install is the post-clear state."""
+    rnd = random.Random(5)
+    src = PrefixIndex()
+    src.reset(R, 3)
+    src.store(R, (3, 0), [rnd.getrandbits(64) for _ in range(200)])
+    old = [src.delta_since({}, 0.0, 300) for _ in range(5)]  # the first arcs of a lap at seq 0
+    assert all(not d.pieces[0].whole and d.pieces[0].hi == 0 for d in old)
+    src.clear(R, (3, 1))
+    src.store(R, (3, 2), [rnd.getrandbits(64) for _ in range(200)])
+    recv = PrefixIndex()
+    if old_first:
+        for d in old:
+            assert recv.merge(roundtrip(recv, d), 0.0)
+    for n in range(1000):
+        d = src.delta_since(recv.digest(), 0.0, 300)  # the lap goes on, now at seq 2
+        assert not d.is_empty() and d.pieces[0].hi == 2
+        recv.merge(roundtrip(recv, d), 0.0)
+        if n == 0 and not old_first:
+            for late in old:  # staged after an arc that has seen the clear: void
+                assert not recv.merge(roundtrip(recv, late), 0.0)
+        if recv.replicas():
+            break
+    assert recv.version(R) == (3, 2)
+    assert recv.content() == src.content()
+    assert src.delta_since(recv.digest(), 0.0, 300).is_empty()
+    recv.check_invariants()
