@@ -15,6 +15,44 @@
 #include <Python.h>
 #include <stdint.h>
 
+/* The flat table of HolderMap: keys (array('Q')) and slots (array('I')) of one length. */
+typedef struct {
+    Py_buffer kbuf, sbuf;
+    const uint64_t *keys;
+    const uint32_t *slots;
+    uint64_t size;
+} Table;
+
+static int
+open_table(PyObject *keys_obj, PyObject *slots_obj, Table *t, const char *who)
+{
+    if (PyObject_GetBuffer(keys_obj, &t->kbuf, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return -1;
+    if (PyObject_GetBuffer(slots_obj, &t->sbuf, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&t->kbuf);
+        return -1;
+    }
+    if (t->kbuf.itemsize != 8 || t->sbuf.itemsize != 4 || t->kbuf.len / 8 != t->sbuf.len / 4
+        || t->kbuf.len == 0) {
+        PyErr_Format(PyExc_TypeError, "%s: table must be array('Q') and array('I') of one "
+                                      "non-zero length", who);
+        PyBuffer_Release(&t->sbuf);
+        PyBuffer_Release(&t->kbuf);
+        return -1;
+    }
+    t->keys = (const uint64_t *)t->kbuf.buf;
+    t->slots = (const uint32_t *)t->sbuf.buf;
+    t->size = (uint64_t)(t->kbuf.len / 8);
+    return 0;
+}
+
+static void
+close_table(Table *t)
+{
+    PyBuffer_Release(&t->sbuf);
+    PyBuffer_Release(&t->kbuf);
+}
+
 static int
 append_run(PyObject *out, Py_ssize_t at, PyObject *mask)
 {
@@ -34,22 +72,13 @@ runs(PyObject *self, PyObject *args)
                           &PyList_Type, &bits))
         return NULL;
 
-    Py_buffer tk, ts;
-    if (PyObject_GetBuffer(tk_obj, &tk, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+    Table t;
+    if (open_table(tk_obj, ts_obj, &t, "runs") < 0)
         return NULL;
-    if (PyObject_GetBuffer(ts_obj, &ts, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&tk);
-        return NULL;
-    }
     PyObject *keys = NULL, *out = NULL, *active = NULL;
-    if (tk.itemsize != 8 || ts.itemsize != 4 || tk.len / 8 != ts.len / 4 || tk.len == 0) {
-        PyErr_SetString(PyExc_TypeError, "runs: table must be array('Q') and array('I') "
-                                         "of one non-zero length");
-        goto done;
-    }
-    const uint64_t *tkeys = (const uint64_t *)tk.buf;
-    const uint32_t *tslots = (const uint32_t *)ts.buf;
-    const uint64_t size = (uint64_t)(tk.len / 8);
+    const uint64_t *tkeys = t.keys;
+    const uint32_t *tslots = t.slots;
+    const uint64_t size = t.size;
     const Py_ssize_t nbits = PyList_GET_SIZE(bits);
 
     keys = PySequence_Fast(keys_obj, "runs: keys must be a sequence");
@@ -119,8 +148,7 @@ fail:
 done:
     Py_XDECREF(active);
     Py_XDECREF(keys);
-    PyBuffer_Release(&ts);
-    PyBuffer_Release(&tk);
+    close_table(&t);
     return out;
 }
 
@@ -141,22 +169,13 @@ match64(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "match64: more than 64 replica slots");
         return NULL;
     }
-    Py_buffer tk, ts;
-    if (PyObject_GetBuffer(tk_obj, &tk, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+    Table t;
+    if (open_table(tk_obj, ts_obj, &t, "match64") < 0)
         return NULL;
-    if (PyObject_GetBuffer(ts_obj, &ts, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
-        PyBuffer_Release(&tk);
-        return NULL;
-    }
     PyObject *keys = NULL, *out = NULL;
-    if (tk.itemsize != 8 || ts.itemsize != 4 || tk.len / 8 != ts.len / 4 || tk.len == 0) {
-        PyErr_SetString(PyExc_TypeError, "match64: table must be array('Q') and array('I') "
-                                         "of one non-zero length");
-        goto done;
-    }
-    const uint64_t *tkeys = (const uint64_t *)tk.buf;
-    const uint32_t *tslots = (const uint32_t *)ts.buf;
-    const uint64_t size = (uint64_t)(tk.len / 8);
+    const uint64_t *tkeys = t.keys;
+    const uint32_t *tslots = t.slots;
+    const uint64_t size = t.size;
     const Py_ssize_t nslots = PyList_GET_SIZE(names);
 
     keys = PySequence_Fast(keys_obj, "match64: keys must be a sequence");
@@ -256,8 +275,7 @@ fail:
     Py_CLEAR(out);
 done:
     Py_XDECREF(keys);
-    PyBuffer_Release(&ts);
-    PyBuffer_Release(&tk);
+    close_table(&t);
     return out;
 }
 
