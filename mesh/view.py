@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from mesh.policies.base import NoPrefixes, PrefixLookup, RegionView, ReplicaView, View
 
@@ -122,6 +123,9 @@ class Dispatches:
         return sum(len(ts) for ts in self._open.values())
 
 
+_by_replica = attrgetter("replica")
+
+
 @dataclass(slots=True)
 class ViewBuilder:
     region: str
@@ -141,49 +145,45 @@ class ViewBuilder:
               model: str | None = None) -> View:
         """The view at ``now``; with ``model``, engines known not to serve it are left out."""
         replicas = []
-        seen_regions: set[str] = set()
+        freshest: dict[str, float] = {}
+        """Per region: the youngest load record in the view (own pushes after it are fresh)."""
         known = self.regions(now)
+        inflight, fresh, inf = self.dispatches.inflight, self.dispatches.fresh, float("inf")
         for rec in self.records(now):
             if model is not None and rec.models and model not in rec.models:
                 continue
-            seen_regions.add(rec.region)
-            own = self.dispatches.inflight(rec.replica)
-            if own and rec.inflight_age != float("inf"):
+            region, age = rec.region, rec.age
+            if age < freshest.get(region, inf):
+                freshest[region] = age
+            else:
+                freshest.setdefault(region, age)
+            own = inflight(rec.replica)
+            if own and rec.inflight_age != inf:
                 # A forward reaches the owner half a round trip after it left here.
-                half = self.rtt(rec.region, known.get(rec.region)) / 2
+                half = self.rtt(region, known.get(region)) / 2
                 own -= self.dispatches.covered(rec.replica, now - rec.inflight_age - half)
-            replicas.append(
-                ReplicaView(
-                    replica=rec.replica,
-                    region=rec.region,
-                    healthy=rec.healthy,
-                    waiting=rec.waiting,
-                    running=rec.running,
-                    kv_usage=rec.kv_usage,
-                    load_age=rec.age,
-                    inflight=rec.others_inflight + own,
-                    fresh=self.dispatches.fresh(rec.replica, now - rec.age) if own else 0,
-                    prefill_rate=rec.prefill_rate,
-                    owner=rec.owner,
-                )
-            )
+            # Positional (the field order of ReplicaView): this runs per replica per request.
+            replicas.append(ReplicaView(
+                rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
+                rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
+                rec.prefill_rate, rec.owner,
+            ))
         regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
-        for name in seen_regions | set(known):
+        for name in freshest.keys() | known.keys():
             if name == self.region:
                 continue
             info = known.get(name)
-            freshest = min((r.load_age for r in replicas if r.region == name), default=0.0)
             regions[name] = RegionView(
                 region=name,
                 rtt=self.rtt(name, info),
                 reachable=info is not None and bool(info.routers),
                 queue=info.queue if info is not None else 0,
-                pushed=self.dispatches.fresh(region_key(name), now - freshest),
+                pushed=fresh(region_key(name), now - freshest.get(name, 0.0)),
                 routers=info.routers if info is not None else (),
             )
         return View(
             region=self.region,
-            replicas=tuple(sorted(replicas, key=lambda r: r.replica)),
+            replicas=tuple(sorted(replicas, key=_by_replica)),
             regions=regions,
             prefix=self.prefix,
             queue=queue,
