@@ -46,9 +46,12 @@ class Request:
         return len(self.token_ids)
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaView:
-    """One engine replica anywhere in the mesh, as this router believes it to be."""
+class ReplicaView(NamedTuple):
+    """One engine replica anywhere in the mesh, as this router believes it to be.
+
+    A named tuple rather than a dataclass: the view builder makes one per replica per
+    decision, and a tuple is built in a fifth of the time of a frozen dataclass.
+    """
 
     replica: str
     """The replica's id: its engine URL."""
@@ -116,16 +119,13 @@ class View:
 
     def healthy(self, scope: str = "mesh") -> list[ReplicaView]:
         """Healthy replicas in reachable regions; ``scope`` "local" keeps the own region only."""
-        out = []
-        for r in self.replicas:
-            if not r.healthy:
-                continue
-            if scope == "local" and r.region != self.region:
-                continue
-            if r.region != self.region and not self.region_info(r.region).reachable:
-                continue
-            out.append(r)
-        return out
+        home = self.region
+        if scope == "local":
+            return [r for r in self.replicas if r.healthy and r.region == home]
+        reachable = {name: info.reachable for name, info in self.regions.items()}
+        reachable[home] = True
+        # A region the view does not know counts as reachable (``region_info``'s default).
+        return [r for r in self.replicas if r.healthy and reachable.get(r.region, True)]
 
     def region_info(self, region: str) -> RegionView:
         info = self.regions.get(region)
@@ -142,7 +142,7 @@ class View:
         if not bad and not bad_regions:
             return self
         reps = tuple(
-            replace(r, healthy=False) if r.replica in bad or r.region in bad_regions else r
+            r._replace(healthy=False) if r.replica in bad or r.region in bad_regions else r
             for r in self.replicas
         )
         return replace(self, replicas=reps)

@@ -119,18 +119,21 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     mean_prompt = view.mean_prompt_tokens
     n_tokens, block = request.num_tokens, request.block_size
     rtts: dict[str, float] = {}
+    inf = math.inf
+    # ``max(x, 0.0)`` and ``min(x, cap)`` written as comparisons (same values, NaN included).
     out = []
     for r in reps:
-        rtt = rtts.get(r.region)
+        region = r.region
+        rtt = rtts.get(region)
         if rtt is None:
-            rtt = rtts[r.region] = p.rtt_weight * view.rtt(r.region)
+            rtt = rtts[region] = p.rtt_weight * view.rtt(region)
         age = r.load_age
-        if not math.isfinite(age):
+        if age == inf or age != age or age == -inf:
             d = 0.0
         elif half_life <= 0:
             d = 1.0
         else:
-            d = float(0.5 ** (max(age, 0.0) / half_life))
+            d = float(0.5 ** ((age if age > 0.0 else 0.0) / half_life))
         waiting = d * r.waiting + r.fresh
         running = d * r.running
         unexplained = r.inflight - (waiting + running)
@@ -138,10 +141,21 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
             waiting += unexplained
         rate = r.prefill_rate or default_rate
         matched = matches.get(r.replica, 0)
-        cached = max(0, min(matched * block, n_tokens - 1)) if n_tokens else 0
+        if matched and n_tokens:
+            cached = matched * block
+            if cached > n_tokens - 1:
+                cached = n_tokens - 1
+            if cached < 0:
+                cached = 0
+        else:
+            cached = 0
         queue = waiting * mean_prompt / rate
         prefill = (n_tokens - cached) / rate
-        k = min(max(r.kv_usage, 0.0), kv_cap)
+        k = r.kv_usage
+        if k < 0.0:
+            k = 0.0
+        if k > kv_cap:
+            k = kv_cap
         decode = (queue + prefill) * decode_weight * running + kv_weight * k / (1.0 - k)
         out.append(rtt + queue + prefill + decode)
     return out

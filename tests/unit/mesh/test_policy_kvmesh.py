@@ -6,7 +6,6 @@ import math
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -72,7 +71,7 @@ def test_own_dispatches_count_at_once() -> None:
     for _ in range(8):
         d = policy.decide(REQ, View("us", tuple(reps), REGIONS), 0.0, rng)
         picks.append(d.replica)
-        reps = [replace(r, fresh=r.fresh + 1) if r.replica == d.replica else r for r in reps]
+        reps = [r._replace(fresh=r.fresh + 1) if r.replica == d.replica else r for r in reps]
     assert Counter(picks) == {f"http://{n}": 2 for n in "abcd"}
 
 
@@ -90,7 +89,7 @@ def test_herd_many_routers_sharing_one_stale_view_spread_their_choices() -> None
     assert len(picks) >= 4
     assert max(picks.values()) <= 16
     # The same figures measured just now are trusted: everybody takes the idle replica.
-    fresh = View("us", tuple(replace(r, load_age=0.0) for r in reps), REGIONS)
+    fresh = View("us", tuple(r._replace(load_age=0.0) for r in reps), REGIONS)
     fresh_picks = Counter(
         ExpectedTtft(PARAMS).decide(REQ, fresh, 0.0, random.Random(seed)).replica
         for seed in range(32)
