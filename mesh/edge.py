@@ -31,6 +31,9 @@ from mesh.transport import GOSSIP_PATH
 
 log = logging.getLogger("kvmesh.router")
 
+DIGEST_INLINE_BYTES = 256 * 1024
+"""Bodies hashed on the event loop (SHA-256 runs at ~1 GB/s: 0.25 ms at this size)."""
+
 class Edge:
     def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer,
                  wall: Callable[[], float] = time.time, from_config: bool = True) -> None:
@@ -136,7 +139,9 @@ class Edge:
         if not forward_auth.has_hop(headers):
             return None
         digest = inf.digest
-        if not digest:
+        if not digest and len(inf.raw) <= DIGEST_INLINE_BYTES:
+            digest = forward_auth.body_digest(inf.raw)
+        elif not digest:
             digest = await asyncio.to_thread(forward_auth.body_digest, inf.raw)
         try:
             return self.verifier.verify(headers, inf.path, digest, self.wall())

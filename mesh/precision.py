@@ -110,12 +110,28 @@ class Precision:
             size = self.sizes.fallback()
             return SizedKeys(inf.keys, unit=size, by_size={size: inf.keys},
                              num_tokens=len(inf.token_ids))
+        if inf.keys:
+            # Prepared here: the keys at the fallback size are in already; when that is the
+            # one size the fleet uses and the request has no adapter namespace or media, they
+            # are the whole answer (sized_request_keys would chain the same ones again).
+            self.refresh(now)
+            size = self.sizes.fallback()
+            if (self.sizes.sizes(self._listening) == {size} and len(inf.keys) ==
+                    len(inf.token_ids) // size and self.lora_for(inf.model, inf.body) is None
+                    and not has_media(inf.body)):
+                return SizedKeys(inf.keys, unit=size, by_size={size: inf.keys},
+                                 num_tokens=len(inf.token_ids))
+            return self._keys(inf.token_ids, inf.model, inf.body)
         return self.keys(inf.token_ids, inf.model, inf.body, now)
 
     def keys(self, token_ids: Sequence[int], model: str | None, body: Mapping[str, Any],
              now: float) -> SizedKeys:
         """A prompt's keys at every block size in the fleet, in the request's namespace."""
         self.refresh(now)
+        return self._keys(token_ids, model, body)
+
+    def _keys(self, token_ids: Sequence[int], model: str | None,
+              body: Mapping[str, Any]) -> SizedKeys:
         salt = body.get("cache_salt")
         return sized_request_keys(
             token_ids, self.sizes.sizes(self._listening),

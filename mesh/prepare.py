@@ -316,7 +316,9 @@ class Preparer:
                        locked: bool = False) -> Inference:
         inf = parse_inference(kind, path, raw, headers)
         ids = encode_sync(self._local, inf) if locked else self._encode_locked(inf)
-        keys, digest = _keys_and_digest(ids, inf.body.get("cache_salt"), self.block_size, raw)
+        keys = block_keys(ids, inf.body.get("cache_salt"), self.block_size)
+        # A small body is hashed only if a forward needs it (on the loop, microseconds).
+        digest = body_digest(raw) if len(raw) > self.loop_bytes else ""
         return dataclasses.replace(inf, token_ids=ids, keys=keys, digest=digest)
 
     def _encode_locked(self, inf: Inference) -> list[int]:

@@ -26,6 +26,8 @@ from typing import Protocol
 import aiohttp
 from aiohttp import web
 
+from mesh import upstream
+
 # Hop-by-hop or recomputed headers never copied from the upstream response.
 _SKIP = {
     "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
@@ -77,7 +79,7 @@ class UpstreamError(Exception):
 
 @dataclass(slots=True)
 class Upstream:
-    resp: aiohttp.ClientResponse
+    resp: upstream.Response
     first: bytes
 
     @property
@@ -89,19 +91,18 @@ class Upstream:
 
 
 class Forwarder:
+    """Sends dispatches over pooled keep-alive connections (:mod:`mesh.upstream`)."""
+
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        pool: upstream.Pool,
         *,
-        connect_timeout: float = 2.0,
         request_timeout: float = 600.0,
         first_byte_timeout: float | None = None,
     ) -> None:
-        self.session = session
+        self.pool = pool
         self.first_byte_timeout = first_byte_timeout
-        self.timeout = aiohttp.ClientTimeout(
-            total=request_timeout, sock_connect=connect_timeout, connect=connect_timeout
-        )
+        self.request_timeout = request_timeout
 
     async def open(
         self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
@@ -113,39 +114,46 @@ class Forwarder:
             # Emulated round trip to a far region (demo): the request leaves late.
             await asyncio.sleep(delay)
         limit = first_byte_timeout or self.first_byte_timeout
-        if limit is None:
-            return await self._open(url, body, headers)
+        total = self.request_timeout
+        started = asyncio.get_running_loop().time()
         try:
-            async with asyncio.timeout(limit):
-                return await self._open(url, body, headers)
+            resp = await self.pool.post(url, body, dict(headers),
+                                        total if limit is None else min(limit, total))
+        except upstream.ConnectError as exc:
+            raise UpstreamError("connect", str(exc)) from None
         except TimeoutError:
-            raise UpstreamError("timeout", f"no first byte within {limit:g}s") from None
-
-    async def _open(self, url: str, body: bytes, headers: Mapping[str, str]) -> Upstream:
-        try:
-            resp = await self.session.post(url, data=body, headers=headers, timeout=self.timeout)
-        except (aiohttp.ClientConnectorError, aiohttp.ClientConnectionError, TimeoutError,
-                OSError) as exc:
-            raise UpstreamError("connect", str(exc) or type(exc).__name__) from None
+            if limit is not None and limit <= total:
+                raise UpstreamError("timeout", f"no first byte within {limit:g}s") from None
+            raise UpstreamError("connect", "no answer in time") from None
+        except upstream.UpstreamBroken as exc:
+            raise UpstreamError("reset", str(exc)) from None
         if resp.status >= 500:
             try:
-                data = await resp.content.read(ERROR_BODY_LIMIT)
-            except (aiohttp.ClientError, TimeoutError):
+                data = await resp.read(ERROR_BODY_LIMIT)
+            except (upstream.UpstreamBroken, TimeoutError):
                 data = b""
             finally:
                 resp.close()
             raise UpstreamError("status", f"answered {resp.status}", resp.status, data)
         try:
-            first = await resp.content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            first = await resp.readany()
+        except TimeoutError:
             resp.close()
-            raise UpstreamError("reset", str(exc) or type(exc).__name__) from None
-        except asyncio.CancelledError:  # the first-byte timeout, or the client left
+            if limit is not None and limit <= total:
+                raise UpstreamError("timeout", f"no first byte within {limit:g}s") from None
+            raise UpstreamError("reset", "no answer in time") from None
+        except upstream.UpstreamBroken as exc:
+            resp.close()
+            raise UpstreamError("reset", str(exc)) from None
+        except asyncio.CancelledError:  # the client left
             resp.close()
             raise
-        if not first and not resp.content.at_eof():
+        if not first and not resp.at_eof():
             resp.close()
             raise UpstreamError("reset", "empty first read")
+        if limit is not None and limit < total:
+            # The rest of the answer within the whole request's limit.
+            resp.deadline(max(0.0, total - (asyncio.get_running_loop().time() - started)))
         return Upstream(resp, first)
 
 
@@ -170,6 +178,13 @@ class Tap(Protocol):
     def finish(self) -> bytes: ...
 
 
+class _Relayed(web.StreamResponse):
+    """The head goes out with the first body bytes, in one write: on loopback or a LAN a
+    write costs the TCP path of both ends, so a separate one for the head doubles it."""
+
+    _send_headers_immediately = False
+
+
 def response_headers(up: Upstream) -> dict[str, str]:
     return {k: v for k, v in up.resp.headers.items() if k.lower() not in _SKIP}
 
@@ -184,7 +199,7 @@ async def relay(
     length unknown in advance, so the answer is then chunked)."""
     headers = response_headers(up)
     headers.update(extra_headers)
-    resp = web.StreamResponse(status=up.status, headers=headers)
+    resp = _Relayed(status=up.status, headers=headers)
     length = up.resp.headers.get("Content-Length")
     if length is not None and length.isdigit() and (tap is None or not tap.rewrites):
         resp.content_length = int(length)
@@ -198,7 +213,7 @@ async def relay(
             if out:
                 await resp.write(out)
                 sent += len(out)
-            chunk = await up.resp.content.readany()
+            chunk = await up.resp.readany()
         if tap is not None:
             rest = tap.finish()
             if rest:
@@ -206,7 +221,8 @@ async def relay(
                 sent += len(rest)
         await resp.write_eof()
         completed = True
-    except (aiohttp.ClientError, TimeoutError, ConnectionResetError) as exc:
+    except (upstream.UpstreamBroken, aiohttp.ClientError, TimeoutError,
+            ConnectionResetError) as exc:
         # After the first byte there is no retry: the client sees the stream end early.
         sse = up.resp.headers.get("Content-Type", "").startswith("text/event-stream")
         ended = False

@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from kvevents.tokenizers.factory import make_tokenizer
-from mesh import dashboard, warmup
+from mesh import dashboard, upstream, warmup
 from mesh.api import (
     ApiError,
     Inference,
@@ -161,8 +161,7 @@ class Router:
                                          ssl=tls if tls is not None else True)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self.forwarder = Forwarder(
-            self._session,
-            connect_timeout=self.config.connect_timeout,
+            upstream.Pool(tls, self.config.connect_timeout),
             request_timeout=self.config.request_timeout,
             first_byte_timeout=self.config.first_byte_timeout,
         )
@@ -209,6 +208,8 @@ class Router:
             await self.engines.stop()
         await self.backend.stop()
         await self.tokenizer.aclose()
+        if self.forwarder is not None:
+            self.forwarder.pool.close()
         if self._session is not None:
             await self._session.close()
 
