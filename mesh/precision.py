@@ -159,7 +159,7 @@ class Precision:
         size = self.sizes.size_of(replica) or self.sizes.fallback()
         new = max(0, len(inf.token_ids) // size - predicted // size)
         inject = wants_usage_injection(inf.body)
-        body = with_usage(inf.body) if inject else inf.raw
+        body = with_usage(inf.body, inf.raw) if inject else inf.raw
         return Check(replica, predicted, new, UsageTap(inf.stream, strip=inject), body,
                      concurrent=concurrent,
                      comparable=bool(inf.body) and single_prompt(inf.body))

@@ -250,8 +250,21 @@ def wants_usage_injection(body: Mapping[str, Any]) -> bool:
     return not (isinstance(opts, dict) and opts.get("include_usage") is True)
 
 
-def with_usage(body: Mapping[str, Any]) -> bytes:
-    """The request body asking the engine for a final usage chunk."""
+_USAGE_MEMBER = b'"stream_options":{"include_usage":true}}'
+
+
+def with_usage(body: Mapping[str, Any], raw: bytes = b"") -> bytes:
+    """The request body asking the engine for a final usage chunk.
+
+    With the client's ``raw`` bytes and no ``stream_options`` in the body, the member is
+    appended to them (the rest of the body goes on byte for byte, no serialising again);
+    otherwise the parsed body is written out with it."""
+    if raw and "stream_options" not in body:
+        text = raw.strip()
+        # A UTF-8 object (another encoding would not start and end on these bytes).
+        if text.startswith(b"{") and text.endswith(b"}"):
+            head = text[:-1].rstrip()
+            return head + (_USAGE_MEMBER if head == b"{" else b"," + _USAGE_MEMBER)
     opts = body.get("stream_options")
     new = dict(opts) if isinstance(opts, dict) else {}
     new["include_usage"] = True

@@ -133,6 +133,22 @@ def test_usage_injection_only_for_streams_without_it() -> None:
     assert body["stream_options"] == {"x": 1, "include_usage": True} and body["model"] == "m"
 
 
+def test_usage_member_appended_to_the_raw_body() -> None:
+    raw = '  {"model": "m", "stream": true, "messages": [{"role": "user", "content": "é}"}]}\n'
+    parsed = json.loads(raw)
+    out = with_usage(parsed, raw.encode())
+    assert out.startswith(raw.strip()[:-1].encode())  # the client's bytes, unchanged
+    assert json.loads(out) == {**parsed, "stream_options": {"include_usage": True}}
+    # A body that names stream_options (even as null) is written out again instead.
+    named = {"model": "m", "stream": True, "stream_options": None}
+    assert json.loads(with_usage(named, json.dumps(named).encode()))["stream_options"] == {
+        "include_usage": True}
+    # Bytes that are not a UTF-8 object are never spliced.
+    utf16 = json.dumps(parsed).encode("utf-16-le")
+    assert json.loads(with_usage(parsed, utf16)) == {
+        **parsed, "stream_options": {"include_usage": True}}
+
+
 def _sse(*docs: object) -> bytes:
     return b"".join(b"data: " + (d if isinstance(d, bytes) else json.dumps(d).encode()) + b"\n\n"
                     for d in docs)
