@@ -267,6 +267,8 @@ class Router:
 
     def kick(self) -> None:
         """Re-evaluate a waiting head now (an arrival, a completion, a load change)."""
+        if not self.dispatcher.queue:
+            return  # no one waits: nothing to re-evaluate (and no task switch per request)
         self._pump_due = True
         self._wake.set()
 
