@@ -69,6 +69,14 @@ async def read_body(request: web.BaseRequest, limits: HttpLimits) -> bytes:
     if declared is not None and declared > limit:
         raise BodyRefused(413, f"request body is larger than {limit} bytes",
                           "body_too_large", close=True)
+    content = request.content
+    if declared is not None and content.is_eof():
+        # The whole body came with the head (most requests): nothing left to wait for.
+        body = content.read_nowait()
+        if len(body) > limit:
+            raise BodyRefused(413, f"request body is larger than {limit} bytes",
+                              "body_too_large", close=True)
+        return body
     chunks: list[bytes] = []
     size = 0
     try:

@@ -123,6 +123,7 @@ class Router:
             on_decision=self._observe_decision,
         )
         self._published: tuple[int, int, float] = (-1, -1, float("-inf"))
+        self._publish_queued = False
         self._waiting: dict[Waiter, asyncio.Future[Placement]] = {}
         self._wake = asyncio.Event()
         self._pump_due = False
@@ -300,6 +301,17 @@ class Router:
         except Exception:
             log.exception("publishing in-flight counts failed")
 
+    def _publish_soon(self) -> None:
+        """Publish at the end of this loop turn: the dispatches and completions of one turn
+        go into the replicated state in one write."""
+        if not self._publish_queued:
+            self._publish_queued = True
+            asyncio.get_running_loop().call_soon(self._publish_queued_now)
+
+    def _publish_queued_now(self) -> None:
+        self._publish_queued = False
+        self._publish()
+
     async def _publish_loop(self) -> None:
         """Dispatches publish at once; this catches queue changes (every 20 ms) and refreshes
         the record every few seconds so peers never see it age out."""
@@ -402,7 +414,7 @@ class Router:
                  if target.local else None)
         ticket = self.dispatcher.start(target, req.num_tokens, self.clock())
         if ticket.publish:
-            self._publish()
+            self._publish_soon()
         ttfb = self.local_engines[target.replica].first_byte_timeout if target.local else None
         replica = target.replica or region_key(target.region)
         self.edge.outliers.admit(replica, self.clock())
@@ -446,7 +458,7 @@ class Router:
             self.dispatcher.done(ticket)
             self.kick()  # a completion: re-evaluate a waiting head
             if ticket.publish:
-                self._publish()
+                self._publish_soon()
 
     # -- the endpoint-picker seam (mesh.picker_server) ---------------------------------------
     async def pick(self, req: Request, *, allowed: frozenset[str] | None = None,

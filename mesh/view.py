@@ -84,11 +84,15 @@ class Dispatches:
     _open: dict[str, dict[int, Ticket]] = field(default_factory=dict)
     version: int = 0
     """Bumped on every change, so publishers know when to write the load vector."""
+    _published: dict[str, int] = field(default_factory=dict)
+    """Open tickets with ``publish`` per replica (what :meth:`counts` publishes)."""
 
     def start(self, replica: str, region: str, tokens: int, now: float,
               publish: bool = True) -> Ticket:
         t = Ticket(next(self._ids), replica, region, now, tokens, publish)
         self._open.setdefault(replica, {})[t.id] = t
+        if publish:
+            self._published[replica] = self._published.get(replica, 0) + 1
         self.version += 1
         return t
 
@@ -96,6 +100,12 @@ class Dispatches:
         by = self._open.get(ticket.replica)
         if by is not None and by.pop(ticket.id, None) is not None:
             self.version += 1
+            if ticket.publish:
+                n = self._published[ticket.replica] - 1
+                if n:
+                    self._published[ticket.replica] = n
+                else:
+                    del self._published[ticket.replica]
             if not by:
                 del self._open[ticket.replica]
 
@@ -112,6 +122,8 @@ class Dispatches:
                    if not t.publish and t.at <= before)
 
     def counts(self, published_only: bool = False) -> dict[str, int]:
+        if published_only:
+            return dict(self._published)
         out = {}
         for r, ts in self._open.items():
             n = sum(1 for t in ts.values() if t.publish) if published_only else len(ts)
