@@ -22,13 +22,16 @@ import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import NamedTuple
 
 from mesh.policies.base import NoPrefixes, PrefixLookup, RegionView, ReplicaView, View
 
 
-@dataclass(frozen=True, slots=True)
-class ReplicaRecord:
-    """One replica's load as the replicated state has it (local or remote)."""
+class ReplicaRecord(NamedTuple):
+    """One replica's load as the replicated state has it (local or remote).
+
+    A named tuple rather than a dataclass: the state makes one per replica per decision.
+    """
 
     replica: str
     region: str
