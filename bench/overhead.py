@@ -8,7 +8,9 @@ cache_aware). The load generator is ``wrk`` (C, one event loop per thread), so t
 not the bottleneck; its ceiling is the engine-direct row of the same run.
 
 Each round runs every (streaming, concurrency) case against every target in turn, the order
-rotated per round, for ``--seconds`` each; a figure is the median over rounds. "added p50" is
+rotated per round, for ``--seconds`` each; a figure is the median over rounds. "CPU us/req" is
+the CPU time (user + system) of the target's processes per request served: on a shared
+machine it moves less than latency and throughput do. "added p50" is
 a target's p50 minus the engine's p50 of the same round and case. Ratios are to the best peer
 router of the same case. Figures go to ``results/overhead.{json,md}``.
 
@@ -122,6 +124,31 @@ async def run_wrk(url: str, script: Path, concurrency: int, seconds: float) -> W
 
 # -- processes ------------------------------------------------------------------------------
 
+def tree_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants (a
+    router's workers); None where /proc cannot tell."""
+    try:
+        stats = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                    stats[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    except OSError:
+        return None
+    if pid not in stats:
+        return None
+    tree, grew = {pid}, True
+    while grew:
+        grew = False
+        for p, (ppid, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                grew = True
+    ticks = sum(stats[p][1] for p in tree)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(slots=True)
 class Target:
     name: str
@@ -190,6 +217,8 @@ class Case:
     stream: bool
     concurrency: int
     runs: dict[str, list[WrkResult]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    """CPU seconds per request of the target's processes, per round."""
 
     @property
     def label(self) -> str:
@@ -214,6 +243,8 @@ def summarise(case: Case, direct: str) -> list[dict[str, Any]]:
             "added_p50_ms": None if name == direct else median(added) * 1e3,
             "added_p99_ms": None if name == direct else median(added99) * 1e3,
             "errors": sum(r.errors for r in runs),
+            "cpu_us_per_request": (median(case.cpu[name]) * 1e6 if case.cpu.get(name)
+                                   else None),
             "rounds": len(runs),
         })
     peers = [r for r in rows if r["target"] != direct and not r["target"].startswith("kvmesh")]
@@ -235,8 +266,8 @@ def markdown(res: dict[str, Any]) -> str:
     for case in res["cases"]:
         lines += [f"## {case['label']}", "",
                   "| target | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms "
-                  "| req/s vs best peer | added p50 vs best peer | errors |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| req/s vs best peer | added p50 vs best peer | CPU us/req | errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
 
         def f(v: float | None, fmt: str = ".2f") -> str:
             return "-" if v is None else format(v, fmt)
@@ -246,7 +277,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {r['target']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                 f"{f(r['added_p50_ms'])} | {f(r['added_p99_ms'])} | "
                 f"{f(r['rps_vs_best_peer'])} | {f(r['added_p50_vs_best_peer'])} | "
-                f"{r['errors']} |")
+                f"{f(r.get('cpu_us_per_request'), '.0f')} | {r['errors']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -261,8 +292,13 @@ async def measure(targets: Sequence[Target], cases: Sequence[Case],
             order = [*targets[k:], *targets[:k]]
             for case in cases:
                 for t in order:
+                    pid = t.proc.proc.pid if t.proc.proc is not None else -1
+                    before = tree_cpu(pid)
                     res = await run_wrk(t.url, scripts[case.stream], case.concurrency, seconds)
+                    after = tree_cpu(pid)
                     case.runs.setdefault(t.name, []).append(res)
+                    if before is not None and after is not None and res.requests:
+                        case.cpu.setdefault(t.name, []).append((after - before) / res.requests)
                     done += 1
                     print(f"[{done}/{total}] round {rnd + 1} {case.label}: {t.name}: "
                           f"{res.rps:.0f} req/s p50 {res.p50 * 1e3:.2f} ms"

@@ -64,3 +64,30 @@ def test_summary_pairs_rounds_and_compares_with_the_best_peer() -> None:
     assert rows["peer a"]["added_p50_ms"] == pytest.approx(2.0)
     assert rows["kvmesh"]["rps_vs_best_peer"] == pytest.approx(0.75)
     assert rows["kvmesh"]["added_p50_vs_best_peer"] == pytest.approx(2.5)
+
+
+def test_tree_cpu_counts_a_busy_child() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from bench.overhead import tree_cpu
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        before = tree_cpu(os.getpid())
+        assert before is not None
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            after = tree_cpu(os.getpid())
+            assert after is not None
+            if after - before >= 0.1:  # the child's CPU is the parent's tree's
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the busy child's CPU never showed in the tree")
+    finally:
+        child.kill()
+        child.wait()
+    assert tree_cpu(-1) is None
