@@ -29,6 +29,9 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+MAX_HEAD = 64 * 1024
+"""Bytes an answer's status line and headers may take (a broken engine's endless head is a
+reset, not memory)."""
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_IDLE = 256
@@ -49,6 +52,7 @@ class _Conn(asyncio.Protocol):
         "_buffered",
         "_chunks",
         "_error",
+        "_head_bytes",
         "_head_waiter",
         "_headers",
         "_paused",
@@ -74,6 +78,7 @@ class _Conn(asyncio.Protocol):
     def _reset(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.got_bytes = False
+        self._head_bytes = 0
         self.status = 0
         self.keep_alive = False
         self._raw_headers: list[tuple[str, str]] = []
@@ -92,6 +97,12 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
+        if self._headers is None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._fail(UpstreamBroken(f"answer head larger than {MAX_HEAD} bytes"))
+                self.abort()
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:

@@ -229,3 +229,18 @@ async def test_total_deadline_bounds_a_slow_body(pool: upstream.Pool) -> None:
         with pytest.raises(TimeoutError):
             await resp.readany()
         resp.close()
+
+
+async def test_endless_answer_head_is_cut_at_the_limit(pool: upstream.Pool) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(upstream.MAX_HEAD // 1000 + 10):
+            writer.write(b"x-junk-%d: %s\r\n" % (i, b"j" * 1000))
+            await writer.drain()
+        await reader.read()
+
+    async with Server(handle) as srv:
+        with pytest.raises(upstream.UpstreamBroken, match="head larger"):
+            await pool.post(srv.url, b"{}", {}, 5.0)
+        await asyncio.wait_for(srv.closed.wait(), 5.0)
