@@ -315,7 +315,7 @@ class Pool:
         lines.append("\r\n")
         request = "".join(lines).encode("latin-1") + body
         for attempt in (0, 1):
-            conn = self._take(key)
+            conn = self._take(key) if attempt == 0 else None  # a retry: a new connection
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key)

@@ -244,3 +244,23 @@ async def test_endless_answer_head_is_cut_at_the_limit(pool: upstream.Pool) -> N
         with pytest.raises(upstream.UpstreamBroken, match="head larger"):
             await pool.post(srv.url, b"{}", {}, 5.0)
         await asyncio.wait_for(srv.closed.wait(), 5.0)
+
+
+async def test_request_on_a_connection_dying_unanswered_is_sent_once_more(
+        pool: upstream.Pool) -> None:
+    """A kept-alive connection the server drops as the request arrives (its idle timeout
+    racing the request) gets the request again on a new connection."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # the next request on this connection: dropped
+
+    async with Server(handle) as srv:
+        resp = await pool.post(srv.url, b"{}", {}, 5.0)
+        assert await body_of(resp) == b"ok"
+        resp.close()
+        resp = await pool.post(srv.url, b"{}", {}, 5.0)
+        assert await body_of(resp) == b"ok"
+        resp.close()
+        assert srv.connections == 2 and pool.opened == 2
