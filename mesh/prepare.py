@@ -259,10 +259,10 @@ class Preparer:
         if (len(raw) <= self.loop_bytes and self._local is not None
                 and _worker_lock.acquire(blocking=False)):
             try:
-                inf = self._prepare_local(kind, path, raw, headers, locked=True)
+                return self._prepare_local(kind, path, raw, headers, locked=True,
+                                           started=started)
             finally:
                 _worker_lock.release()
-            return dataclasses.replace(inf, parse_seconds=time.perf_counter() - started)
         if not self.in_processes or len(raw) <= self.inline_bytes:
             # Mid-size bodies: a thread, no process hop (their parse is short).
             return await self._prepare_in_threads(kind, path, raw, headers, started)
@@ -313,13 +313,16 @@ class Preparer:
                                    parse_seconds=time.perf_counter() - started)
 
     def _prepare_local(self, kind: str, path: str, raw: bytes, headers: dict[str, str],
-                       locked: bool = False) -> Inference:
+                       locked: bool = False, started: float | None = None) -> Inference:
+        """``started``: when the request's preparation began (fills ``parse_seconds``)."""
         inf = parse_inference(kind, path, raw, headers)
         ids = encode_sync(self._local, inf) if locked else self._encode_locked(inf)
         keys = block_keys(ids, inf.body.get("cache_salt"), self.block_size)
         # A small body is hashed only if a forward needs it (on the loop, microseconds).
         digest = body_digest(raw) if len(raw) > self.loop_bytes else ""
-        return dataclasses.replace(inf, token_ids=ids, keys=keys, digest=digest)
+        took = 0.0 if started is None else time.perf_counter() - started
+        return dataclasses.replace(inf, token_ids=ids, keys=keys, digest=digest,
+                                   parse_seconds=took)
 
     def _encode_locked(self, inf: Inference) -> list[int]:
         with _worker_lock:  # local tokenizers' caches are not thread-safe
