@@ -45,6 +45,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                         metavar="REGION=SECONDS",
                         help="add this round trip to forwards into REGION (demo; repeatable)")
     parser.add_argument("--seed", type=int, help="seed for the router's RNG")
+    parser.add_argument("--workers", type=int,
+                        help="processes serving the port (SO_REUSEPORT); 1: one process")
     parser.add_argument("--log-level", dest="log_level",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
@@ -68,7 +70,7 @@ def _pairs(items: Sequence[str] | None, key: str) -> dict[str, object] | None:
 def overrides(args: argparse.Namespace) -> dict[str, object]:
     out: dict[str, object] = {}
     for key in ("region", "listen", "advertise", "node_id", "mesh_key", "policy", "tokenizer",
-                "block_size", "seed", "log_level"):
+                "block_size", "seed", "log_level", "workers"):
         value = getattr(args, key, None)
         if value is not None:
             out[key] = value
@@ -131,18 +133,28 @@ async def serve(config: RouterConfig) -> int:
         from mesh.picker_server import PickerServer
 
         picker = PickerServer(router, config.endpoint_picker)
+    pool = None
     try:
         await router.start()
         if picker is not None:
             await picker.start()
+        if config.workers > 1:
+            from mesh.workers import WorkerPool
+
+            pool = WorkerPool(router)
+            await pool.start()
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        if pool is not None:
+            await pool.stop()
         if picker is not None:
             await picker.stop()
         await router.stop()
         return 1
     await stop.wait()
     log.info("shutting down")
+    if pool is not None:
+        await pool.stop()
     if picker is not None:
         await picker.stop()
     await router.stop()

@@ -131,6 +131,9 @@ class RouterConfig:
     one are refused (clients need none)."""
     plan_file: str | None = None
     """A ``kvmesh plan`` JSON whose targets the router exports (``kvmesh_plan_target_replicas``)."""
+    workers: int = 1
+    """Processes serving the listening port (SO_REUSEPORT); 1: one process, as always.
+    With more, the primary holds the mesh state and decides; see ``mesh/workers.py``."""
 
     @property
     def host(self) -> str:
@@ -433,7 +436,18 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         endpoint_picker=picker,
         **_edge(raw, d),
         plan_file=_plan_file(raw.get("plan_file")),
+        workers=_workers(raw.get("workers", d.workers)),
     )
+
+
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int:
+    n: int = _number(value, "workers", integer=True, minimum=1)
+    if n > MAX_WORKERS:
+        raise ConfigError("workers", f"at most {MAX_WORKERS}, got {n}")
+    return n
 
 
 def _edge(raw: Mapping[str, object], d: RouterConfig) -> dict[str, Any]:

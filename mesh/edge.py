@@ -34,6 +34,14 @@ log = logging.getLogger("kvmesh.router")
 DIGEST_INLINE_BYTES = 256 * 1024
 """Bodies hashed on the event loop (SHA-256 runs at ~1 GB/s: 0.25 ms at this size)."""
 
+
+def relayed(request: web.Request) -> bool:
+    """Came over a Unix socket: the node's private one, on which only its own worker
+    processes reach the primary (``mesh.workers``), having checked the peer themselves."""
+    transport = request.transport
+    return transport is not None and isinstance(transport.get_extra_info("sockname"), str)
+
+
 class Edge:
     def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer,
                  wall: Callable[[], float] = time.time, from_config: bool = True) -> None:
@@ -77,7 +85,8 @@ class Edge:
         path = request.path
         from_peer = path == GOSSIP_PATH or forward_auth.has_hop(request.headers)
         if from_peer:
-            if self.config.tls_peer_mtls and not has_peer_certificate(request.transport):
+            if (self.config.tls_peer_mtls and not has_peer_certificate(request.transport)
+                    and not relayed(request)):
                 self.peer_refused += 1
                 return error_response(403, "peers must present a certificate from tls_ca",
                                       type="permission_error", code="peer_certificate_required")
@@ -110,8 +119,10 @@ class Edge:
             lingering_time=0.0,
         )
 
-    async def listen(self, runner: web.AppRunner, host: str, port: int) -> int:
-        """Serve ``runner`` on host:port behind the connection guard; the bound port."""
+    async def listen(self, runner: web.AppRunner, host: str, port: int,
+                     reuse_port: bool = False) -> int:
+        """Serve ``runner`` on host:port behind the connection guard; the bound port.
+        ``reuse_port``: several processes of one node share the port (``mesh.workers``)."""
         assert runner.server is not None
         loop = asyncio.get_running_loop()
         kwargs: dict[str, Any] = {}
@@ -119,7 +130,7 @@ class Edge:
             kwargs = {"ssl": self.ssl, "ssl_handshake_timeout": self.limits.header_timeout}
         self._server = await loop.create_server(
             self.guard.protocol_factory(runner.server), host, port, reuse_address=True,
-            backlog=1024, **kwargs,
+            reuse_port=reuse_port or None, backlog=1024, **kwargs,
         )
         self.guard.start()
         sockets = list(self._server.sockets or ())

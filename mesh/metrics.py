@@ -114,6 +114,10 @@ class RouterMetrics:
         self.cached_tokens.inc(cached)
         self._hits.append((cached, prompt))
 
+    def note_hit(self, cached: int, prompt: int) -> None:
+        """Into the hit-ratio window only: a worker process counted the tokens itself."""
+        self._hits.append((cached, prompt))
+
     def hit_ratio(self) -> float:
         total = sum(p for _, p in self._hits)
         return sum(c for c, _ in self._hits) / total if total else 0.0

@@ -139,6 +139,15 @@ class Precision:
             salt=salt if isinstance(salt, str) else None, unmatched=has_media(body),
         )
 
+    def keys_in(self, token_ids: Sequence[int], model: str | None, lora_path: str | None,
+                salt: str | None, unmatched: bool, now: float) -> SizedKeys:
+        """:meth:`keys` from what of the body they depend on (a worker process sends that)."""
+        self.refresh(now)
+        return sized_request_keys(
+            token_ids, self.sizes.sizes(self._listening),
+            lora_name=lora_path or self.lora_for(model, {}), salt=salt, unmatched=unmatched,
+        )
+
     def lora_for(self, model: str | None, body: Mapping[str, Any]) -> str | None:
         """The adapter namespace of a request: vLLM serves adapters as model ids (keyed by
         the adapter's name); SGLang names one in ``lora_path``."""

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -143,7 +143,9 @@ class Router:
         self.edge = Edge(config, self.tokenizer, from_config=tokenizer is None)
         self.preparer = self.edge.preparer
         self.http_limits = self.edge.limits
-        self.app = build_app(self, [*self.backend.routes(), *dashboard.routes(self)])
+        self.node_metrics: Callable[[], Awaitable[bytes]] | None = None
+        """The node's metrics when this process is one of several (``mesh.workers``)."""
+        self.app = build_app(self, self._routes())
         self.edge.install(self.app, self.metrics)
         self.metrics.add_provider(self._state_metrics)
         self.metrics.add_provider(self.precision.metrics)
@@ -154,6 +156,10 @@ class Router:
         self.metrics.add_provider(self._hint_metrics)
         for p in self.backend.metric_providers():
             self.metrics.add_provider(p)
+
+    def _routes(self) -> list[web.RouteDef]:
+        """Routes besides the API's: the mesh's (gossip, status) and the dashboard's."""
+        return [*self.backend.routes(), *dashboard.routes(self)]
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -184,7 +190,8 @@ class Router:
             name="warmup"))
         self._runner = self.edge.runner(self.app)
         await self._runner.setup()
-        self.port = await self.edge.listen(self._runner, self.config.host, self.config.port)
+        self.port = await self.edge.listen(self._runner, self.config.host, self.config.port,
+                                           reuse_port=self.config.workers > 1)
         await self.backend.start_gossip()
         log.info("router %s (%s) listening on %s:%s, policy %s, %d engines",
                  self.config.node_id, self.config.region, self.config.host, self.port,
@@ -533,8 +540,14 @@ class Router:
         return out
 
     async def models_page(self, request: web.Request) -> web.Response:
+        names = await self.model_names(request.query.get("scope") == "local")
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"} for m in names]
+        return web.json_response({"object": "list", "data": data})
+
+    async def model_names(self, local_only: bool) -> list[str]:
+        """This router's engines' models, and (unless ``local_only``) every other router's."""
         names = self.local_models()
-        if request.query.get("scope") != "local" and self._session is not None:
+        if not local_only and self._session is not None:
             urls = [u for info in self.backend.regions(self.clock()).values()
                     for u in info.routers]
             results = await asyncio.gather(*(self._peer_models(u) for u in urls))
@@ -542,8 +555,7 @@ class Router:
                 for m in found:
                     if m not in names:
                         names.append(m)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"} for m in names]
-        return web.json_response({"object": "list", "data": data})
+        return names
 
     async def _peer_models(self, url: str) -> list[str]:
         assert self._session is not None
@@ -579,7 +591,8 @@ class Router:
         return error_response(503, why, type="server_error", code="not_ready")
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(),
+        body = self.metrics.render() if self.node_metrics is None else await self.node_metrics()
+        return web.Response(body=body,
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def status_page(self, request: web.Request) -> web.Response:
