@@ -44,8 +44,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from kvevents.block_sizes import SizedKeys
-from mesh.api import Inference
+from kvevents.block_sizes import SizedKeys, sized_request_keys
+from mesh.api import ApiError, Inference
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry
 from mesh.dispatch import Ask, Dispatcher, Placement, Target
@@ -71,34 +71,66 @@ STABLE = 30.0
 
 # -- the wire form of a placement (sans-I/O) -------------------------------------------------
 
-class DeferredKeys(SizedKeys):
-    """A worker's request keys: not computed in the worker (the block sizes and adapters the
-    keys depend on are the primary's), only what of the body they depend on, which the
-    ``place`` call carries. ``hint``: the primary's prediction for a local target."""
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """What request keys depend on besides the request: the block sizes of the fleet and the
+    models that are adapters (their names are key namespaces). The primary learns both; a
+    worker keys with the last it was told, and the primary checks each request's."""
 
-    __slots__ = ("given", "hint", "lora_path", "salt")
+    sizes: tuple[int, ...] = (16,)
+    adapters: frozenset[str] = frozenset()
 
-    def __init__(self, unit: int, num_tokens: int, lora_path: str | None, salt: str | None,
-                 unmatched: bool, given: Sequence[int] | None = None) -> None:
-        super().__init__((), unit=unit, by_size={}, num_tokens=num_tokens, unmatched=unmatched)
+    def wire(self) -> list[Any]:
+        return [list(self.sizes), sorted(self.adapters)]
+
+    @classmethod
+    def of(cls, body: Any) -> KeyConfig:
+        return cls(tuple(int(s) for s in body[0]), frozenset(str(a) for a in body[1]))
+
+
+class WorkerKeys(SizedKeys):
+    """A worker's request keys, with what they were computed from (``KeyConfig.sizes``, the
+    adapter namespace) and what of the body the primary needs to key the request again when
+    its configuration has moved on. ``given``: keys a preparing process already chained (a
+    large body), at ``unit``, in the request's namespace. ``hint``: the primary's prediction
+    for a local target."""
+
+    __slots__ = ("given", "hint", "lora", "lora_path", "salt", "sizes")
+
+    def __init__(self, keys: SizedKeys, sizes: tuple[int, ...], lora: str | None,
+                 lora_path: str | None, salt: str | None,
+                 given: Sequence[int] | None = None) -> None:
+        super().__init__(keys, unit=keys.unit, by_size=keys.by_size,
+                         num_tokens=keys.num_tokens, unmatched=keys.unmatched)
+        self.sizes = sizes
+        self.lora = lora
         self.lora_path = lora_path
         self.salt = salt
         self.given = given
-        """Keys a preparing process already chained (large bodies), at ``unit``."""
         self.hint: tuple[str, int, int, bool] | None = None
 
 
 def ask_wire(ask: Ask) -> list[Any]:
     req = ask.request
     keys = req.keys
-    if not isinstance(keys, DeferredKeys):
-        raise TypeError("a worker's request carries DeferredKeys")
+    if not isinstance(keys, WorkerKeys):
+        raise TypeError("a worker's request carries WorkerKeys")
     ids = req.token_ids if isinstance(req.token_ids, array) else array(_TOKEN, req.token_ids)
     given = None if keys.given is None else array(_KEY, keys.given).tobytes()
+    chains = [[s, list(k)] for s, k in keys.by_size.items()]
     return [req.request_id, ids.tobytes(), req.session, req.max_tokens, req.arrival, req.model,
-            keys.unit, keys.lora_path, keys.salt, keys.unmatched, given,
+            [keys.unit, list(keys), chains, list(keys.sizes), keys.lora, keys.unmatched],
+            keys.lora_path, keys.salt, given,
             ask.forwarded, ask.pinned, ask.origin, sorted(ask.excluded_replicas),
             sorted(ask.excluded_regions), ask.attempt]
+
+
+def worker_keys(wire: Any, num_tokens: int) -> tuple[SizedKeys, tuple[int, ...], str | None]:
+    """The keys a worker sent, with the sizes and namespace it used."""
+    unit, unit_keys, chains, sizes, lora, unmatched = wire
+    keys = SizedKeys(unit_keys, unit=int(unit), by_size={int(s): k for s, k in chains},
+                     num_tokens=num_tokens, unmatched=bool(unmatched))
+    return keys, tuple(int(s) for s in sizes), lora
 
 
 def tokens_of(raw: bytes) -> array[int]:
@@ -108,21 +140,27 @@ def tokens_of(raw: bytes) -> array[int]:
 
 
 def placement_wire(p: Placement, unit: int, worker_unit: int,
-                   predicted: tuple[int, int, bool] | None) -> list[Any]:
-    """``matched_blocks`` in the worker's unit (its request computes cached tokens with it)."""
+                   predicted: tuple[int, int, bool] | None, ticket: int | None = None,
+                   config: KeyConfig | None = None) -> list[Any]:
+    """``matched_blocks`` in the worker's unit (its request computes cached tokens with it);
+    ``ticket``: the dispatch the primary started for it; ``config``: keys were recomputed,
+    key with this from now on."""
     d, t = p.decision, p.target
     matched = d.matched_blocks * unit // worker_unit if worker_unit else d.matched_blocks
     return [[d.replica, d.region, d.reason, d.policy, d.wait, d.retry_after, matched,
              d.total_blocks],
             None if t is None else [t.url, t.replica, t.region, t.local, t.delay],
-            p.outcome, p.load_age, None if predicted is None else list(predicted), unit]
+            p.outcome, p.load_age, None if predicted is None else list(predicted), ticket,
+            None if config is None else config.wire()]
 
 
-def placement_of(body: Any) -> tuple[Placement, list[Any] | None, int]:
-    d, t, outcome, age, predicted, unit = body
+def placement_of(body: Any) -> tuple[Placement, list[Any] | None, int | None, KeyConfig | None]:
+    d, t, outcome, age, predicted, ticket, config = body
     decision = Decision(d[0], d[1], d[2], d[3], bool(d[4]), float(d[5]), int(d[6]), int(d[7]))
     target = None if t is None else Target(t[0], t[1], t[2], bool(t[3]), float(t[4]))
-    return Placement(decision, target, outcome, age), predicted, int(unit)
+    return (Placement(decision, target, outcome, age), predicted,
+            None if ticket is None else int(ticket),
+            None if config is None else KeyConfig.of(config))
 
 
 # -- metrics: the node's totals from every process's counters ----------------------------------
@@ -206,6 +244,7 @@ class WorkerProc:
     link: Link | None = None
     started_at: float = 0.0
     restarts: int = 0
+    next_ticket: int = 0
     tickets: dict[int, Ticket] = field(default_factory=dict)
     """Dispatches this process has in flight, by its own ticket id."""
     samples: Any = None
@@ -336,21 +375,35 @@ class WorkerPool:
             r = self.router
             config = replace(r.config, listen=f"{r.config.host}:{r.port}",
                              endpoint_picker=None)
-            return [pickle.dumps(config), self.http_path, r.precision.sizes.fallback()]
+            return [pickle.dumps(config), self.http_path, self.key_config().wire()]
         raise ValueError(f"unknown call {op!r}")
+
+    def key_config(self) -> KeyConfig:
+        p = self.router.precision
+        adapters = frozenset(m for names in self.router._adapters().values() for m in names)
+        return KeyConfig(tuple(sorted(p.sizes.sizes(p._listening))), adapters)
 
     async def _place(self, link: Link, body: Any) -> Any:
         r = self.router
-        (rid, tok, session, max_tokens, arrival, model, w_unit, lora_path, salt, unmatched,
-         given, forwarded, pinned, origin, ex_replicas, ex_regions, attempt) = body
+        (rid, tok, session, max_tokens, arrival, model, sent, lora_path, salt, given,
+         forwarded, pinned, origin, ex_replicas, ex_regions, attempt) = body
         ids = tokens_of(tok)
         now = r.clock()
+        keys, w_sizes, w_lora = worker_keys(sent, len(ids))
+        w_unit = keys.unit
+        config = None
         if given is not None:
             gk = array(_KEY)
             gk.frombytes(given)
-            keys = SizedKeys(gk, unit=w_unit, by_size={w_unit: gk}, num_tokens=len(ids))
+            keys = SizedKeys(gk.tolist(), unit=w_unit, by_size={w_unit: gk.tolist()},
+                             num_tokens=len(ids))
         else:
-            keys = r.precision.keys_in(ids, model, lora_path, salt, bool(unmatched), now)
+            prec = r.precision
+            prec.refresh(now)
+            if (w_sizes != tuple(sorted(prec.sizes.sizes(prec._listening)))
+                    or w_lora != (lora_path or prec.lora_for(model, {}))):
+                keys = prec.keys_in(ids, model, lora_path, salt, keys.unmatched, now)
+                config = self.key_config()
         req = Request(rid, ids, keys, keys.unit, session, max_tokens, arrival, model)
         if not forwarded and attempt == 1:
             r.demand.observe(model, req.num_tokens, max_tokens, arrival)
@@ -362,6 +415,7 @@ class WorkerPool:
             r.clock(), rid, p.outcome, d.replica, d.region, d.reason,
             d.policy or r.policy.name, req.num_tokens, d.matched_blocks, attempt))
         predicted = None
+        tid = None
         if t is not None:
             if attempt == 1:
                 r.metrics.note_hit(min(d.matched_blocks * keys.unit, max(0, len(ids) - 1)),
@@ -371,18 +425,21 @@ class WorkerPool:
                 size = r.precision.sizes.size_of(t.replica) or r.precision.sizes.fallback()
                 predicted = (n, max(0, len(ids) // size - n // size),
                              r.dispatches.inflight(t.replica) > 0)
-        return placement_wire(p, keys.unit, w_unit, predicted)
+            slot = self._slot(link)
+            if slot is not None and slot.link is link:
+                # The worker dispatches as soon as it has the answer (no await between):
+                # counted from here, as the one-process path counts it at dispatch.
+                tid = slot.next_ticket
+                slot.next_ticket += 1
+                slot.tickets[tid] = r.hold(t, len(ids))
+        return placement_wire(p, keys.unit, w_unit, predicted, tid, config)
 
     def _note(self, link: Link, op: str, body: Any) -> None:
         slot = self._slot(link)
         if slot is None or slot.link is not link:
             return
         r = self.router
-        if op == "start":
-            tid, url, replica, region, local, delay, tokens = body
-            target = Target(url, replica, region, bool(local), float(delay))
-            slot.tickets[int(tid)] = r.hold(target, int(tokens))
-        elif op == "done":
+        if op == "done":
             ticket = slot.tickets.pop(int(body), None)
             if ticket is not None:
                 r.release(ticket)
@@ -463,21 +520,28 @@ class WorkerPrecision(Precision):
     primary predicts for a local target and records the engine's answer."""
 
     link: Link | None = None
-    unit: int = 16
+    key_config: KeyConfig = KeyConfig()
 
     def keys_for(self, inf: Inference, now: float) -> SizedKeys:
         body = inf.body
+        cfg = self.key_config
         if not body and inf.keys:
-            return DeferredKeys(self.sizes.fallback(), len(inf.token_ids), None, None, False,
-                                inf.keys)
+            unit = self.sizes.fallback()
+            given = SizedKeys(inf.keys, unit=unit, by_size={unit: inf.keys},
+                              num_tokens=len(inf.token_ids))
+            return WorkerKeys(given, cfg.sizes, None, None, None, inf.keys)
         salt, path = body.get("cache_salt"), body.get("lora_path")
-        return DeferredKeys(self.unit, len(inf.token_ids),
-                            path if isinstance(path, str) and path else None,
-                            salt if isinstance(salt, str) else None, has_media(body))
+        path = path if isinstance(path, str) and path else None
+        salt = salt if isinstance(salt, str) else None
+        model = inf.model
+        lora = path or (model if model in cfg.adapters else None)
+        keys = sized_request_keys(inf.token_ids, cfg.sizes, lora_name=lora, salt=salt,
+                                  unmatched=has_media(body))
+        return WorkerKeys(keys, cfg.sizes, lora, path, salt)
 
     def prepare(self, inf: Inference, replica: str, keys: Sequence[int],
                 block_size: int, concurrent: bool = False) -> Check:
-        hint = keys.hint if isinstance(keys, DeferredKeys) else None
+        hint = keys.hint if isinstance(keys, WorkerKeys) else None
         predicted, new = 0, 0
         if hint is not None and hint[0] == replica:
             _, predicted, new, concurrent = hint
@@ -500,23 +564,31 @@ class WorkerPrecision(Precision):
 
 @dataclass(slots=True)
 class RelayDispatcher(Dispatcher):
-    """The worker's ledger: each dispatch counted here and, at once, at the primary."""
+    """The worker's ledger: a dispatch is counted at the primary when it answers ``place``
+    (the dispatch follows at once); ``done`` tells it the dispatch has ended."""
 
     link: Link | None = None
+    held: tuple[Target, int] | None = None
+    """The last placement's target and the primary's ticket for it, not yet dispatched."""
+    remote: dict[int, int] = field(default_factory=dict)
+    """Our ticket id -> the primary's."""
 
     def start(self, target: Target, tokens: int, now: float) -> Ticket:
         ticket = Dispatcher.start(self, target, tokens, now)
-        if self.link is not None:
-            with contextlib.suppress(LinkError):
-                self.link.notify("start", [ticket.id, target.url, target.replica,
-                                           target.region, target.local, target.delay, tokens])
+        held, self.held = self.held, None
+        if held is not None and held[0] == target:
+            self.remote[ticket.id] = held[1]
+        else:  # never expected: the dispatch follows its placement at once
+            log.error("dispatch to %s without its placement: not counted at the primary",
+                      target.url)
         return ticket
 
     def done(self, ticket: Ticket) -> None:
         Dispatcher.done(self, ticket)
-        if self.link is not None:
+        tid = self.remote.pop(ticket.id, None)
+        if self.link is not None and tid is not None:
             with contextlib.suppress(LinkError):
-                self.link.notify("done", ticket.id)
+                self.link.notify("done", tid)
 
 
 @dataclass(slots=True)
@@ -543,7 +615,8 @@ class WorkerRouter(Router):
     """A worker process's router: the request path of :class:`Router`, deciding through the
     primary and relaying to it every route about the node."""
 
-    def __init__(self, config: RouterConfig, link: Link, http_path: str, unit: int) -> None:
+    def __init__(self, config: RouterConfig, link: Link, http_path: str,
+                 keys: KeyConfig) -> None:
         super().__init__(config, backend=LocalOnly())
         self.link = link
         self.http_path = http_path
@@ -554,7 +627,7 @@ class WorkerRouter(Router):
             link=link)
         precision = WorkerPrecision(config, self.backend, self._adapters)
         precision.link = link
-        precision.unit = unit
+        precision.key_config = keys
         self.precision = precision
         self._relay_session: aiohttp.ClientSession | None = None
 
@@ -592,12 +665,20 @@ class WorkerRouter(Router):
 
     async def place(self, ask: Ask) -> Placement:
         keys = ask.request.keys
-        p, predicted, unit = placement_of(await self.link.call("place", ask_wire(ask)))
-        if isinstance(self.precision, WorkerPrecision):
-            self.precision.unit = unit
-        if isinstance(keys, DeferredKeys) and predicted is not None and p.target is not None:
+        try:
+            answer = await self.link.call("place", ask_wire(ask))
+        except LinkError as exc:
+            raise ApiError(503, f"this node's primary process is not reachable: {exc}",
+                           type="server_error", code="primary_unavailable") from None
+        p, predicted, ticket, config = placement_of(answer)
+        if config is not None and isinstance(self.precision, WorkerPrecision):
+            self.precision.key_config = config
+        if isinstance(keys, WorkerKeys) and predicted is not None and p.target is not None:
             keys.hint = (p.target.replica, int(predicted[0]), int(predicted[1]),
                          bool(predicted[2]))
+        if p.target is not None and ticket is not None and isinstance(
+                self.dispatcher, RelayDispatcher):
+            self.dispatcher.held = (p.target, ticket)
         return p
 
     def kick(self) -> None:
@@ -657,10 +738,10 @@ async def run_worker(link_path: str, index: int) -> int:
         return await holder[0].samples(link, op, body)
 
     link = await connect(link_path, handler)
-    raw, http_path, unit = await link.call("hello", [index, os.getpid()])
+    raw, http_path, keys = await link.call("hello", [index, os.getpid()])
     config: RouterConfig = pickle.loads(raw)  # our own primary, over its private socket
     logging.getLogger().setLevel(config.log_level.upper())
-    router = WorkerRouter(config, link, http_path, int(unit))
+    router = WorkerRouter(config, link, http_path, KeyConfig.of(keys))
     holder.append(router)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

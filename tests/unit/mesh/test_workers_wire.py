@@ -3,13 +3,16 @@ counters a worker reports, merged into the node's totals."""
 
 from __future__ import annotations
 
+import msgpack  # type: ignore[import-untyped,unused-ignore]
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvevents.block_sizes import sized_request_keys
 from mesh.dispatch import Ask, Placement, Target
 from mesh.policies.base import Decision, Request
 from mesh.workers import (
-    DeferredKeys,
+    KeyConfig,
+    WorkerKeys,
     add_samples,
     ask_wire,
     merged,
@@ -18,35 +21,49 @@ from mesh.workers import (
     requests_served,
     samples_wire,
     tokens_of,
+    worker_keys,
 )
 
 
-def test_an_ask_crosses_with_its_tokens_namespace_and_filters() -> None:
-    keys = DeferredKeys(16, 5, "adapter-a", "salt", False)
-    req = Request("r1", [1, 2, 3, 70000, 2**32 - 1], keys, 16, "s", 9, 12.5, "m")
+def test_an_ask_crosses_with_its_tokens_keys_namespace_and_filters() -> None:
+    ids = [*range(40), 70000, 2**32 - 1]
+    sized = sized_request_keys(ids, (8, 16), lora_name="adapter-a", salt="salt")
+    keys = WorkerKeys(sized, (8, 16), "adapter-a", "adapter-a", "salt")
+    req = Request("r1", ids, keys, keys.unit, "s", 9, 12.5, "m")
     ask = Ask(req, True, "http://e1", "node-b", frozenset({"x", "a"}), frozenset({"eu"}), 2)
-    wire = ask_wire(ask)
-    (rid, tok, session, max_tokens, arrival, model, unit, lora, salt, unmatched, given,
+    wire = msgpack.unpackb(msgpack.packb(ask_wire(ask)), strict_map_key=True)
+    (rid, tok, session, max_tokens, arrival, model, sent, lora_path, salt, given,
      forwarded, pinned, origin, ex_r, ex_g, attempt) = wire
-    assert list(tokens_of(tok)) == [1, 2, 3, 70000, 2**32 - 1]
-    assert (rid, session, max_tokens, arrival, model, unit, lora, salt, unmatched, given) == (
-        "r1", "s", 9, 12.5, "m", 16, "adapter-a", "salt", False, None)
+    assert list(tokens_of(tok)) == ids
+    back, sizes, lora = worker_keys(sent, len(ids))
+    assert list(back) == list(sized) and back.unit == 8 and back.by_size == sized.by_size
+    assert back.num_tokens == len(ids) and (sizes, lora) == ((8, 16), "adapter-a")
+    assert (rid, session, max_tokens, arrival, model, lora_path, salt, given) == (
+        "r1", "s", 9, 12.5, "m", "adapter-a", "salt", None)
     assert (forwarded, pinned, origin, ex_r, ex_g, attempt) == (
         True, "http://e1", "node-b", ["a", "x"], ["eu"], 2)
+
+
+def test_a_key_configuration_crosses() -> None:
+    cfg = KeyConfig((16, 32), frozenset({"lora-b", "lora-a"}))
+    assert KeyConfig.of(msgpack.unpackb(msgpack.packb(cfg.wire()))) == cfg
 
 
 def test_a_placement_crosses_with_matched_blocks_in_the_workers_unit() -> None:
     d = Decision("http://e1", "us", "best ttft", "kvmesh", matched_blocks=3, total_blocks=8)
     p = Placement(d, Target("http://e1", "http://e1", "us", True), "local", 0.25)
-    back, predicted, unit = placement_of(placement_wire(p, 32, 16, (96, 2, True)))
+    cfg = KeyConfig((32,))
+    back, predicted, ticket, config = placement_of(
+        placement_wire(p, 32, 16, (96, 2, True), 7, cfg))
     assert back.target == p.target and back.outcome == "local" and back.load_age == 0.25
     assert back.decision.matched_blocks == 6  # 3 blocks of 32 = 6 of the worker's 16
     assert (back.decision.replica, back.decision.reason, back.decision.total_blocks) == (
         "http://e1", "best ttft", 8)
-    assert predicted == [96, 2, True] and unit == 32
+    assert predicted == [96, 2, True] and ticket == 7 and config == cfg
     none = Placement(Decision(None, None, "no replica", "kvmesh"), None, "none")
-    back, predicted, _ = placement_of(placement_wire(none, 16, 16, None))
-    assert back.target is None and not back.decision.routed and predicted is None
+    back, predicted, ticket, config = placement_of(placement_wire(none, 16, 16, None))
+    assert back.target is None and not back.decision.routed
+    assert (predicted, ticket, config) == (None, None, None)
 
 
 def _registry(served: int, seconds: list[float]) -> CollectorRegistry:
