@@ -30,4 +30,6 @@ BENCHES: dict[str, tuple[str, str]] = {
     "skylb-tot": ("bench.scenarios:skylb_tot", "sim: SkyLB Tree-of-Thoughts"),
     "skylb-wildchat-332": ("bench.scenarios:skylb_wildchat_332", "sim: SkyLB WildChat-like, 3/3/2"),
     "skylb-wildchat-444": ("bench.scenarios:skylb_wildchat_444", "sim: SkyLB WildChat-like, 4/4/4"),
+    "worker-link": ("bench.worker_link_bench",
+                    "a worker's place hop to its primary vs deciding locally"),
 }
