@@ -134,6 +134,12 @@ class ForwardVerifier:
         now_ms = wall * 1000
         if abs(now_ms - ts_ms) > self.window * 1000:
             raise ForwardRejected("stale_timestamp", f"{(now_ms - ts_ms) / 1000:.1f}s off")
+        self.record(origin, rid, ts_ms, now_ms)
+        return Forward(origin, target, rid)
+
+    def record(self, origin: str, rid: str, ts_ms: int, now_ms: float) -> None:
+        """Remember a verified forward; ``ForwardRejected`` when it was seen before (the
+        primary of a node with several processes keeps the node's table this way)."""
         if ts_ms <= self._floor_ms:
             raise ForwardRejected("stale_timestamp", "older than the replay table")
         self._expire(now_ms)
@@ -144,7 +150,6 @@ class ForwardVerifier:
         while len(self._seen) > self.max_remembered:
             _, until = self._seen.popitem(last=False)
             self._floor_ms = max(self._floor_ms, int(until - self.window * 1000))
-        return Forward(origin, target, rid)
 
     def _expire(self, now_ms: float) -> None:
         # Entries go in roughly in time order; stop at the first one still live.

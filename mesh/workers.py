@@ -45,6 +45,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from kvevents.block_sizes import SizedKeys, sized_request_keys
+from mesh import forward_auth
 from mesh.api import ApiError, Inference
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry
@@ -67,6 +68,7 @@ RESTART_DELAY = (0.2, 5.0)
 """First and longest wait before restarting a worker that died (doubling; reset after a
 worker lived ``STABLE`` seconds)."""
 STABLE = 30.0
+FORWARD_REFUSED = "forward refused: "
 
 
 # -- the wire form of a placement (sans-I/O) -------------------------------------------------
@@ -405,6 +407,14 @@ class WorkerPool:
                 keys = prec.keys_in(ids, model, lora_path, salt, keys.unmatched, now)
                 config = self.key_config()
         req = Request(rid, ids, keys, keys.unit, session, max_tokens, arrival, model)
+        if forwarded and attempt == 1:
+            # Each process verified the signature; the replay table is the node's, here.
+            wall_ms = r.edge.wall() * 1000
+            try:
+                r.edge.verifier.record(str(origin), rid, int(wall_ms), wall_ms)
+            except forward_auth.ForwardRejected as exc:
+                r.edge.forward_rejected[exc.reason] += 1
+                raise ValueError(f"{FORWARD_REFUSED}{exc.reason}") from None
         if not forwarded and attempt == 1:
             r.demand.observe(model, req.num_tokens, max_tokens, arrival)
         ask = Ask(req, bool(forwarded), pinned, origin, frozenset(ex_replicas),
@@ -667,6 +677,12 @@ class WorkerRouter(Router):
         keys = ask.request.keys
         try:
             answer = await self.link.call("place", ask_wire(ask))
+        except ValueError as exc:
+            reason = str(exc)
+            if not reason.startswith(FORWARD_REFUSED):
+                raise
+            raise ApiError(403, f"forwarded request refused: {reason[len(FORWARD_REFUSED):]}",
+                           type="permission_error", code="bad_forward_signature") from None
         except LinkError as exc:
             raise ApiError(503, f"this node's primary process is not reachable: {exc}",
                            type="server_error", code="primary_unavailable") from None

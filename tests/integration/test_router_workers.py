@@ -9,9 +9,11 @@ its mesh throughout (same generation, seen alive by its peer).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -32,6 +34,7 @@ from router_support import (
     wait_until,
 )
 
+from mesh.forward_auth import body_digest, sign_headers
 from sim.procs import free_ports
 
 pytestmark = pytest.mark.integration
@@ -45,8 +48,9 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield p
 
 
-def node(procs: Procs, speedup: float) -> tuple[str, str]:
-    """A 3-process node ``us`` and a one-process peer ``eu``, meshed: their URLs."""
+def node(procs: Procs, speedup: float) -> tuple[str, str, str]:
+    """A 3-process node ``us`` and a one-process peer ``eu``, meshed: their URLs, and the
+    URL of ``us``'s engine."""
     us_engine, eu_engine = procs.engine("engine-us", speedup), procs.engine("engine-eu", 20.0)
     us_port, eu_port = free_ports(2)
     peers = [f"http://127.0.0.1:{us_port}", f"http://127.0.0.1:{eu_port}"]
@@ -60,7 +64,7 @@ def node(procs: Procs, speedup: float) -> tuple[str, str]:
     us = procs.router("router-us", conf("us", us_engine, us_port, workers=WORKERS,
                                         emulate_rtt={"eu": 2.0}))
     eu = procs.router("router-eu", conf("eu", eu_engine, eu_port))
-    return us, eu
+    return us, eu, us_engine.url
 
 
 async def metric(s: aiohttp.ClientSession, url: str, name: str) -> dict[str, float]:
@@ -83,7 +87,7 @@ async def inflight(s: aiohttp.ClientSession, url: str) -> int:
 
 
 async def test_workers_share_the_port_the_ledger_and_the_mesh(procs: Procs) -> None:
-    us, eu = node(procs, speedup=1.0)
+    us, eu, us_engine = node(procs, speedup=1.0)
     async with aiohttp.ClientSession() as s:
         for r in (us, eu):
             await wait_until(partial(healthy, s, r), timeout=60, what=f"{r} up")
@@ -109,6 +113,23 @@ async def test_workers_share_the_port_the_ledger_and_the_mesh(procs: Procs) -> N
         assert sum(1 for v in served.values() if v > 0) >= 2, served
         total = await metric(s, us, "kvmesh_router_requests_total")
         assert sum(total.values()) == 60  # the node's total, whichever process answers
+
+        # A signed forward is accepted once by the node, whichever process receives it.
+        raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "fwd"}],
+                          "max_tokens": 1}).encode()
+        hop = {"Content-Type": "application/json",
+               **sign_headers(MESH_KEY, "router-eu", us_engine, "replay-1",
+                              "/v1/chat/completions", None, body_digest(raw), time.time())}
+
+        async def forward() -> tuple[int, str]:
+            async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True)) as c, c.post(
+                    f"{us}/v1/chat/completions", data=raw, headers=hop) as resp:
+                return resp.status, await resp.text()
+
+        answers = [await forward() for _ in range(9)]
+        assert sorted(code for code, _ in answers) == [200] + [403] * 8, answers
+        assert all("replayed" in text for code, text in answers if code == 403)
 
         # In flight: many long streams open at once are counted once each, node-wide.
         held = 24
