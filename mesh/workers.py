@@ -711,7 +711,8 @@ class WorkerRouter(Router):
         try:
             async with self._relay_session.request(
                     request.method, f"http://primary{request.path_qs}", headers=headers,
-                    data=body, timeout=aiohttp.ClientTimeout(total=30)) as up:
+                    data=body, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=30)) as up:
                 resp = web.StreamResponse(status=up.status, reason=up.reason)
                 for k, v in up.headers.items():
                     if k.lower() not in _HOP_HEADERS:

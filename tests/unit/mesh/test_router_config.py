@@ -159,3 +159,21 @@ def test_edge_keys_are_validated() -> None:
             assert exc.key == key, (raw, exc)
         else:
             raise AssertionError(f"{raw} accepted")
+
+
+def test_workers_is_a_bounded_count_from_file_environment_or_flag(tmp_path: Path) -> None:
+    base = {"region": "us"}
+    assert build(base).workers == 1
+    assert build({**base, "workers": 4}).workers == 4
+    for bad in (0, 65, "many", 2.5, True):
+        with pytest.raises(ConfigError, match=r"^workers: "):
+            build({**base, "workers": bad})
+    path = tmp_path / "r.yaml"
+    path.write_text("region: us\nworkers: 2\n")
+    assert load(str(path), env={"KVMESH_WORKERS": "3"}).workers == 3
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser)
+    args = parser.parse_args(["--workers", "5"])
+    assert load(str(path), overrides(args), env={}).workers == 5
