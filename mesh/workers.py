@@ -270,6 +270,7 @@ class WorkerPool:
         self._server = LinkServer(self.link_path, self._handle, self._note, self._closed)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._publish_due = False
 
     async def start(self) -> None:
         r = self.router
@@ -340,7 +341,7 @@ class WorkerPool:
         """A worker is gone: what it had in flight is no longer, its counters are kept."""
         tickets, slot.tickets = slot.tickets, {}
         for ticket in tickets.values():
-            self.router.release(ticket)
+            self._done(ticket)
         if tickets:
             log.warning("released %d dispatches of worker %d", len(tickets), slot.index)
         if slot.samples is not None:
@@ -349,6 +350,33 @@ class WorkerPool:
                                                  + requests_served(slot.samples))
             slot.samples = None
         slot.link = None
+
+    # -- the ledger, for workers' dispatches -------------------------------------------------
+    def _hold(self, target: Target, tokens: int) -> Ticket:
+        r = self.router
+        ticket = r.dispatcher.start(target, tokens, r.clock())
+        if ticket.publish:
+            self._publish_soon()
+        return ticket
+
+    def _done(self, ticket: Ticket) -> None:
+        r = self.router
+        r.dispatcher.done(ticket)
+        r.kick()  # a completion: re-evaluate a waiting head
+        if ticket.publish:
+            self._publish_soon()
+
+    def _publish_soon(self) -> None:
+        """In-flight counts into the replicated state once per turn of the event loop, not
+        once per dispatch: with many workers' notes in one read, one write. (This node's own
+        decisions read the ledger itself; peers read the published record.)"""
+        if not self._publish_due:
+            self._publish_due = True
+            asyncio.get_running_loop().call_soon(self._publish_now)
+
+    def _publish_now(self) -> None:
+        self._publish_due = False
+        self.router._publish()
 
     def _slot(self, link: Link) -> WorkerProc | None:
         i = link.info.get("index")
@@ -441,7 +469,7 @@ class WorkerPool:
                 # counted from here, as the one-process path counts it at dispatch.
                 tid = slot.next_ticket
                 slot.next_ticket += 1
-                slot.tickets[tid] = r.hold(t, len(ids))
+                slot.tickets[tid] = self._hold(t, len(ids))
         return placement_wire(p, keys.unit, w_unit, predicted, tid, config)
 
     def _note(self, link: Link, op: str, body: Any) -> None:
@@ -452,7 +480,7 @@ class WorkerPool:
         if op == "done":
             ticket = slot.tickets.pop(int(body), None)
             if ticket is not None:
-                r.release(ticket)
+                self._done(ticket)
         elif op == "observe":
             replica, predicted, new, concurrent, comparable, status, completed, usage = body
             tap = UsageTap(False)
