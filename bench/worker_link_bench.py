@@ -49,8 +49,9 @@ ANSWER = placement_wire(Placement(Decision("http://e1", "us", "best ttft", "kvme
                         16, 16, (48, 6, False), 1)
 
 async def handle(link, op, body):
-    tokens_of(body[1])
-    worker_keys(body[6], 0)
+    wire = body[1]
+    tokens_of(wire[1])
+    worker_keys(wire[6], 0)
     return ANSWER
 
 async def main():
@@ -84,11 +85,11 @@ async def hop_bench(asks: dict[str, Ask], calls: int, seconds: float) -> dict[st
         out: dict[str, Any] = {}
         for name, ask in asks.items():
             for _ in range(200):  # warm up
-                placement_of(await link.call("place", ask_wire(ask)))
+                placement_of(await link.call("place", [0, ask_wire(ask)]))
             one = []
             for _ in range(calls):
                 t = time.perf_counter()
-                placement_of(await link.call("place", ask_wire(ask)))
+                placement_of(await link.call("place", [0, ask_wire(ask)]))
                 one.append(time.perf_counter() - t)
             lat: list[float] = []
             end = time.perf_counter() + seconds
@@ -96,7 +97,7 @@ async def hop_bench(asks: dict[str, Ask], calls: int, seconds: float) -> dict[st
             async def loop(a: Ask = ask, end: float = end, lat: list[float] = lat) -> None:
                 while time.perf_counter() < end:
                     t = time.perf_counter()
-                    placement_of(await link.call("place", ask_wire(a)))
+                    placement_of(await link.call("place", [0, ask_wire(a)]))
                     lat.append(time.perf_counter() - t)
 
             t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -246,9 +247,13 @@ class WorkerProc:
     link: Link | None = None
     started_at: float = 0.0
     restarts: int = 0
-    next_ticket: int = 0
     tickets: dict[int, Ticket] = field(default_factory=dict)
-    """Dispatches this process has in flight, by its own ticket id."""
+    """Dispatches this process has in flight, by the id of the ``place`` call that placed
+    them (the worker's)."""
+    placing: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    """``place`` calls being answered (maybe waiting in the queue), by id."""
+    abandoned: set[int] = field(default_factory=set)
+    """Ids the worker gave up on before their call was being answered."""
     samples: Any = None
     """Its counters at the last scrape (kept when it dies, so node totals never go back)."""
 
@@ -340,6 +345,7 @@ class WorkerPool:
     def _release(self, slot: WorkerProc) -> None:
         """A worker is gone: what it had in flight is no longer, its counters are kept."""
         tickets, slot.tickets = slot.tickets, {}
+        slot.abandoned.clear()
         for ticket in tickets.values():
             self._done(ticket)
         if tickets:
@@ -415,8 +421,15 @@ class WorkerPool:
 
     async def _place(self, link: Link, body: Any) -> Any:
         r = self.router
+        slot = self._slot(link)
+        if slot is None or slot.link is not link:
+            raise ValueError("place before hello")
+        pid = int(body[0])
+        if pid in slot.abandoned:
+            slot.abandoned.discard(pid)
+            raise ValueError("abandoned")
         (rid, tok, session, max_tokens, arrival, model, sent, lora_path, salt, given,
-         forwarded, pinned, origin, ex_replicas, ex_regions, attempt) = body
+         forwarded, pinned, origin, ex_replicas, ex_regions, attempt) = body[1]
         ids = tokens_of(tok)
         now = r.clock()
         keys, w_sizes, w_lora = worker_keys(sent, len(ids))
@@ -447,13 +460,19 @@ class WorkerPool:
             r.demand.observe(model, req.num_tokens, max_tokens, arrival)
         ask = Ask(req, bool(forwarded), pinned, origin, frozenset(ex_replicas),
                   frozenset(ex_regions), attempt)
-        p = await r.place(ask)
+        task = asyncio.current_task()
+        if task is not None:
+            slot.placing[pid] = task
+        try:
+            p = await r.place(ask)
+        finally:
+            slot.placing.pop(pid, None)
         d, t = p.decision, p.target
         r.decision_log.add(DecisionEntry(
             r.clock(), rid, p.outcome, d.replica, d.region, d.reason,
             d.policy or r.policy.name, req.num_tokens, d.matched_blocks, attempt))
         predicted = None
-        tid = None
+        held = None
         if t is not None:
             if attempt == 1:
                 r.metrics.note_hit(min(d.matched_blocks * keys.unit, max(0, len(ids) - 1)),
@@ -463,14 +482,13 @@ class WorkerPool:
                 size = r.precision.sizes.size_of(t.replica) or r.precision.sizes.fallback()
                 predicted = (n, max(0, len(ids) // size - n // size),
                              r.dispatches.inflight(t.replica) > 0)
-            slot = self._slot(link)
-            if slot is not None and slot.link is link:
+            if slot.link is link:
                 # The worker dispatches as soon as it has the answer (no await between):
-                # counted from here, as the one-process path counts it at dispatch.
-                tid = slot.next_ticket
-                slot.next_ticket += 1
-                slot.tickets[tid] = self._hold(t, len(ids))
-        return placement_wire(p, keys.unit, w_unit, predicted, tid, config)
+                # counted from here, as the one-process path counts it at dispatch; its
+                # ``done`` note names the call.
+                slot.tickets[pid] = self._hold(t, len(ids))
+                held = pid
+        return placement_wire(p, keys.unit, w_unit, predicted, held, config)
 
     def _note(self, link: Link, op: str, body: Any) -> None:
         slot = self._slot(link)
@@ -478,9 +496,17 @@ class WorkerPool:
             return
         r = self.router
         if op == "done":
-            ticket = slot.tickets.pop(int(body), None)
+            # The dispatch has ended, or the worker gave up on the placement (its client
+            # went away while it waited in the queue).
+            pid = int(body)
+            ticket = slot.tickets.pop(pid, None)
+            task = slot.placing.pop(pid, None)
             if ticket is not None:
                 self._done(ticket)
+            elif task is not None:
+                task.cancel()
+            else:
+                slot.abandoned.add(pid)  # its call has not started being answered yet
         elif op == "observe":
             replica, predicted, new, concurrent, comparable, status, completed, usage = body
             tap = UsageTap(False)
@@ -668,6 +694,7 @@ class WorkerRouter(Router):
         precision.key_config = keys
         self.precision = precision
         self._relay_session: aiohttp.ClientSession | None = None
+        self._place_ids = itertools.count()
 
     def _routes(self) -> list[web.RouteDef]:
         return [web.route("*", "/{tail:.*}", self.relay)]
@@ -703,8 +730,13 @@ class WorkerRouter(Router):
 
     async def place(self, ask: Ask) -> Placement:
         keys = ask.request.keys
+        pid = next(self._place_ids)
         try:
-            answer = await self.link.call("place", ask_wire(ask))
+            answer = await self.link.call("place", [pid, ask_wire(ask)])
+        except asyncio.CancelledError:
+            with contextlib.suppress(LinkError):  # the client went away: let go of it
+                self.link.notify("done", pid)
+            raise
         except ValueError as exc:
             reason = str(exc)
             if not reason.startswith(FORWARD_REFUSED):
