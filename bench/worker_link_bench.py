@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -110,6 +111,7 @@ async def hop_bench(asks: dict[str, Ask], calls: int, seconds: float) -> dict[st
     finally:
         proc.kill()
         await proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def markdown(res: dict[str, Any]) -> str:
