@@ -496,9 +496,17 @@ class WorkerPool:
             return
         r = self.router
         if op == "done":
-            # The dispatch has ended, or the worker gave up on the placement (its client
-            # went away while it waited in the queue).
-            pid = int(body)
+            # The dispatch has ended (with what the engine said of the prediction), or the
+            # worker gave up on the placement (its client left while it waited in the queue).
+            pid, observed = int(body[0]), body[1]
+            if observed is not None:
+                replica, predicted, new, concurrent, comparable, status, completed, usage = (
+                    observed)
+                tap = UsageTap(False)
+                tap.usage = usage if isinstance(usage, dict) else None
+                check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
+                              bool(comparable))
+                r.precision.observe(check, int(status), bool(completed), r.clock())
             ticket = slot.tickets.pop(pid, None)
             task = slot.placing.pop(pid, None)
             if ticket is not None:
@@ -507,13 +515,6 @@ class WorkerPool:
                 task.cancel()
             else:
                 slot.abandoned.add(pid)  # its call has not started being answered yet
-        elif op == "observe":
-            replica, predicted, new, concurrent, comparable, status, completed, usage = body
-            tap = UsageTap(False)
-            tap.usage = usage if isinstance(usage, dict) else None
-            check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
-                          bool(comparable))
-            r.precision.observe(check, int(status), bool(completed), r.clock())
         elif op == "mark_down" and r.engines is not None:
             r.report_failure(str(body[0]), str(body[1]))
 
@@ -617,12 +618,12 @@ class WorkerPrecision(Precision):
                      concurrent=concurrent,
                      comparable=bool(inf.body) and single_prompt(inf.body))
 
+    observed: list[Any] | None = None
+    """The last answer's check, for the ``done`` note that follows it at once."""
+
     def observe(self, check: Check, status: int, completed: bool, now: float) -> str | None:
-        if self.link is not None:
-            with contextlib.suppress(LinkError):
-                self.link.notify("observe", [
-                    check.replica, check.predicted, check.new_blocks, check.concurrent,
-                    check.comparable, status, completed, check.tap.usage])
+        self.observed = [check.replica, check.predicted, check.new_blocks, check.concurrent,
+                         check.comparable, status, completed, check.tap.usage]
         return None
 
 
@@ -632,6 +633,7 @@ class RelayDispatcher(Dispatcher):
     (the dispatch follows at once); ``done`` tells it the dispatch has ended."""
 
     link: Link | None = None
+    precision: WorkerPrecision | None = None
     held: tuple[Target, int] | None = None
     """The last placement's target and the primary's ticket for it, not yet dispatched."""
     remote: dict[int, int] = field(default_factory=dict)
@@ -650,9 +652,12 @@ class RelayDispatcher(Dispatcher):
     def done(self, ticket: Ticket) -> None:
         Dispatcher.done(self, ticket)
         tid = self.remote.pop(ticket.id, None)
+        observed = None
+        if self.precision is not None:  # observed just before (no await between)
+            observed, self.precision.observed = self.precision.observed, None
         if self.link is not None and tid is not None:
             with contextlib.suppress(LinkError):
-                self.link.notify("done", tid)
+                self.link.notify("done", [tid, observed])
 
 
 @dataclass(slots=True)
@@ -693,6 +698,7 @@ class WorkerRouter(Router):
         precision.link = link
         precision.key_config = keys
         self.precision = precision
+        self.dispatcher.precision = precision
         self._relay_session: aiohttp.ClientSession | None = None
         self._place_ids = itertools.count()
 
@@ -735,7 +741,7 @@ class WorkerRouter(Router):
             answer = await self.link.call("place", [pid, ask_wire(ask)])
         except asyncio.CancelledError:
             with contextlib.suppress(LinkError):  # the client went away: let go of it
-                self.link.notify("done", pid)
+                self.link.notify("done", [pid, None])
             raise
         except ValueError as exc:
             reason = str(exc)

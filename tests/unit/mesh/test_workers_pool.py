@@ -60,9 +60,9 @@ async def test_a_placement_is_held_once_and_released_by_done(pool: Any) -> None:
     assert placement.target is not None and placement.target.url == ENGINE and ticket == 7
     assert p.router.dispatches.inflight(ENGINE) == 1
     assert p.status()["workers"][0]["inflight"] == 1
-    p._note(link, "done", 7)
+    p._note(link, "done", [7, None])
     assert p.router.dispatches.inflight(ENGINE) == 0
-    p._note(link, "done", 7)  # a repeated note changes nothing
+    p._note(link, "done", [7, None])  # a repeated note changes nothing
     assert p.router.dispatches.inflight(ENGINE) == 0
 
 
@@ -75,7 +75,7 @@ async def test_giving_up_while_queued_cancels_the_wait_and_holds_nothing(pool: A
         if p.router.dispatcher.queued():
             break
     assert p.router.dispatcher.queued() == 1 and 1 in p.slots[0].placing
-    p._note(link, "done", 1)
+    p._note(link, "done", [1, None])
     with pytest.raises(asyncio.CancelledError):
         await call
     gate.open = True
@@ -85,7 +85,7 @@ async def test_giving_up_while_queued_cancels_the_wait_and_holds_nothing(pool: A
 
 async def test_giving_up_before_the_call_is_answered_holds_nothing(pool: Any) -> None:
     p, _, link = pool
-    p._note(link, "done", 3)  # arrives before its call is being answered
+    p._note(link, "done", [3, None])  # arrives before its call is being answered
     with pytest.raises(ValueError, match="abandoned"):
         await p._place(link, place_body(3))
     assert p.router.dispatches.total() == 0 and not p.slots[0].abandoned
@@ -99,3 +99,13 @@ async def test_a_dead_workers_dispatches_are_released(pool: Any) -> None:
     p._closed(link)
     assert p.router.dispatches.inflight(ENGINE) == 0
     assert p.slots[0].link is None and not p.slots[0].tickets
+
+
+async def test_done_carries_what_the_engine_said_to_the_primarys_self_check(pool: Any) -> None:
+    p, _, link = pool
+    await p._place(link, place_body(9))
+    usage = {"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}}
+    p._note(link, "done", [9, [ENGINE, 32, 0, False, True, 200, True, usage]])
+    rec = p.router.precision.check.engines[ENGINE]
+    assert rec.outcomes["exact"] == 1 and rec.reported_tokens == 32
+    assert p.router.dispatches.inflight(ENGINE) == 0
