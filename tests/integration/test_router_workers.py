@@ -114,6 +114,30 @@ async def test_workers_share_the_port_the_ledger_and_the_mesh(procs: Procs) -> N
         total = await metric(s, us, "kvmesh_router_requests_total")
         assert sum(total.values()) == 60  # the node's total, whichever process answers
 
+        # Keys chained in the workers match the primary's index: a prompt the engine has
+        # stored is predicted cached, whichever process the request lands on.
+        long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(300))}]
+        code, _, _ = await chat(s, us, long, max_tokens=1)
+        assert code == 200
+
+        async def indexed() -> bool:
+            blocks = await metric(s, us, "kvmesh_index_blocks")
+            return sum(blocks.values()) >= 10
+
+        await wait_until(indexed, timeout=30, what="the prompt indexed")
+        before = await metric(s, us, "kvmesh_router_worker_requests_total")
+
+        async def again() -> int:
+            async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True)) as c:
+                _, headers, _ = await chat(c, us, long, max_tokens=1)
+                return int(headers["x-kvmesh-predicted-cached-tokens"])
+
+        predicted = [await again() for _ in range(12)]
+        assert all(n >= 160 for n in predicted), predicted
+        after = await metric(s, us, "kvmesh_router_worker_requests_total")
+        assert any(after[k] > before.get(k, 0) for k in after if k != 'worker="0"'), after
+
         # A signed forward is accepted once by the node, whichever process receives it.
         raw = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "fwd"}],
                           "max_tokens": 1}).encode()
