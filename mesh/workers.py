@@ -4,15 +4,17 @@ A node with ``workers: N`` runs N processes on one listening port (SO_REUSEPORT;
 spreads connections over them). The **primary** is the node as it is with one process: it
 holds the replicated state (prefix index, load vector, membership, gossip), the engine monitor,
 the policy, the FCFS queue and the dispatch ledger, and serves requests itself too. A
-**worker** parses, validates and tokenizes the requests its connections bring, asks the
-primary where each goes (``place``), tells it when a dispatch starts and ends (``start`` /
-``done``), and relays the answer. So the mesh sees one router: one index in memory, one gossip
-stream, one set of in-flight counts, one writer of each fact. What a worker cannot answer from
+**worker** parses, validates, tokenizes and keys the requests its connections bring, asks the
+primary where each goes (``place``: the primary decides and counts the dispatch in flight),
+relays the answer and tells the primary when it has ended (``done``). So the mesh sees one
+router: one index in memory, one gossip stream, one set of in-flight counts, one writer of
+each fact. What a worker cannot answer from
 its own state (``/mesh/*`` incl. gossip from peers, ``/metrics``, ``/ready``, ``/v1/models``,
 the dashboard) it relays over HTTP to the primary's private Unix socket.
 
 The seam is :meth:`mesh.router.Router.place` (a link call in a worker) and the ledger's
-``start`` / ``done`` (link notes); the rest of the request path is the single-process code.
+``start`` / ``done`` (:class:`RelayDispatcher`); the rest of the request path is the
+single-process code.
 Why one deciding process rather than workers deciding from a shared snapshot, measured:
 docs/architecture.md ("Several processes on one host").
 
@@ -42,18 +44,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvevents.block_sizes import SizedKeys, sized_request_keys
 from mesh import forward_auth
-from mesh.api import ApiError, Inference
+from mesh.api import ApiError, Inference, error_response
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry
 from mesh.dispatch import Ask, Dispatcher, Placement, Target
 from mesh.metrics import gauge
 from mesh.policies.base import Decision, Request
-from mesh.precision import Check, Precision, has_media
+from mesh.precision import Check, Precision, has_media, single_prompt
+from mesh.proxy import Forwarder
 from mesh.router import Router
 from mesh.selfcheck import UsageTap, wants_usage_injection, with_usage
 from mesh.state import LocalOnly
@@ -550,8 +553,6 @@ class WorkerPool:
             if slot.samples is not None:
                 n += requests_served(slot.samples)
             served.append(([str(slot.index)], n))
-        from prometheus_client.core import CounterMetricFamily
-
         c = CounterMetricFamily("kvmesh_router_worker_requests",
                                 "Inference requests answered by each process of this node "
                                 "(0: the primary; as of this scrape)", labels=["worker"])
@@ -610,8 +611,6 @@ class WorkerPrecision(Precision):
         predicted, new = 0, 0
         if hint is not None and hint[0] == replica:
             _, predicted, new, concurrent = hint
-        from mesh.precision import single_prompt
-
         inject = wants_usage_injection(inf.body)
         body = with_usage(inf.body) if inject else inf.raw
         return Check(replica, predicted, new, UsageTap(inf.stream, strip=inject), body,
@@ -712,8 +711,6 @@ class WorkerRouter(Router):
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self._relay_session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(self.http_path), auto_decompress=False)
-        from mesh.proxy import Forwarder
-
         self.forwarder = Forwarder(
             self._session, connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
@@ -789,8 +786,6 @@ class WorkerRouter(Router):
                 await resp.write_eof()
                 return resp
         except (aiohttp.ClientError, TimeoutError) as exc:
-            from mesh.api import error_response
-
             return error_response(503, f"this node's primary process did not answer: {exc}",
                                   type="server_error", code="primary_unavailable")
 
