@@ -8,9 +8,9 @@ the policy, the FCFS queue and the dispatch ledger, and serves requests itself t
 primary where each goes (``place``: the primary decides and counts the dispatch in flight),
 relays the answer and tells the primary when it has ended (``done``). So the mesh sees one
 router: one index in memory, one gossip stream, one set of in-flight counts, one writer of
-each fact. What a worker cannot answer from
-its own state (``/mesh/*`` incl. gossip from peers, ``/metrics``, ``/ready``, ``/v1/models``,
-the dashboard) it relays over HTTP to the primary's private Unix socket.
+each fact. What a worker cannot answer from its own state (``/mesh/*`` incl. gossip from
+peers, ``/metrics``, ``/ready``, ``/v1/models``, the dashboard) it relays over HTTP to the
+primary's private Unix socket.
 
 The seam is :meth:`mesh.router.Router.place` (a link call in a worker) and the ledger's
 ``start`` / ``done`` (:class:`RelayDispatcher`); the rest of the request path is the
