@@ -134,9 +134,6 @@ class RouterConfig:
     workers: int = 1
     """Processes serving the listening port (SO_REUSEPORT); 1: one process, as always.
     With more, the primary holds the mesh state and decides; see ``mesh/workers.py``."""
-    worker_nice: int = 10
-    """How much lower the workers' CPU priority is than the primary's (``nice``): every
-    request passes through the primary, so on a busy host its own workers must not starve it."""
 
     @property
     def host(self) -> str:
@@ -440,18 +437,10 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         **_edge(raw, d),
         plan_file=_plan_file(raw.get("plan_file")),
         workers=_workers(raw.get("workers", d.workers)),
-        worker_nice=_worker_nice(raw.get("worker_nice", d.worker_nice)),
     )
 
 
 MAX_WORKERS = 64
-
-
-def _worker_nice(value: object) -> int:
-    n: int = _number(value, "worker_nice", integer=True, minimum=0)
-    if n > 19:
-        raise ConfigError("worker_nice", f"at most 19, got {n}")
-    return n
 
 
 def _workers(value: object) -> int:

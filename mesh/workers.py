@@ -819,11 +819,6 @@ async def run_worker(link_path: str, index: int) -> int:
     raw, http_path, keys = await link.call("hello", [index, os.getpid()])
     config: RouterConfig = pickle.loads(raw)  # our own primary, over its private socket
     logging.getLogger().setLevel(config.log_level.upper())
-    if config.worker_nice:
-        try:
-            os.nice(config.worker_nice)  # below the primary: see RouterConfig.worker_nice
-        except OSError as exc:
-            log.warning("worker %d: cannot lower its priority: %s", index, exc)
     router = WorkerRouter(config, link, http_path, KeyConfig.of(keys))
     holder.append(router)
     stop = asyncio.Event()
