@@ -48,7 +48,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvevents.block_sizes import SizedKeys, sized_request_keys
-from mesh import forward_auth
+from mesh import forward_auth, upstream
 from mesh.api import ApiError, Inference, error_response
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry
@@ -278,7 +278,6 @@ class WorkerPool:
         self._server = LinkServer(self.link_path, self._handle, self._note, self._closed)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._publish_due = False
 
     async def start(self) -> None:
         r = self.router
@@ -365,7 +364,7 @@ class WorkerPool:
         r = self.router
         ticket = r.dispatcher.start(target, tokens, r.clock())
         if ticket.publish:
-            self._publish_soon()
+            self.router._publish_soon()  # once per loop turn, with the node's own
         return ticket
 
     def _done(self, ticket: Ticket) -> None:
@@ -373,19 +372,7 @@ class WorkerPool:
         r.dispatcher.done(ticket)
         r.kick()  # a completion: re-evaluate a waiting head
         if ticket.publish:
-            self._publish_soon()
-
-    def _publish_soon(self) -> None:
-        """In-flight counts into the replicated state once per turn of the event loop, not
-        once per dispatch: with many workers' notes in one read, one write. (This node's own
-        decisions read the ledger itself; peers read the published record.)"""
-        if not self._publish_due:
-            self._publish_due = True
-            asyncio.get_running_loop().call_soon(self._publish_now)
-
-    def _publish_now(self) -> None:
-        self._publish_due = False
-        self.router._publish()
+            self.router._publish_soon()  # once per loop turn, with the node's own
 
     def _slot(self, link: Link) -> WorkerProc | None:
         i = link.info.get("index")
@@ -601,8 +588,16 @@ class WorkerPrecision(Precision):
         salt = salt if isinstance(salt, str) else None
         model = inf.model
         lora = path or (model if model in cfg.adapters else None)
-        keys = sized_request_keys(inf.token_ids, cfg.sizes, lora_name=lora, salt=salt,
-                                  unmatched=has_media(body))
+        media = has_media(body)
+        size = self.sizes.fallback()
+        if (inf.keys and cfg.sizes == (size,) and lora is None and not media
+                and len(inf.keys) == len(inf.token_ids) // size):
+            # Chained while preparing, at the one size the fleet uses (as Precision.keys_for).
+            keys = SizedKeys(inf.keys, unit=size, by_size={size: inf.keys},
+                             num_tokens=len(inf.token_ids))
+        else:
+            keys = sized_request_keys(inf.token_ids, cfg.sizes, lora_name=lora, salt=salt,
+                                      unmatched=media)
         return WorkerKeys(keys, cfg.sizes, lora, path, salt)
 
     def prepare(self, inf: Inference, replica: str, keys: Sequence[int],
@@ -712,7 +707,7 @@ class WorkerRouter(Router):
         self._relay_session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(self.http_path), auto_decompress=False)
         self.forwarder = Forwarder(
-            self._session, connect_timeout=self.config.connect_timeout,
+            upstream.Pool(tls, self.config.connect_timeout),
             request_timeout=self.config.request_timeout,
             first_byte_timeout=self.config.first_byte_timeout)
         self.engines = _EngineNotes(self.link)  # type: ignore[assignment]
@@ -726,6 +721,8 @@ class WorkerRouter(Router):
         if self._runner is not None:
             await self._runner.cleanup()
         await self.tokenizer.aclose()
+        if self.forwarder is not None:
+            self.forwarder.pool.close()
         for s in (self._session, self._relay_session):
             if s is not None:
                 await s.close()
@@ -764,6 +761,9 @@ class WorkerRouter(Router):
         return None
 
     def _publish(self) -> None:
+        return None
+
+    def _publish_soon(self) -> None:
         return None
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
