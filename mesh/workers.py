@@ -55,10 +55,10 @@ from mesh.decision_log import DecisionEntry
 from mesh.dispatch import Ask, Dispatcher, Placement, Target
 from mesh.metrics import gauge
 from mesh.policies.base import Decision, Request
-from mesh.precision import Check, Precision, has_media, single_prompt
+from mesh.precision import Check, Precision, has_media
 from mesh.proxy import Forwarder
 from mesh.router import Router
-from mesh.selfcheck import UsageTap, wants_usage_injection, with_usage
+from mesh.selfcheck import UsageTap
 from mesh.state import LocalOnly
 from mesh.tls import client_context
 from mesh.view import Ticket
@@ -602,15 +602,11 @@ class WorkerPrecision(Precision):
 
     def prepare(self, inf: Inference, replica: str, keys: Sequence[int],
                 block_size: int, concurrent: bool = False) -> Check:
+        check = Precision.prepare(self, inf, replica, keys, block_size, concurrent)
         hint = keys.hint if isinstance(keys, WorkerKeys) else None
-        predicted, new = 0, 0
-        if hint is not None and hint[0] == replica:
-            _, predicted, new, concurrent = hint
-        inject = wants_usage_injection(inf.body)
-        body = with_usage(inf.body) if inject else inf.raw
-        return Check(replica, predicted, new, UsageTap(inf.stream, strip=inject), body,
-                     concurrent=concurrent,
-                     comparable=bool(inf.body) and single_prompt(inf.body))
+        if hint is not None and hint[0] == replica:  # the primary's prediction
+            _, check.predicted, check.new_blocks, check.concurrent = hint
+        return check
 
     observed: list[Any] | None = None
     """The last answer's check, for the ``done`` note that follows it at once."""
