@@ -77,6 +77,8 @@ class Ticket:
     tokens: int
     publish: bool = True
     """False for requests forwarded to another region's router: that router publishes them."""
+    work: float = 0.0
+    """Predicted output tokens of the request (its decode work)."""
 
 
 @dataclass(slots=True)
@@ -89,13 +91,17 @@ class Dispatches:
     """Bumped on every change, so publishers know when to write the load vector."""
     _published: dict[str, int] = field(default_factory=dict)
     """Open tickets with ``publish`` per replica (what :meth:`counts` publishes)."""
+    work: dict[str, float] = field(default_factory=dict)
+    """Predicted output tokens in flight, by replica (sum of the open tickets' ``work``)."""
 
     def start(self, replica: str, region: str, tokens: int, now: float,
-              publish: bool = True) -> Ticket:
-        t = Ticket(next(self._ids), replica, region, now, tokens, publish)
+              publish: bool = True, work: float = 0.0) -> Ticket:
+        t = Ticket(next(self._ids), replica, region, now, tokens, publish, work)
         self._open.setdefault(replica, {})[t.id] = t
         if publish:
             self._published[replica] = self._published.get(replica, 0) + 1
+        if work:
+            self.work[replica] = self.work.get(replica, 0.0) + work
         self.version += 1
         return t
 
@@ -109,6 +115,12 @@ class Dispatches:
                     self._published[ticket.replica] = n
                 else:
                     del self._published[ticket.replica]
+            if ticket.work:
+                left = self.work.get(ticket.replica, 0.0) - ticket.work
+                if by and left > 1e-6:
+                    self.work[ticket.replica] = left
+                else:
+                    self.work.pop(ticket.replica, None)
             if not by:
                 del self._open[ticket.replica]
 
@@ -157,13 +169,14 @@ class ViewBuilder:
     """Round trip assumed for a region with routers but neither a measurement nor a setting."""
 
     def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0,
-              model: str | None = None) -> View:
+              model: str | None = None, mean_output_tokens: float = 256.0) -> View:
         """The view at ``now``; with ``model``, engines known not to serve it are left out."""
         replicas = []
         freshest: dict[str, float] = {}
         """Per region: the youngest load record in the view (own pushes after it are fresh)."""
         known = self.regions(now)
         inflight, fresh, inf = self.dispatches.inflight, self.dispatches.fresh, float("inf")
+        work = self.dispatches.work.get
         for rec in self.records(now):
             if model is not None and rec.models and model not in rec.models:
                 continue
@@ -181,7 +194,7 @@ class ViewBuilder:
             replicas.append(ReplicaView(
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
-                rec.prefill_rate, rec.owner,
+                rec.prefill_rate, rec.owner, work(rec.replica, 0.0),
             ))
         regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
         for name in freshest.keys() | known.keys():
@@ -203,6 +216,7 @@ class ViewBuilder:
             prefix=self.prefix,
             queue=queue,
             mean_prompt_tokens=mean_prompt_tokens,
+            mean_output_tokens=mean_output_tokens,
         )
 
     def rtt(self, region: str, info: RegionRecord | None) -> float:

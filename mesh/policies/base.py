@@ -25,6 +25,18 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class LengthGuess:
+    """A predicted response length: expected output tokens and the most likely bucket."""
+
+    tokens: float
+    bucket: int
+    baseline_bucket: int = -1
+    """The bucket a predict-the-mean baseline would have said (for accuracy figures)."""
+    baseline_tokens: float = 0.0
+    """What that baseline expected, tokens."""
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """One request as a policy needs it: its tokens, block keys and affinity hints."""
 
@@ -40,6 +52,13 @@ class Request:
     """When the request arrived, on the same clock as ``now`` (bounds waiting)."""
     model: str | None = None
     """The requested model; the view already holds only replicas that serve it."""
+    app: str | None = None
+    """Application tag (a header), a feature of the response-length predictor."""
+    predicted: LengthGuess | None = None
+    """The predicted response length, set by the dispatcher before the policy runs."""
+    objective: str | None = None
+    """What the cost-model policy minimises for this request: ``"ttft"`` or ``"e2e"``
+    (end-to-end latency); None: the policy's configured default."""
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +92,9 @@ class ReplicaView(NamedTuple):
     owner: str | None = None
     """Base URL of the live router that reports this replica (forwards go there); None for
     this router's own engines or when unknown."""
+    work: float = 0.0
+    """Predicted output tokens of this router's own requests in flight to the replica (their
+    decode work, not reduced as they progress)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +138,8 @@ class View:
     """Requests waiting in this router's own queue (this one excluded)."""
     mean_prompt_tokens: float = 256.0
     """Recent mean uncached prompt tokens per request: the size of an unknown queued request."""
+    mean_output_tokens: float = 256.0
+    """Recent mean output tokens per completed request: how long a running decode lasts."""
 
     def healthy(self, scope: str = "mesh") -> list[ReplicaView]:
         """Healthy replicas in reachable regions; ``scope`` "local" keeps the own region only."""

@@ -1,4 +1,4 @@
-"""The default policy, ``kvmesh``: the replica anywhere with the lowest expected TTFT.
+"""The default policy, ``kvmesh``: the replica anywhere with the lowest expected latency.
 
 For every healthy replica ``r`` in a reachable region::
 
@@ -6,17 +6,37 @@ For every healthy replica ``r`` in a reachable region::
     uncached  = prompt tokens - cached tokens (consecutive prefix blocks r holds, from events)
     rate      = r.prefill_rate or prefill_rate            (tokens/s of the replica's profile)
     rtt       = round trip to r's region's router (0 at home)
-    queue     = load.waiting * mean_prompt_tokens / rate
+    queue     = load.waiting * mean_prompt_tokens / rate            (prefill-bound)
     prefill   = uncached / rate
     decode    = (queue + prefill) * decode_weight * load.running
                 + kv_weight * k / (1 - k)                  (k = KV usage, capped at kv_cap)
+    step      = decode_step * (1 + batch_weight * load.running)     (one decode step now)
+    kv_wait   = ramp(k; kv_knee..kv_cap) * (load.waiting + 1)
+                * mean_output_tokens * step / max(load.running, 1)  (decode-bound)
+    queue     = max(queue, kv_wait)
     ttft      = rtt + queue + prefill + decode
 
-Running sequences share every engine step with the prefill (``decode_weight`` per sequence),
-and a nearly full KV cache means preemption and recomputation (the barrier term). The winner
-is drawn at random among the near-ties, candidates within ``max(tie_abs, tie_rel * best)``
-of the best, so routers that share one stale view spread their requests instead of all
-sending them to the replica that looked idle.
+A nearly full KV cache admits a waiting request only when a running one finishes and frees
+its blocks: the queue then drains at the rate decodes complete (one every
+``mean_output_tokens * step / running`` seconds), not at prefill speed. With the ``e2e``
+objective (per request, ``Request.objective``, else the ``objective`` parameter) the cost
+adds the predicted decode and the Intelligent Router's mixing penalty::
+
+    out       = request.predicted.tokens or mean_output_tokens
+    overlap   = min(load.running * out, r.work) if r.work else load.running * out / 2
+    gen       = out * decode_step + overlap * decode_step * batch_weight
+    mixing    = mix_weight * (load.running * prefill + overlap * decode_step * batch_weight)
+    e2e       = ttft + gen + mixing
+
+``overlap`` is the decode steps the newcomer shares with the replica's running sequences
+(bounded by their predicted outstanding tokens, ``r.work``); each shared step is
+``batch_weight`` slower for both sides. ``mixing`` is what the newcomer costs the others:
+its prefill stalls every running decode, and its decode slows theirs (``mix_weight`` is the
+paper's alpha). Running sequences also share every engine step with the prefill
+(``decode_weight`` per sequence), and a nearly full KV cache means preemption and
+recomputation (the barrier term). The winner is drawn at random among the near-ties,
+candidates within ``max(tie_abs, tie_rel * best)`` of the best, so routers that share one
+stale view spread their requests instead of all sending them to the replica that looked idle.
 """
 
 from __future__ import annotations
@@ -29,6 +49,7 @@ from dataclasses import dataclass
 
 from mesh.policies.base import (
     Decision,
+    PolicyError,
     ReplicaView,
     Request,
     Scored,
@@ -38,6 +59,8 @@ from mesh.policies.base import (
     no_replica,
 )
 from mesh.policies.params import parse_params
+
+OBJECTIVES = ("ttft", "e2e")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +73,34 @@ class TtftParams:
     tie_rel: float = 0.1
     tie_abs: float = 0.005
     rtt_weight: float = 1.0
+    decode_step: float = 0.03
+    """Seconds of one decode step of a lone sequence (the engines' low-load inter-token
+    latency)."""
+    batch_weight: float = 0.01
+    """Fraction one more running sequence adds to a decode step."""
+    kv_knee: float = 0.9
+    """KV usage from which waiting requests wait on decodes, fully at ``kv_cap``."""
+    mix_weight: float = 0.5
+    """Weight of the delay a newcomer causes the replica's running decodes (``e2e``)."""
+    objective: str = "ttft"
+    """``ttft`` or ``e2e``: what requests that do not name an objective minimise."""
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise PolicyError(f"policy.objective: expected one of {', '.join(OBJECTIVES)}, "
+                              f"got {self.objective!r}")
+
+
+def objective_of(request: Request, p: TtftParams) -> str:
+    """The request's own objective if it names a known one, else the configured default."""
+    o = request.objective
+    return o if o in OBJECTIVES else p.objective
 
 
 def expected_ttft(
     request: Request, r: ReplicaView, view: View, matched: int, p: TtftParams
 ) -> Scored:
+    """The explained cost of one replica (see the module docstring)."""
     load = estimate_load(r, p.load_half_life)
     rate = r.prefill_rate or p.prefill_rate
     uncached = request.num_tokens - cached_tokens(request, matched)
@@ -63,12 +109,27 @@ def expected_ttft(
     prefill = uncached / rate
     k = min(max(r.kv_usage, 0.0), p.kv_cap)
     decode = (queue + prefill) * p.decode_weight * load.running + p.kv_weight * k / (1.0 - k)
+    step = p.decode_step * (1.0 + p.batch_weight * load.running)
+    if k > p.kv_knee:
+        ramp = (k - p.kv_knee) / (p.kv_cap - p.kv_knee) if p.kv_cap > p.kv_knee else 1.0
+        kv_wait = (ramp * (load.waiting + 1.0) * view.mean_output_tokens * step
+                   / max(load.running, 1.0))
+        if kv_wait > queue:
+            queue = kv_wait
     cost = rtt + queue + prefill + decode
-    return Scored(
-        r.replica, r.region, cost,
-        (("rtt", rtt), ("queue", queue), ("prefill", prefill), ("decode", decode),
-         ("matched", float(matched))),
-    )
+    parts: tuple[tuple[str, float], ...] = (
+        ("rtt", rtt), ("queue", queue), ("prefill", prefill), ("decode", decode))
+    if objective_of(request, p) == "e2e":
+        guess = request.predicted
+        out = guess.tokens if guess is not None else view.mean_output_tokens
+        overlap = (min(load.running * out, r.work) if r.work > 0.0
+                   else load.running * out * 0.5)
+        shared = overlap * (p.decode_step * p.batch_weight)
+        gen = out * p.decode_step + shared
+        mixing = p.mix_weight * (load.running * prefill + shared)
+        cost = cost + gen + mixing
+        parts = (*parts, ("gen", gen), ("mixing", mixing))
+    return Scored(r.replica, r.region, cost, (*parts, ("matched", float(matched))))
 
 
 class ExpectedTtft:
@@ -97,7 +158,7 @@ class ExpectedTtft:
         shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)
         return Decision(
             pick.replica, pick.region,
-            f"kvmesh ttft={costs[chosen] * 1000:.1f}ms "
+            f"kvmesh {objective_of(request, p)}={costs[chosen] * 1000:.1f}ms "
             f"prefix={matched}/{len(request.keys)} ties={len(ties)}",
             self.name, matched_blocks=matched, total_blocks=len(request.keys),
             candidates=tuple(
@@ -116,8 +177,15 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     """
     half_life, default_rate = p.load_half_life, p.prefill_rate
     decode_weight, kv_weight, kv_cap = p.decode_weight, p.kv_weight, p.kv_cap
-    mean_prompt = view.mean_prompt_tokens
+    decode_step, batch_weight, kv_knee = p.decode_step, p.batch_weight, p.kv_knee
+    mean_prompt, mean_output = view.mean_prompt_tokens, view.mean_output_tokens
     n_tokens, block = request.num_tokens, request.block_size
+    e2e = objective_of(request, p) == "e2e"
+    guess = request.predicted
+    out_tokens = guess.tokens if guess is not None else mean_output
+    gen_base = out_tokens * decode_step
+    step_shared = decode_step * batch_weight
+    mix_weight = p.mix_weight
     rtts: dict[str, float] = {}
     inf = math.inf
     # ``max(x, 0.0)`` and ``min(x, cap)`` written as comparisons (same values, NaN included).
@@ -157,5 +225,18 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
         if k > kv_cap:
             k = kv_cap
         decode = (queue + prefill) * decode_weight * running + kv_weight * k / (1.0 - k)
-        out.append(rtt + queue + prefill + decode)
+        if k > kv_knee:
+            step = decode_step * (1.0 + batch_weight * running)
+            ramp = (k - kv_knee) / (kv_cap - kv_knee) if kv_cap > kv_knee else 1.0
+            kv_wait = ramp * (waiting + 1.0) * mean_output * step / max(running, 1.0)
+            if kv_wait > queue:
+                queue = kv_wait
+        cost = rtt + queue + prefill + decode
+        if e2e:
+            work = r.work
+            overlap = (min(running * out_tokens, work) if work > 0.0
+                       else running * out_tokens * 0.5)
+            shared = overlap * step_shared
+            cost = cost + (gen_base + shared) + mix_weight * (running * prefill + shared)
+        out.append(cost)
     return out

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
+from mesh.policies import PolicyError, RegionView, ReplicaView, Request, View, make_policy
+from mesh.policies.base import LengthGuess
 from mesh.policies.ttft import ExpectedTtft, TtftParams, _costs, expected_ttft
 
 
@@ -112,27 +113,96 @@ _finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False)
                        st.floats(min_value=0.0, max_value=1.0), st.one_of(_finite, st.just(
                            math.inf)), st.integers(0, 50), st.integers(0, 5),
                        st.one_of(st.none(), st.floats(min_value=1.0, max_value=1e5)),
-                       st.integers(0, 200)),
+                       st.integers(0, 200), st.one_of(st.just(0.0), _finite)),
              min_size=1, max_size=12),
     st.integers(0, 3000), st.floats(min_value=1.0, max_value=5000.0),
     st.sampled_from([0.0, 2.0]),
+    st.sampled_from([None, "ttft", "e2e", "bogus"]),
+    st.one_of(st.none(), st.floats(min_value=0.0, max_value=8192.0)),
+    st.floats(min_value=1.0, max_value=4096.0),
+    st.sampled_from([(0.9, 0.99), (0.5, 0.95), (0.99, 0.99), (1.0, 0.99)]),
 )
 def test_batch_costs_are_exactly_the_explained_costs(
-    rows: list[tuple[str, float, float, float, float, int, int, float | None, int]],
-    n_tokens: int, mean_prompt: float, half_life: float,
+    rows: list[tuple[str, float, float, float, float, int, int, float | None, int, float]],
+    n_tokens: int, mean_prompt: float, half_life: float, objective: str | None,
+    predicted: float | None, mean_output: float, knee_cap: tuple[float, float],
 ) -> None:
     """The decision's one-pass cost loop and ``expected_ttft`` give the same floats, so the
-    fast path changes no decision."""
+    fast path changes no decision (either objective, with or without a prediction)."""
     reps = tuple(
         rep(f"r{i}", region, waiting=w, running=run, kv_usage=kv, load_age=age, inflight=inf,
-            fresh=fresh, prefill_rate=rate)
-        for i, (region, w, run, kv, age, inf, fresh, rate, _) in enumerate(rows))
+            fresh=fresh, prefill_rate=rate, work=work)
+        for i, (region, w, run, kv, age, inf, fresh, rate, _, work) in enumerate(rows))
     held = {f"http://r{i}": row[8] for i, row in enumerate(rows)}
-    view = View("us", reps, REGIONS, prefix=Index(held), mean_prompt_tokens=mean_prompt)
+    view = View("us", reps, REGIONS, prefix=Index(held), mean_prompt_tokens=mean_prompt,
+                mean_output_tokens=mean_output)
+    guess = None if predicted is None else LengthGuess(predicted, 0)
     req = Request("q", token_ids=list(range(n_tokens)), keys=list(range(n_tokens // 16)),
-                  block_size=16)
-    p = TtftParams(load_half_life=half_life)
+                  block_size=16, objective=objective, predicted=guess)
+    p = TtftParams(load_half_life=half_life, kv_knee=knee_cap[0], kv_cap=knee_cap[1],
+                   decode_step=0.07, batch_weight=0.004)
     matches = view.prefix.match(req.keys)
     fast = _costs(req, reps, view, matches, p)
     slow = [expected_ttft(req, r, view, matches.get(r.replica, 0), p).cost for r in reps]
     assert fast == slow
+
+
+P_L4 = {"prefill_rate": 1700.0, "decode_step": 0.07, "batch_weight": 0.004}
+
+
+def test_a_kv_full_engine_queues_at_decode_speed() -> None:
+    # Both engines show two waiting requests; one has a full KV cache, so they wait for its
+    # decodes to finish (400 tokens * 70 ms / 20 running per completion), not for prefills.
+    full = rep("full", waiting=2, running=20, kv_usage=0.99)
+    free = rep("free", waiting=2, running=20, kv_usage=0.5)
+    view = View("us", (full, free), REGIONS, mean_prompt_tokens=300, mean_output_tokens=400)
+    short = Request("s", token_ids=list(range(100)), keys=[], block_size=16)
+    p = TtftParams(**P_L4)  # type: ignore[arg-type]
+    costs = {s.replica: dict(s.parts)
+             for s in (expected_ttft(short, r, view, 0, p) for r in (full, free))}
+    step = 0.07 * (1 + 0.004 * 20)
+    assert costs["http://full"]["queue"] == 3 * 400 * step / 20
+    assert costs["http://free"]["queue"] == 2 * 300 / 1700.0
+    d = make_policy("kvmesh", P_L4).decide(short, view, 0.0, random.Random(0))
+    assert d.replica == "http://free"
+
+
+def test_below_the_knee_the_queue_is_priced_at_prefill_speed() -> None:
+    r = rep("a", waiting=2, running=20, kv_usage=0.85)
+    view = View("us", (r,), REGIONS, mean_prompt_tokens=300, mean_output_tokens=400)
+    s = expected_ttft(REQ, r, view, 0, TtftParams(**P_L4))  # type: ignore[arg-type]
+    assert dict(s.parts)["queue"] == 2 * 300 / 1700.0
+
+
+def test_end_to_end_objective_adds_the_predicted_decode_and_the_mixing_penalty() -> None:
+    busy = rep("busy", running=30, work=30 * 700.0)
+    calm = rep("calm", running=30, work=30 * 20.0)
+    view = View("us", (busy, calm), REGIONS, mean_output_tokens=200)
+    long = Request("l", token_ids=list(range(400)), keys=[], block_size=16,
+                   predicted=LengthGuess(600.0, 3), objective="e2e")
+    p = TtftParams(**P_L4)  # type: ignore[arg-type]
+    b = dict(expected_ttft(long, busy, view, 0, p).parts)
+    c = dict(expected_ttft(long, calm, view, 0, p).parts)
+    # Overlap: min(30 * 600, work); each shared step is 0.07 * 0.004 s slower for both sides.
+    assert abs(b["gen"] - (600 * 0.07 + 30 * 600 * 0.07 * 0.004)) < 1e-9
+    assert abs(c["gen"] - (600 * 0.07 + 600 * 0.07 * 0.004)) < 1e-9
+    assert abs(c["mixing"] - 0.5 * (30 * 400 / 1700.0 + 600 * 0.07 * 0.004)) < 1e-9
+    d = make_policy("kvmesh", P_L4).decide(long, view, 0.0, random.Random(0))
+    assert d.replica == "http://calm" and d.reason.startswith("kvmesh e2e=")
+    # The TTFT objective does not see decode work: the two replicas tie.
+    ttft = replace(long, objective="ttft")
+    assert {make_policy("kvmesh", P_L4).decide(ttft, view, 0.0, random.Random(s)).replica
+            for s in range(16)} == {"http://busy", "http://calm"}
+    # The policy's default objective applies when the request names none.
+    none = replace(long, objective=None)
+    e2e_policy = make_policy("kvmesh", {**P_L4, "objective": "e2e"})
+    assert e2e_policy.decide(none, view, 0.0, random.Random(0)).reason.startswith("kvmesh e2e=")
+
+
+def test_an_unknown_objective_parameter_is_an_error_naming_the_key() -> None:
+    try:
+        make_policy("kvmesh", {"objective": "fastest"})
+    except PolicyError as exc:
+        assert "policy.objective" in str(exc)
+    else:
+        raise AssertionError("accepted an unknown objective")
