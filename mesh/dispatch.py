@@ -32,8 +32,9 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from mesh.lengths import LengthPredictor
 from mesh.policies.base import Decision, Policy, Request, View, cached_tokens
 from mesh.view import Dispatches, Ticket, ViewBuilder, region_key
 
@@ -41,6 +42,8 @@ log = logging.getLogger("kvmesh.dispatch")
 
 PROMPT_EWMA = 0.05
 """Weight of the newest uncached prompt size in the moving average the policies read."""
+OUTPUT_EWMA = 0.02
+"""Weight of the newest completion's output tokens in the moving average the policies read."""
 MIN_RETRY = 1e-4
 """Shortest re-evaluation delay of a waiting head, seconds."""
 
@@ -124,6 +127,9 @@ class Dispatcher:
     on_decision: Callable[[Request, View, Decision, float], None] = no_hook
     """Called after every policy call with the CPU seconds it took (metrics, debug log)."""
     mean_prompt_tokens: float = 256.0
+    mean_output_tokens: float = 256.0
+    lengths: LengthPredictor = field(default_factory=LengthPredictor)
+    """Response-length predictor: :meth:`annotate` asks it, :meth:`completed` teaches it."""
     queue: deque[Waiter] = field(default_factory=deque)
     retry_at: float | None = None
     """When the waiting head wants re-evaluating (None: no one waits on the policy)."""
@@ -137,7 +143,7 @@ class Dispatcher:
     # -- the view and one decision ---------------------------------------------------------
     def view(self, now: float, model: str | None = None) -> View:
         return self.views.build(now, max(0, len(self.queue) - 1), self.mean_prompt_tokens,
-                                model)
+                                model, mean_output_tokens=self.mean_output_tokens)
 
     def decide(self, ask: Ask, now: float) -> tuple[Decision, View]:
         """The policy's answer for ``ask`` on the view at ``now``, with the product's filters."""
@@ -154,6 +160,25 @@ class Dispatcher:
             self.waits += 1
         self.on_decision(ask.request, view, d, time.perf_counter() - started)
         return d, view
+
+    # -- response lengths --------------------------------------------------------------------
+    def annotate(self, req: Request) -> Request:
+        """``req`` with its predicted response length (kept if it already has one).
+
+        The shells call this once per arrival, before :meth:`submit`, and hand the returned
+        request back to :meth:`completed` when its answer has ended.
+        """
+        if req.predicted is not None:
+            return req
+        return replace(req, predicted=self.lengths.predict(req))
+
+    def completed(self, req: Request, output_tokens: int) -> None:
+        """A request this router received from its client has ended with ``output_tokens``:
+        teach the predictor and move the output-size average the cost model reads."""
+        if output_tokens < 0:
+            return
+        self.lengths.observe(req, output_tokens)
+        self.mean_output_tokens += OUTPUT_EWMA * (output_tokens - self.mean_output_tokens)
 
     # -- arrivals and the queue --------------------------------------------------------------
     def submit(self, ask: Ask, now: float) -> Placement | Waiter:
@@ -262,14 +287,15 @@ class Dispatcher:
         self.mean_prompt_tokens += PROMPT_EWMA * (uncached - self.mean_prompt_tokens)
 
     # -- the ledger ------------------------------------------------------------------------
-    def start(self, target: Target, tokens: int, now: float) -> Ticket:
+    def start(self, target: Target, tokens: int, now: float, work: float = 0.0) -> Ticket:
         """The request leaves for ``target``: counted at once in this router's view.
 
-        A forward is published by the router that dispatches it to the engine, not here, so
-        the mesh counts it once.
+        ``work`` is its predicted output tokens (the replica's outstanding decode work in the
+        view). A forward is published by the router that dispatches it to the engine, not
+        here, so the mesh counts it once.
         """
         return self.dispatches.start(target.ledger_key, target.region, tokens, now,
-                                     publish=target.local)
+                                     publish=target.local, work=work)
 
     def done(self, ticket: Ticket) -> None:
         self.dispatches.done(ticket)

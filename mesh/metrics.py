@@ -101,6 +101,11 @@ class RouterMetrics:
             "kvmesh_router_queue_wait_seconds", "Time requests waited in the FCFS queue",
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.length_unknown = Counter(
+            "kvmesh_router_length_unobserved",
+            "Completed answers whose output tokens the engine did not report (not learned)",
+            registry=r,
+        )
         self._hits: deque[tuple[int, int]] = deque(maxlen=hit_window)
         self._providers = _Providers()
         r.register(self._providers)
@@ -141,3 +146,30 @@ def gauge(
     for values, v in rows:
         g.add_metric(values, v)
     return g
+
+
+def length_metrics(stats: Callable[[], dict[str, object]]) -> Provider:
+    """Response-length prediction accuracy per true bucket, predictor vs predict-the-mean,
+    from :meth:`mesh.lengths.LengthPredictor.stats` at scrape time."""
+
+    def provide() -> Iterable[Metric]:
+        st = stats()
+        buckets = st.get("buckets")
+        rows = buckets.items() if isinstance(buckets, dict) else ()
+        acc = GaugeMetricFamily(
+            "kvmesh_router_length_accuracy",
+            "Share of completions whose output-length bucket was predicted right, by true "
+            "bucket and model (predictor, mean: the bucket of the running mean)",
+            labels=["bucket", "model"])
+        n = GaugeMetricFamily(
+            "kvmesh_router_length_scored",
+            "Completions scored against their predicted output-length bucket, by true bucket",
+            labels=["bucket"])
+        for label, row in rows:
+            acc.add_metric([label, "predictor"], float(row["accuracy"]))
+            acc.add_metric([label, "mean"], float(row["baseline_accuracy"]))
+            n.add_metric([label], float(row["n"]))
+        yield acc
+        yield n
+
+    return provide

@@ -46,7 +46,7 @@ from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.edge import Edge
 from mesh.engines import EngineMonitor, EngineState
 from mesh.mesh_metrics import mesh_metrics
-from mesh.metrics import RouterMetrics, gauge
+from mesh.metrics import RouterMetrics, gauge, length_metrics
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
 from mesh.precision import Precision
@@ -64,6 +64,9 @@ from mesh.proxy import (
 from mesh.state import LocalOnly, MeshBackend, MeshState, view_records
 from mesh.tls import client_context
 from mesh.view import Dispatches, ReplicaRecord, Ticket, ViewBuilder, region_key
+
+H_APP = "x-kvmesh-app"
+"""Optional client header: the application a request belongs to (a length-predictor feature)."""
 
 log = logging.getLogger("kvmesh.router")
 
@@ -149,6 +152,7 @@ class Router:
         self.edge.install(self.app, self.metrics)
         self.metrics.add_provider(self._state_metrics)
         self.metrics.add_provider(self.precision.metrics)
+        self.metrics.add_provider(length_metrics(self.dispatcher.lengths.stats))
         self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
         self.metrics.add_provider(lambda: mesh_metrics(self.backend))
         self.demand = DemandMeter()
@@ -343,7 +347,9 @@ class Router:
         self.metrics.tokenize_seconds.observe(inf.parse_seconds)
         keys = self.precision.keys_for(inf, arrival)
         req = Request(request_id, inf.token_ids, keys, keys.unit, inf.session,
-                      inf.max_tokens, arrival, inf.model)
+                      inf.max_tokens, arrival, inf.model,
+                      app=header_safe(request.headers.get(H_APP)))
+        req = self.dispatcher.annotate(req)
         if fwd is None:
             self.demand.observe(inf.model, req.num_tokens, inf.max_tokens, arrival)
         ask = Ask(req) if fwd is None else Ask(req, True, fwd.target or None, fwd.origin)
@@ -419,7 +425,8 @@ class Router:
         check = (self.precision.prepare(inf, target.replica, req.keys, req.block_size,
                                         self.dispatches.inflight(target.replica) > 0)
                  if target.local else None)
-        ticket = self.dispatcher.start(target, req.num_tokens, self.clock())
+        ticket = self.dispatcher.start(target, req.num_tokens, self.clock(),
+                                       req.predicted.tokens if req.predicted else 0.0)
         if ticket.publish:
             self._publish_soon()
         ttfb = self.local_engines[target.replica].first_byte_timeout if target.local else None
@@ -457,6 +464,8 @@ class Router:
                                              check.tap if check else None)
             if check is not None:
                 self.precision.observe(check, up.status, completed, self.clock())
+                if completed and up.status == 200:
+                    self._learn_length(req, check.tap.usage)
             self.metrics.requests.labels(route, str(up.status)).inc()
             if not completed:
                 log.info("stream %s to %s ended early", request_id, target.replica)
@@ -466,6 +475,15 @@ class Router:
             self.kick()  # a completion: re-evaluate a waiting head
             if ticket.publish:
                 self._publish_soon()
+
+    def _learn_length(self, req: Request, usage: Mapping[str, Any] | None) -> None:
+        """An answer from an own engine ended: its output tokens teach the length predictor
+        (learned where the engine's usage is seen, once per request)."""
+        tokens = usage.get("completion_tokens") if usage is not None else None
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
+            self.dispatcher.completed(req, tokens)
+        else:
+            self.metrics.length_unknown.inc()
 
     # -- the endpoint-picker seam (mesh.picker_server) ---------------------------------------
     async def pick(self, req: Request, *, allowed: frozenset[str] | None = None,
@@ -613,6 +631,7 @@ class Router:
             "queue": self.dispatcher.queued(),
             "inflight": self.dispatches.counts(),
             "estimated_cache_hit_ratio": round(self.metrics.hit_ratio(), 4),
+            "response_lengths": self.dispatcher.lengths.stats(),
             "warmup": self.warmup.status(),
             "engines": [
                 {"url": s.url, "healthy": s.healthy, "reason": s.reason,

@@ -46,8 +46,9 @@ from typing import Protocol
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvevents.keys import EngineKeyMap, request_keys
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
+from mesh.lengths import bucket_of
 from mesh.policies import Policy, Request, make_policy
-from mesh.policies.base import NoPrefixes, PrefixLookup
+from mesh.policies.base import LengthGuess, NoPrefixes, PrefixLookup
 from mesh.policies.cache_aware import ApproxTree
 from mesh.simnet import SimNet
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, Ticket, ViewBuilder
@@ -101,6 +102,9 @@ class FleetSpec:
     """Passed to the mesh plane (gossip interval, fanout...)."""
     region_local: bool = False
     """Routers know and use only their own region's engines (per-region reserved capacity)."""
+    oracle_lengths: bool = False
+    """Requests carry their true output length as the prediction (an upper bound on what a
+    length predictor can give the policy)."""
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
@@ -280,6 +284,8 @@ class SimRouter:
         now = self.fleet.loop.now
         preq = flight.policy_request
         assert preq is not None
+        if not forwarded:
+            preq = flight.policy_request = self.core.annotate(preq)
         got = self.core.submit(Ask(preq, forwarded, flight.pinned if forwarded else None), now)
         if isinstance(got, Placement):
             self._go(flight, got, forwarded)
@@ -714,8 +720,11 @@ class Fleet:
             keys=request_keys(req.prompt, self.spec.block_size),
             block_size=self.spec.block_size,
             session=req.user,
-            max_tokens=req.output_len,
+            max_tokens=req.max_tokens,
             arrival=now,
+            app=req.app,
+            predicted=LengthGuess(float(req.output_len), bucket_of(req.output_len))
+            if self.spec.oracle_lengths else None,
         )
         router = self.entry_router(client)
         flight.entry = router
@@ -742,7 +751,8 @@ class Fleet:
         if d.replica is not None:
             self._bind(flight, d.replica)
         now = self.loop.now
-        flight.entry_ticket = router.core.start(target, flight.req.prompt_len, now)
+        flight.entry_ticket = router.core.start(target, flight.req.prompt_len, now,
+                                                _work(flight))
         self.plane.on_routed(router, flight, d.replica or f"@{target.region}", target.region)
         flight.via = peer
         flight.forwarded = True
@@ -757,7 +767,7 @@ class Fleet:
         engine = self.engines[target.replica]
         ticket = router.core.start(
             Target(engine.replica, engine.replica, engine.region, True),
-            flight.req.prompt_len, self.loop.now,
+            flight.req.prompt_len, self.loop.now, _work(flight),
         )
         if forwarded:
             flight.via_ticket = ticket
@@ -795,10 +805,11 @@ class Fleet:
     def finished(self, flight: Flight, out: RequestOutput) -> None:
         assert flight.engine is not None
         t = self.loop.now
+        learner = flight.via if flight.via is not None else flight.entry
         for router, delay in self._back_path(flight, flight.engine.region):
             t += delay
             if router is not None:
-                self.loop.at(t, self._release, flight, router)
+                self.loop.at(t, self._release, flight, router, router is learner)
         self.loop.at(t, self._complete, flight, True)
 
     def reject(self, flight: Flight, where: str) -> None:
@@ -811,7 +822,10 @@ class Fleet:
         t += self.topology.one_way_s(where, flight.req.region, self.rng)
         self.loop.at(t, self._complete, flight, False)
 
-    def _release(self, flight: Flight, router: SimRouter) -> None:
+    def _release(self, flight: Flight, router: SimRouter, learn: bool = False) -> None:
+        if learn and flight.policy_request is not None:
+            # The router that dispatched to the engine sees the answer's usage.
+            router.core.completed(flight.policy_request, flight.req.output_len)
         if router is flight.via and flight.via_ticket is not None:
             router.core.done(flight.via_ticket)
             flight.via_ticket = None
@@ -886,6 +900,13 @@ class Fleet:
             events=self.loop.events_run,
             virtual_s=self.loop.now,
         )
+
+
+def _work(flight: Flight) -> float:
+    """The request's predicted output tokens (its decode work in the ledger)."""
+    preq = flight.policy_request
+    guess = preq.predicted if preq is not None else None
+    return guess.tokens if guess is not None else 0.0
 
 
 def make_plane(spec: FleetSpec) -> Plane:

@@ -185,6 +185,15 @@ H100_LLAMA_3_1_8B = Profile(
     max_model_len=32768,
 )
 
+def decode_params(profile: Profile, context: int = 500) -> dict[str, float]:
+    """The kvmesh policy's decode figures for engines of ``profile``: one decode step of a
+    lone sequence with ``context`` tokens, and the fraction each more sequence adds (what an
+    operator would configure from the engines' inter-token latency)."""
+    one = profile.decode_time([context])
+    two = profile.decode_time([context, context])
+    return {"decode_step": round(one, 5), "batch_weight": round((two - one) / one, 5)}
+
+
 PROFILES: dict[str, Profile] = {p.name: p for p in (L4_LLAMA_3_1_8B, H100_LLAMA_3_1_8B)}
 DEFAULT_PROFILE = L4_LLAMA_3_1_8B.name
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sim.fleet import Fleet, FleetResult, FleetSpec, RouterLayout
 from sim.metrics import Summary, summarize
-from sim.profiles import H100_LLAMA_3_1_8B, L4_LLAMA_3_1_8B, Profile
+from sim.profiles import H100_LLAMA_3_1_8B, L4_LLAMA_3_1_8B, Profile, decode_params
 from sim.report import RunResult, ScenarioReport
 from sim.topology import Topology, mesh_topology
 from sim.traces import SessionTraceSpec, records_to_lines, synthesize_sessions, trace_workload
@@ -464,13 +464,22 @@ class RunOptions:
     """A short run (a fifth of the horizon) for smoke tests; figures are noisier."""
 
 
+def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
+    """The variant's policy parameters; the kvmesh policy also gets the decode figures of
+    the scenario's engine profile (as an operator configures them), unless the variant
+    sets its own."""
+    if v.policy == "kvmesh":
+        return {**decode_params(sc.profile), **v.params}
+    return dict(v.params)
+
+
 def fleet_spec(sc: Scenario, v: Variant, seed: int) -> FleetSpec:
     return FleetSpec(
         topology=sc.topology,
         replicas=v.replicas or sc.replicas,
         profile=sc.profile,
         policy=v.policy,
-        policy_params=v.params,
+        policy_params=policy_params(sc, v),
         layout=v.layout,
         plane=v.plane,
         prefix=v.prefix,
@@ -532,7 +541,7 @@ def run_variant(
         events=result.events,
         config={
             "policy": v.policy,
-            "policy_params": dict(v.params),
+            "policy_params": dict(spec.policy_params),
             "layout": v.layout.label,
             "plane": v.plane,
             "prefix": v.prefix,

@@ -45,6 +45,10 @@ class SimRequest:
     sent_at: float
     kind: str
     turn: int = 0
+    max_tokens: int = 0
+    """The client's cap on the reply (0: none sent); the reply's length is ``output``'s."""
+    app: str | None = None
+    """Application tag the client sends (``x-kvmesh-app``), None: none."""
 
     @property
     def prompt_len(self) -> int:

@@ -168,3 +168,28 @@ def test_real_policies_run_on_the_core() -> None:
         d = core(make_policy(name, {}))
         p = d.submit(Ask(req()), 0.0)
         assert isinstance(p, Placement) and p.target is not None, name
+
+
+def test_predicted_lengths_are_learned_from_completions_and_reach_the_view() -> None:
+    policy = Scripted([go("a0"), go("a0")])
+    c = core(policy)
+    first = c.annotate(Request("1", list(range(64)), [], 16, "u1", 0, 0.0, None, app="chat"))
+    assert first.predicted is not None and first.predicted.tokens == 256.0  # the prior
+    assert c.annotate(first) is first  # an existing guess is kept
+    got = c.submit(Ask(first), 0.0)
+    assert isinstance(got, Placement) and got.target is not None
+    ticket = c.start(got.target, first.num_tokens, 0.0, first.predicted.tokens)
+    view = c.view(0.1)
+    assert next(r for r in view.replicas if r.replica == "a0").work == 256.0
+    c.done(ticket)
+    c.completed(first, 40)
+    assert next(r for r in c.view(0.2).replicas if r.replica == "a0").work == 0.0
+    assert c.mean_output_tokens < 256.0 and c.view(0.2).mean_output_tokens == c.mean_output_tokens
+    for i in range(30):
+        c.completed(c.annotate(Request(str(i), list(range(64)), [], 16, "u1", 0, 0.0, None,
+                                       app="chat")), 40)
+    again = c.annotate(Request("x", list(range(64)), [], 16, "u2", 0, 0.0, None, app="chat"))
+    assert again.predicted is not None and again.predicted.bucket == 0
+    assert abs(again.predicted.tokens - 40) < 20
+    stats = c.lengths.stats()
+    assert stats["observed"] == 31

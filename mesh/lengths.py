@@ -1,0 +1,190 @@
+"""Response-length prediction, learned online from the completions the router proxies.
+
+Sans-I/O: :meth:`LengthPredictor.predict` takes a :class:`~mesh.policies.base.Request` and
+returns a :class:`~mesh.policies.base.LengthGuess`; :meth:`LengthPredictor.observe` takes the
+same request and the output tokens its answer had. The dispatcher calls both (``predict``
+before the policy, ``observe`` when the shell reports a completion), so the asyncio router and
+the simulator learn through the same code.
+
+The model is a hierarchy of Dirichlet-multinomial count tables over output-length buckets
+(and a running token sum per table, for the expected length)::
+
+    prior       cold start: ``prior_tokens`` expected, buckets uniform
+    model       the requested model
+    who         the application tag if the client sends one, else the caller (API key / user)
+    band        who + the prompt length's power of two + max_tokens' power of two
+
+Each level's estimate is its own counts plus ``strength`` pseudo-observations of the level
+above (``(counts + s * parent) / (n + s)``), so a key seen once leans on its parent and a key
+seen often speaks for itself. The features are all categorical (or banded), for which these
+counts are the sufficient statistics: an online tree or a neural model would learn the same
+table slower and cost far more per request. Each table is a short list of floats; prediction
+is four dict look-ups and a few dozen float operations. Tables are bounded (``max_keys``):
+past the bound new keys are not learned (counted in ``stats``), old ones keep learning.
+
+Accuracy is kept per true bucket: how often the predicted bucket (the posterior's mode,
+capped by ``max_tokens``) was right, against a predict-the-mean baseline (the bucket of the
+running mean of every output), and the mean absolute error of both in tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mesh.policies.base import LengthGuess, Request
+
+BUCKET_EDGES: tuple[int, ...] = (64, 256, 1024, 4096)
+"""Upper bounds (exclusive) of the buckets but the last: <64, 64-255, 256-1023, 1024-4095,
+>=4096 tokens."""
+
+
+def bucket_of(tokens: float, edges: Sequence[int] = BUCKET_EDGES) -> int:
+    for i, edge in enumerate(edges):
+        if tokens < edge:
+            return i
+    return len(edges)
+
+
+def bucket_labels(edges: Sequence[int] = BUCKET_EDGES) -> list[str]:
+    lo = 0
+    out = []
+    for edge in edges:
+        out.append(f"{lo}-{edge - 1}")
+        lo = edge
+    out.append(f"{lo}+")
+    return out
+
+
+@dataclass(slots=True)
+class BucketScore:
+    """Accuracy figures of one true bucket."""
+
+    n: int = 0
+    hits: int = 0
+    baseline_hits: int = 0
+    abs_error: float = 0.0
+    baseline_abs_error: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        n = self.n or 1
+        return {
+            "n": self.n,
+            "accuracy": round(self.hits / n, 4) if self.n else 0.0,
+            "baseline_accuracy": round(self.baseline_hits / n, 4) if self.n else 0.0,
+            "mae_tokens": round(self.abs_error / n, 2) if self.n else 0.0,
+            "baseline_mae_tokens": round(self.baseline_abs_error / n, 2) if self.n else 0.0,
+        }
+
+
+@dataclass(slots=True)
+class LengthPredictor:
+    """The online predictor; see the module docstring."""
+
+    edges: tuple[int, ...] = BUCKET_EDGES
+    prior_tokens: float = 256.0
+    strength: float = 4.0
+    """Pseudo-observations a level borrows from the level above."""
+    max_keys: int = 50_000
+    tables: dict[tuple[object, ...], list[float]] = field(default_factory=dict)
+    """Key -> [n, token sum, count of bucket 0, ...]."""
+    scores: list[BucketScore] = field(default_factory=list)
+    observed: int = 0
+    dropped_keys: int = 0
+    """Observations whose new keys were not learned because the tables were full."""
+    total_tokens: float = 0.0
+
+    def __post_init__(self) -> None:
+        if list(self.edges) != sorted(set(self.edges)) or not self.edges or self.edges[0] <= 0:
+            raise ValueError(f"bucket edges must be increasing positive integers: {self.edges}")
+        self.scores = [BucketScore() for _ in range(len(self.edges) + 1)]
+
+    # -- features ---------------------------------------------------------------------------
+    @staticmethod
+    def keys(req: Request) -> tuple[tuple[object, ...], ...]:
+        model = req.model or ""
+        if req.app:
+            who: tuple[object, ...] = ("a", model, req.app)
+        elif req.session:
+            who = ("u", model, req.session)
+        else:
+            who = ("-", model)
+        band = (*who, req.num_tokens.bit_length(), req.max_tokens.bit_length())
+        return (("m", model), who, band)
+
+    # -- the request path -------------------------------------------------------------------
+    def predict(self, req: Request) -> LengthGuess:
+        nb = len(self.edges) + 1
+        s = self.strength
+        probs = [1.0 / nb] * nb
+        mean = self.prior_tokens
+        glob = self.tables.get(("*",))
+        if glob is not None:
+            mean, probs = _blend(glob, mean, probs, s)
+        baseline_mean = mean
+        for key in self.keys(req):
+            t = self.tables.get(key)
+            if t is not None:
+                mean, probs = _blend(t, mean, probs, s)
+        best = max(range(nb), key=probs.__getitem__)
+        cap = req.max_tokens
+        if cap > 0:
+            mean = min(mean, float(cap))
+            best = min(best, bucket_of(cap, self.edges))
+        return LengthGuess(mean, best, bucket_of(baseline_mean, self.edges), baseline_mean)
+
+    # -- completions ------------------------------------------------------------------------
+    def observe(self, req: Request, output_tokens: int) -> None:
+        """Learn from one completed request (and score the guess it was routed with)."""
+        if output_tokens < 0:
+            return
+        b = bucket_of(output_tokens, self.edges)
+        guess = req.predicted
+        if guess is not None:
+            sc = self.scores[b]
+            sc.n += 1
+            sc.hits += guess.bucket == b
+            sc.baseline_hits += guess.baseline_bucket == b
+            sc.abs_error += abs(guess.tokens - output_tokens)
+            sc.baseline_abs_error += abs(guess.baseline_tokens - output_tokens)
+        self.observed += 1
+        self.total_tokens += output_tokens
+        nb = len(self.edges) + 1
+        dropped = False
+        for key in (("*",), *self.keys(req)):
+            t = self.tables.get(key)
+            if t is None:
+                if len(self.tables) >= self.max_keys:
+                    dropped = True
+                    continue
+                t = self.tables[key] = [0.0] * (nb + 2)
+            t[0] += 1.0
+            t[1] += output_tokens
+            t[2 + b] += 1.0
+        self.dropped_keys += dropped
+
+    def stats(self) -> dict[str, object]:
+        """Per-bucket accuracy against the predict-the-mean baseline (for /mesh/status)."""
+        n = sum(sc.n for sc in self.scores)
+        hits = sum(sc.hits for sc in self.scores)
+        base = sum(sc.baseline_hits for sc in self.scores)
+        return {
+            "observed": self.observed,
+            "scored": n,
+            "accuracy": round(hits / n, 4) if n else 0.0,
+            "baseline_accuracy": round(base / n, 4) if n else 0.0,
+            "mean_output_tokens": round(self.total_tokens / self.observed, 2)
+            if self.observed else self.prior_tokens,
+            "keys": len(self.tables),
+            "dropped_keys": self.dropped_keys,
+            "buckets": {label: sc.as_dict()
+                        for label, sc in zip(bucket_labels(self.edges), self.scores,
+                                             strict=True)},
+        }
+
+
+def _blend(t: list[float], mean: float, probs: list[float], s: float) -> tuple[float, list[float]]:
+    """One level of the hierarchy: its counts plus ``s`` pseudo-counts of the parent."""
+    n = t[0]
+    d = n + s
+    return (t[1] + s * mean) / d, [(t[2 + i] + s * p) / d for i, p in enumerate(probs)]
