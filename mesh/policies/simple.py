@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mesh.policies.base import (
     Decision,
+    PolicyError,
     ReplicaView,
     Request,
     Scored,
@@ -33,6 +34,20 @@ class ScopeParams:
     """Seconds over which a scraped load figure loses half its weight."""
 
 
+@dataclass(frozen=True, slots=True)
+class LeastLoadParams:
+    scope: str = "mesh"
+    load_half_life: float = 2.0
+    by: str = "requests"
+    """``requests``: fewest outstanding requests; ``tokens``: fewest outstanding tokens (queued
+    prompts at the mean prompt size plus the predicted output of this router's requests in
+    flight), join-shortest-queue on work."""
+
+    def __post_init__(self) -> None:
+        if self.by not in {"requests", "tokens"}:
+            raise PolicyError(f"policy.by: expected 'requests' or 'tokens', got {self.by!r}")
+
+
 def _scored(view: View, reps: list[ReplicaView], half_life: float) -> list[Scored]:
     out = []
     for r in reps:
@@ -45,6 +60,16 @@ def _scored(view: View, reps: list[ReplicaView], half_life: float) -> list[Score
                 (("waiting", load.waiting), ("running", load.running)),
             )
         )
+    return out
+
+
+def _scored_tokens(view: View, reps: list[ReplicaView], half_life: float) -> list[Scored]:
+    out = []
+    for r in reps:
+        load = estimate_load(r, half_life)
+        queued = load.waiting * view.mean_prompt_tokens
+        out.append(Scored(r.replica, r.region, queued + r.work,
+                          (("queued_tokens", queued), ("decode_tokens", r.work))))
     return out
 
 
@@ -85,16 +110,18 @@ class RandomChoice:
 
 
 class LeastLoad:
-    """Fewest outstanding requests (age-discounted record + in-flight); ties broken randomly."""
+    """Fewest outstanding requests (age-discounted record + in-flight), or with ``by: tokens``
+    fewest outstanding tokens; ties broken randomly."""
 
     name = "least_load"
 
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
-        self.params = parse_params(ScopeParams, params or {}, self.name)
+        self.params = parse_params(LeastLoadParams, params or {}, self.name)
         pick_scope(self.params.scope)
 
     def decide(self, request: Request, view: View, now: float, rng: random.Random) -> Decision:
-        scored = _scored(view, view.healthy(self.params.scope), self.params.load_half_life)
+        score = _scored_tokens if self.params.by == "tokens" else _scored
+        scored = score(view, view.healthy(self.params.scope), self.params.load_half_life)
         if not scored:
             return no_replica(self.name)
         best = min(s.cost for s in scored)

@@ -2,7 +2,8 @@
 
 For every healthy replica ``r`` in a reachable region::
 
-    load      = estimate_load(r)             # age-discounted record + in-flight + own fresh
+    load      = replica_load(r)   # age-discounted record + in-flight + own fresh; running
+                                  # sequences aged over a decode's life, the queue faster
     uncached  = prompt tokens - cached tokens (consecutive prefix blocks r holds, from events)
     rate      = r.prefill_rate or prefill_rate            (tokens/s of the replica's profile)
     rtt       = round trip to r's region's router (0 at home)
@@ -49,13 +50,13 @@ from dataclasses import dataclass
 
 from mesh.policies.base import (
     Decision,
+    Load,
     PolicyError,
     ReplicaView,
     Request,
     Scored,
     View,
     cached_tokens,
-    estimate_load,
     no_replica,
 )
 from mesh.policies.params import parse_params
@@ -97,11 +98,36 @@ def objective_of(request: Request, p: TtftParams) -> str:
     return o if o in OBJECTIVES else p.objective
 
 
+def replica_load(r: ReplicaView, half_life: float, life: float) -> Load:
+    """:func:`~mesh.policies.base.estimate_load`, with running sequences aged as decodes.
+
+    A load record's queue drains fast (``half_life``), but its running sequences last as
+    long as a decode does (``life`` seconds: mean output tokens times a decode step) and
+    most are still running when the record is a few hundred milliseconds old. Discounting
+    them like the queue would turn them into phantom queued requests once the in-flight
+    counts (which still hold them) are folded in. ``life`` 0: aged like the queue.
+    """
+    age = r.load_age
+    if not math.isfinite(age):
+        d = dr = 0.0
+    elif half_life <= 0 or age <= 0.0:
+        d = dr = 1.0
+    else:
+        d = float(0.5 ** (age / half_life))
+        dr = math.exp(-age / life) if life > 0 else d
+    waiting = d * r.waiting + r.fresh
+    running = dr * r.running
+    unexplained = r.inflight - (waiting + running)
+    if unexplained > 0:
+        waiting += unexplained
+    return Load(waiting=waiting, running=running)
+
+
 def expected_ttft(
     request: Request, r: ReplicaView, view: View, matched: int, p: TtftParams
 ) -> Scored:
     """The explained cost of one replica (see the module docstring)."""
-    load = estimate_load(r, p.load_half_life)
+    load = replica_load(r, p.load_half_life, view.mean_output_tokens * p.decode_step)
     rate = r.prefill_rate or p.prefill_rate
     uncached = request.num_tokens - cached_tokens(request, matched)
     rtt = p.rtt_weight * view.rtt(r.region)
@@ -172,13 +198,14 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     """``expected_ttft(...).cost`` of every replica, without building explanations.
 
     The same arithmetic in the same order as :func:`expected_ttft` and
-    :func:`~mesh.policies.base.estimate_load` (so the same floats), inlined: this loop runs
+    :func:`replica_load` (so the same floats), inlined: this loop runs
     for every replica of the mesh on every request.
     """
     half_life, default_rate = p.load_half_life, p.prefill_rate
     decode_weight, kv_weight, kv_cap = p.decode_weight, p.kv_weight, p.kv_cap
     decode_step, batch_weight, kv_knee = p.decode_step, p.batch_weight, p.kv_knee
     mean_prompt, mean_output = view.mean_prompt_tokens, view.mean_output_tokens
+    life = mean_output * decode_step
     n_tokens, block = request.num_tokens, request.block_size
     e2e = objective_of(request, p) == "e2e"
     guess = request.predicted
@@ -187,7 +214,7 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     step_shared = decode_step * batch_weight
     mix_weight = p.mix_weight
     rtts: dict[str, float] = {}
-    inf = math.inf
+    inf, exp = math.inf, math.exp
     # ``max(x, 0.0)`` and ``min(x, cap)`` written as comparisons (same values, NaN included).
     out = []
     for r in reps:
@@ -197,13 +224,14 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
             rtt = rtts[region] = p.rtt_weight * view.rtt(region)
         age = r.load_age
         if age == inf or age != age or age == -inf:
-            d = 0.0
-        elif half_life <= 0:
-            d = 1.0
+            d = dr = 0.0
+        elif half_life <= 0 or age <= 0.0:
+            d = dr = 1.0
         else:
-            d = float(0.5 ** ((age if age > 0.0 else 0.0) / half_life))
+            d = float(0.5 ** (age / half_life))
+            dr = exp(-age / life) if life > 0 else d
         waiting = d * r.waiting + r.fresh
-        running = d * r.running
+        running = dr * r.running
         unexplained = r.inflight - (waiting + running)
         if unexplained > 0:
             waiting += unexplained
