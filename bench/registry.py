@@ -15,6 +15,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "fuzz-decoders": ("bench.fuzz:fuzz_decoders", "1M generated inputs to every network decoder"),
     "fuzz-http": ("bench.fuzz:fuzz_http", "100k generated HTTP requests against two routers"),
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
+    "intelligent-router": ("bench.scenarios:intelligent_router",
+                           "sim: Intelligent Router five-task mix, e2e latency"),
     "gossip": ("bench.gossip_convergence", "mesh gossip: convergence p50/p99 and bytes/router/s"),
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
     "overhead": ("bench.overhead", "added latency and req/s beside sglang-router, vllm-router"),

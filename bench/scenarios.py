@@ -126,6 +126,10 @@ def gorgo(argv: list[str]) -> int:
     return run("gorgo", argv)
 
 
+def intelligent_router(argv: list[str]) -> int:
+    return run("intelligent-router", argv)
+
+
 def diurnal_skew(argv: list[str]) -> int:
     return run("diurnal-skew", argv)
 

@@ -106,6 +106,8 @@ class Summary:
     queued_at_router_mean: float
     load_cv: float
     per_region_ttft_p90: dict[str, float]
+    e2e_mean: float = math.nan
+    """Mean end-to-end latency of the measured requests that finished."""
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
@@ -142,6 +144,7 @@ def summarize(
     finite_stale = [s for s in stale if math.isfinite(s)]
     regions = sorted({r.region for r in measured})
     finite_ttft = [t for t in ttfts if math.isfinite(t)]
+    finite_e2e = [t for t in e2es if math.isfinite(t)]
     cv = counters.load_cv_samples
     return Summary(
         label=label,
@@ -172,6 +175,7 @@ def summarize(
         per_region_ttft_p90={
             reg: percentile([r.ttft for r in measured if r.region == reg], 90) for reg in regions
         },
+        e2e_mean=statistics.fmean(finite_e2e) if finite_e2e else math.nan,
     )
 
 

@@ -194,7 +194,39 @@ def decode_params(profile: Profile, context: int = 500) -> dict[str, float]:
     return {"decode_step": round(one, 5), "batch_weight": round((two - one) / one, 5)}
 
 
-PROFILES: dict[str, Profile] = {p.name: p for p in (L4_LLAMA_3_1_8B, H100_LLAMA_3_1_8B)}
+LLAMA_2_7B = ModelSpec(
+    name="meta-llama/Llama-2-7b-hf",
+    params=6.74e9,
+    n_layers=32,
+    d_model=4096,
+    n_kv_heads=32,
+    head_dim=128,
+)
+"""Multi-head attention (32 KV heads): 0.5 MiB of KV per token, four times Llama-3.1-8B's."""
+
+NVIDIA_V100_32GB = GpuSpec(
+    name="NVIDIA V100 SXM2 32GB", peak_flops=125e12, mem_bandwidth=900e9, memory_bytes=34.36e9
+)
+
+V100_LLAMA_2_7B = Profile(
+    name="v100-llama-2-7b",
+    description="1x V100 32GB + Llama-2-7B FP16 (Intelligent Router testbed): a 1,000-token "
+    "prefill ~0.32 s (the paper's 3.2e-4 s/token), a lone decode step ~18 ms (its 17 s for "
+    "1,000 tokens)",
+    model=LLAMA_2_7B,
+    gpu=NVIDIA_V100_32GB,
+    compute_efficiency=_efficiency_for(LLAMA_2_7B, NVIDIA_V100_32GB, 1000, 0.320, 0.002),
+    memory_efficiency=0.95,
+    step_overhead_s=0.002,
+    num_gpu_blocks=kv_blocks_for(LLAMA_2_7B, NVIDIA_V100_32GB, reserved_bytes=1.5e9),
+    max_num_seqs=256,
+    max_num_batched_tokens=4096,
+    max_model_len=4096,
+)
+
+PROFILES: dict[str, Profile] = {
+    p.name: p for p in (L4_LLAMA_3_1_8B, H100_LLAMA_3_1_8B, V100_LLAMA_2_7B)
+}
 DEFAULT_PROFILE = L4_LLAMA_3_1_8B.name
 
 
