@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
                            "sim: Intelligent Router five-task mix, e2e latency"),
     "gossip": ("bench.gossip_convergence", "mesh gossip: convergence p50/p99 and bytes/router/s"),
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
+    "lengths": ("bench.lengths_bench", "response-length prediction and e2e decide cost per call"),
     "overhead": ("bench.overhead", "added latency and req/s beside sglang-router, vllm-router"),
     "picker": ("bench.picker_bench", "endpoint picker behind Envoy: added TTFT, hit rate vs proxy"),
     "plan-diurnal": ("plan.validate", "sim: capacity plan vs region-local/reactive, 3 seeds"),

@@ -39,6 +39,9 @@ BUCKET_EDGES: tuple[int, ...] = (64, 256, 1024, 4096)
 >=4096 tokens."""
 
 
+_GLOBAL: tuple[object, ...] = ("*",)
+
+
 def bucket_of(tokens: float, edges: Sequence[int] = BUCKET_EDGES) -> int:
     for i, edge in enumerate(edges):
         if tokens < edge:
@@ -118,15 +121,16 @@ class LengthPredictor:
         s = self.strength
         probs = [1.0 / nb] * nb
         mean = self.prior_tokens
-        glob = self.tables.get(("*",))
+        tables = self.tables
+        glob = tables.get(_GLOBAL)
         if glob is not None:
-            mean, probs = _blend(glob, mean, probs, s)
+            mean = _blend(glob, mean, probs, s)
         baseline_mean = mean
         for key in self.keys(req):
-            t = self.tables.get(key)
+            t = tables.get(key)
             if t is not None:
-                mean, probs = _blend(t, mean, probs, s)
-        best = max(range(nb), key=probs.__getitem__)
+                mean = _blend(t, mean, probs, s)
+        best = probs.index(max(probs))
         cap = req.max_tokens
         if cap > 0:
             mean = min(mean, float(cap))
@@ -151,7 +155,7 @@ class LengthPredictor:
         self.total_tokens += output_tokens
         nb = len(self.edges) + 1
         dropped = False
-        for key in (("*",), *self.keys(req)):
+        for key in (_GLOBAL, *self.keys(req)):
             t = self.tables.get(key)
             if t is None:
                 if len(self.tables) >= self.max_keys:
@@ -183,8 +187,10 @@ class LengthPredictor:
         }
 
 
-def _blend(t: list[float], mean: float, probs: list[float], s: float) -> tuple[float, list[float]]:
-    """One level of the hierarchy: its counts plus ``s`` pseudo-counts of the parent."""
-    n = t[0]
-    d = n + s
-    return (t[1] + s * mean) / d, [(t[2 + i] + s * p) / d for i, p in enumerate(probs)]
+def _blend(t: list[float], mean: float, probs: list[float], s: float) -> float:
+    """One level of the hierarchy: its counts plus ``s`` pseudo-counts of the parent
+    (``probs`` updated in place); returns the level's expected length."""
+    d = t[0] + s
+    for i in range(len(probs)):
+        probs[i] = (t[2 + i] + s * probs[i]) / d
+    return (t[1] + s * mean) / d

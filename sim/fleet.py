@@ -46,7 +46,7 @@ from typing import Protocol
 from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvevents.keys import EngineKeyMap, request_keys
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
-from mesh.lengths import bucket_of
+from mesh.lengths import LengthPredictor, bucket_of
 from mesh.policies import Policy, Request, make_policy
 from mesh.policies.base import LengthGuess, NoPrefixes, PrefixLookup
 from mesh.policies.cache_aware import ApproxTree
@@ -900,6 +900,25 @@ class Fleet:
             events=self.loop.events_run,
             virtual_s=self.loop.now,
         )
+
+
+def length_stats(fleet: Fleet) -> dict[str, object]:
+    """The routers' response-length predictors' accuracy, summed over routers."""
+    merged = LengthPredictor()
+    for r in fleet.routers:
+        lp = r.core.lengths
+        merged.observed += lp.observed
+        merged.total_tokens += lp.total_tokens
+        merged.dropped_keys += lp.dropped_keys
+        for into, sc in zip(merged.scores, lp.scores, strict=True):
+            into.n += sc.n
+            into.hits += sc.hits
+            into.baseline_hits += sc.baseline_hits
+            into.abs_error += sc.abs_error
+            into.baseline_abs_error += sc.baseline_abs_error
+    out = merged.stats()
+    out.pop("keys", None)
+    return out
 
 
 def _work(flight: Flight) -> float:

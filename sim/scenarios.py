@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sim.fleet import Fleet, FleetResult, FleetSpec, RouterLayout
+from sim.fleet import Fleet, FleetResult, FleetSpec, RouterLayout, length_stats
 from sim.metrics import Summary, summarize
 from sim.profiles import (
     H100_LLAMA_3_1_8B,
@@ -610,6 +610,7 @@ def run_variant(
             "rejected": result.counters.rejected,
             "kv_events": result.counters.kv_events,
             "gossip_messages": result.counters.gossip_messages,
+            "length_prediction": length_stats(fleet),
         },
     )
     return run, result
@@ -694,6 +695,7 @@ def run_scenario(
         else "ring (sim.topology.mesh_topology)",
         "variants": {v.label: v.describe() for v in selected_variants(sc, opts)},
     }
+    notes = compare_e2e(runs, sc.target) if sc.objective == "e2e" else compare(runs, sc.target)
     return ScenarioReport(
         scenario=name,
         title=sc.title,
@@ -701,8 +703,30 @@ def run_scenario(
         description=sc.source,
         runs=runs,
         params=params,
-        notes=compare_e2e(runs, sc.target) if sc.objective == "e2e" else compare(runs, sc.target),
+        notes=[*notes, *length_notes(runs, sc.target)],
     )
+
+
+def length_notes(runs: Sequence[RunResult], target: str = "kvmesh") -> list[str]:
+    """The target's response-length prediction accuracy per true bucket, against always
+    predicting the running mean (scored on every completion its routers learned from)."""
+    run = next((r for r in runs if r.variant == target), None)
+    st = run.config.get("length_prediction") if run is not None else None
+    if not isinstance(st, dict) or not st.get("scored"):
+        return []
+    buckets = st.get("buckets")
+    rows = buckets.items() if isinstance(buckets, dict) else ()
+    parts = [
+        f"{label}: {100 * b['accuracy']:.1f}% vs {100 * b['baseline_accuracy']:.1f}% "
+        f"(n={b['n']}, MAE {b['mae_tokens']:.0f} vs {b['baseline_mae_tokens']:.0f} tokens)"
+        for label, b in rows if b["n"]
+    ]
+    return [
+        f"- {target} response-length buckets predicted right: "
+        f"{100 * float(st['accuracy']):.1f}% vs {100 * float(st['baseline_accuracy']):.1f}% "
+        f"for predict-the-mean, over {st['scored']} completions; per true bucket "
+        + "; ".join(parts) + "."
+    ]
 
 
 def summary_of(report: ScenarioReport, variant: str) -> Summary | None:
