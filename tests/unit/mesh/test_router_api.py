@@ -582,3 +582,29 @@ async def test_demand_and_plan_target_metrics(
         )
     finally:
         await router.stop()
+
+
+async def test_response_lengths_are_learned_from_the_engines_usage(router: Router) -> None:
+    client = openai.AsyncOpenAI(base_url=base(router) + "/v1", api_key="unused")
+    try:
+        for _ in range(3):
+            out = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"x-kvmesh-app": "greeter"})
+            assert out.usage is not None and out.usage.completion_tokens == 1
+    finally:
+        await client.close()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base(router) + "/mesh/status") as resp:
+            status = await resp.json()
+        async with s.get(base(router) + "/metrics") as resp:
+            text = await resp.text()
+    lengths = status["router"]["response_lengths"]
+    assert lengths["observed"] == 3 and lengths["scored"] == 3
+    # The first guess is the prior (256 tokens, bucket 256-1023); the tag's count table then
+    # pulls the next guesses into the true bucket.
+    assert lengths["buckets"]["0-63"]["n"] == 3
+    assert ("a", "m", "greeter") in router.dispatcher.lengths.tables
+    assert 'kvmesh_router_length_scored{bucket="0-63"} 3.0' in text
+    assert 'kvmesh_router_length_accuracy{bucket="0-63",model="predictor"}' in text
+    assert 'kvmesh_router_length_accuracy{bucket="0-63",model="mean"}' in text
