@@ -17,6 +17,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "gorgo": ("bench.scenarios:gorgo", "sim: GORGO setup, 26-40/90-130/260-466 ms"),
     "intelligent-router": ("bench.scenarios:intelligent_router",
                            "sim: Intelligent Router five-task mix, e2e latency"),
+    "intelligent-router-overload": ("bench.scenarios:intelligent_router_overload",
+                                    "sim: the five-task mix past capacity (50 req/s)"),
     "gossip": ("bench.gossip_convergence", "mesh gossip: convergence p50/p99 and bytes/router/s"),
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
     "lengths": ("bench.lengths_bench", "response-length prediction and e2e decide cost per call"),

@@ -130,6 +130,10 @@ def intelligent_router(argv: list[str]) -> int:
     return run("intelligent-router", argv)
 
 
+def intelligent_router_overload(argv: list[str]) -> int:
+    return run("intelligent-router-overload", argv)
+
+
 def diurnal_skew(argv: list[str]) -> int:
     return run("diurnal-skew", argv)
 

@@ -238,8 +238,15 @@ ONE_REGION = Topology.build(("us",), {}, intra_ms=(1, 2))
 IR_RATE_PER_S = 20.0
 
 
+IR_OVERLOAD_PER_S = 50.0
+
+
 def _five_tasks(seed: int, horizon: float) -> Workload:
     return task_mix_workload("us", IR_RATE_PER_S, seed=seed, horizon_s=horizon)
+
+
+def _five_tasks_overload(seed: int, horizon: float) -> Workload:
+    return task_mix_workload("us", IR_OVERLOAD_PER_S, seed=seed, horizon_s=horizon)
 
 
 IR_VARIANTS = (
@@ -478,6 +485,23 @@ def _scenarios() -> dict[str, Scenario]:
             horizon_s=130.0,
             warmup_s=30.0,
             drain_s=240.0,
+            objective="e2e",
+        ),
+        Scenario(
+            "intelligent-router-overload",
+            "Intelligent Router: five-task mix, 4 replicas, 50 req/s (past capacity)",
+            "The intelligent-router scenario at 50 req/s, past the four simulated V100s' "
+            "capacity (about 35 req/s of this mix): a backlog grows for the whole arrival "
+            "window, as the paper's round-robin latencies (168 s mean end to end for requests "
+            "of a few seconds' work) say its testbed's did at 20 req/s.",
+            ONE_REGION,
+            {"us": 4},
+            V100_LLAMA_2_7B,
+            _five_tasks_overload,
+            IR_VARIANTS,
+            horizon_s=130.0,
+            warmup_s=30.0,
+            drain_s=400.0,
             objective="e2e",
         ),
         Scenario(
