@@ -172,11 +172,15 @@ class LengthPredictor:
         n = sum(sc.n for sc in self.scores)
         hits = sum(sc.hits for sc in self.scores)
         base = sum(sc.baseline_hits for sc in self.scores)
+        err = sum(sc.abs_error for sc in self.scores)
+        base_err = sum(sc.baseline_abs_error for sc in self.scores)
         return {
             "observed": self.observed,
             "scored": n,
             "accuracy": round(hits / n, 4) if n else 0.0,
             "baseline_accuracy": round(base / n, 4) if n else 0.0,
+            "mae_tokens": round(err / n, 2) if n else 0.0,
+            "baseline_mae_tokens": round(base_err / n, 2) if n else 0.0,
             "mean_output_tokens": round(self.total_tokens / self.observed, 2)
             if self.observed else self.prior_tokens,
             "keys": len(self.tables),

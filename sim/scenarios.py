@@ -748,7 +748,9 @@ def length_notes(runs: Sequence[RunResult], target: str = "kvmesh") -> list[str]
     return [
         f"- {target} response-length buckets predicted right: "
         f"{100 * float(st['accuracy']):.1f}% vs {100 * float(st['baseline_accuracy']):.1f}% "
-        f"for predict-the-mean, over {st['scored']} completions; per true bucket "
+        f"for predict-the-mean, over {st['scored']} completions (mean absolute error "
+        f"{st.get('mae_tokens', 0.0):.0f} vs {st.get('baseline_mae_tokens', 0.0):.0f} "
+        "tokens); per true bucket "
         + "; ".join(parts) + "."
     ]
 
