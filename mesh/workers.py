@@ -255,6 +255,9 @@ class WorkerProc:
     them (the worker's)."""
     placing: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     """``place`` calls being answered (maybe waiting in the queue), by id."""
+    requests: dict[int, Request] = field(default_factory=dict)
+    """The placed requests of ``tickets`` with their predicted lengths (learned from when
+    their answer ends)."""
     abandoned: set[int] = field(default_factory=set)
     """Ids the worker gave up on before their call was being answered."""
     samples: Any = None
@@ -347,6 +350,7 @@ class WorkerPool:
     def _release(self, slot: WorkerProc) -> None:
         """A worker is gone: what it had in flight is no longer, its counters are kept."""
         tickets, slot.tickets = slot.tickets, {}
+        slot.requests.clear()
         slot.abandoned.clear()
         for ticket in tickets.values():
             self._done(ticket)
@@ -360,9 +364,9 @@ class WorkerPool:
         slot.link = None
 
     # -- the ledger, for workers' dispatches -------------------------------------------------
-    def _hold(self, target: Target, tokens: int) -> Ticket:
+    def _hold(self, target: Target, tokens: int, work: float = 0.0) -> Ticket:
         r = self.router
-        ticket = r.dispatcher.start(target, tokens, r.clock())
+        ticket = r.dispatcher.start(target, tokens, r.clock(), work)
         if ticket.publish:
             self.router._publish_soon()  # once per loop turn, with the node's own
         return ticket
@@ -437,7 +441,8 @@ class WorkerPool:
                     or w_lora != (lora_path or prec.lora_for(model, {}))):
                 keys = prec.keys_in(ids, model, lora_path, salt, keys.unmatched, now)
                 config = self.key_config()
-        req = Request(rid, ids, keys, keys.unit, session, max_tokens, arrival, model)
+        req = r.dispatcher.annotate(
+            Request(rid, ids, keys, keys.unit, session, max_tokens, arrival, model))
         if forwarded and attempt == 1:
             # Each process verified the signature; the replay table is the node's, here.
             wall_ms = r.edge.wall() * 1000
@@ -476,7 +481,9 @@ class WorkerPool:
                 # The worker dispatches as soon as it has the answer (no await between):
                 # counted from here, as the one-process path counts it at dispatch; its
                 # ``done`` note names the call.
-                slot.tickets[pid] = self._hold(t, len(ids))
+                slot.tickets[pid] = self._hold(
+                    t, len(ids), req.predicted.tokens if req.predicted else 0.0)
+                slot.requests[pid] = req
                 held = pid
         return placement_wire(p, keys.unit, w_unit, predicted, held, config)
 
@@ -497,6 +504,10 @@ class WorkerPool:
                 check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
                               bool(comparable))
                 r.precision.observe(check, int(status), bool(completed), r.clock())
+                done_req = slot.requests.get(pid)
+                if done_req is not None and completed and int(status) == 200:
+                    r._learn_length(done_req, tap.usage)
+            slot.requests.pop(pid, None)
             ticket = slot.tickets.pop(pid, None)
             task = slot.placing.pop(pid, None)
             if ticket is not None:
@@ -629,8 +640,8 @@ class RelayDispatcher(Dispatcher):
     remote: dict[int, int] = field(default_factory=dict)
     """Our ticket id -> the primary's."""
 
-    def start(self, target: Target, tokens: int, now: float) -> Ticket:
-        ticket = Dispatcher.start(self, target, tokens, now)
+    def start(self, target: Target, tokens: int, now: float, work: float = 0.0) -> Ticket:
+        ticket = Dispatcher.start(self, target, tokens, now, work)
         held, self.held = self.held, None
         if held is not None and held[0] == target:
             self.remote[ticket.id] = held[1]
