@@ -24,6 +24,7 @@ from aiohttp import web
 from kvevents.tokenizers.factory import AsyncTokenizer
 from mesh.http_guard import BodyRefused, HttpLimits, read_body
 from mesh.limits import field_label
+from mesh.tiers import TierError, requested_tier
 
 log = logging.getLogger("kvmesh.api")
 
@@ -87,6 +88,8 @@ class Inference:
     """The prompt's chained block keys (``kvevents.keys.request_keys``)."""
     digest: str = ""
     """SHA-256 of ``raw`` (hex): what a forward's signature covers."""
+    tier: str | None = None
+    """The service tier the request asks for itself (``mesh.tiers``); None: the default."""
 
 
 def _require_model(body: Mapping[str, Any]) -> str:
@@ -144,7 +147,12 @@ def parse_inference(
     user = body.get("user")
     if session is None and isinstance(user, str) and user:
         session = session_key(user)
-    return Inference(kind, path, body, raw, model, stream, [], session, max_tokens or 0)
+    try:
+        tier = requested_tier(body, headers)
+    except TierError as exc:
+        raise ApiError(400, exc.message, param=exc.param, code="invalid_service_tier") from None
+    return Inference(kind, path, body, raw, model, stream, [], session, max_tokens or 0,
+                     tier=tier)
 
 
 _HEADER_SAFE = re.compile(r"[!-~][ -~]{0,254}")

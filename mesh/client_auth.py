@@ -25,6 +25,8 @@ class ApiKey:
     """Requests a second (sustained); None: unlimited."""
     burst: float | None = None
     """Requests allowed at once; default ``max(1, rate)``."""
+    tier: str | None = None
+    """The service tier of this key's requests that name none (``mesh.tiers``)."""
 
 
 class KeyRefused(Exception):

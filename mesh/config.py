@@ -9,6 +9,7 @@ is an error naming the key). Policy parameters are checked by building the polic
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,9 @@ from mesh.client_auth import ApiKey
 from mesh.picker_config import PickerConfig, PickerConfigError
 from mesh.picker_config import parse as parse_picker
 from mesh.policies import DEFAULT_POLICY, PolicyError, make_policy
+from mesh.tier_config import TierConfigError, tier_name
+from mesh.tier_config import parse as parse_tiers
+from mesh.tiers import TierConfig
 
 
 class ConfigError(ValueError):
@@ -134,6 +138,8 @@ class RouterConfig:
     workers: int = 1
     """Processes serving the listening port (SO_REUSEPORT); 1: one process, as always.
     With more, the primary holds the mesh state and decides; see ``mesh/workers.py``."""
+    tiers: TierConfig = field(default_factory=TierConfig)
+    """Service tiers: SLOs, shedding, per-key defaults (``mesh.tier_config``)."""
 
     @property
     def host(self) -> str:
@@ -402,7 +408,7 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
     except PickerConfigError as exc:
         raise ConfigError(exc.key, str(exc).partition(": ")[2]) from None
     d = RouterConfig(region="x")
-    return RouterConfig(
+    config = RouterConfig(
         region=region,
         listen=listen,
         node_id=node_id,
@@ -438,6 +444,24 @@ def build(raw: Mapping[str, object]) -> RouterConfig:
         plan_file=_plan_file(raw.get("plan_file")),
         workers=_workers(raw.get("workers", d.workers)),
     )
+    return _with_tiers(config, raw)
+
+
+def _with_tiers(config: RouterConfig, raw: Mapping[str, object]) -> RouterConfig:
+    """``config`` with its ``tiers`` section parsed (API keys' ``tier`` fields included)."""
+    value = raw.get("tiers")
+    if isinstance(value, str):
+        value = _parse_structured(value, "tiers")
+    names = {k.name for k in config.api_keys}
+    by_key = {k.name: k.tier for k in config.api_keys if k.tier is not None}
+    try:
+        tiers = parse_tiers(value, by_key)
+    except TierConfigError as exc:
+        raise ConfigError(exc.key, str(exc).partition(": ")[2]) from None
+    unknown = sorted(set(tiers.keys) - names)
+    if unknown:
+        raise ConfigError(f"tiers.keys.{unknown[0]}", "no API key has this name")
+    return dataclasses.replace(config, tiers=tiers)
 
 
 MAX_WORKERS = 64
@@ -503,10 +527,16 @@ def _api_keys(value: object) -> tuple[ApiKey, ...]:
             item = {"key": item}
         if not isinstance(item, Mapping):
             raise ConfigError(where, f"expected a key or a mapping with 'key', got {item!r}")
-        unknown = set(item) - {"key", "name", "rate", "burst"}
+        unknown = set(item) - {"key", "name", "rate", "burst", "tier"}
         if unknown:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}",
-                              "unknown key (known: key, name, rate, burst)")
+                              "unknown key (known: key, name, rate, burst, tier)")
+        tier = item.get("tier")
+        if tier is not None:
+            try:
+                tier = tier_name(tier, f"{where}.tier")
+            except TierConfigError as exc:
+                raise ConfigError(exc.key, str(exc).partition(": ")[2]) from None
         key = _string(item.get("key"), f"{where}.key")
         if len(key) < 16:
             raise ConfigError(f"{where}.key", "must be at least 16 characters")
@@ -519,6 +549,7 @@ def _api_keys(value: object) -> tuple[ApiKey, ...]:
             key, name,
             None if rate is None else _number(rate, f"{where}.rate", minimum=1e-6),
             None if burst is None else _number(burst, f"{where}.burst", minimum=1),
+            tier,
         ))
     return tuple(out)
 

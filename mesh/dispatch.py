@@ -5,16 +5,22 @@ drive one :class:`Dispatcher` each and decide nothing themselves, so a simulated
 result of this code. What it does for one request (:meth:`Dispatcher.submit`)::
 
     forwarded here naming a healthy engine of ours ("pinned") -> that engine, no policy
-    someone already waiting -> join the FCFS queue behind them
+    a sheddable tier while a higher tier's SLO is at risk -> shed (the shell answers 429)
+    someone of the same or a higher tier already waiting -> join the queue behind them
     otherwise decide now:
         view (now, queue length, prompt-size average, only engines serving the model)
         forwarded -> only this router's own engines (never a second hop)
         excluded replicas / regions (earlier attempts failed) -> marked down
+        batch (not yet promoted) -> only replicas with spare capacity, anywhere in the mesh;
+            none -> wait
         policy.decide -> "wait": join the queue (or give up when it is full)
     target: an own engine directly; else (not forwarded) the live router that reports the
         replica, else one of the region's routers; none -> no target (the shell rejects)
 
-The queue head is re-evaluated by :meth:`Dispatcher.pump`, which the shells call when a
+The queue (:class:`mesh.tiers.TierQueue`) is strict priority across tiers, earliest deadline
+first within one; a batch request near its deadline is promoted. With tiers off
+(``tiers=None``) it is one first-come-first-served queue. The queue head (the first waiter in
+that order) is re-evaluated by :meth:`Dispatcher.pump`, which the shells call when a
 request arrives behind others, when a dispatch completes, when an engine's load changes and
 at :attr:`Dispatcher.retry_at` (what the last "wait" asked for). The dispatch ledger
 (:class:`mesh.view.Dispatches`) is written here too: :meth:`start` when a request leaves for
@@ -30,12 +36,12 @@ import logging
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from mesh.lengths import LengthPredictor
-from mesh.policies.base import Decision, Policy, Request, View, cached_tokens
+from mesh.policies.base import Decision, Policy, Request, View, cached_tokens, estimate_load
+from mesh.tiers import BATCH, RANK, TierQueue, TierRules
 from mesh.view import Dispatches, Ticket, ViewBuilder, region_key
 
 log = logging.getLogger("kvmesh.dispatch")
@@ -104,6 +110,16 @@ class Waiter:
     first: Decision | None
     """The "wait" decision that queued it (None: queued behind others, not yet decided)."""
     cancelled: bool = False
+    promoted: bool = False
+    """A batch request close to its deadline: ranks with standard work, no longer held."""
+
+    @property
+    def tier(self) -> str:
+        return self.ask.request.tier
+
+    @property
+    def deadline(self) -> float:
+        return self.ask.request.deadline
 
 
 def no_hook(req: Request, view: View, d: Decision, seconds: float) -> None:
@@ -130,11 +146,18 @@ class Dispatcher:
     mean_output_tokens: float = 256.0
     lengths: LengthPredictor = field(default_factory=LengthPredictor)
     """Response-length predictor: :meth:`annotate` asks it, :meth:`completed` teaches it."""
-    queue: deque[Waiter] = field(default_factory=deque)
+    tiers: TierRules | None = None
+    """Service tiers (``mesh.tiers``); None: every request alike, one FCFS queue."""
+    queue: TierQueue = field(default_factory=lambda: TierQueue(fcfs=True))
     retry_at: float | None = None
     """When the waiting head wants re-evaluating (None: no one waits on the policy)."""
     decisions: int = 0
     waits: int = 0
+    shed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tiers is not None:
+            self.queue = TierQueue(self.tiers.config.promote_margin)
 
     @property
     def dispatches(self) -> Dispatches:
@@ -154,6 +177,16 @@ class Dispatcher:
             view = view.local_only()
             view = view.without([r.replica for r in view.replicas if not self.local(r.replica)])
         view = view.without(ask.excluded_replicas, ask.excluded_regions)
+        if self._held(ask.request, now):
+            view = self._spare_only(view)
+            if not view.healthy("mesh"):
+                d = Decision(None, None, "batch held: no spare capacity in the mesh",
+                             self.policy.name, wait=True,
+                             retry_after=self.tiers.config.batch_recheck if self.tiers else 0.1)
+                self.decisions += 1
+                self.waits += 1
+                self.on_decision(ask.request, view, d, time.perf_counter() - started)
+                return d, view
         d = self.policy.decide(ask.request, view, now, self.rng)
         self.decisions += 1
         if d.wait:
@@ -179,6 +212,51 @@ class Dispatcher:
             return
         self.lengths.observe(req, output_tokens)
         self.mean_output_tokens += OUTPUT_EWMA * (output_tokens - self.mean_output_tokens)
+    # -- tiers ---------------------------------------------------------------------------------
+    def _held(self, req: Request, now: float) -> bool:
+        """Is this batch work that waits for spare capacity (not yet near its deadline)?"""
+        t = self.tiers
+        return (t is not None and req.tier == BATCH
+                and req.deadline - t.config.promote_margin > now)
+
+    def _spare_only(self, view: View) -> View:
+        """The view with every replica that has no spare capacity for batch work marked down."""
+        t = self.tiers
+        assert t is not None
+        busy = [r.replica for r in view.replicas
+                if not t.spare(*estimate_load(r), r.kv_usage)]
+        return view.without(busy)
+
+    def _rank(self, ask: Ask, now: float) -> int:
+        req = ask.request
+        if self.tiers is None:
+            return 0
+        if req.tier == BATCH and not self._held(req, now):
+            return RANK["standard"]
+        return RANK.get(req.tier, RANK["standard"])
+
+    def shed_check(self, ask: Ask, now: float) -> Placement | None:
+        """A shed placement (outcome ``shed``, ``retry_after`` set) if ``ask`` is of a
+        sheddable tier, not promoted, and a higher tier's SLO is at risk; else None."""
+        t = self.tiers
+        req = ask.request
+        if t is None or ask.forwarded or not t.sheddable(req.tier):
+            return None
+        rank = self._rank(ask, now)
+        if req.tier == BATCH and rank != RANK[BATCH]:
+            return None  # near its deadline: served, not shed
+        risk = t.at_risk(rank, now, self.queue)
+        if risk is None:
+            return None
+        self.shed += 1
+        d = Decision(None, None, f"shed: a higher tier's SLO is at risk ({req.tier})",
+                     self.policy.name, retry_after=max(risk, 0.001))
+        return Placement(d, None, "shed")
+
+    def observe_first_token(self, req: Request, now: float) -> None:
+        """The shell saw ``req``'s first token at ``now`` (feeds the SLO-risk signal)."""
+        if self.tiers is not None:
+            self.tiers.observe_first_token(req.tier, now - req.arrival, now)
 
     # -- arrivals and the queue --------------------------------------------------------------
     def submit(self, ask: Ask, now: float) -> Placement | Waiter:
@@ -190,8 +268,12 @@ class Dispatcher:
         pinned = self._pinned(ask)
         if pinned is not None:
             return pinned
+        shed = self.shed_check(ask, now)
+        if shed is not None:
+            return shed
+        self.queue.promote(now)
         first: Decision | None = None
-        if not self.queue:
+        if not self.queue.ahead_of(self._rank(ask, now)):
             d, view = self.decide(ask, now)
             if not d.wait:
                 return self.place(ask, d, view)
@@ -199,33 +281,60 @@ class Dispatcher:
         if len(self.queue) >= self.max_queue:
             return Placement(Decision(None, None, "router queue full", self.policy.name),
                              None, "none")
-        waiter = Waiter(ask, now, first)
-        self.queue.append(waiter)
+        req = ask.request
+        waiter = Waiter(ask, now, first, promoted=(
+            self.tiers is not None and req.tier == BATCH and not self._held(req, now)))
+        self.queue.push(waiter)
         if first is not None:
-            self.retry_at = now + max(first.retry_after, MIN_RETRY)
+            at = now + max(first.retry_after, MIN_RETRY)
+            self.retry_at = at if self.retry_at is None else min(self.retry_at, at)
         return waiter
 
+    def offer(self, ask: Ask, now: float) -> Placement:
+        """Place ``ask`` now or not at all (a gateway's sheddable request): outcome ``shed``
+        when it would wait, when the same or a higher tier is queued, or when
+        :meth:`shed_check` sheds it."""
+        shed = self.shed_check(ask, now)
+        if shed is not None:
+            return shed
+        self.queue.promote(now)
+        if self.queue.ahead_of(self._rank(ask, now)):
+            d = Decision(None, None, "requests are queued", self.policy.name, wait=True)
+        else:
+            d, view = self.decide(ask, now)
+            if not d.wait:
+                return self.place(ask, d, view)
+        self.shed += 1
+        return Placement(d, None, "shed")
+
     def pump(self, now: float) -> list[tuple[Waiter, Placement]]:
-        """Re-evaluate the head (and the next ones while they can go): what leaves the queue."""
+        """Re-evaluate the head (and the next ones while they can go): what leaves the queue.
+
+        Strict priority: when the head must wait, nothing behind it goes either.
+        """
         out: list[tuple[Waiter, Placement]] = []
-        while self.queue:
-            head = self.queue[0]
-            if head.cancelled:
-                self.queue.popleft()
-                continue
+        self.queue.promote(now)
+        while True:
+            head = self.queue.head()
+            if head is None:
+                break
             try:
                 d, view = self.decide(head.ask, now)
             except Exception as exc:  # never let one request stop the queue
                 log.exception("policy failed on a queued request")
                 d = Decision(None, None, f"policy error: {type(exc).__name__}",
                              self.policy.name)
-                self.queue.popleft()
+                self.queue.pop_head()
                 out.append((head, Placement(d, None, "none")))
                 continue
             if d.wait:
-                self.retry_at = now + max(d.retry_after, MIN_RETRY)
+                at = now + max(d.retry_after, MIN_RETRY)
+                promo = self.queue.next_promotion()
+                if promo is not None and promo > now:
+                    at = min(at, promo)
+                self.retry_at = at
                 return out
-            self.queue.popleft()
+            self.queue.pop_head()
             out.append((head, self.place(head.ask, d, view)))
         self.retry_at = None
         return out
@@ -236,8 +345,7 @@ class Dispatcher:
 
     def clear(self) -> list[Waiter]:
         """Empty the queue (shutdown): the waiters that were in it."""
-        gone = [w for w in self.queue if not w.cancelled]
-        self.queue.clear()
+        gone = self.queue.clear()
         self.retry_at = None
         return gone
 

@@ -20,7 +20,7 @@ from aiohttp import web
 from kvevents.block_sizes import DEFAULT_BLOCK_SIZE
 from mesh import forward_auth
 from mesh.api import ApiError, Inference, PromptTokenizer, error_response
-from mesh.client_auth import ApiKeys, KeyRefused
+from mesh.client_auth import ApiKey, ApiKeys, KeyRefused
 from mesh.config import RouterConfig
 from mesh.http_guard import ConnectionGuard, HttpLimits, QuietLogger
 from mesh.metrics import RouterMetrics
@@ -30,6 +30,8 @@ from mesh.tls import has_peer_certificate, server_context
 from mesh.transport import GOSSIP_PATH
 
 log = logging.getLogger("kvmesh.router")
+API_KEY = web.RequestKey("kvmesh.api_key", ApiKey)
+"""The ``ApiKey`` a request was admitted with, stored on the aiohttp request."""
 
 DIGEST_INLINE_BYTES = 256 * 1024
 """Bodies hashed on the event loop (SHA-256 runs at ~1 GB/s: 0.25 ms at this size)."""
@@ -94,7 +96,8 @@ class Edge:
                 path == "/v1/models" and request.query.get("scope") == "local"):
             # (a peer's model listing asks every router with scope=local, without a key)
             try:
-                self.api_keys.check(request.headers, time.monotonic())
+                key = self.api_keys.check(request.headers, time.monotonic())
+                request[API_KEY] = key  # its default tier (mesh.tiers)
             except KeyRefused as exc:
                 kind = "authentication_error" if exc.status == 401 else "rate_limit_error"
                 return error_response(exc.status, exc.message, type=kind, code=exc.code,
@@ -162,13 +165,14 @@ class Edge:
             raise ApiError(403, f"forwarded request refused: {exc.reason}",
                            type="permission_error", code="bad_forward_signature") from None
 
-    def sign_forward(self, target: str, request_id: str, inf: Inference) -> dict[str, str]:
+    def sign_forward(self, target: str, request_id: str, inf: Inference,
+                     tier: str = "") -> dict[str, str]:
         key = self.config.mesh_key
         if key is None:  # no peers without a key (config); nothing would accept it anyway
             return {}
         return forward_auth.sign_headers(
             key, self.config.node_id, target, request_id, inf.path, inf.session,
-            inf.digest or forward_auth.body_digest(inf.raw), self.wall(),
+            inf.digest or forward_auth.body_digest(inf.raw), self.wall(), tier,
         )
 
     # -- outliers ----------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 A router that forwards a request to another region's router signs what the receiver acts on:
 
     HMAC-SHA256(key, "kvmesh-forward-v2" | origin | target | request id | timestamp | path
-                     | session | SHA-256(body))
+                     | session | SHA-256(body) [| tier])
 
 and sends it with the origin (``x-kvmesh-from``), the replica it chose (``x-kvmesh-target``),
 its wall-clock timestamp in milliseconds (``x-kvmesh-ts``) and its own request id
-(``x-request-id``). The receiver recomputes the body digest from the bytes it read, so a
+(``x-request-id``), and the request's service tier with the seconds left to its SLO deadline
+(``x-kvmesh-tier: batch;3512.250``, signed when present: a client cannot promote itself by
+posing as a peer). The receiver recomputes the body digest from the bytes it read, so a
 captured signature pins nothing but that exact body; it refuses timestamps further than
 ``window`` seconds from its clock, and remembers every ``(origin, request id)`` it accepted
 for that long, so the same forward is served once. A router without a mesh key refuses
@@ -33,6 +35,7 @@ SIG = "x-kvmesh-sig"
 TS = "x-kvmesh-ts"
 REQUEST_ID = "x-request-id"
 SESSION = "x-session-id"
+TIER = "x-kvmesh-tier"
 HOP_HEADERS = (HOP, FROM, TARGET, SIG, TS)
 VERSION = "2"
 _DOMAIN = "kvmesh-forward-v2"
@@ -55,6 +58,8 @@ class Forward:
     origin: str
     target: str
     request_id: str
+    tier: str = ""
+    """The signed ``x-kvmesh-tier`` value (``tier;seconds left``), empty when none was sent."""
 
 
 def body_digest(body: bytes) -> str:
@@ -62,19 +67,23 @@ def body_digest(body: bytes) -> str:
 
 
 def signature(key: str, origin: str, target: str, request_id: str, ts_ms: int, path: str,
-              session: str, digest: str) -> str:
-    msg = "\n".join((_DOMAIN, origin, target, request_id, str(ts_ms), path, session, digest))
+              session: str, digest: str, tier: str = "") -> str:
+    parts = (_DOMAIN, origin, target, request_id, str(ts_ms), path, session, digest)
+    msg = "\n".join((*parts, tier) if tier else parts)
     return hmac.new(key.encode(), msg.encode(), hashlib.sha256).hexdigest()
 
 
 def sign_headers(key: str, origin: str, target: str, request_id: str, path: str,
-                 session: str | None, digest: str, wall: float) -> dict[str, str]:
-    """The hop headers of one forward (session and request id included)."""
+                 session: str | None, digest: str, wall: float,
+                 tier: str = "") -> dict[str, str]:
+    """The hop headers of one forward (session, request id and tier included)."""
     ts_ms = int(wall * 1000)
     headers = {HOP: VERSION, FROM: origin, TS: str(ts_ms),
                REQUEST_ID: request_id,
                SIG: signature(key, origin, target, request_id, ts_ms, path, session or "",
-                              digest)}
+                              digest, tier)}
+    if tier:
+        headers[TIER] = tier
     if target:
         headers[TARGET] = target
     if session:
@@ -121,12 +130,13 @@ class ForwardVerifier:
         sig = self._field(headers, SIG)
         ts_text = self._field(headers, TS)
         session = self._field(headers, SESSION, required=False)
+        tier = self._field(headers, TIER, required=False)
         if not ts_text.isdigit() or len(ts_text) > 16:
             raise ForwardRejected("malformed_header", TS)
         ts_ms = int(ts_text)
         ok = any(
             hmac.compare_digest(sig.encode(), signature(key, origin, target, rid, ts_ms, path,
-                                                        session, digest).encode())
+                                                        session, digest, tier).encode())
             for key in self.keys
         )
         if not ok:
@@ -135,7 +145,7 @@ class ForwardVerifier:
         if abs(now_ms - ts_ms) > self.window * 1000:
             raise ForwardRejected("stale_timestamp", f"{(now_ms - ts_ms) / 1000:.1f}s off")
         self.record(origin, rid, ts_ms, now_ms)
-        return Forward(origin, target, rid)
+        return Forward(origin, target, rid, tier)
 
     def record(self, origin: str, rid: str, ts_ms: int, now_ms: float) -> None:
         """Remember a verified forward; ``ForwardRejected`` when it was seen before (the

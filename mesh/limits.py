@@ -12,6 +12,7 @@ import re
 FIELDS = frozenset({
     "body", "model", "stream", "max_tokens", "prompt", "messages", "messages[]",
     "messages[].role", "messages[].content", "cache_salt", "user",
+    "service_tier", "priority", "x-kvmesh-priority",
     # refused before parsing (mesh.http_guard)
     "body_too_large", "body_timeout", "unsupported_content_encoding",
 })

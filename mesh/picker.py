@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from mesh.tiers import TierError, picker_priority
 
 DEST_HEADER = "x-gateway-destination-endpoint"
 DEST_NAMESPACE = "envoy.lb"
@@ -128,6 +131,9 @@ class Ask:
     """Endpoints (``ip:port``) the proxy allows; None: the whole pool."""
     priority: int
     sheddable: bool
+    tier: str | None = None
+    """The service tier the priority header names (an integer maps by sign: > 0
+    interactive, 0 standard, < 0 batch); None: no header, the router's default applies."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +176,8 @@ class Refusal:
     status: int
     message: str
     code: str
+    retry_after: float | None = None
+    """Seconds for a 429's ``Retry-After``."""
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -307,15 +315,16 @@ class PickerStream:
         if isinstance(hint, Mapping) and SUBSET_KEY in hint:
             subset = parse_endpoints(hint[SUBSET_KEY])
         raw = h.headers.get(self.settings.priority_header, "").strip()
-        priority = 0
+        priority, tier = 0, None
         if raw:
             try:
-                priority = int(raw)
-            except ValueError:
-                raise PickerError(400, f"{self.settings.priority_header} must be an integer, "
-                                       f"got {raw!r}", "bad_priority") from None
+                priority, tier = picker_priority(raw)
+            except TierError:
+                raise PickerError(400, f"{self.settings.priority_header} must be an integer "
+                                       "or interactive, standard or batch, got "
+                                       f"{raw[:40]!r}", "bad_priority") from None
         return Ask(path, INFERENCE_PATHS.get(path), bytes(self._body), h.headers, subset,
-                   priority, priority < self.settings.shed_below)
+                   priority, priority < self.settings.shed_below, tier)
 
     def decided(self, result: Pick | Refusal | PickerError) -> list[Out]:
         """The core's answer to :class:`NeedPick`: the request headers' reply and the body."""
@@ -325,7 +334,9 @@ class PickerStream:
             return self._fail(result)
         if isinstance(result, Refusal):
             self.refused = result
-            return self._fail(PickerError(result.status, result.message, result.code))
+            extra = (() if result.retry_after is None else
+                     (("retry-after", str(max(1, math.ceil(result.retry_after)))),))
+            return self._fail(PickerError(result.status, result.message, result.code), extra)
         self.pick = result
         value = ",".join(result.endpoints)
         reply = HeadersReply(
@@ -378,10 +389,11 @@ class PickerStream:
         self.finished = True
         return Finished(complete)
 
-    def _fail(self, exc: PickerError) -> list[Out]:
+    def _fail(self, exc: PickerError,
+              extra: tuple[tuple[str, str], ...] = ()) -> list[Out]:
         self.finished = True
         return [ImmediateReply(exc.status, error_body(exc.status, exc.message, exc.code),
                                (("content-type", "application/json"),
-                                ("x-kvmesh-route", header_value(exc.message))),
+                                ("x-kvmesh-route", header_value(exc.message)), *extra),
                                details=exc.code),
                 Finished(False)]

@@ -49,6 +49,7 @@ from mesh.picker_config import PickerConfig
 from mesh.picker_proto import to_event, to_response
 from mesh.policies import Request
 from mesh.router import Router
+from mesh.tiers import forward_value
 from mesh.view import Ticket
 
 log = logging.getLogger("kvmesh.picker")
@@ -155,14 +156,18 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         router = self.router
         arrival = router.clock()
         token_ids: list[int] = []
+        requested = ask.tier
         session: str | None = None
         model: str | None = None
         max_tokens = 0
         body: dict[str, Any] = {}
         if ask.kind is not None:
             t0 = time.perf_counter()
+            # The priority header is the gateway's (an integer or a tier name), parsed already.
+            given = {k: v for k, v in ask.headers.items()
+                     if k != self.settings.priority_header}
             try:
-                inf = parse_inference(ask.kind, ask.path, ask.body, ask.headers)
+                inf = parse_inference(ask.kind, ask.path, ask.body, given)
                 token_ids = await tokenize(inf, router.tokenizer)
             except ApiError as exc:
                 router.count_rejected(ask.path, field_label(exc.param), str(exc.status))
@@ -171,12 +176,14 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             router.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
             session, model, max_tokens = inf.session, inf.model, inf.max_tokens
             body = inf.body
+            requested = ask.tier or inf.tier
         request_id = ask.headers.get("x-request-id") or f"kvm-{uuid.uuid4().hex[:16]}"
         t0 = time.perf_counter()
         keys = router.precision.keys(token_ids, model, body, arrival)
         router.metrics.block_keys_seconds.observe(time.perf_counter() - t0)
+        tier = router.config.tiers.resolve(requested)
         req = Request(request_id, token_ids, keys, keys.unit, session, max_tokens, arrival,
-                      model)
+                      model, tier=tier, deadline=router.config.tiers.deadline(tier, arrival))
         allowed = None
         if ask.subset is not None:
             allowed = frozenset(url for ep, url in self.by_endpoint.items() if ep in ask.subset)
@@ -188,8 +195,8 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         d, target = placed.decision, placed.target
         if target is None:
             if placed.outcome == "shed":
-                return Refusal(429, f"shed (priority {ask.priority}): {d.reason}",
-                               "shed"), None, 0
+                return Refusal(429, f"shed (priority {ask.priority}, {tier}): {d.reason}",
+                               "shed", max(d.retry_after, 1.0)), None, 0
             return Refusal(503, f"no replica can serve this request: {d.reason}",
                            "no_replica"), None, 0
         endpoints = [self.endpoint(target.url) if target.local
@@ -208,7 +215,8 @@ class PickerService(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             if router.config.mesh_key is not None:  # signed over the body Envoy will send
                 hop = sign_headers(router.config.mesh_key, router.config.node_id,
                                    target.replica, request_id, ask.path, session,
-                                   body_digest(ask.body), time.time())
+                                   body_digest(ask.body), time.time(),
+                                   forward_value(tier, req.deadline, router.clock()))
             headers = tuple(hop.items())
         pick = Pick(tuple(endpoints), target.replica, target.region, d.reason, headers)
         return pick, target, req.num_tokens

@@ -79,6 +79,7 @@ class Prepared:
     pending: Any = None
     """For an asynchronous tokenizer: the prompt (str / ids) or messages to tokenize."""
     salt: str | None = None
+    tier: str | None = None
     error: tuple[int, str, str | None, str | None] | None = None
     """(status, message, param, code) of an ``ApiError``; exceptions do not pickle well."""
 
@@ -144,7 +145,7 @@ def prepare_body(kind: str, path: str, raw: bytes, headers: Mapping[str, str],
                 gc.enable()
         salt = inf.body.get("cache_salt")
         base = Prepared(kind, path, inf.model, inf.stream, inf.session, inf.max_tokens,
-                        digest=body_digest(raw), salt=salt)
+                        digest=body_digest(raw), salt=salt, tier=inf.tier)
         sync = BuiltinTokenizer() if fallback else _worker_tokenizer
         if not tokenize or sync is None:
             pending = inf.body["messages"] if kind == "chat" else routing_prompt(inf.body)
@@ -289,7 +290,7 @@ class Preparer:
         key_arr.frombytes(p.keys)
         return Inference(kind, path, {}, raw, p.model, p.stream, token_arr, p.session,
                          p.max_tokens, time.perf_counter() - started, key_arr.tolist(),
-                         p.digest)
+                         p.digest, tier=p.tier)
 
     async def _prepare_in_threads(self, kind: str, path: str, raw: bytes,
                                   headers: dict[str, str], started: float) -> Inference:

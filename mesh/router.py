@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -43,8 +44,9 @@ from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry, DecisionLog
 from mesh.demand import DemandMeter, PlanTargets, hint_metrics
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
-from mesh.edge import Edge
+from mesh.edge import API_KEY, Edge
 from mesh.engines import EngineMonitor, EngineState
+from mesh.forward_auth import Forward
 from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge, length_metrics
 from mesh.policies import Decision, Policy, Request, make_policy
@@ -62,6 +64,8 @@ from mesh.proxy import (
     upstream_headers,
 )
 from mesh.state import LocalOnly, MeshBackend, MeshState, view_records
+from mesh.tier_metrics import TierMetrics
+from mesh.tiers import TierRules, forward_value, parse_forwarded
 from mesh.tls import client_context
 from mesh.view import Dispatches, ReplicaRecord, Ticket, ViewBuilder, region_key
 
@@ -124,7 +128,9 @@ class Router:
             max_queue=config.max_queue,
             emulated_rtt=config.emulate_rtt,
             on_decision=self._observe_decision,
+            tiers=TierRules(config.tiers) if config.tiers.enabled else None,
         )
+        self.tier_metrics = TierMetrics(self.metrics, config.tiers, self.dispatcher.queue)
         self._published: tuple[int, int, float] = (-1, -1, float("-inf"))
         self._publish_queued = False
         self._waiting: dict[Waiter, asyncio.Future[Placement]] = {}
@@ -141,6 +147,7 @@ class Router:
         self.status_sections: dict[str, Callable[[], dict[str, Any]]] = {}
         """Extra parts of ``/mesh/status`` by name (the endpoint picker's)."""
         self.status_sections["precision"] = self.precision.status
+        self.status_sections["tiers"] = self.tier_metrics.status
         self.decision_log = DecisionLog()
         self.warmup = warmup.Warmup(self.started_at, config.warm_timeout)
         self.edge = Edge(config, self.tokenizer, from_config=tokenizer is None)
@@ -262,6 +269,8 @@ class Router:
         """A placement now, or after waiting in the FCFS queue when the policy says so."""
         got = self.dispatcher.submit(ask, self.clock())
         if isinstance(got, Placement):
+            if got.outcome == "shed":
+                self.tier_metrics.was_shed(ask.request.tier)
             return got
         if got.first is not None:
             self.metrics.decisions.labels(got.first.policy or self.policy.name, "wait").inc()
@@ -276,6 +285,7 @@ class Router:
             self.dispatcher.cancel(got)  # a no-op once it has left the queue
             self._waiting.pop(got, None)
             self.metrics.queue_wait_seconds.observe(self.clock() - got.since)
+            self.tier_metrics.waited(ask.request.tier, self.clock() - got.since)
 
     def kick(self) -> None:
         """Re-evaluate a waiting head now (an arrival, a completion, a load change)."""
@@ -346,9 +356,11 @@ class Router:
         request_id = fwd.request_id if fwd else f"kvm-{uuid.uuid4().hex}"
         self.metrics.tokenize_seconds.observe(inf.parse_seconds)
         keys = self.precision.keys_for(inf, arrival)
+        tier, deadline = self._tier(request, inf, fwd, arrival)
         req = Request(request_id, inf.token_ids, keys, keys.unit, inf.session,
                       inf.max_tokens, arrival, inf.model,
-                      app=header_safe(request.headers.get(H_APP)))
+                      app=header_safe(request.headers.get(H_APP)), tier=tier,
+                      deadline=deadline)
         req = self.dispatcher.annotate(req)
         if fwd is None:
             self.demand.observe(inf.model, req.num_tokens, inf.max_tokens, arrival)
@@ -359,6 +371,19 @@ class Router:
             return await self._place(request, inf, ask, request_id, arrival)
         finally:
             self._client_ids.pop(request_id, None)
+
+    def _tier(self, request: web.Request, inf: Inference, fwd: Forward | None,
+              arrival: float) -> tuple[str, float]:
+        """The request's tier and SLO deadline: a peer's signed ones for a forward, else its
+        own choice, its API key's default, the configured default (``mesh.tiers``)."""
+        tiers = self.config.tiers
+        if fwd is not None and fwd.tier:
+            got = parse_forwarded(fwd.tier, arrival)
+            if got is not None:
+                return got
+        key = request.get(API_KEY)
+        tier = tiers.resolve(inf.tier, key.name if key is not None else None)
+        return tier, tiers.deadline(tier, arrival)
 
     async def _place(
         self, request: web.Request, inf: Inference, first: Ask, request_id: str,
@@ -381,6 +406,14 @@ class Router:
             if ask.forwarded and attempt == 1:
                 self.metrics.forwarded_in.labels(
                     "pinned" if p.outcome == "pinned" else "repicked").inc()
+            if p.outcome == "shed":
+                self.metrics.decisions.labels(d.policy or self.policy.name, "shed").inc()
+                self.metrics.requests.labels(route, "429").inc()
+                return error_response(
+                    429, f"the {req.tier} tier is shed while a higher tier's SLO is at risk; "
+                    "retry later", type="rate_limit_error", code="tier_shed",
+                    headers={"Retry-After": str(max(1, math.ceil(d.retry_after))),
+                             H_ROUTE: d.reason, H_REGION: self.config.region})
             if target is None:
                 self.metrics.decisions.labels(d.policy or self.policy.name, "none").inc()
                 if failures:
@@ -404,6 +437,7 @@ class Router:
             else:
                 excluded_regions.add(target.region)
         self.metrics.requests.labels(route, "502").inc()
+        self.tier_metrics.ended(req.tier, self.clock(), req.deadline, False, False)
         return error_response(
             502, f"every attempt failed before the first byte ({', '.join(failures)})",
             type="server_error", code="upstream_failed",
@@ -420,7 +454,9 @@ class Router:
                                    pass_authorization=not self.config.api_keys)
         url = f"{target.url}{inf.path}"
         if not target.local:
-            headers.update(self.edge.sign_forward(target.replica, request_id, inf))
+            headers.update(self.edge.sign_forward(
+                target.replica, request_id, inf,
+                forward_value(req.tier, req.deadline, self.clock())))
             self.metrics.forwards.labels(target.region).inc()
         check = (self.precision.prepare(inf, target.replica, req.keys, req.block_size,
                                         self.dispatches.inflight(target.replica) > 0)
@@ -445,7 +481,11 @@ class Router:
                                            sum(1 for _ in self._records(self.clock())))
                 return None
             self.edge.dispatch_outcome(replica, True, self.clock())
-            self.metrics.first_byte_seconds.observe(self.clock() - arrival)
+            first_byte = self.clock()
+            self.metrics.first_byte_seconds.observe(first_byte - arrival)
+            self.dispatcher.observe_first_token(req, first_byte)
+            if not forwarded:  # judged once, by the router the client talks to
+                self.tier_metrics.first_byte(req.tier, first_byte, req.deadline)
             extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason}
             if not target.local:
                 remote_route = up.resp.headers.get(H_ROUTE, "")
@@ -466,6 +506,9 @@ class Router:
                 self.precision.observe(check, up.status, completed, self.clock())
                 if completed and up.status == 200:
                     self._learn_length(req, check.tap.usage)
+            if not forwarded:
+                self.tier_metrics.ended(req.tier, self.clock(), req.deadline,
+                                        completed and up.status < 400, True)
             self.metrics.requests.labels(route, str(up.status)).inc()
             if not completed:
                 log.info("stream %s to %s ended early", request_id, target.replica)
@@ -504,17 +547,15 @@ class Router:
                           excluded_regions=frozenset(self.backend.regions(now)))
         policy = self.policy.name
         if sheddable:
-            if self.dispatcher.queued():
-                d = Decision(None, None, "requests are queued", policy, wait=True)
-            else:
-                d, view = self.dispatcher.decide(ask, now)
-            if d.wait:
-                self.metrics.decisions.labels(d.policy or policy, "shed").inc()
-                return Placement(d, None, "shed")
-            p = self.dispatcher.place(ask, d, view)
+            p = self.dispatcher.offer(ask, now)
+            if p.outcome == "shed":
+                self.tier_metrics.was_shed(req.tier)
         else:
             p = await self.place(ask)
         d = p.decision
+        if p.outcome == "shed":
+            self.metrics.decisions.labels(d.policy or policy, "shed").inc()
+            return p
         if p.target is None:
             self.metrics.decisions.labels(d.policy or policy, "none").inc()
             return p

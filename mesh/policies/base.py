@@ -59,6 +59,11 @@ class Request:
     objective: str | None = None
     """What the cost-model policy minimises for this request: ``"ttft"`` or ``"e2e"``
     (end-to-end latency); None: the policy's configured default."""
+    tier: str = "standard"
+    """Service tier (``mesh.tiers``): ``interactive``, ``standard`` or ``batch``."""
+    deadline: float = math.inf
+    """The tier's SLO on ``now``'s clock: first token by then (interactive, standard), or
+    completion (batch). Orders the router's queue (earliest deadline first in a tier)."""
 
     @property
     def num_tokens(self) -> int:
