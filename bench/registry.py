@@ -27,6 +27,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "plan-diurnal": ("plan.validate", "sim: capacity plan vs region-local/reactive, 3 seeds"),
     "plan-solver": ("plan.solver_bench", "capacity MILP solve time at 3/10/30 regions"),
     "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
+    "sageserve-tiers": ("bench.scenarios:sageserve_tiers",
+                        "sim: SageServe tiers, siloed vs shared FCFS vs tiers (replica-hours)"),
     "scale": ("bench.scenarios:scale", "sim: 10 regions x 100 replicas x 20 routers"),
     "sim-profiles": ("bench.sim_profiles", "sim-engine profiles: TTFT cached/uncached, saturation"),
     "skylb-arena-332": ("bench.scenarios:skylb_arena_332", "sim: SkyLB Arena-like, 3/3/2"),

@@ -144,3 +144,48 @@ def diurnal_cycle(argv: list[str]) -> int:
 
 def scale(argv: list[str]) -> int:
     return run("scale", argv)
+
+
+def sageserve_tiers(argv: list[str]) -> int:
+    """``kvmesh bench sageserve-tiers``: the size sweeps of sim/tier_scenario.py."""
+    from sim import tier_scenario as ts
+
+    p = argparse.ArgumentParser(prog="kvmesh bench sageserve-tiers", description=ts.TITLE)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--horizon", type=float,
+                   help=f"virtual seconds of load (default {ts.SETUP.horizon_s:g})")
+    p.add_argument("--quick", action="store_true", help="a fifth of the horizon (smoke test)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated: siloed, shared-fcfs, kvmesh-tiers (default all)")
+    p.add_argument("--shared-sizes", default="",
+                   help="replicas in all for the shared pools, e.g. 9,10,11")
+    p.add_argument("--silo-interactive-sizes", default="", help="e.g. 7,8,9")
+    p.add_argument("--silo-batch-sizes", default="", help="e.g. 2,3")
+    p.add_argument("--out", help="output folder (default results/sageserve-tiers)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+
+    def sizes(text: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+
+    try:
+        opts = ts.Options(seed=args.seed, quick=args.quick, horizon_s=args.horizon,
+                          shared_sizes=sizes(args.shared_sizes),
+                          silo_interactive_sizes=sizes(args.silo_interactive_sizes),
+                          silo_batch_sizes=sizes(args.silo_batch_sizes),
+                          only=tuple(v for v in args.variants.split(",") if v))
+        unknown = set(opts.only) - {"siloed", "shared-fcfs", "kvmesh-tiers"}
+        if unknown:
+            raise ValueError(f"unknown variant {sorted(unknown)[0]!r}")
+        command = shlex.join(["kvmesh", "bench", ts.NAME, *argv])
+        report = ts.run(opts, command, progress=_print_progress())
+    except ValueError as exc:
+        print(f"kvmesh bench sageserve-tiers: {exc}", file=sys.stderr)
+        return 2
+    out = results_dir(ts.NAME, args.out)
+    md = write_report(report, out, plots=not args.no_plots)
+    print(ts.table(report.runs))
+    for line in report.notes:
+        print(line)
+    print(f"\nwrote {md} and {out / 'results.json'}")
+    return 0

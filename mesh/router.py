@@ -65,7 +65,7 @@ from mesh.proxy import (
 )
 from mesh.state import LocalOnly, MeshBackend, MeshState, view_records
 from mesh.tier_metrics import TierMetrics
-from mesh.tiers import TierRules, forward_value, parse_forwarded
+from mesh.tiers import H_TIER, TierRules, forward_value, parse_forwarded
 from mesh.tls import client_context
 from mesh.view import Dispatches, ReplicaRecord, Ticket, ViewBuilder, region_key
 
@@ -486,7 +486,8 @@ class Router:
             self.dispatcher.observe_first_token(req, first_byte)
             if not forwarded:  # judged once, by the router the client talks to
                 self.tier_metrics.first_byte(req.tier, first_byte, req.deadline)
-            extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason}
+            extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason,
+                     H_TIER: req.tier}
             if not target.local:
                 remote_route = up.resp.headers.get(H_ROUTE, "")
                 extra[H_REPLICA] = up.resp.headers.get(H_REPLICA, target.replica)

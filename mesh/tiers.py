@@ -34,6 +34,8 @@ TIERS = ("interactive", "standard", "batch")
 RANK = {t: i for i, t in enumerate(TIERS)}
 INTERACTIVE, STANDARD, BATCH = TIERS
 PRIORITY_HEADER = "x-kvmesh-priority"
+H_TIER = "x-kvmesh-tier"
+"""On answers: the tier the request was served in. On forwards: the signed tier and budget."""
 
 SERVICE_TIER = {"priority": INTERACTIVE, "scale": INTERACTIVE, "default": STANDARD,
                 "flex": BATCH, "auto": None}

@@ -51,6 +51,7 @@ from mesh.policies import Policy, Request, make_policy
 from mesh.policies.base import LengthGuess, NoPrefixes, PrefixLookup
 from mesh.policies.cache_aware import ApproxTree
 from mesh.simnet import SimNet
+from mesh.tiers import TierConfig, TierQueue, TierRules
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, Ticket, ViewBuilder
 from sim.des import EventLoop, Timer
 from sim.engine_model import EngineConfig, EngineModel, RequestOutput, StepResult
@@ -105,6 +106,9 @@ class FleetSpec:
     oracle_lengths: bool = False
     """Requests carry their true output length as the prediction (an upper bound on what a
     length predictor can give the policy)."""
+    tiers: TierConfig | None = None
+    """Service tiers: requests get their tier's SLO deadline; the routers' dispatchers keep
+    per-tier queues when ``enabled`` (else one FCFS queue, deadlines only measured)."""
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
@@ -265,13 +269,15 @@ class SimRouter:
             views=self.views,
             local=self.managed.__contains__,
             rng=self.rng,
+            tiers=(TierRules(fleet.spec.tiers) if fleet.spec.tiers is not None
+                   and fleet.spec.tiers.enabled else None),
         )
         self._waiting: dict[Waiter, Flight] = {}
         self._timer: Timer | None = None
         self._kicked = False
 
     @property
-    def queue(self) -> Sequence[Waiter]:
+    def queue(self) -> TierQueue:
         return self.core.queue
 
     @property
@@ -714,6 +720,14 @@ class Fleet:
         self.records.append(rec)
         self.outstanding += 1
         flight = Flight(req, client, rec)
+        tiers = self.spec.tiers
+        tier = req.tier or (tiers.default if tiers is not None else "standard")
+        deadline = math.inf
+        if math.isfinite(req.deadline_s):
+            deadline = now + req.deadline_s
+        elif tiers is not None:
+            deadline = tiers.deadline(tier, now)
+        rec.tier, rec.deadline = tier, deadline
         flight.policy_request = Request(
             request_id=str(req.rid),
             token_ids=req.prompt,
@@ -725,6 +739,8 @@ class Fleet:
             app=req.app,
             predicted=LengthGuess(float(req.output_len), bucket_of(req.output_len))
             if self.spec.oracle_lengths else None,
+            tier=tier,
+            deadline=deadline,
         )
         router = self.entry_router(client)
         flight.entry = router
@@ -738,6 +754,9 @@ class Fleet:
     def route(self, router: SimRouter, flight: Flight, p: Placement, forwarded: bool) -> None:
         """Carry out ``router``'s placement: to an engine, one hop to a router, or back."""
         d, target = p.decision, p.target
+        if target is None and p.outcome == "shed":
+            self._shed(router, flight, d.retry_after)
+            return
         if target is None:
             self.reject(flight, router.region)
             return
@@ -799,8 +818,14 @@ class Fleet:
     def first_token(self, flight: Flight, out: RequestOutput) -> None:
         assert flight.engine is not None
         flight.rec.cached_tokens = out.num_cached_tokens
-        total = sum(d for _, d in self._back_path(flight, flight.engine.region))
+        path = self._back_path(flight, flight.engine.region)
+        total = sum(d for _, d in path)
         flight.rec.first_token = self.loop.now + total
+        entry, preq = flight.entry, flight.policy_request
+        if entry is not None and preq is not None:
+            # The entry router sees the first token when it passes through it.
+            at = self.loop.now + sum(d for _, d in path[:-1])
+            self.loop.at(at, entry.core.observe_first_token, preq, at)
 
     def finished(self, flight: Flight, out: RequestOutput) -> None:
         assert flight.engine is not None
@@ -811,6 +836,16 @@ class Fleet:
             if router is not None:
                 self.loop.at(t, self._release, flight, router, router is learner)
         self.loop.at(t, self._complete, flight, True)
+
+    def _shed(self, router: SimRouter, flight: Flight, retry_after: float) -> None:
+        """A 429 with ``Retry-After``: back to the client, which sends it again then (as an
+        HTTP client honours the header: whole seconds, at least one)."""
+        self.counters.shed += 1
+        flight.rec.sheds += 1
+        back = self.topology.one_way_s(router.region, flight.req.region, self.rng)
+        out = self.topology.one_way_s(flight.req.region, router.region, self.rng)
+        self.loop.after(back + max(1.0, math.ceil(retry_after)) + out, router.receive,
+                        flight, False)
 
     def reject(self, flight: Flight, where: str) -> None:
         """Nothing could serve it: an error travels back to the client."""

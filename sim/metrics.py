@@ -54,6 +54,11 @@ class RequestRecord:
     decided: float | None = None
     first_token: float | None = None
     done: float | None = None
+    tier: str = ""
+    deadline: float = math.inf
+    """The tier's SLO as a virtual time: first token (TTFT tiers) or completion (batch)."""
+    sheds: int = 0
+    """Times a router shed it (429); the client sent it again after ``Retry-After``."""
 
     @property
     def ttft(self) -> float:
@@ -75,6 +80,8 @@ class RunCounters:
     """Decisions that held a request in a router queue (selective pushing)."""
     rejected: int = 0
     """Requests no replica could take (no healthy replica)."""
+    shed: int = 0
+    """429s for a sheddable tier (the client sent the request again)."""
     load_cv_samples: list[float] = field(default_factory=list)
     """Coefficient of variation of outstanding requests across replicas, sampled."""
 

@@ -49,6 +49,10 @@ class SimRequest:
     """The client's cap on the reply (0: none sent); the reply's length is ``output``'s."""
     app: str | None = None
     """Application tag the client sends (``x-kvmesh-app``), None: none."""
+    tier: str = ""
+    """Service tier (``mesh.tiers``); empty: the fleet's default."""
+    deadline_s: float = math.inf
+    """SLO budget from sending, seconds; inf: the tier's configured SLO."""
 
     @property
     def prompt_len(self) -> int:
