@@ -9,7 +9,8 @@ trough) as the interactive tier, plus a steady open-loop batch stream per region
 completion deadline. Fleets are fixed in size for the whole run, so replica-hours are
 replicas x measured window (virtual hours of the compressed day).
 
-Variants, each at several fleet sizes (the sweep finds the smallest meeting the target):
+Variants, each at several fleet sizes, tried smallest first until one meets the target (the
+sweep assumes that a larger fleet of the same kind meets it too; it is not run):
 
 ``siloed``
     Two pools run apart: interactive conversations alone on ``k`` replicas per region, and
@@ -89,11 +90,10 @@ class TierSetup:
     horizon_s: float = 660.0
     warmup_s: float = 60.0
     drain_s: float = 300.0
-    shared_sizes: tuple[int, ...] = (2, 3, 4)
-    """Replicas per region tried for the shared pools."""
-    silo_interactive_sizes: tuple[int, ...] = (2, 3, 4)
-    silo_batch_sizes: tuple[int, ...] = (1, 2, 3)
-    """Batch pool sizes (replicas in all, spread over the regions)."""
+    shared_sizes: tuple[int, ...] = (9, 10, 11, 12)
+    """Replicas in all (spread over the regions) tried for the shared pools."""
+    silo_interactive_sizes: tuple[int, ...] = (7, 8, 9, 10)
+    silo_batch_sizes: tuple[int, ...] = (2, 3, 4)
 
 
 SETUP = TierSetup()
@@ -193,7 +193,8 @@ class Options:
 
 def window(setup: TierSetup, opts: Options) -> Window:
     horizon = opts.horizon_s or setup.horizon_s
-    warmup, drain = setup.warmup_s, setup.drain_s
+    # every batch request sent in the window has until its deadline to finish
+    warmup, drain = setup.warmup_s, max(setup.drain_s, setup.tiers.batch_deadline + 10.0)
     if opts.quick:
         horizon, warmup = horizon / 5, warmup / 5
     return Window(horizon, warmup, drain)
@@ -240,20 +241,22 @@ def run(opts: Options, command: str, setup: TierSetup = SETUP,
     if "siloed" in want:
         best_i: PoolRun | None = None
         for k in silo_i:
-            p = _run_pool(setup, f"silo-interactive-{3 * k}", dict.fromkeys(REGIONS, k),
+            p = _run_pool(setup, f"silo-interactive-{k}", _spread(k),
                           opts.seed, w, tiers_on=False, batch=False, progress=progress)
             ok = _ok(p.interactive_attainment)
             runs.append(_run_result(p, w, "siloed (interactive pool)", ok, {}))
-            if ok and best_i is None:
+            if ok:
                 best_i = p
+                break
         best_b: PoolRun | None = None
         for m in silo_b:
             p = _run_pool(setup, f"silo-batch-{m}", _spread(m), opts.seed, w, tiers_on=False,
                           interactive=False, progress=progress)
             ok = _ok(p.batch_attainment)
             runs.append(_run_result(p, w, "siloed (batch pool)", ok, {}))
-            if ok and best_b is None:
+            if ok:
                 best_b = p
+                break
         best["siloed"] = None if best_i is None or best_b is None else (
             replica_hours(best_i.replicas, w) + replica_hours(best_b.replicas, w),
             f"{best_i.label} + {best_b.label}")
@@ -262,12 +265,13 @@ def run(opts: Options, command: str, setup: TierSetup = SETUP,
             continue
         best[variant] = None
         for k in shared:
-            p = _run_pool(setup, f"{variant}-{3 * k}", dict.fromkeys(REGIONS, k), opts.seed, w,
+            p = _run_pool(setup, f"{variant}-{k}", _spread(k), opts.seed, w,
                           tiers_on=on, progress=progress)
             ok = _ok(p.interactive_attainment) and _ok(p.batch_attainment)
             runs.append(_run_result(p, w, variant, ok, {}))
-            if ok and best[variant] is None:
+            if ok:
                 best[variant] = (replica_hours(p.replicas, w), p.label)
+                break
     notes = [f"- target: interactive TTFT <= {setup.tiers.interactive_ttft:g} s and batch "
              f"completed within {setup.tiers.batch_deadline:g} s, each for >= "
              f"{100 * TARGET:g}% of the requests sent in the window."]
