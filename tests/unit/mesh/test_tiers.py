@@ -331,3 +331,28 @@ def test_tiers_off_is_one_fcfs_queue() -> None:
     p = core.submit(Ask(request(1, BATCH, 0.0)), 0.0)
     assert isinstance(p, Placement) and p.target is not None  # not held: tiers are off
     assert core.shed_check(Ask(request(2, BATCH, 0.0)), 0.0) is None
+
+
+# -- the endpoint picker's side ---------------------------------------------------------------
+def test_picker_reads_tier_names_and_integers_and_sheds_with_retry_after() -> None:
+    from mesh.picker import Body, Headers, ImmediateReply, NeedPick, PickerStream, Refusal
+
+    chat = {":path": "/v1/chat/completions", ":method": "POST"}
+
+    def ask(value: str) -> NeedPick:
+        s = PickerStream()
+        s.feed(Headers("request", {**chat, "x-kvmesh-priority": value}, False, {}))
+        [need] = s.feed(Body("request", b"{}", True))
+        assert isinstance(need, NeedPick)
+        return need
+
+    assert (ask("batch").ask.tier, ask("batch").ask.sheddable) == (BATCH, True)
+    assert (ask("interactive").ask.priority, ask("interactive").ask.sheddable) == (1, False)
+    assert (ask("3").ask.tier, ask("0").ask.tier, ask("-1").ask.tier) == \
+        (INTERACTIVE, STANDARD, BATCH)
+    s = PickerStream()
+    s.feed(Headers("request", chat, False, {}))
+    s.feed(Body("request", b"{}", True))
+    reply, _ = s.decided(Refusal(429, "shed", "shed", 2.2))
+    assert isinstance(reply, ImmediateReply) and reply.status == 429
+    assert ("retry-after", "3") in reply.headers
