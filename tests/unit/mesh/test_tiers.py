@@ -27,7 +27,6 @@ from mesh.tiers import (
     TierQueue,
     TierRules,
     forward_value,
-    parse_body,
     parse_forwarded,
     picker_priority,
     requested_tier,
