@@ -184,7 +184,9 @@ def sageserve_tiers(argv: list[str]) -> int:
         return 2
     out = results_dir(ts.NAME, args.out)
     md = write_report(report, out, plots=not args.no_plots)
-    print(ts.table(report.runs))
+    tiers = ts.table(report.runs)
+    md.write_text(md.read_text() + "\n## Service tiers\n\n" + tiers)
+    print(tiers)
     for line in report.notes:
         print(line)
     print(f"\nwrote {md} and {out / 'results.json'}")
