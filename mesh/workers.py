@@ -128,7 +128,7 @@ def ask_wire(ask: Ask) -> list[Any]:
             [keys.unit, list(keys), chains, list(keys.sizes), keys.lora, keys.unmatched],
             keys.lora_path, keys.salt, given,
             ask.forwarded, ask.pinned, ask.origin, sorted(ask.excluded_replicas),
-            sorted(ask.excluded_regions), ask.attempt]
+            sorted(ask.excluded_regions), ask.attempt, req.tier, req.deadline]
 
 
 def worker_keys(wire: Any, num_tokens: int) -> tuple[SizedKeys, tuple[int, ...], str | None]:
@@ -423,7 +423,8 @@ class WorkerPool:
             slot.abandoned.discard(pid)
             raise ValueError("abandoned")
         (rid, tok, session, max_tokens, arrival, model, sent, lora_path, salt, given,
-         forwarded, pinned, origin, ex_replicas, ex_regions, attempt) = body[1]
+         forwarded, pinned, origin, ex_replicas, ex_regions, attempt, tier,
+         deadline) = body[1]
         ids = tokens_of(tok)
         now = r.clock()
         keys, w_sizes, w_lora = worker_keys(sent, len(ids))
@@ -442,7 +443,8 @@ class WorkerPool:
                 keys = prec.keys_in(ids, model, lora_path, salt, keys.unmatched, now)
                 config = self.key_config()
         req = r.dispatcher.annotate(
-            Request(rid, ids, keys, keys.unit, session, max_tokens, arrival, model))
+            Request(rid, ids, keys, keys.unit, session, max_tokens, arrival, model,
+                    tier=str(tier), deadline=float(deadline)))
         if forwarded and attempt == 1:
             # Each process verified the signature; the replay table is the node's, here.
             wall_ms = r.edge.wall() * 1000

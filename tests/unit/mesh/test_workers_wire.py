@@ -29,11 +29,12 @@ def test_an_ask_crosses_with_its_tokens_keys_namespace_and_filters() -> None:
     ids = [*range(40), 70000, 2**32 - 1]
     sized = sized_request_keys(ids, (8, 16), lora_name="adapter-a", salt="salt")
     keys = WorkerKeys(sized, (8, 16), "adapter-a", "adapter-a", "salt")
-    req = Request("r1", ids, keys, keys.unit, "s", 9, 12.5, "m")
+    req = Request("r1", ids, keys, keys.unit, "s", 9, 12.5, "m", tier="batch", deadline=99.5)
     ask = Ask(req, True, "http://e1", "node-b", frozenset({"x", "a"}), frozenset({"eu"}), 2)
     wire = msgpack.unpackb(msgpack.packb(ask_wire(ask)), strict_map_key=True)
     (rid, tok, session, max_tokens, arrival, model, sent, lora_path, salt, given,
-     forwarded, pinned, origin, ex_r, ex_g, attempt) = wire
+     forwarded, pinned, origin, ex_r, ex_g, attempt, tier, deadline) = wire
+    assert (tier, deadline) == ("batch", 99.5)
     assert list(tokens_of(tok)) == ids
     back, sizes, lora = worker_keys(sent, len(ids))
     assert list(back) == list(sized) and back.unit == 8 and back.by_size == sized.by_size
