@@ -69,11 +69,12 @@ TIERS = TierConfig(
     batch_deadline=600.0,
     promote_before=60.0,
     batch_kv_below=0.5,
-    batch_running_below=math.inf,
+    batch_running_below=10,
 )
 """Interactive: TTFT within 1 s (SageServe's IW-F). Batch: done within one (compressed) day,
 as SageServe's NIW within 24 h; fed to replicas under half KV use, as SageServe's
-``feed_async`` does below 0.5 memory utilisation."""
+``feed_async`` does below 0.5 memory utilisation, and only to replicas running fewer than 10
+sequences (chosen on seed 1 among 2, 6, 10, 16 and unbounded: docs/evaluation.md)."""
 
 
 @dataclass(frozen=True, slots=True)
