@@ -26,6 +26,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "picker": ("bench.picker_bench", "endpoint picker behind Envoy: added TTFT, hit rate vs proxy"),
     "plan-diurnal": ("plan.validate", "sim: capacity plan vs region-local/reactive, 3 seeds"),
     "plan-solver": ("plan.solver_bench", "capacity MILP solve time at 3/10/30 regions"),
+    "region-sweep": ("sim.region_sweep", "3 regions, skewed load, light -> overloaded: mesh vs "
+                     "no peers, processes beside the simulator"),
     "router": ("bench.router_bench", "router decision time, added TTFT and req/s"),
     "sageserve-tiers": ("bench.scenarios:sageserve_tiers",
                         "sim: SageServe tiers, siloed vs shared FCFS vs tiers (replica-hours)"),

@@ -119,6 +119,7 @@ def local_snapshot(src: Source) -> dict[str, Any]:
         silence = {k: round(now - v, 3)
                    for k, v in node.origin_advanced_at("prefix").items()}
     not_ready = src.ready_reason()
+    outcomes = getattr(src, "outcomes", None)  # mesh.outcomes.Outcomes (the router's)
     return {
         "t": round(now, 3),
         "router": {**me, "ready": not_ready is None, "not_ready": not_ready,
@@ -132,6 +133,7 @@ def local_snapshot(src: Source) -> dict[str, Any]:
                    "prefix_silence_s": silence},
         "counters": counters(src.metrics),
         "decisions": src.decision_log.recent(now, 30),
+        "ttft_model": outcomes.status() if outcomes is not None else None,
     }
 
 

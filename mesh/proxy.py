@@ -42,6 +42,8 @@ H_CLIENT_ID = "x-client-request-id"
 PASS_HEADERS = ("authorization", "openai-organization", "openai-project")
 """Client headers passed to a local engine; a hop to another router carries none of them."""
 _HEADER_SAFE = frozenset(range(0x20, 0x7F))
+H_PREDICTED_TTFT = "x-kvmesh-predicted-ttft"
+"""On answers to clients: the TTFT, in seconds from the decision, the cost model predicted."""
 H_PREDICTED = "x-kvmesh-predicted-cached-tokens"
 """On answers from this router's own engines: the cached prompt tokens it predicted there."""
 

@@ -49,12 +49,14 @@ from mesh.engines import EngineMonitor, EngineState
 from mesh.forward_auth import Forward
 from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge, length_metrics
+from mesh.outcomes import outcomes_for
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
 from mesh.precision import Precision
 from mesh.proxy import (
     H_CLIENT_ID,
     H_PREDICTED,
+    H_PREDICTED_TTFT,
     H_REGION,
     H_REPLICA,
     H_ROUTE,
@@ -109,6 +111,9 @@ class Router:
         self.dispatches = Dispatches()
         self.local_engines = {e.url: e for e in config.engines}
         self.precision = Precision(config, self.backend, self._adapters)
+        self.outcomes = outcomes_for(config, self.policy)
+        if isinstance(self.backend, MeshState):
+            self.backend.learned = self.outcomes.published
         self.views = ViewBuilder(
             region=config.region,
             dispatches=self.dispatches,
@@ -117,6 +122,8 @@ class Router:
             prefix=self.precision.lookup,
             static_rtt=config.rtt,
             emulated_rtt=config.emulate_rtt,
+            learned_rtt=self.outcomes.rtt,
+            margins=self.outcomes.margins,
         )
         self.dispatcher = Dispatcher(
             region=config.region,
@@ -148,6 +155,7 @@ class Router:
         """Extra parts of ``/mesh/status`` by name (the endpoint picker's)."""
         self.status_sections["precision"] = self.precision.status
         self.status_sections["tiers"] = self.tier_metrics.status
+        self.status_sections["ttft_model"] = self.outcomes.status
         self.decision_log = DecisionLog()
         self.warmup = warmup.Warmup(self.started_at, config.warm_timeout)
         self.edge = Edge(config, self.tokenizer, from_config=tokenizer is None)
@@ -160,6 +168,7 @@ class Router:
         self.metrics.add_provider(self._state_metrics)
         self.metrics.add_provider(self.precision.metrics)
         self.metrics.add_provider(length_metrics(self.dispatcher.lengths.stats))
+        self.metrics.add_provider(self.outcomes.metrics)
         self.metrics.add_provider(lambda: warmup.metrics(self.warmup))
         self.metrics.add_provider(lambda: mesh_metrics(self.backend))
         self.demand = DemandMeter()
@@ -248,7 +257,8 @@ class Router:
         region = self.config.region
         own = ((url, region, states.get(url), eng.prefill_rate)
                for url, eng in self.local_engines.items())
-        return view_records(own, self.local_engines, self.backend, now)
+        return view_records(own, self.local_engines, self.backend, now,
+                            self.outcomes.published)
 
     def view(self, now: float | None = None) -> View:
         return self.dispatcher.view(self.clock() if now is None else now)
@@ -465,6 +475,8 @@ class Router:
                                        req.predicted.tokens if req.predicted else 0.0)
         if ticket.publish:
             self._publish_soon()
+        # Only a streamed answer's first byte is its first token.
+        pending = self.outcomes.begin(d, req, target.local, ticket.at) if inf.stream else None
         ttfb = self.local_engines[target.replica].first_byte_timeout if target.local else None
         replica = target.replica or region_key(target.region)
         self.edge.outliers.admit(replica, self.clock())
@@ -486,6 +498,8 @@ class Router:
             self.dispatcher.observe_first_token(req, first_byte)
             if not forwarded:  # judged once, by the router the client talks to
                 self.tier_metrics.first_byte(req.tier, first_byte, req.deadline)
+            if pending is not None and up.status < 400:
+                self.outcomes.first_byte(pending, first_byte)
             extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason,
                      H_TIER: req.tier}
             if not target.local:
@@ -501,6 +515,8 @@ class Router:
                 extra[H_CLIENT_ID] = client_id
             if check is not None:
                 extra[H_PREDICTED] = str(check.predicted)
+            if pending is not None and not forwarded:
+                extra[H_PREDICTED_TTFT] = f"{pending.prediction.cost:.6f}"
             resp, _, completed = await relay(request, up, extra,
                                              check.tap if check else None)
             if check is not None:
@@ -689,10 +705,13 @@ class Router:
                 {"replica": r.replica, "region": r.region, "healthy": r.healthy,
                  "waiting": r.waiting, "running": r.running, "kv_usage": r.kv_usage,
                  "age_s": None if r.load_age == float("inf") else round(r.load_age, 3),
-                 "inflight": r.inflight, "fresh": r.fresh}
+                 "inflight": r.inflight, "fresh": r.fresh,
+                 "prefill_rate": r.prefill_rate, "queue_delay": r.queue_delay,
+                 "overhead": r.overhead, "kv_scale": r.kv_scale}
                 for r in view.replicas
             ],
-            "regions": {k: {"rtt_s": v.rtt, "reachable": v.reachable, "queue": v.queue}
+            "regions": {k: {"rtt_s": v.rtt, "reachable": v.reachable, "queue": v.queue,
+                            "margin_s": v.margin}
                         for k, v in view.regions.items()},
         }
         for name, section in self.status_sections.items():

@@ -25,6 +25,7 @@ from crdt.lww_map import LWWMap
 from crdt.prefix_index import PrefixIndex
 from crdt.versions import VersionClock
 from kvevents.sources import EventSource, open_event_source
+from mesh.calibration import Calibrated
 from mesh.config import RouterConfig
 from mesh.engines import EngineState
 from mesh.metrics import gauge
@@ -42,19 +43,30 @@ OwnEngine = tuple[str, str, EngineState | None, float | None]
 """(replica, region, its last probe or None, prefill rate) of an engine this router probes."""
 
 
+def _not_learned(replica: str) -> Calibrated:
+    return Calibrated()
+
+
 def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: MeshBackend,
-                 now: float) -> Iterator[ReplicaRecord]:
+                 now: float, learned: Callable[[str], Calibrated] = _not_learned,
+                 ) -> Iterator[ReplicaRecord]:
     """What a router's view is built from: its own engines as it probes them (no load known
-    yet: not healthy), then every other replica as the replicated state has it."""
+    yet: not healthy) with what this router learned of them, then every other replica as the
+    replicated state has it (its owner's learned figures included)."""
     for url, region, st, rate in own:
         others = backend.others_inflight(url)
+        cal = learned(url)
+        rate = cal.prefill_rate or rate
         if st is None or st.load is None:
-            yield ReplicaRecord(url, region, False, 0, 0, 0, float("inf"), others, rate)
+            yield ReplicaRecord(url, region, False, 0, 0, 0, float("inf"), others, rate,
+                                queue_delay=cal.queue_delay, overhead=cal.overhead or 0.0,
+                                kv_scale=cal.kv_scale)
             continue
         load = st.load
         yield ReplicaRecord(url, region, st.healthy, load.waiting, load.running,
                             load.kv_usage, max(0.0, now - st.measured_at), others, rate,
-                            st.models)
+                            st.models, queue_delay=cal.queue_delay,
+                            overhead=cal.overhead or 0.0, kv_scale=cal.kv_scale)
     for rec in backend.remote_records(now):
         if rec.replica not in own_set:
             yield rec
@@ -166,6 +178,10 @@ class MeshState:
         self._tasks: list[asyncio.Task[None]] = []
         self._queue = 0
         self._models: dict[str, tuple[str, ...]] = {}
+        self._calib_cache: dict[str, tuple[object, Calibrated]] = {}
+        self.learned: Callable[[str], Calibrated] = _not_learned
+        """This router's learned figures of its own engines (``mesh.outcomes``), published
+        in its meta record: the one writer of them."""
         for i, eng in enumerate(config.engines):
             if eng.kv_events is None:
                 continue
@@ -200,7 +216,8 @@ class MeshState:
         sizes = learned_block_sizes(self.subscribers)
         engines = {e.url: {"prefill_rate": e.prefill_rate,
                            "models": list(self._models.get(e.url, ())),
-                           "block_size": sizes.get(e.url)}
+                           "block_size": sizes.get(e.url),
+                           "calib": self.learned(e.url).as_dict()}
                    for e in self.config.engines}
         self.meta.set(self.me, {"region": self.config.region, "addr": self.config.advertise,
                                 "engines": engines, "queue": self._queue},
@@ -225,6 +242,9 @@ class MeshState:
             info = engines.get(replica) if isinstance(engines, dict) else None
             info = info if isinstance(info, dict) else {}
             rate = info.get("prefill_rate")
+            cal = self._calibrated(replica, info.get("calib"))
+            if cal.prefill_rate is not None:
+                rate = cal.prefill_rate
             models = info.get("models")
             live = alive is None or load.reporter in alive
             healthy = load.healthy and load.age <= self.stale_after and live
@@ -237,7 +257,18 @@ class MeshState:
                 tuple(m for m in models if isinstance(m, str)) if isinstance(models, list)
                 else (),
                 owner, self.loads.inflight_age(load.reporter, now),
+                cal.queue_delay, cal.overhead or 0.0, cal.kv_scale,
             )
+
+    def _calibrated(self, replica: str, raw: object) -> Calibrated:
+        """A remote replica's learned figures, parsed once per meta update (this runs per
+        replica on every view)."""
+        hit = self._calib_cache.get(replica)
+        if hit is not None and hit[0] is raw:
+            return hit[1]
+        cal = Calibrated.from_dict(raw)
+        self._calib_cache[replica] = (raw, cal)
+        return cal
 
     def _alive_routers(self) -> set[str] | None:
         if self.node is None:

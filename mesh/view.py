@@ -51,6 +51,12 @@ class ReplicaRecord(NamedTuple):
     inflight_age: float = float("inf")
     """Age of the owner's published in-flight counts: this router's forwards to the replica
     sent before then are in ``others_inflight`` already (inf: assume none are)."""
+    queue_delay: float | None = None
+    """Learned delay per waiting request, published by the replica's owner."""
+    overhead: float = 0.0
+    """Learned fixed first-token overhead, published by the replica's owner."""
+    kv_scale: float | None = None
+    """Learned share of the KV-barrier term, published by the replica's owner."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +173,10 @@ class ViewBuilder:
     """Round trip the forwarding client adds in user space (demo), on top of the measured."""
     default_rtt: float = 0.1
     """Round trip assumed for a region with routers but neither a measurement nor a setting."""
+    learned_rtt: Mapping[str, float] = field(default_factory=dict)
+    """Forward round trips learned from outcomes (``mesh.outcomes``): replace the rest."""
+    margins: Mapping[str, float] = field(default_factory=dict)
+    """Measured forwarding error band per region (``mesh.outcomes``)."""
 
     def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0,
               model: str | None = None, mean_output_tokens: float = 256.0) -> View:
@@ -194,7 +204,8 @@ class ViewBuilder:
             replicas.append(ReplicaView(
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
-                rec.prefill_rate, rec.owner, work(rec.replica, 0.0),
+                rec.prefill_rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay,
+                rec.overhead, rec.kv_scale,
             ))
         regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
         for name in freshest.keys() | known.keys():
@@ -208,6 +219,7 @@ class ViewBuilder:
                 queue=info.queue if info is not None else 0,
                 pushed=fresh(region_key(name), now - freshest.get(name, 0.0)),
                 routers=info.routers if info is not None else (),
+                margin=self.margins.get(name),
             )
         return View(
             region=self.region,
@@ -220,6 +232,9 @@ class ViewBuilder:
         )
 
     def rtt(self, region: str, info: RegionRecord | None) -> float:
+        learned = self.learned_rtt.get(region)
+        if learned is not None:
+            return learned
         if info is not None and info.rtt is not None:
             base = info.rtt
         else:

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,10 @@ class EmulatedVariant:
     reference: str | None = None
     """Label of the scenario variant this stands for (simulated as defined, for reference)."""
     note: str = ""
+    peers: bool = True
+    """False: every router alone with its region's engines (no mesh)."""
+    set_prefill_rate: bool = True
+    """False: routers are not told the engines' prefill rate (default config: learned)."""
 
     @property
     def layout(self) -> str:
@@ -370,6 +374,7 @@ def simulate_matched(scaled: Scaled, v: EmulatedVariant) -> SimulatedRun:
     """The simulator running what the processes run: mesh plane, KV-event prefixes, one router
     per region, clients entering where the emulation's clients enter."""
     spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
+    spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate)
     fleet = ObservedFleet(spec, v.entry)
     return _run_fleet(
         scaled,
@@ -483,11 +488,14 @@ async def emulate_variant(
     scaled: Scaled,
     v: EmulatedVariant,
     log: Callable[[str], None],
+    before_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> EmulatedRun:
-    """Fresh routers with ``v``'s policy over cold engines, the workload, then stop them."""
+    """Fresh routers with ``v``'s policy over cold engines, the workload, then stop them
+    (``before_stop`` runs while they still answer: reading their status, say)."""
     plan = scaled.plan
     await mesh.reset_engines(session)
-    await mesh.start_routers(session, v.policy, v.params, v.label)
+    await mesh.start_routers(session, v.policy, v.params, v.label, peers=v.peers,
+                             set_prefill_rate=v.set_prefill_rate)
     gateways_before = list(mesh.gateways)
     try:
         workload = scaled.workload()
@@ -523,6 +531,8 @@ async def emulate_variant(
         )
         waits = await mesh.router_metric(session, "kvmesh_router_decisions_total", 'outcome="wait"')
         decisions = await mesh.router_metric(session, "kvmesh_router_decisions_total")
+        if before_stop is not None:
+            await before_stop()
     finally:
         await mesh.stop_routers()
         for gw in [g for g in mesh.gateways if g not in gateways_before]:

@@ -47,7 +47,8 @@ from kvevents.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvevents.keys import EngineKeyMap, request_keys
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.lengths import LengthPredictor, bucket_of
-from mesh.policies import Policy, Request, make_policy
+from mesh.outcomes import Outcomes, Pending, policy_rate
+from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import LengthGuess, NoPrefixes, PrefixLookup
 from mesh.policies.cache_aware import ApproxTree
 from mesh.simnet import SimNet
@@ -109,6 +110,9 @@ class FleetSpec:
     tiers: TierConfig | None = None
     """Service tiers: requests get their tier's SLO deadline; the routers' dispatchers keep
     per-tier queues when ``enabled`` (else one FCFS queue, deadlines only measured)."""
+    configured_rate: bool = True
+    """Routers are told each engine's true prefill rate; False: left to the policy's default
+    and to calibration (as a deployment that sets no ``prefill_rate``)."""
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
@@ -154,6 +158,7 @@ class Flight:
         "client",
         "engine",
         "entry",
+        "entry_pending",
         "entry_ticket",
         "forwarded",
         "pinned",
@@ -162,6 +167,7 @@ class Flight:
         "req",
         "target",
         "via",
+        "via_pending",
         "via_ticket",
     )
 
@@ -175,6 +181,9 @@ class Flight:
         self.engine: SimEngine | None = None
         self.entry_ticket: Ticket | None = None
         self.via_ticket: Ticket | None = None
+        self.entry_pending: Pending | None = None
+        self.via_pending: Pending | None = None
+        """Predictions awaiting the first token, at the entry and the serving router."""
         self.forwarded = False
         self.pinned: str | None = None
         self.target: str | None = None
@@ -256,12 +265,16 @@ class SimRouter:
         self.policy: Policy = make_policy(fleet.spec.policy, fleet.spec.policy_params)
         self.rng = random.Random(f"{fleet.spec.seed}/router/{router_id}")
         self.dispatches = Dispatches()
+        rate = fleet.configured_rate
+        self.outcomes = Outcomes(region, policy_rate(self.policy), lambda replica: rate)
         self.views: ViewBuilder = ViewBuilder(
             region=region,
             dispatches=self.dispatches,
             records=lambda now: fleet.live_records(self, now),
             regions=lambda now: fleet.plane.regions(self, now),
             prefix=NoPrefixes(),
+            learned_rtt=self.outcomes.rtt,
+            margins=self.outcomes.margins,
         )
         self.core = Dispatcher(
             region=region,
@@ -510,7 +523,7 @@ class ProbePlane:
 
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
         own = self._own[router.id]
-        rate = self.fleet.prefill_rate
+        rate = self.fleet.configured_rate
         for replica, e in router.managed.items():
             p = own.get(replica)
             if p is None:
@@ -592,7 +605,7 @@ class OraclePlane:
             router.views.prefix = self.index
 
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
-        rate = self.fleet.prefill_rate
+        rate = self.fleet.configured_rate
         local = self.fleet.spec.region_local
         bound = self.fleet.bound
         for e in self.fleet.engine_list:
@@ -649,6 +662,8 @@ class Fleet:
         self.rng = random.Random(f"{spec.seed}/network")
         self.counters = RunCounters()
         self.prefill_rate = 1024 / spec.profile.prefill_time(1024)
+        self.configured_rate: float | None = self.prefill_rate if spec.configured_rate else None
+        """The prefill rate routers are configured with (None: not set)."""
         self.engines: dict[str, SimEngine] = {}
         self.by_region: dict[str, list[SimEngine]] = {}
         for region in sorted(spec.replicas):
@@ -761,7 +776,7 @@ class Fleet:
             self.reject(flight, router.region)
             return
         if target.local:
-            self.dispatch(router, flight, target, forwarded)
+            self.dispatch(router, flight, target, forwarded, d)
             return
         peer = self.router_at.get(target.url)
         if peer is None or forwarded:
@@ -772,6 +787,10 @@ class Fleet:
         now = self.loop.now
         flight.entry_ticket = router.core.start(target, flight.req.prompt_len, now,
                                                 _work(flight))
+        assert flight.policy_request is not None
+        flight.entry_pending = router.outcomes.begin(d, flight.policy_request, False, now)
+        if flight.entry_pending is not None:
+            flight.rec.predicted_ttft = flight.entry_pending.prediction.cost
         self.plane.on_routed(router, flight, d.replica or f"@{target.region}", target.region)
         flight.via = peer
         flight.forwarded = True
@@ -781,17 +800,25 @@ class Fleet:
         self.loop.after(delay, peer.receive, flight, True)
 
     def dispatch(
-        self, router: SimRouter, flight: Flight, target: Target, forwarded: bool
+        self, router: SimRouter, flight: Flight, target: Target, forwarded: bool,
+        d: Decision | None = None,
     ) -> None:
         engine = self.engines[target.replica]
         ticket = router.core.start(
             Target(engine.replica, engine.replica, engine.region, True),
             flight.req.prompt_len, self.loop.now, _work(flight),
         )
+        pending = None
+        if d is not None and flight.policy_request is not None:
+            pending = router.outcomes.begin(d, flight.policy_request, True, self.loop.now)
         if forwarded:
             flight.via_ticket = ticket
+            flight.via_pending = pending
         else:
             flight.entry_ticket = ticket
+            flight.entry_pending = pending
+            if pending is not None:
+                flight.rec.predicted_ttft = pending.prediction.cost
         self.plane.on_routed(router, flight, engine.replica, engine.region)
         self._bind(flight, engine.replica)
         flight.rec.replica = engine.replica
@@ -819,8 +846,16 @@ class Fleet:
         assert flight.engine is not None
         flight.rec.cached_tokens = out.num_cached_tokens
         path = self._back_path(flight, flight.engine.region)
-        total = sum(d for _, d in path)
-        flight.rec.first_token = self.loop.now + total
+        t = self.loop.now
+        for router, delay in path:
+            t += delay
+            if router is None:
+                continue
+            pending = flight.via_pending if router is flight.via else flight.entry_pending
+            if pending is not None:
+                # The first token reaches this router at t: the outcome it learns from.
+                self.loop.at(t, router.outcomes.first_byte, pending, t)
+        flight.rec.first_token = t
         entry, preq = flight.entry, flight.policy_request
         if entry is not None and preq is not None:
             # The entry router sees the first token when it passes through it.

@@ -18,6 +18,7 @@ engine's cache as the simulated one does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -212,6 +213,9 @@ class LoadGenerator:
             rec.replica = self.replica_names.get(obs.replica_url, obs.replica_url)
             rec.replica_region = resp.headers.get("x-kvmesh-region", "")
             rec.forwards = 1 if "| via " in obs.route else 0
+            predicted = resp.headers.get("x-kvmesh-predicted-ttft")
+            with contextlib.suppress(ValueError):
+                rec.predicted_ttft = float(predicted) if predicted else None
             if resp.status != 200:
                 text = (await resp.text())[:300]
                 obs.error = f"HTTP {resp.status}: {text}"

@@ -235,9 +235,14 @@ class LocalMesh:
         policy: str,
         params: Mapping[str, object],
         label: str,
+        *,
+        peers: bool = True,
+        set_prefill_rate: bool = True,
     ) -> None:
-        """One router per region of the fleet, all peers of each other, then wait until every
-        router sees every replica healthy."""
+        """One router per region of the fleet, all peers of each other (``peers``; else each
+        alone with its region's engines), then wait until every router sees every replica it
+        can use healthy. ``set_prefill_rate`` False leaves the engines' rates to the policy's
+        default and to calibration."""
         spec = self.spec
         ports = free_ports(len(spec.regions))
         self.router_urls = {
@@ -255,12 +260,12 @@ class LocalMesh:
                         "url": e.url,
                         "kv_events": e.kv_events,
                         "replay": e.replay,
-                        "prefill_rate": rate,
+                        **({"prefill_rate": rate} if set_prefill_rate else {}),
                     }
                     for e in self.engines
                     if e.region == region
                 ],
-                "peers": list(self.router_urls.values()),
+                "peers": list(self.router_urls.values()) if peers else [],
                 "mesh_key": self.mesh_key,
                 "policy": policy,
                 "policy_params": dict(params),
@@ -281,17 +286,19 @@ class LocalMesh:
         await asyncio.gather(
             *(wait_http(session, f"{self.router_urls[r]}/health", p) for r, p in procs.items())
         )
-        if not await self.wait_converged(session):
+        if not await self.wait_converged(session, alone=not peers):
             raise RuntimeError(
                 f"routers did not all see every replica healthy within 30 s; logs in {self.workdir}"
             )
 
-    async def wait_converged(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> bool:
-        want = len(self.engines)
+    async def wait_converged(self, session: aiohttp.ClientSession, timeout: float = 30.0,
+                             alone: bool = False) -> bool:
+        """Every router sees every replica healthy (``alone``: its own region's)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            seen = []
-            for url in self.router_urls.values():
+            seen, wants = [], []
+            for region, url in self.router_urls.items():
+                wants.append(sum(1 for e in self.engines if not alone or e.region == region))
                 try:
                     async with session.get(f"{url}/mesh/status") as resp:
                         status = await resp.json(content_type=None)
@@ -300,7 +307,7 @@ class LocalMesh:
                 routing = status.get("routing", {}) if isinstance(status, dict) else {}
                 reps = routing.get("replicas", []) if isinstance(routing, dict) else []
                 seen.append(sum(1 for r in reps if r.get("healthy")))
-            if seen and all(n >= want for n in seen):
+            if seen and all(n >= w for n, w in zip(seen, wants, strict=True)):
                 return True
             await asyncio.sleep(0.1)
         return False

@@ -112,6 +112,7 @@ class MeshPlane:
         clock = self._clock
         for router in fleet.routers:
             rm = _RouterMesh(MeshState(self._config(router), clock=clock))
+            rm.state.learned = router.outcomes.published
             rm.state.versions = VersionClock(GENERATION)
             rm.state._write_meta(loop.now)
             if len(peers) > 1:
@@ -141,7 +142,7 @@ class MeshPlane:
         self._arm()
 
     def _config(self, router: SimRouter) -> RouterConfig:
-        rate = self.fleet.prefill_rate
+        rate = self.fleet.configured_rate
         return RouterConfig(
             region=router.region,
             node_id=router.id,
@@ -244,9 +245,9 @@ class MeshPlane:
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
         """The router's own (``mesh.state.view_records``, as ``mesh.router.Router`` does)."""
         rm = self._routers[router.id]
-        rate = self.fleet.prefill_rate
+        rate = self.fleet.configured_rate
         own = ((r, e.region, rm.local.get(r), rate) for r, e in router.managed.items())
-        return view_records(own, router.managed, rm.state, now)
+        return view_records(own, router.managed, rm.state, now, router.outcomes.published)
 
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
         """``MeshState.regions``, plus the regions of engines this router reaches directly.

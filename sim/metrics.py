@@ -52,6 +52,8 @@ class RequestRecord:
     staleness: float | None = None
     """Age of the load figure the deciding router had for the chosen replica."""
     decided: float | None = None
+    predicted_ttft: float | None = None
+    """TTFT the deciding router's cost model predicted for the placement (None: none)."""
     first_token: float | None = None
     done: float | None = None
     tier: str = ""
@@ -115,6 +117,11 @@ class Summary:
     per_region_ttft_p90: dict[str, float]
     e2e_mean: float = math.nan
     """Mean end-to-end latency of the measured requests that finished."""
+    ttft_error_local: float = math.nan
+    """Median |TTFT - predicted| / TTFT of requests served in the deciding router's region
+    (those whose router predicted one; ``mesh.ttft_error``)."""
+    ttft_error_forwarded: float = math.nan
+    """The same, of requests forwarded to another region."""
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
@@ -183,7 +190,16 @@ def summarize(
             reg: percentile([r.ttft for r in measured if r.region == reg], 90) for reg in regions
         },
         e2e_mean=statistics.fmean(finite_e2e) if finite_e2e else math.nan,
+        ttft_error_local=_prediction_error(measured, forwarded=False),
+        ttft_error_forwarded=_prediction_error(measured, forwarded=True),
     )
+
+
+def _prediction_error(records: Sequence[RequestRecord], forwarded: bool) -> float:
+    errs = [abs(r.ttft - r.predicted_ttft) / r.ttft for r in records
+            if r.predicted_ttft is not None and r.first_token is not None and r.ttft > 0
+            and (r.forwards > 0) == forwarded]
+    return statistics.median(errs) if errs else math.nan
 
 
 def cdf_points(values: Sequence[float], points: int = 200) -> tuple[list[float], list[float]]:

@@ -56,8 +56,8 @@ def markdown_table(runs: Sequence[RunResult]) -> str:
     head = (
         "| variant | req/s | out tok/s | TTFT p50 (s) | TTFT p90 (s) | TTFT p99 (s) | "
         "E2E p50 (s) | E2E p90 (s) | prefix hit | cross-region | fwd | gossip KB/s | "
-        "stale p90 (s) | unfinished |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "stale p90 (s) | unfinished | TTFT pred. error local / fwd |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for run in runs:
@@ -67,7 +67,8 @@ def markdown_table(runs: Sequence[RunResult]) -> str:
             f"{_fmt_s(s.ttft_p50)} | {_fmt_s(s.ttft_p90)} | {_fmt_s(s.ttft_p99)} | "
             f"{_fmt_s(s.e2e_p50)} | {_fmt_s(s.e2e_p90)} | {_fmt_pct(s.hit_rate)} | "
             f"{_fmt_pct(s.cross_region_share)} | {s.router_forwards} | "
-            f"{s.gossip_bytes_per_s / 1024:.1f} | {_fmt_s(s.staleness_p90)} | {s.unfinished} |"
+            f"{s.gossip_bytes_per_s / 1024:.1f} | {_fmt_s(s.staleness_p90)} | {s.unfinished} | "
+            f"{_fmt_pct(s.ttft_error_local)} / {_fmt_pct(s.ttft_error_forwarded)} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -58,6 +58,17 @@ GORGO_TOPOLOGY = Topology.build(
 """GORGO's measured RTTs from its Ashburn proxy: US-East 26-40 ms (taken for every in-region
 hop), Frankfurt 90-130 ms, Seoul 260-466 ms. Frankfurt-Seoul is not reported: assumed."""
 
+SKEW_TOPOLOGY = Topology.build(
+    REGIONS,
+    {("us", "eu"): (78, 82), ("us", "asia"): (148, 152), ("eu", "asia"): (198, 202)},
+    intra_ms=(1, 2),
+)
+"""Round trips of 80 / 150 / 200 ms between us, eu and asia (the region-skew sweep)."""
+SKEW_CLIENTS = {"us": 32, "eu": 6, "asia": 3}
+"""Chat users per region, skewed towards us."""
+SKEW_THINK_S = 2.0
+"""Mean pause between a reply and the user's next turn (profile seconds)."""
+
 GLOBAL_US = RouterLayout(global_region="us")
 PER_REGION = RouterLayout(per_region=1)
 
@@ -176,6 +187,20 @@ def _mixed_tree(seed: int, horizon: float) -> Workload:
         horizon_s=horizon,
         profiles={"us": MIXED_TREE_US},
     )
+
+
+def skew_clients(load: float) -> dict[str, int]:
+    """Users per region at ``load`` times the 32 / 6 / 3 base (at least one per region)."""
+    return {r: max(1, round(n * load)) for r, n in SKEW_CLIENTS.items()}
+
+
+def region_skew_workload(seed: int, horizon: float, load: float = 1.0,
+                         speedup: float = 1.0) -> Workload:
+    """Multi-turn chat, users skewed 32 / 6 / 3 to us (times ``load``), thinking between
+    turns; time constants divided by ``speedup`` (engines that much faster)."""
+    profile = replace(ARENA, think_time_s=SKEW_THINK_S / speedup,
+                      start_spread_s=ARENA.start_spread_s / speedup)
+    return chat_workload(profile, skew_clients(load), seed=seed, horizon_s=horizon)
 
 
 def _skewed_arena(seed: int, horizon: float) -> Workload:
@@ -381,6 +406,31 @@ def _scenarios() -> dict[str, Scenario]:
                 ORACLE,
             ),
             horizon_s=300.0,
+            warmup_s=60.0,
+            drain_s=60.0,
+        ),
+        Scenario(
+            "region-skew",
+            "Region skew: chat users 32 / 6 / 3 to us, 2 L4 engines per region, 80/150/200 ms",
+            "Forwarding that must pay for itself: the home region (us) carries most users; "
+            "the mesh may send requests one round trip away, region-local routers may not. "
+            "kvmesh with and without peers, and single-region policies per region. The sweep "
+            "over load is `kvmesh bench region-sweep` (processes and simulator side by side, "
+            "no router told its engines' prefill rate: learned online).",
+            SKEW_TOPOLOGY,
+            {"us": 2, "eu": 2, "asia": 2},
+            L4_LLAMA_3_1_8B,
+            region_skew_workload,
+            (
+                Variant("kvmesh", "kvmesh", "mesh", "events", PER_REGION),
+                Variant("kvmesh-no-peers", "kvmesh", "mesh", "events", PER_REGION,
+                        region_local=True),
+                Variant("precise_prefix-local", "precise_prefix", "mesh", "events", PER_REGION,
+                        region_local=True),
+                Variant("least_load-local", "least_load", "mesh", "events", PER_REGION,
+                        region_local=True),
+            ),
+            horizon_s=120.0,
             warmup_s=60.0,
             drain_s=60.0,
         ),

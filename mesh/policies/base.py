@@ -100,6 +100,12 @@ class ReplicaView(NamedTuple):
     work: float = 0.0
     """Predicted output tokens of this router's own requests in flight to the replica (their
     decode work, not reduced as they progress)."""
+    queue_delay: float | None = None
+    """Learned seconds of delay per waiting request (None: priced from prompt size and rate)."""
+    overhead: float = 0.0
+    """Learned fixed cost of a first token beyond the model's parts, seconds."""
+    kv_scale: float | None = None
+    """Learned share of the model's KV-barrier term the engine really shows (None: all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +122,9 @@ class RegionView:
     """This router's region-level pushes into it that its load records cannot show yet."""
     routers: tuple[str, ...] = ()
     """Addresses of the region's live routers (where a region-level forward goes)."""
+    margin: float | None = None
+    """Predicted saving a forward into the region must exceed: the measured error band of
+    forwards there (None: not measured yet, the policy's prior applies)."""
 
 
 class PrefixLookup(Protocol):

@@ -48,6 +48,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from mesh.policies import risk
 from mesh.policies.base import (
     Decision,
     Load,
@@ -85,6 +86,10 @@ class TtftParams:
     """Weight of the delay a newcomer causes the replica's running decodes (``e2e``)."""
     objective: str = "ttft"
     """``ttft`` or ``e2e``: what requests that do not name an objective minimise."""
+    calibrated: bool = True
+    """Apply learned corrections and the forwarding band (``mesh.policies.risk``)."""
+    prior_band: float = 0.25
+    """Forwarding band before any forward was measured, as a fraction of its prediction."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -174,6 +179,12 @@ class ExpectedTtft:
         # this loop runs for every replica of the mesh on every request); the explained
         # ``Scored`` rows are built only for the winner and the best few.
         costs = _costs(request, reps, view, matches, p)
+        predicted = costs
+        if p.calibrated:
+            # Learned corrections, then the forwarding premium (mesh/policies/risk.py).
+            predicted, costs = risk.corrected(costs, reps, view, p.prefill_rate,
+                                              p.load_half_life, p.prior_band, p.kv_weight,
+                                              p.kv_cap)
         best = min(costs)
         band = max(p.tie_abs, p.tie_rel * best)
         limit = best + band
@@ -182,14 +193,21 @@ class ExpectedTtft:
         pick = reps[chosen]
         matched = matches.get(pick.replica, 0)
         shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)
+        if chosen not in shortlist:
+            shortlist[-1] = chosen
+        scored = [expected_ttft(request, reps[i], view, matches.get(reps[i].replica, 0), p)
+                  for i in shortlist]
+        if p.calibrated:
+            home = risk.home_best(predicted, reps, view.region)
+            scored = [risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
+                                   p.load_half_life, risk.barrier(reps[i], p.kv_weight, p.kv_cap))
+                      for s, i in zip(scored, shortlist, strict=True)]
         return Decision(
             pick.replica, pick.region,
             f"kvmesh {objective_of(request, p)}={costs[chosen] * 1000:.1f}ms "
             f"prefix={matched}/{len(request.keys)} ties={len(ties)}",
             self.name, matched_blocks=matched, total_blocks=len(request.keys),
-            candidates=tuple(
-                expected_ttft(request, reps[i], view, matches.get(reps[i].replica, 0), p)
-                for i in shortlist),
+            candidates=tuple(scored),
         )
 
 

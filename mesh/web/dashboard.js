@@ -119,6 +119,7 @@ function render(doc) {
   renderRegions(doc);
   renderRtt(doc);
   renderGossip(doc);
+  renderTtftModel(doc);
   renderDecisions(doc);
   renderLegend(doc);
   for (const c of document.querySelectorAll("canvas[data-chart]")) drawChart(c, c.dataset.chart);
@@ -214,6 +215,27 @@ function renderGossip(doc) {
       el("td", {}, silences.length ? `${fmt(Math.max(...silences), 1)} s` : "–"));
   });
   document.getElementById("gossip").replaceChildren(head, ...rows);
+}
+
+function renderTtftModel(doc) {
+  // Per router and region pair: median |observed - predicted| / observed, bias, forwards lost.
+  const head = el("tr", {}, ["router", "route", "n", "median error", "bias", "lost", "band"].map(h => el("th", {}, h)));
+  const rows = [];
+  for (const s of doc.routers) {
+    const m = s.ttft_model;
+    if (!m) continue;
+    const bands = m.errors.bands_s || {};
+    for (const [pair, w] of Object.entries(m.errors.pairs || {})) {
+      const to = pair.split("->")[1];
+      rows.push(el("tr", { "data-ttft": `${s.router.node_id}:${pair}` }, el("td", {}, s.router.node_id), el("td", {}, pair),
+        el("td", {}, `${w.count}`),
+        el("td", {}, w.median_abs_rel_error === null ? "–" : `${fmt(100 * w.median_abs_rel_error, 0)}%`),
+        el("td", {}, w.bias === null ? "–" : `${fmt(100 * w.bias, 0)}%`),
+        el("td", {}, w.lost === undefined ? "–" : `${w.lost}`),
+        el("td", {}, bands[to] === undefined ? "–" : `${fmt(1000 * bands[to], 0)} ms`)));
+    }
+  }
+  document.getElementById("ttft-model").replaceChildren(head, ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: 7, class: "muted" }, "no outcomes yet"))]));
 }
 
 function renderDecisions(doc) {

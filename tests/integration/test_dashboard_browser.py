@@ -79,7 +79,7 @@ async def traffic(routers: list[str], stop: asyncio.Event, limit: int = 400) -> 
             prompt = rng.choice(prefixes) + f"question {rng.randrange(1000)}"
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 await chat(s, rng.choice(routers), [{"role": "user", "content": prompt}],
-                           max_tokens=4)
+                           max_tokens=4, stream=True)
             sent += 1
             await asyncio.sleep(0.1)
     return sent
@@ -119,6 +119,10 @@ async def test_dashboard_shows_a_live_three_region_mesh(procs: Procs) -> None:
             await page.wait_for_function(
                 "[...document.querySelectorAll('td.blocks')]"
                 ".some(td => Number(td.textContent) > 0)",
+                timeout=20_000)
+            # Predicted vs observed TTFT of the streamed answers, per router and route.
+            await page.wait_for_function(
+                "document.querySelectorAll('#ttft-model tr[data-ttft]').length >= 1",
                 timeout=20_000)
             rtt = await page.locator('[data-rtt="us:eu"]').inner_text()
             assert float(rtt) > 0

@@ -1,0 +1,281 @@
+"""Online calibration of the cost model's inputs from the TTFTs the router observes.
+
+The expected-TTFT model prices a replica with a prefill rate, a queueing delay per waiting
+request and a round trip per region; configured values are guesses (one default rate for
+every engine). Here they are learned from outcomes, per replica this router owns and per
+region it forwards into:
+
+- **prefill rate** (tokens/s) from local requests that found no queue: the slope of observed
+  time against uncached tokens (a Theil-Sen fit, so additive terms and outliers do not
+  bias it);
+- **queue delay per waiting request, KV-barrier scale and overhead**: from every request,
+  ``observed - prefill - interference = overhead + kv_scale * barrier + queue_delay *
+  waiting``, fitted one Theil-Sen slope at a time (each against the residual of the other),
+  the overhead being the median residual: the delay a waiting request really adds, how much
+  of the model's barrier for a nearly full KV cache the engine really shows in a TTFT, and
+  what a first token costs beyond the model's parts (HTTP, step overheads);
+- **forward round trip** per region, from forwards: the observed TTFT less the model's
+  engine-side parts. Membership probes (and configured/emulated delays) are its prior.
+
+Every estimate is a :class:`BoundedMedian`: the median of a window of samples (one outlier
+moves nothing), re-published every few samples and never more than a bounded step from the
+last published value; until enough samples are in, the prior (configuration) stands.
+
+The replica figures are facts with one writer: the router that owns the engine learns them
+and publishes them in its replicated meta record (``mesh.state``), so every router prices
+that replica the same way. Sans-I/O: samples come in with their numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mesh.ttft_error import Prediction
+
+WINDOW = 64
+"""Samples per estimate (the newest)."""
+MIN_SAMPLES = 8
+"""Samples before an estimate replaces its prior."""
+EVERY = 4
+"""Samples between re-publications."""
+MAX_STEP = 0.5
+"""A published value moves by at most this fraction of itself per re-publication..."""
+MIN_STEP_S = 0.01
+"""...or, for a figure in seconds, by this much (values near zero must be able to move)."""
+PAIRS = 48
+"""(tokens, seconds) points kept per replica for the rate fit."""
+MIN_SPREAD_TOKENS = 64
+"""Two points closer than this in uncached tokens say nothing about the slope."""
+MIN_SPREAD_BARRIER = 0.005
+"""Two points closer than this in barrier seconds say nothing about its scale."""
+MIN_SPREAD_WAITING = 1.0
+"""Two points closer than this in estimated waiting requests say nothing about its delay."""
+IDLE_WAITING = 0.5
+"""Estimated waiting requests below which a request found no queue."""
+
+
+@dataclass(slots=True)
+class BoundedMedian:
+    """A robust, rate-limited estimate: the median of recent samples, stepped towards."""
+
+    prior: float | None = None
+    lo: float = 0.0
+    hi: float = math.inf
+    min_step: float = 0.0
+    """The smallest bound on a step, in the figure's unit (see ``MAX_STEP``)."""
+    jump_first: bool = False
+    """The first published value is the samples' own estimate, not a step from the prior
+    (for direct measurements whose prior is a placeholder, e.g. an overhead of 0)."""
+    value: float | None = None
+    """The published value (None: not enough samples yet, the prior stands)."""
+    samples: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    _since: int = 0
+
+    def add(self, x: float) -> bool:
+        """One sample; True when the published value changed."""
+        if not math.isfinite(x):
+            return False
+        self.samples.append(min(max(x, self.lo), self.hi))
+        self._since += 1
+        if len(self.samples) < MIN_SAMPLES or self._since < EVERY:
+            return False
+        self._since = 0
+        return self.step_to(statistics.median(self.samples))
+
+    def step_to(self, target: float) -> bool:
+        """Publish a bounded step from the current value towards ``target``; True if it
+        changed. (Estimates fitted elsewhere, e.g. a line's slope, publish through this.)"""
+        base = self.value if self.value is not None else self.prior
+        if base is None or (self.value is None and self.jump_first):
+            new = target
+        else:
+            step = max(self.min_step, MAX_STEP * abs(base))
+            new = min(max(target, base - step), base + step)
+        new = min(max(new, self.lo), self.hi)
+        changed = new != self.value
+        self.value = new
+        return changed
+
+    @property
+    def current(self) -> float | None:
+        return self.value if self.value is not None else self.prior
+
+
+@dataclass(frozen=True, slots=True)
+class Calibrated:
+    """What one replica's owner publishes about it (None: not learned yet)."""
+
+    prefill_rate: float | None = None
+    queue_delay: float | None = None
+    overhead: float | None = None
+    kv_scale: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        out = {}
+        for k in ("prefill_rate", "queue_delay", "overhead", "kv_scale"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = round(v, 6)
+        return out
+
+    @staticmethod
+    def from_dict(value: object) -> Calibrated:
+        """From a replicated meta entry; anything malformed is ignored (not learned)."""
+        if not isinstance(value, dict):
+            return Calibrated()
+
+        def num(k: str, lo: float, hi: float) -> float | None:
+            v = value.get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool) and lo <= v <= hi:
+                return float(v)
+            return None
+
+        return Calibrated(num("prefill_rate", 1.0, 1e9), num("queue_delay", 0.0, 600.0),
+                          num("overhead", 0.0, 60.0), num("kv_scale", 0.0, 2.0))
+
+
+def theil_sen_slope(points: Sequence[tuple[float, float]], min_dx: float) -> float | None:
+    """The median slope over every pair of points at least ``min_dx`` apart in x: a line's
+    slope that one bad point in three cannot move (None: no such pair)."""
+    slopes = [(y2 - y1) / (x2 - x1)
+              for i, (x1, y1) in enumerate(points) for x2, y2 in points[i + 1:]
+              if abs(x2 - x1) >= min_dx]
+    return statistics.median(slopes) if slopes else None
+
+
+def intercept(points: Sequence[tuple[float, float]], slope: float) -> float:
+    return statistics.median(y - slope * x for x, y in points)
+
+
+@dataclass(slots=True)
+class ReplicaModel:
+    prefill_rate: BoundedMedian
+    """Published rate: 1 / the Theil-Sen slope of ``idle``."""
+    idle: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
+    """(uncached tokens, observed seconds) of requests that found no queue."""
+    rest: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
+    """(estimated waiting, the model's KV-barrier seconds, observed seconds less prefill and
+    decode interference) of every request: ``y = overhead + kv_scale * barrier +
+    queue_delay * waiting``, fitted one slope at a time (each a Theil-Sen slope of the
+    residual of the other, so an intercept or an outlier biases neither)."""
+    kv_scale: BoundedMedian = field(
+        default_factory=lambda: BoundedMedian(1.0, 0.0, 2.0, 0.25))
+    overhead: BoundedMedian = field(
+        default_factory=lambda: BoundedMedian(0.0, 0.0, 60.0, MIN_STEP_S, jump_first=True))
+    """What a first token costs beyond the model's parts (HTTP and step overheads)."""
+    queue_delay: BoundedMedian = field(
+        default_factory=lambda: BoundedMedian(None, 0.0, 600.0, MIN_STEP_S))
+    _since_idle: int = 0
+    _since_rest: int = 0
+
+    def published(self) -> Calibrated:
+        return Calibrated(self.prefill_rate.value, self.queue_delay.value, self.overhead.value,
+                          self.kv_scale.value)
+
+    def refit_rate(self) -> bool:
+        """Every few idle samples: step the published rate towards 1 / (fitted slope)."""
+        self._since_idle += 1
+        if len(self.idle) < MIN_SAMPLES or self._since_idle < EVERY:
+            return False
+        self._since_idle = 0
+        slope = theil_sen_slope(list(self.idle), MIN_SPREAD_TOKENS)
+        if slope is None or slope <= 0:
+            return False
+        return self.prefill_rate.step_to(1.0 / slope)
+
+    def refit_rest(self) -> bool:
+        """Every few samples: queue delay, barrier scale, then the overhead (intercept)."""
+        self._since_rest += 1
+        if len(self.rest) < MIN_SAMPLES or self._since_rest < EVERY:
+            return False
+        self._since_rest = 0
+        pts = list(self.rest)
+        changed = False
+        s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
+        q = theil_sen_slope([(w, y - s * kv) for w, kv, y in pts], MIN_SPREAD_WAITING)
+        if q is not None:
+            changed |= self.queue_delay.step_to(max(0.0, q))
+        q = self.queue_delay.current or 0.0
+        slope = theil_sen_slope([(kv, y - q * w) for w, kv, y in pts], MIN_SPREAD_BARRIER)
+        if slope is not None:
+            changed |= self.kv_scale.step_to(slope)
+        s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
+        changed |= self.overhead.step_to(
+            statistics.median(y - s * kv - q * w for w, kv, y in pts))
+        return changed
+
+
+@dataclass(slots=True)
+class Calibrator:
+    """Per owned replica and per forwarded-into region; see the module docstring."""
+
+    default_rate: float = 8000.0
+    """The policy's prefill rate: the prior of replicas configured without one."""
+    replicas: dict[str, ReplicaModel] = field(default_factory=dict)
+    rtt: dict[str, BoundedMedian] = field(default_factory=dict)
+    version: int = 0
+    """Bumped whenever a published replica figure changes (the meta record is rewritten)."""
+
+    def own(self, replica: str, configured_rate: float | None) -> ReplicaModel:
+        m = self.replicas.get(replica)
+        if m is None:
+            prior = configured_rate or self.default_rate
+            m = self.replicas[replica] = ReplicaModel(BoundedMedian(prior, 1.0, 1e9))
+        return m
+
+    def observe_local(self, p: Prediction, uncached: int, observed: float,
+                      configured_rate: float | None = None) -> None:
+        """A request this router sent to its own engine got its first byte after
+        ``observed`` seconds (from the decision)."""
+        if not (math.isfinite(observed) and observed > 0):
+            return
+        m = self.own(p.replica, configured_rate)
+        decode, kv = p.part("decode"), p.part("kv")
+        waiting = p.part("waiting")
+        rate = m.prefill_rate.current or self.default_rate
+        prefill = uncached / rate
+        idle = waiting < IDLE_WAITING
+        interference = decode - kv
+        changed = False
+        if idle:
+            # The rate from the slope of time against uncached tokens (additive terms of the
+            # model, right or wrong, do not bias a slope).
+            m.idle.append((float(uncached), observed))
+            changed |= m.refit_rate()
+        m.rest.append((waiting if not idle else 0.0, kv, observed - prefill - interference))
+        changed |= m.refit_rest()
+        if changed:
+            self.version += 1
+
+    def observe_forward(self, p: Prediction, observed: float) -> None:
+        """A forward into ``p.region`` got its first byte after ``observed`` seconds: what
+        the round trip really cost is the rest once the engine-side parts are taken off."""
+        if not (math.isfinite(observed) and observed > 0):
+            return
+        rtt = p.part("rtt")
+        engine = p.cost - rtt
+        est = self.rtt.get(p.region)
+        if est is None:
+            est = self.rtt[p.region] = BoundedMedian(rtt if rtt > 0 else None, 0.0, 60.0,
+                                                     MIN_STEP_S, jump_first=True)
+        est.add(observed - engine)
+
+    def published(self, replica: str) -> Calibrated:
+        m = self.replicas.get(replica)
+        return m.published() if m is not None else Calibrated()
+
+    def learned_rtt(self) -> dict[str, float]:
+        return {r: e.value for r, e in self.rtt.items() if e.value is not None}
+
+    def status(self) -> dict[str, object]:
+        return {
+            "replicas": {r: {**m.published().as_dict(),
+                             "samples": {"prefill": len(m.idle), "rest": len(m.rest),
+                                         "queue": len(m.queue_delay.samples)}}
+                         for r, m in sorted(self.replicas.items())},
+            "rtt_s": {r: round(v, 5) for r, v in sorted(self.learned_rtt().items())},
+        }

@@ -1,0 +1,160 @@
+"""What the router learns from each placement's outcome; the one path both shells report through.
+
+The asyncio router (``mesh.router``) and the simulator (``sim.fleet``) do the same two
+things per dispatched request: :meth:`Outcomes.begin` when the placement leaves (the chosen
+candidate's predicted TTFT and its parts, from the decision), :meth:`Outcomes.first_byte`
+when the first byte of the answer is back. Between them the observed TTFT is measured from
+the decision, on the shell's clock. Each outcome goes to
+
+- :class:`mesh.ttft_error.TtftErrors`: the error per route kind and region pair, and the
+  forwarding band per region the policy's hysteresis reads (``RegionView.margin``);
+- :class:`mesh.calibration.Calibrator`: the owned replicas' prefill rate, queue delay and
+  overhead (published into the replicated meta record, read back into every router's view)
+  and the forward round trip per region (``RegionView.rtt``).
+
+``margins`` and ``rtt`` are plain dicts the :class:`mesh.view.ViewBuilder` reads on every
+view: they are updated here in place, never rebuilt on the request path. Sans-I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from mesh.calibration import Calibrated, Calibrator
+from mesh.config import RouterConfig
+from mesh.policies.base import Decision, Request, cached_tokens
+from mesh.ttft_error import Prediction, TtftErrors, prediction_of
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A placement on its way: what was predicted, and when it was decided."""
+
+    prediction: Prediction
+    uncached: int
+    local: bool
+    """Dispatched by this router to its own engine (a calibration sample of that engine)."""
+    at: float
+
+
+def _no_rate(replica: str) -> float | None:
+    return None
+
+
+def policy_rate(policy: object, default: float = 8000.0) -> float:
+    """The prefill rate a policy prices unknown replicas at (the calibration's prior)."""
+    rate = getattr(getattr(policy, "params", None), "prefill_rate", None)
+    return float(rate) if isinstance(rate, int | float) and rate > 0 else default
+
+
+def outcomes_for(config: RouterConfig, policy: object) -> Outcomes:
+    """A router's outcomes: its region, the policy's default rate, the engines' configured
+    rates as priors."""
+    rates = {e.url: e.prefill_rate for e in config.engines}
+    return Outcomes(config.region, policy_rate(policy), rates.get)
+
+
+@dataclass(slots=True)
+class Outcomes:
+    region: str
+    default_rate: float = 8000.0
+    configured_rate: Callable[[str], float | None] = _no_rate
+    """The configured prefill rate of an own engine (the calibration's prior)."""
+    errors: TtftErrors = field(default_factory=TtftErrors)
+    calibrator: Calibrator = field(init=False)
+    margins: dict[str, float] = field(default_factory=dict)
+    """Region -> seconds a forward there must be predicted to save (measured band)."""
+    rtt: dict[str, float] = field(default_factory=dict)
+    """Region -> learned forward round trip, seconds."""
+
+    def __post_init__(self) -> None:
+        self.calibrator = Calibrator(self.default_rate)
+
+    def begin(self, d: Decision, req: Request, local: bool, now: float) -> Pending | None:
+        """The placement of ``req`` by decision ``d`` leaves now; None when the decision
+        carries no prediction (a pinned forward, a policy without costs, a region push)."""
+        p = prediction_of(d, self.region)
+        if p is None:
+            return None
+        uncached = req.num_tokens - cached_tokens(req, d.matched_blocks)
+        return Pending(p, uncached, local, now)
+
+    def first_byte(self, pending: Pending, now: float) -> None:
+        """The answer's first byte is back: the observed TTFT (from the decision) is noted."""
+        observed = now - pending.at
+        p = pending.prediction
+        self.errors.observe(p, observed)
+        if pending.local:
+            self.calibrator.observe_local(p, pending.uncached, observed,
+                                          self.configured_rate(p.replica))
+        elif p.kind == "forwarded":
+            self.calibrator.observe_forward(p, observed)
+            self.rtt.update(self.calibrator.learned_rtt())
+            band = self.errors.band(p.region)
+            if band is not None:
+                self.margins[p.region] = band
+
+    def published(self, replica: str) -> Calibrated:
+        """An own replica's learned figures, for the view and the replicated meta record."""
+        return self.calibrator.published(replica)
+
+    def status(self) -> dict[str, Any]:
+        return {"errors": self.errors.status(), "calibration": self.calibrator.status()}
+
+    def metrics(self) -> Iterable[Any]:
+        n = CounterMetricFamily(
+            "kvmesh_ttft_predictions", "Placements whose predicted TTFT met an observed one",
+            labels=["kind", "pair"])
+        err = CounterMetricFamily(
+            "kvmesh_ttft_prediction_abs_error_seconds",
+            "Sum of |observed - predicted| TTFT, seconds", labels=["kind", "pair"])
+        rel = GaugeMetricFamily(
+            "kvmesh_ttft_prediction_error_ratio",
+            "|observed - predicted| / observed TTFT over the recent window, by quantile",
+            labels=["kind", "pair", "quantile"])
+        bias = GaugeMetricFamily(
+            "kvmesh_ttft_prediction_bias_ratio",
+            "Median (observed - predicted) / observed TTFT (> 0: the model is optimistic)",
+            labels=["kind", "pair"])
+        lost = CounterMetricFamily(
+            "kvmesh_forwards_lost", "Forwards slower than the best home replica's prediction",
+            labels=["pair"])
+        for kind, pair, w in self.errors.rows():
+            n.add_metric([kind, pair], w.count)
+            err.add_metric([kind, pair], w.abs_error_sum)
+            for q, v in (("0.5", w.median_abs_rel()), ("0.9", w.quantile_abs_rel(0.9))):
+                if v is not None:
+                    rel.add_metric([kind, pair, q], v)
+            b = w.bias()
+            if b is not None:
+                bias.add_metric([kind, pair], b)
+            if kind == "forwarded":
+                lost.add_metric([pair], w.lost)
+        yield n
+        yield err
+        yield rel
+        yield bias
+        yield lost
+        band = GaugeMetricFamily("kvmesh_forward_band_seconds",
+                                 "Predicted saving a forward into the region must exceed",
+                                 labels=["region"])
+        for region, v in sorted(self.margins.items()):
+            band.add_metric([region], v)
+        yield band
+        rtt = GaugeMetricFamily("kvmesh_learned_rtt_seconds",
+                                "Forward round trip learned from forwards' TTFTs",
+                                labels=["region"])
+        for region, v in sorted(self.rtt.items()):
+            rtt.add_metric([region], v)
+        yield rtt
+        cal = GaugeMetricFamily("kvmesh_calibrated",
+                                "Cost-model figures learned for own replicas",
+                                labels=["replica", "param"])
+        for replica in sorted(self.calibrator.replicas):
+            for k, v in self.published(replica).as_dict().items():
+                cal.add_metric([replica, k], v)
+        yield cal

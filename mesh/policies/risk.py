@@ -1,0 +1,112 @@
+"""The step after the expected-TTFT costs: learned corrections, then a price on forwarding.
+
+Two things the cost formula does not know, both read from the view (pure: the learning that
+produces them lives in ``mesh.outcomes`` and reaches the policy as view fields):
+
+1. **Calibration**: a replica's owner may have published a residual overhead, the share of
+   the KV-barrier term its engine really shows and a measured delay per waiting request
+   (``ReplicaView.overhead`` / ``kv_scale`` / ``queue_delay``). The overhead is added, the
+   barrier rescaled, and the learned queue delay replaces the formula's
+   ``waiting * mean_prompt_tokens / rate``. The result is the *predicted* TTFT, the figure
+   recorded next to the observed one. The ranking keeps the whole barrier: the part the
+   engine does not show in the next TTFT is still the price of filling its cache (later
+   preemption), a risk like the forwarding premium.
+2. **Hysteresis**: a replica in another region is ranked with a premium, its region's
+   measured error band (``RegionView.margin``: how far forwards there overshot their
+   predictions, widened by how often they lost to home), or ``prior_band`` times its
+   predicted TTFT before any forward was measured. A forward is taken only when its
+   predicted saving exceeds what the prediction is known to be wrong by.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from mesh.policies.base import ReplicaView, Scored, View, estimate_load
+
+
+def waiting_estimate(r: ReplicaView, half_life: float) -> float:
+    return estimate_load(r, half_life).waiting
+
+
+def barrier(r: ReplicaView, kv_weight: float, kv_cap: float) -> float:
+    """The expected-TTFT model's KV-barrier term of ``r`` (``kv_weight * k / (1 - k)``)."""
+    k = min(max(r.kv_usage, 0.0), kv_cap)
+    return kv_weight * k / (1.0 - k)
+
+
+def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
+              default_rate: float, half_life: float, prior_band: float,
+              kv_weight: float, kv_cap: float) -> tuple[list[float], list[float]]:
+    """(predicted, ranked) costs per replica: calibrated, then with the forwarding premium.
+
+    Runs for every replica on every request, so the load estimate and the barrier are
+    inlined (the same arithmetic as :func:`~mesh.policies.base.estimate_load` and
+    :func:`barrier`), and a replica without learned figures costs one attribute test each.
+    """
+    home = view.region
+    mean_prompt = view.mean_prompt_tokens
+    premium: dict[str, float | None] = {}
+    predicted: list[float] = []
+    ranked: list[float] = []
+    add_p, add_r = predicted.append, ranked.append
+    for c, r in zip(costs, reps, strict=True):
+        c += r.overhead
+        ks = r.kv_scale
+        risk = 0.0
+        if ks is not None and r.kv_usage > 0:
+            # The predicted TTFT carries the share of the barrier the engine shows; the
+            # ranking keeps all of it (a risk price: a full cache preempts later).
+            k = min(r.kv_usage, kv_cap)
+            risk = (1.0 - ks) * kv_weight * k / (1.0 - k)
+            c -= risk
+        qd = r.queue_delay
+        if qd is not None and (r.waiting or r.fresh or r.inflight):
+            age = r.load_age
+            if not math.isfinite(age):
+                d = 0.0
+            elif half_life <= 0:
+                d = 1.0
+            else:
+                d = float(0.5 ** (max(age, 0.0) / half_life))
+            w = d * r.waiting + r.fresh
+            extra = r.inflight - (w + d * r.running)
+            if extra > 0:
+                w += extra
+            if w > 0:
+                c += w * (qd - mean_prompt / (r.prefill_rate or default_rate))
+        add_p(c)
+        region = r.region
+        if region == home:
+            add_r(c + risk)
+            continue
+        if region in premium:
+            m = premium[region]
+        else:
+            m = premium[region] = view.region_info(region).margin
+        add_r(c + risk + (m if m is not None else prior_band * c))
+    return predicted, ranked
+
+
+def explain(s: Scored, r: ReplicaView, predicted: float, ranked: float, home_best: float,
+            home: str, half_life: float, kv: float) -> Scored:
+    """A candidate's explanation with the step's parts: ``calib`` (correction), ``waiting``
+    (the estimate the queue was priced at), ``kv`` (the barrier inside ``decode``),
+    ``premium`` and, for a forward, ``home`` (the best home replica's predicted TTFT, to
+    learn whether the forward lost)."""
+    parts = [*s.parts, ("calib", predicted - s.cost),
+             ("waiting", waiting_estimate(r, half_life)), ("kv", kv)]
+    if ranked != predicted:
+        parts.append(("premium", ranked - predicted))
+    if r.region != home:
+        parts.append(("home", home_best))
+    return Scored(s.replica, s.region, ranked, tuple(parts))
+
+
+def home_best(predicted: Sequence[float], reps: Sequence[ReplicaView], home: str) -> float:
+    best = math.inf
+    for c, r in zip(predicted, reps, strict=True):
+        if r.region == home and c < best:
+            best = c
+    return best

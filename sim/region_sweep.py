@@ -1,0 +1,433 @@
+"""``kvmesh bench region-sweep``: does forwarding pay, from a light to an overloaded home region?
+
+The ``region-skew`` scenario (``sim/scenarios.py``): us / eu / asia, two simulated L4 engines
+each, round trips of 80 / 150 / 200 ms (not scaled), multi-turn chat users skewed 32 / 6 / 3
+towards us, times a load factor. At every load point, on real processes (``sim/localmesh.py``,
+one run at a time, fresh routers and cold engine caches per variant) and in the simulator on
+the same scaled fleet:
+
+- ``kvmesh``: one router per region, peers of each other (forwarding allowed);
+- ``kvmesh-no-peers``: the same routers, each alone with its region's engines;
+- ``precise_prefix-local``: a single-region cache-and-load-aware policy per region (the
+  simulator also runs ``least_load-local``; the best single-region policy of each region is
+  reported).
+
+No router is told its engines' prefill rate (default configuration): the cost model learns it
+(``mesh/calibration.py``). Latency and throughput are measured over ``[warmup, horizon)``; the
+mesh variant runs on to ``mesh_horizon`` so its prediction error is measured on requests sent
+after ``error_after`` seconds (the one-minute warm-up). Ratios come from one run, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from sim.emulation import (
+    EmulatedVariant,
+    EmulationPlan,
+    ObservedFleet,
+    Scaled,
+    _local_spec,
+    emulate_variant,
+    scaled_profile,
+)
+from sim.localmesh import LocalMesh
+from sim.metrics import RequestRecord, RunCounters, Summary, percentile, summarize
+from sim.scenarios import PER_REGION, region_skew_workload, skew_clients
+from sim.workloads import Workload
+
+SCENARIO = "region-skew"
+MESH = "kvmesh"
+NO_PEERS = "kvmesh-no-peers"
+EMULATED = (
+    EmulatedVariant(MESH, "kvmesh", set_prefill_rate=False),
+    EmulatedVariant(NO_PEERS, "kvmesh", peers=False, set_prefill_rate=False),
+    EmulatedVariant("precise_prefix-local", "precise_prefix", peers=False,
+                    set_prefill_rate=False),
+)
+SIMULATED_ONLY = (
+    EmulatedVariant("least_load-local", "least_load", peers=False, set_prefill_rate=False),
+)
+SINGLE_REGION = ("kvmesh-no-peers", "precise_prefix-local", "least_load-local")
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPlan:
+    speedup: float = 2.5
+    loads: tuple[float, ...] = (1.0, 2.0, 3.0)
+    """Multiples of the 32 / 6 / 3 users."""
+    warmup_s: float = 15.0
+    horizon_s: float = 60.0
+    mesh_horizon_s: float = 75.0
+    error_after_s: float = 60.0
+    drain_s: float = 10.0
+    seed: int = 1
+
+    def emulation_plan(self, load: float, horizon: float) -> EmulationPlan:
+        return EmulationPlan(
+            scenario=SCENARIO, speedup=self.speedup, horizon_s=horizon,
+            warmup_s=self.warmup_s, drain_s=self.drain_s, load=load,
+            load_unit="x 32/6/3 users", scenario_load="1", workload=_workload,
+            variants=(*EMULATED, *SIMULATED_ONLY), defaults=tuple(v.label for v in EMULATED),
+            rtt_scale=1.0,
+        )
+
+    def horizon_of(self, label: str) -> float:
+        return self.mesh_horizon_s if label == MESH else self.horizon_s
+
+
+def _workload(seed: int, horizon: float, speedup: float, load: float,
+              regions: Sequence[str]) -> Workload:
+    return region_skew_workload(seed, horizon, load, speedup)
+
+
+def _scaled(plan: SweepPlan, load: float, horizon: float) -> Scaled:
+    ep = plan.emulation_plan(load, horizon)
+    sc, topo, replicas = ep.fleet()
+    return Scaled(ep, sc, topo, replicas, scaled_profile(sc.profile, plan.speedup), plan.seed)
+
+
+# -- one measured run ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Row:
+    load: float
+    variant: str
+    side: str
+    """``emulated`` or ``simulated``."""
+    summary: Summary
+    region_p90: dict[str, float]
+    errors: dict[str, dict[str, float | int | None]]
+    """Per route kind: median |observed - predicted| / observed of requests sent after the
+    warm-up, at the client, and how many."""
+    routers: dict[str, Any] = field(default_factory=dict)
+    """The routers' own error windows and learned figures (``/mesh/status`` ttft_model)."""
+
+
+def _errors(records: Sequence[RequestRecord], after: float) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("local", "forwarded"):
+        rel = [abs(r.ttft - r.predicted_ttft) / r.ttft for r in records
+               if r.sent >= after and r.predicted_ttft is not None and r.first_token is not None
+               and r.ttft > 0 and (r.forwards > 0) == (kind == "forwarded")]
+        out[kind] = {"median_abs_rel_error": round(statistics.median(rel), 4) if rel else None,
+                     "n": len(rel)}
+    return out
+
+
+def _row(plan: SweepPlan, load: float, label: str, side: str,
+         records: Sequence[RequestRecord], counters: RunCounters) -> Row:
+    s = summarize(label, records, counters, warmup=plan.warmup_s, horizon=plan.horizon_s)
+    measured = [r for r in records if plan.warmup_s <= r.sent < plan.horizon_s]
+    regions = sorted({r.region for r in measured})
+    p90 = {g: round(percentile([r.ttft for r in measured if r.region == g], 90), 4)
+           for g in regions}
+    errors = _errors(records, plan.error_after_s) if label == MESH else {}
+    return Row(load, label, side, s, p90, errors)
+
+
+def simulate(plan: SweepPlan, load: float, v: EmulatedVariant) -> Row:
+    scaled = _scaled(plan, load, plan.horizon_of(v.label))
+    spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
+    spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate)
+    fleet = ObservedFleet(spec)
+    result = fleet.run(scaled.workload(), drain_s=plan.drain_s)
+    row = _row(plan, load, v.label, "simulated", result.records, result.counters)
+    if v.label == MESH:
+        row.routers = {r.id: r.outcomes.status() for r in fleet.routers}
+    return row
+
+
+async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPlan,
+                  load: float, v: EmulatedVariant, log: Any) -> Row:
+    scaled = _scaled(plan, load, plan.horizon_of(v.label))
+    status: dict[str, Any] = {}
+
+    async def read_status() -> None:
+        for region, url in mesh.router_urls.items():
+            try:
+                async with session.get(f"{url}/mesh/status") as resp:
+                    doc = await resp.json(content_type=None)
+            except (aiohttp.ClientError, ValueError):
+                continue
+            if isinstance(doc, dict) and "ttft_model" in doc:
+                status[region] = doc["ttft_model"]
+
+    run = await emulate_variant(mesh, session, scaled, v, log,
+                                read_status if v.label == MESH else None)
+    records = [o.record for o in run.observations]
+    counters = RunCounters()
+    row = _row(plan, load, v.label, "emulated", records, counters)
+    row.routers = status
+    return row
+
+
+# -- the sweep ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Sweep:
+    plan: SweepPlan
+    command: str
+    rows: list[Row]
+    wall_s: float
+    load_average: tuple[float, float, float]
+
+    def get(self, load: float, variant: str, side: str) -> Row | None:
+        for r in self.rows:
+            if r.load == load and r.variant == variant and r.side == side:
+                return r
+        return None
+
+    def ratio(self, load: float, side: str, metric: str = "ttft_p90") -> float | None:
+        a, b = self.get(load, MESH, side), self.get(load, NO_PEERS, side)
+        if a is None or b is None:
+            return None
+        x, y = getattr(a.summary, metric), getattr(b.summary, metric)
+        return x / y if y and math.isfinite(x) and math.isfinite(y) else None
+
+    def best_single_region(self, load: float, side: str) -> dict[str, tuple[str, float]]:
+        best: dict[str, tuple[str, float]] = {}
+        for r in self.rows:
+            if r.load != load or r.side != side or r.variant not in SINGLE_REGION:
+                continue
+            for region, v in r.region_p90.items():
+                if region not in best or v < best[region][1]:
+                    best[region] = (r.variant, v)
+        return best
+
+
+async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
+                    workdir: Path | None = None, log: Any = print) -> Sweep:
+    started = time.perf_counter()
+    rows: list[Row] = []
+    if emulate_too:
+        first = _scaled(plan, plan.loads[0], plan.horizon_s)
+        temp = workdir is None
+        wd = workdir or Path(tempfile.mkdtemp(prefix="kvmesh-region-sweep-"))
+        wd.mkdir(parents=True, exist_ok=True)
+        mesh = LocalMesh(_local_spec(first), wd)
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+        ok = False
+        try:
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                try:
+                    log(f"region-sweep: 6 engines (x{plan.speedup:g}), 3 routers; logs in {wd}")
+                    await mesh.start_engines(session)
+                    for load in plan.loads:
+                        for v in EMULATED:
+                            log(f"- load {load:g} ({skew_clients(load)}): {v.label}, emulating")
+                            rows.append(await emulate(mesh, session, plan, load, v, log))
+                finally:
+                    await mesh.stop()
+            ok = True
+        finally:
+            if temp and ok:
+                shutil.rmtree(wd, ignore_errors=True)
+            elif temp:
+                log(f"logs kept in {wd}")
+    for load in plan.loads:
+        for v in (*EMULATED, *SIMULATED_ONLY):
+            log(f"- load {load:g}: {v.label}, simulating")
+            rows.append(simulate(plan, load, v))
+    return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg())
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.1%}"
+
+
+def tables(sw: Sweep) -> str:
+    sides = ("emulated", "simulated")
+    out = ["| load (users us/eu/asia) | variant | TTFT p90 (s) emu / sim | TTFT p99 (s) | "
+           "req/s | forwarded |",
+           "|---|---|---:|---:|---:|---:|"]
+    for load in sw.plan.loads:
+        users = "/".join(str(n) for n in skew_clients(load).values())
+        for v in (*EMULATED, *SIMULATED_ONLY):
+            e, s = sw.get(load, v.label, sides[0]), sw.get(load, v.label, sides[1])
+
+            def both(attr: str, fmt: Any = _f, e: Row | None = e, s: Row | None = s) -> str:
+                a = fmt(getattr(e.summary, attr)) if e else "-"
+                b = fmt(getattr(s.summary, attr)) if s else "-"
+                return f"{a} / {b}"
+
+            def fwd(r: Row | None) -> str:
+                return _pct(r.summary.router_forwards / r.summary.sent) if r and r.summary.sent \
+                    else "-"
+
+            out.append(f"| {load:g} ({users}) | {v.label} | {both('ttft_p90')} | "
+                       f"{both('ttft_p99')} | {both('throughput_rps', lambda x: _f(x, 1))} | "
+                       f"{fwd(e)} / {fwd(s)} |")
+    out += ["", "| load | mesh / no-peers TTFT p90 emu | sim | emu vs sim | mean TTFT emu | "
+            "sim | emu vs sim | req/s emu | sim | best single-region p90 per region "
+            "(emu; sim) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for load in sw.plan.loads:
+        re_, rs = sw.ratio(load, sides[0]), sw.ratio(load, sides[1])
+        agree = (re_ / rs - 1.0) if re_ is not None and rs else None
+        me, ms = (sw.ratio(load, side, "ttft_mean") for side in sides)
+        agree_m = (me / ms - 1.0) if me is not None and ms else None
+        te, ts = (sw.ratio(load, side, "throughput_rps") for side in sides)
+
+        def best(side: str, load: float = load) -> str:
+            return ", ".join(f"{g} {_f(p)} ({v})"
+                             for g, (v, p) in sorted(sw.best_single_region(load, side).items()))
+
+        out.append(f"| {load:g} | {_f(re_)} | {_f(rs)} | {_pct(agree)} | {_f(me)} | {_f(ms)} | "
+                   f"{_pct(agree_m)} | {_f(te)} | {_f(ts)} | {best(sides[0])}; "
+                   f"{best(sides[1])} |")
+    out += ["", f"Prediction error of the mesh (|observed - predicted| / observed at the client, "
+            f"requests sent after {sw.plan.error_after_s:g} s):", "",
+            "| load | side | local: median (n) | forwarded: median (n) |", "|---|---|---:|---:|"]
+    for load in sw.plan.loads:
+        for side in sides:
+            r = sw.get(load, MESH, side)
+            if r is None:
+                continue
+            cells = [f"{_pct(r.errors[k]['median_abs_rel_error'])} ({r.errors[k]['n']})"
+                     for k in ("local", "forwarded")]
+            out.append(f"| {load:g} | {side} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)
+
+
+def acceptance(sw: Sweep) -> list[str]:
+    """The acceptance checks, each with the figures it reads (emulated unless said)."""
+    side = "emulated" if any(r.side == "emulated" for r in sw.rows) else "simulated"
+    loads = sw.plan.loads
+    out = []
+    light, heavy = loads[0], loads[-1]
+    r = sw.ratio(light, side)
+    out.append(f"light load {light:g}: mesh p90 / no-peers p90 = {_f(r)} "
+               f"(within 5%: {'yes' if r is not None and abs(r - 1) <= 0.05 else 'NO'})")
+    r = sw.ratio(heavy, side)
+    t = sw.ratio(heavy, side, "throughput_rps")
+    ok = r is not None and r <= 0.70 and t is not None and t > 1.0
+    out.append(f"overloaded load {heavy:g}: mesh p90 / no-peers p90 = {_f(r)}, req/s ratio "
+               f"{_f(t)} (>= 30% lower and higher throughput: {'yes' if ok else 'NO'})")
+    for load in loads:
+        m = sw.get(load, MESH, side)
+        if m is None:
+            continue
+        lo, fw = (m.errors[k]["median_abs_rel_error"] for k in ("local", "forwarded"))
+        ok_l = lo is not None and lo <= 0.25
+        ok_f = fw is None or fw <= 0.35
+        out.append(f"load {load:g}: median abs error local {_pct(lo)} (<= 25%: "
+                   f"{'yes' if ok_l else 'NO'}), forwarded {_pct(fw)} (n="
+                   f"{m.errors['forwarded']['n']}; <= 35%: {'yes' if ok_f else 'NO'})")
+    if any(r.side == "emulated" for r in sw.rows):
+        for load in loads:
+            re_, rs = sw.ratio(load, "emulated"), sw.ratio(load, "simulated")
+            d = (re_ / rs - 1.0) if re_ is not None and rs else None
+            ok = d is not None and abs(d) <= 0.10
+            out.append(f"load {load:g}: mesh/no-peers ratio emu {_f(re_)} vs sim {_f(rs)} "
+                       f"({_pct(d)}; within 10%: {'yes' if ok else 'NO'})")
+    return out
+
+
+def to_json(sw: Sweep) -> dict[str, Any]:
+    return {
+        "scenario": SCENARIO,
+        "command": sw.command,
+        "plan": asdict(sw.plan),
+        "wall_s": round(sw.wall_s, 1),
+        "load_average": sw.load_average,
+        "rows": [{"load": r.load, "variant": r.variant, "side": r.side,
+                  "summary": {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                              for k, v in asdict(r.summary).items()},
+                  "region_p90": r.region_p90, "errors": r.errors, "routers": r.routers}
+                 for r in sw.rows],
+        "acceptance": acceptance(sw),
+    }
+
+
+def write(sw: Sweep, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(to_json(sw), indent=1, default=str) + "\n")
+    md = out / "results.md"
+    p = sw.plan
+    md.write_text(
+        f"# region-sweep\n\n`{sw.command}`\n\n"
+        f"Engines at x{p.speedup:g}, round trips 80 / 150 / 200 ms unscaled; latency over "
+        f"[{p.warmup_s:g}, {p.horizon_s:g}) s; wall {sw.wall_s:.0f} s, load average "
+        f"{' '.join(f'{x:.1f}' for x in sw.load_average)}.\n\n{tables(sw)}\n\n"
+        + "\n".join(f"- {line}" for line in acceptance(sw)) + "\n")
+    return md
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmesh bench region-sweep", description=__doc__.split(
+        "\n", 1)[0])
+    d = SweepPlan()
+    p.add_argument("--loads", default=",".join(f"{x:g}" for x in d.loads),
+                   help="load factors (x 32/6/3 users)")
+    p.add_argument("--speedup", type=float, default=d.speedup)
+    p.add_argument("--horizon", type=float, default=d.horizon_s)
+    p.add_argument("--mesh-horizon", type=float, default=d.mesh_horizon_s)
+    p.add_argument("--warmup", type=float, default=d.warmup_s)
+    p.add_argument("--error-after", type=float, default=d.error_after_s)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
+    p.add_argument("--out", default="results/region-sweep")
+    p.add_argument("--workdir", help="keep configs and process logs here")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        loads = tuple(float(x) for x in args.loads.split(",") if x)
+        if not loads or any(x <= 0 for x in loads):
+            raise ValueError("--loads expects positive numbers")
+        plan = SweepPlan(args.speedup, loads, args.warmup, args.horizon, args.mesh_horizon,
+                         args.error_after, seed=args.seed)
+        if not plan.warmup_s < plan.horizon_s <= plan.mesh_horizon_s:
+            raise ValueError("expected warmup < horizon <= mesh horizon")
+    except ValueError as exc:
+        print(f"kvmesh bench region-sweep: {exc}", file=sys.stderr)
+        return 2
+    command = shlex.join(["kvmesh", "bench", "region-sweep", *argv])
+    try:
+        sw = asyncio.run(run_sweep(plan, command, not args.sim_only,
+                                   Path(args.workdir) if args.workdir else None,
+                                   lambda s: print(s, flush=True)))
+    except RuntimeError as exc:
+        print(f"kvmesh bench region-sweep: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; every process was stopped", file=sys.stderr)
+        return 130
+    md = write(sw, Path(args.out))
+    print(tables(sw))
+    print()
+    print("\n".join(acceptance(sw)))
+    print(f"\nwrote {md}")
+    return 0
+
+
+__all__ = ["SweepPlan", "main", "run_sweep"]

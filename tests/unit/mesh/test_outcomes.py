@@ -1,0 +1,76 @@
+"""Outcomes: the one path both shells report placements through; learned figures replicated."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mesh.calibration import Calibrated
+from mesh.config import EngineConfig, RouterConfig
+from mesh.engines import EngineLoad, EngineState
+from mesh.outcomes import Outcomes, policy_rate
+from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
+from mesh.state import MeshState
+
+REQ = Request("r", token_ids=list(range(400)), keys=list(range(25)), block_size=16)
+
+
+def test_a_local_outcome_feeds_the_errors_and_the_calibration() -> None:
+    policy = make_policy("kvmesh", {"prefill_rate": 4000.0})
+    out = Outcomes("us", policy_rate(policy))
+    v = View("us", (ReplicaView("http://a", "us"),), {"us": RegionView("us")})
+    for i in range(20):
+        req = Request(f"r{i}", token_ids=list(range(100 + 50 * i)), keys=[], block_size=16)
+        d = policy.decide(req, v, 0.0, random.Random(0))
+        pending = out.begin(d, req, True, 10.0)
+        assert pending is not None and pending.uncached == req.num_tokens
+        out.first_byte(pending, 10.0 + 0.005 + req.num_tokens / 2000)
+    assert out.errors.kinds["local"].count == 20
+    assert out.published("http://a").prefill_rate is not None
+    names = {m.name for m in out.metrics()}
+    assert {"kvmesh_ttft_predictions", "kvmesh_ttft_prediction_error_ratio",
+            "kvmesh_calibrated", "kvmesh_forward_band_seconds"} <= names
+
+
+def test_forward_outcomes_update_the_views_band_and_round_trip_in_place() -> None:
+    policy = make_policy("kvmesh", {"prefill_rate": 4000.0})
+    out = Outcomes("us", policy_rate(policy))
+    margins, rtt = out.margins, out.rtt
+    v = View("us", (ReplicaView("http://a", "us", waiting=10), ReplicaView("http://e", "eu")),
+             {"us": RegionView("us"), "eu": RegionView("eu", rtt=0.08, margin=0.0)},
+             mean_prompt_tokens=400.0)
+    for _ in range(30):
+        d = policy.decide(REQ, v, 0.0, random.Random(0))
+        assert d.replica == "http://e"
+        pending = out.begin(d, REQ, False, 0.0)
+        assert pending is not None
+        out.first_byte(pending, 0.3)
+    assert margins is out.margins and margins["eu"] > 0
+    assert rtt is out.rtt and rtt["eu"] == pytest.approx(0.3 - 0.1, abs=0.01)
+
+
+def test_a_pinned_placement_has_no_prediction() -> None:
+    from mesh.policies import Decision
+    assert Outcomes("us").begin(Decision("a", "us", "pinned"), REQ, True, 0.0) is None
+
+
+def _state(region: str, engine: str) -> MeshState:
+    config = RouterConfig(region=region, node_id=f"{region}-lb0",
+                          advertise=f"http://{region}:8080",
+                          engines=(EngineConfig(url=engine),))
+    return MeshState(config, clock=lambda: 100.0)
+
+
+def test_the_owners_figures_reach_another_routers_view() -> None:
+    us, eu = _state("us", "http://us-e0"), _state("eu", "http://eu-e0")
+    us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, 0.01, 0.5)}.get  # type: ignore[assignment]
+    us.publish_engine(EngineState("http://us-e0", True, EngineLoad(1, 2, 0.3), 100.0, 0, "ok"),
+                      "us", 100.0)
+    us._write_meta(100.0)
+    eu.meta.merge(us.meta.delta_since(eu.meta.digest(), 100.0), 100.0)
+    eu.loads.merge(us.loads.delta_since(eu.loads.digest(), 100.0), 100.0)
+    recs = {r.replica: r for r in eu.remote_records(100.0)}
+    got = recs["http://us-e0"]
+    assert (got.prefill_rate, got.queue_delay, got.overhead, got.kv_scale) == (
+        5000.0, 0.02, 0.01, 0.5)

@@ -1,0 +1,76 @@
+"""The kvmesh policy's step after the costs: learned corrections, then the forwarding band."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
+from mesh.ttft_error import prediction_of
+
+REQ = Request("r", token_ids=list(range(400)), keys=list(range(25)), block_size=16)
+PARAMS = {"prefill_rate": 4000.0}
+
+
+def rep(name: str, region: str = "us", **kw: object) -> ReplicaView:
+    return ReplicaView(replica=f"http://{name}", region=region, **kw)  # type: ignore[arg-type]
+
+
+def view(home_waiting: float, margin: float | None, **home: object) -> View:
+    regions = {"us": RegionView("us"), "eu": RegionView("eu", rtt=0.08, margin=margin)}
+    return View("us", (rep("a", waiting=home_waiting, **home), rep("e", "eu")), regions,
+                mean_prompt_tokens=400.0)
+
+
+def decide(v: View, **params: object) -> str | None:
+    policy = make_policy("kvmesh", {**PARAMS, **params})
+    return policy.decide(REQ, v, 0.0, random.Random(0)).replica
+
+
+def test_a_forward_must_save_more_than_the_measured_band() -> None:
+    # Home: 2 waiting * 0.1 s + 0.1 s prefill = 0.3 s; eu: 0.08 + 0.1 = 0.18 s (saving 0.12).
+    assert decide(view(2, margin=0.05)) == "http://e"
+    assert decide(view(2, margin=0.2)) == "http://a"
+    assert decide(view(2, margin=0.2), calibrated=False) == "http://e"
+
+
+def test_before_any_forward_was_measured_the_prior_band_applies() -> None:
+    assert decide(view(2, margin=None), prior_band=0.25) == "http://e"   # premium 0.045 s
+    assert decide(view(2, margin=None), prior_band=1.0) == "http://a"    # premium 0.18 s
+
+
+def test_the_prediction_recorded_has_no_premium_and_names_the_home_alternative() -> None:
+    d = make_policy("kvmesh", PARAMS).decide(REQ, view(4, margin=0.05), 0.0, random.Random(0))
+    p = prediction_of(d, "us")
+    assert p is not None and p.kind == "forwarded"
+    assert p.cost == pytest.approx(0.08 + 400 / 4000)
+    assert p.home_best == pytest.approx(4 * 0.1 + 0.1)
+    assert dict(d.candidates[0].parts)["premium"] == pytest.approx(0.05)
+
+
+def test_learned_figures_correct_the_prediction() -> None:
+    plain = make_policy("kvmesh", PARAMS).decide(REQ, view(2, 1.0), 0.0, random.Random(0))
+    learned = view(2, 1.0, overhead=0.01, queue_delay=0.03, prefill_rate=8000.0)
+    d = make_policy("kvmesh", PARAMS).decide(REQ, learned, 0.0, random.Random(0))
+    assert plain.replica == d.replica == "http://a"
+    assert prediction_of(plain, "us").cost == pytest.approx(0.3)  # type: ignore[union-attr]
+    # 2 waiting at 30 ms each (not 400 tokens / rate), 400 tokens at 8000/s, 10 ms overhead.
+    assert prediction_of(d, "us").cost == pytest.approx(0.06 + 0.05 + 0.01)  # type: ignore[union-attr]
+
+
+def test_a_learned_barrier_scale_rescales_the_kv_term() -> None:
+    full = view(0, 1.0, kv_usage=0.9)
+    scaled = view(0, 1.0, kv_usage=0.9, kv_scale=0.0)
+    a = make_policy("kvmesh", PARAMS).decide(REQ, full, 0.0, random.Random(0))
+    b = make_policy("kvmesh", PARAMS).decide(REQ, scaled, 0.0, random.Random(0))
+    pa, pb = prediction_of(a, "us"), prediction_of(b, "us")
+    assert pa is not None and pb is not None
+    assert pa.cost - pb.cost == pytest.approx(0.05 * 0.9 / 0.1)
+
+
+def test_the_policy_stays_a_pure_function() -> None:
+    v = view(3, margin=0.1)
+    a = make_policy("kvmesh", PARAMS).decide(REQ, v, 1.0, random.Random(7))
+    b = make_policy("kvmesh", PARAMS).decide(REQ, v, 1.0, random.Random(7))
+    assert a == b
