@@ -13,8 +13,8 @@ import pytest
 from router_support import (
     GOSSIP_LOCAL,
     MESH_KEY,
+    MODEL,
     Procs,
-    chat,
     free_ports,
     get_json,
     healthy,
@@ -39,6 +39,16 @@ async def metric(s: aiohttp.ClientSession, router: str, name: str, labels: str) 
         if line.startswith(f"{name}{{") and labels in line:
             return float(line.rsplit(" ", 1)[1])
     return math.nan
+
+
+async def complete(s: aiohttp.ClientSession, router: str, prompt: str,
+                   stream: bool = True) -> tuple[int, dict[str, str]]:
+    """A completion (streamed: its first byte is its first token; a streamed chat's first
+    chunk is the role, which the simulated engine sends before any token)."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "stream": stream}
+    async with s.post(f"{router}/v1/completions", json=body) as resp:
+        await resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}
 
 
 async def learned_at(s: aiohttp.ClientSession, router: str, replica: str) -> dict[str, Any]:
@@ -69,8 +79,7 @@ async def test_outcomes_are_measured_and_the_owners_figures_reach_the_peer(
         n = 20
         for i in range(n):
             words = " ".join(f"w{i}x{j}" for j in range(40 + 60 * (i % 10)))
-            status, headers, _ = await chat(s, us, [{"role": "user", "content": words}],
-                                            max_tokens=2, stream=True)
+            status, headers = await complete(s, us, words)
             assert status == 200
             assert headers["x-kvmesh-region"] == "us"
             assert float(headers["x-kvmesh-predicted-ttft"]) > 0
@@ -78,7 +87,7 @@ async def test_outcomes_are_measured_and_the_owners_figures_reach_the_peer(
                             'kind="local",pair="us->us"')
         assert seen == n
         # A whole answer's first byte is not a first token: not an outcome.
-        status, headers, _ = await chat(s, us, [{"role": "user", "content": "hi"}])
+        status, headers = await complete(s, us, "hi", stream=False)
         assert status == 200 and "x-kvmesh-predicted-ttft" not in headers
         assert await metric(s, us, "kvmesh_ttft_predictions_total",
                             'kind="local",pair="us->us"') == n
