@@ -55,9 +55,11 @@ from sim.workloads import Workload
 SCENARIO = "region-skew"
 MESH = "kvmesh"
 NO_PEERS = "kvmesh-no-peers"
+CALIBRATED = {"calibrated": True}
+"""The sweep measures the calibrated policy (opt-in: see docs/router.md)."""
 EMULATED = (
-    EmulatedVariant(MESH, "kvmesh", set_prefill_rate=False),
-    EmulatedVariant(NO_PEERS, "kvmesh", peers=False, set_prefill_rate=False),
+    EmulatedVariant(MESH, "kvmesh", params=CALIBRATED, set_prefill_rate=False),
+    EmulatedVariant(NO_PEERS, "kvmesh", params=CALIBRATED, peers=False, set_prefill_rate=False),
     EmulatedVariant("precise_prefix-local", "precise_prefix", peers=False,
                     set_prefill_rate=False),
 )

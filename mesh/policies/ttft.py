@@ -86,8 +86,9 @@ class TtftParams:
     """Weight of the delay a newcomer causes the replica's running decodes (``e2e``)."""
     objective: str = "ttft"
     """``ttft`` or ``e2e``: what requests that do not name an objective minimise."""
-    calibrated: bool = True
-    """Apply learned corrections and the forwarding band (``mesh.policies.risk``)."""
+    calibrated: bool = False
+    """Apply learned corrections and the forwarding band (``mesh.policies.risk``). Off by
+    default: on skylb-arena-332 (seed 1) it costs +17% p90 TTFT (docs/router.md)."""
     prior_band: float = 0.25
     """Forwarding band before any forward was measured, as a fraction of its prediction."""
 

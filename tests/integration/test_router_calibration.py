@@ -101,8 +101,9 @@ async def test_outcomes_are_measured_and_the_owners_figures_reach_the_peer(
         async def eu_prices_it_as_us_does() -> bool:
             mine = await learned_at(s, us, us_engine.url)
             theirs = await learned_at(s, eu, us_engine.url)
+            # The meta record carries the figures rounded to 6 decimals.
             return all(theirs[k] is not None and mine[k] is not None
-                       and theirs[k] == pytest.approx(mine[k], rel=1e-4)
+                       and theirs[k] == pytest.approx(mine[k], rel=1e-4, abs=1e-6)
                        for k in ("prefill_rate", "overhead"))
 
         await wait_until(eu_prices_it_as_us_does, timeout=20,

@@ -10,7 +10,7 @@ from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
 from mesh.ttft_error import prediction_of
 
 REQ = Request("r", token_ids=list(range(400)), keys=list(range(25)), block_size=16)
-PARAMS = {"prefill_rate": 4000.0}
+PARAMS = {"prefill_rate": 4000.0, "calibrated": True}
 
 
 def rep(name: str, region: str = "us", **kw: object) -> ReplicaView:
