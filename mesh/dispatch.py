@@ -313,6 +313,19 @@ class Dispatcher:
         Strict priority: when the head must wait, nothing behind it goes either.
         """
         out: list[tuple[Waiter, Placement]] = []
+        held: list[Ticket] = []
+        try:
+            self._pump(now, out, held)
+        finally:
+            for t in held:
+                self.dispatches.done(t)
+        return out
+
+    def _pump(self, now: float, out: list[tuple[Waiter, Placement]],
+              held: list[Ticket]) -> None:
+        """:meth:`pump`'s loop. The shells start the placed requests in the ledger after it
+        returns, so each one placed here is held in the ledger meanwhile (``held``, ended by
+        :meth:`pump`) and the next decision sees it, as it would had it arrived alone."""
         self.queue.promote(now)
         while True:
             head = self.queue.head()
@@ -333,11 +346,16 @@ class Dispatcher:
                 if promo is not None and promo > now:
                     at = min(at, promo)
                 self.retry_at = at
-                return out
+                return
             self.queue.pop_head()
-            out.append((head, self.place(head.ask, d, view)))
+            placed = self.place(head.ask, d, view)
+            out.append((head, placed))
+            if placed.target is not None and self.queue:
+                req = head.ask.request
+                held.append(self.dispatches.start(
+                    placed.target.ledger_key, placed.target.region, req.num_tokens, now,
+                    publish=False, work=req.predicted.tokens if req.predicted else 0.0))
         self.retry_at = None
-        return out
 
     def cancel(self, waiter: Waiter) -> None:
         """The client went away: the waiter leaves the queue when it reaches the head."""

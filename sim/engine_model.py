@@ -45,6 +45,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    """Off: no request reuses cached blocks, so a preempted request recomputes everything
+    (vLLM before v1, where prefix caching was off by default)."""
     hash_seed: str = "0"
     """Plays ``PYTHONHASHSEED``: NONE_HASH = sha256(cbor(hash_seed))."""
 
@@ -60,6 +63,7 @@ class EngineConfig:
             max_model_len=max_len,
             enable_chunked_prefill=self.enable_chunked_prefill,
             hash_seed=self.hash_seed,
+            enable_prefix_caching=self.enable_prefix_caching,
         )
         cfg.validate()
         return cfg
@@ -74,6 +78,7 @@ class ResolvedConfig:
     max_model_len: int
     enable_chunked_prefill: bool
     hash_seed: str
+    enable_prefix_caching: bool = True
 
     def validate(self) -> None:
         for name in ("num_gpu_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -171,6 +176,7 @@ class EngineModel:
             c.max_num_seqs,
             c.max_num_batched_tokens,
             c.enable_chunked_prefill,
+            c.enable_prefix_caching,
         )
         self._requests: dict[str, Request] = {}
         self._prompt_tokens = 0

@@ -16,11 +16,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sim.engine_model import EngineConfig
 from sim.fleet import Fleet, FleetResult, FleetSpec, RouterLayout, length_stats
 from sim.metrics import Summary, summarize
 from sim.profiles import (
     H100_LLAMA_3_1_8B,
     L4_LLAMA_3_1_8B,
+    V100_16GB_LLAMA_2_7B,
     V100_LLAMA_2_7B,
     Profile,
     decode_params,
@@ -88,6 +90,9 @@ class Variant:
     note: str = ""
     oracle_lengths: bool = False
     """Requests carry their true output length as the prediction."""
+    kv_hold: bool = False
+    """The kvmesh policy is told the engines' KV capacity (``kv_tokens``), so it holds
+    requests at the router when no replica has predicted KV headroom."""
 
     def describe(self) -> str:
         where = self.layout.label
@@ -118,6 +123,8 @@ class Scenario:
     mesh_options: Mapping[str, object] = field(default_factory=dict)
     probe_interval_s: float = 0.1
     """How often routers scrape their engines (the router's ``health_interval``)."""
+    engine_config: EngineConfig | None = None
+    """Engine knobs other than the profile's defaults (None: the defaults)."""
     objective: str = "ttft"
     """What the comparison notes judge: ``ttft`` (p90 TTFT vs the oracle) or ``e2e`` (mean
     end-to-end latency vs every variant)."""
@@ -282,10 +289,16 @@ IR_VARIANTS = (
             params={"objective": "ttft", "kv_knee": 1.0},
             note="the kvmesh policy as it was: expected TTFT, no decode-bound queue"),
     Variant("kvmesh", "kvmesh", "mesh", "events", GLOBAL_US, params={"objective": "e2e"},
-            note="expected end-to-end latency with predicted lengths, mixing penalty"),
+            kv_hold=True,
+            note="expected end-to-end latency with predicted lengths, mixing penalty; "
+                 "held at the router when no replica has predicted KV headroom"),
     Variant("oracle", "kvmesh", "mesh", "events", GLOBAL_US, params={"objective": "e2e"},
-            oracle_lengths=True, note="kvmesh's e2e cost knowing every true output length"),
+            oracle_lengths=True, kv_hold=True,
+            note="kvmesh's e2e cost and KV hold knowing every true output length"),
 )
+IR_ENGINE = EngineConfig(enable_prefix_caching=False, enable_chunked_prefill=False)
+"""vLLM as the paper ran it (2024): no prefix caching (a preempted request recomputes its
+prompt and every token it had generated) and no chunked prefill."""
 
 
 def _scenarios() -> dict[str, Scenario]:
@@ -522,19 +535,22 @@ def _scenarios() -> dict[str, Scenario]:
             "Intelligent Router (arXiv 2408.13510) §4.1/§6: 4 instances, a mix of five tasks "
             "(translation, QnA, sentiment, in-context QnA, entity recognition; prompt/decode "
             "token means from its table, 35% heavy decodes), Poisson arrivals at 20 req/s, "
-            "one router, mean end-to-end latency. Here: simulated V100 32GB + Llama-2-7B "
-            "engines calibrated to the paper's prefill gradient and lone decode speed, "
+            "one router, mean end-to-end latency; vLLM FCFS, preemption by recomputation. "
+            "Here: simulated V100 16GB + Llama-2-7B engines (about 4,800 tokens of KV each; "
+            "the paper does not give the card's memory) calibrated to the paper's prefill "
+            "gradient and lone decode speed, without prefix caching or chunked prefill, "
             "lognormal lengths with the table's means stand in for the datasets, and the "
-            "kvmesh cost model (no reinforcement learning, no holding at the router) stands "
-            "in for the paper's workload-guided DQN.",
+            "kvmesh cost model with KV-headroom holding at the router (no reinforcement "
+            "learning) stands in for the paper's workload-guided DQN.",
             ONE_REGION,
             {"us": 4},
-            V100_LLAMA_2_7B,
+            V100_16GB_LLAMA_2_7B,
             _five_tasks,
             IR_VARIANTS,
             horizon_s=130.0,
             warmup_s=30.0,
             drain_s=240.0,
+            engine_config=IR_ENGINE,
             objective="e2e",
         ),
         Scenario(
@@ -597,7 +613,11 @@ def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
     the scenario's engine profile (as an operator configures them), unless the variant
     sets its own."""
     if v.policy == "kvmesh":
-        return {**decode_params(sc.profile), **v.params}
+        kv: dict[str, object] = {}
+        if v.kv_hold:
+            cfg = (sc.engine_config or EngineConfig()).for_profile(sc.profile)
+            kv["kv_tokens"] = cfg.num_gpu_blocks * cfg.block_size
+        return {**decode_params(sc.profile), **kv, **v.params}
     return dict(v.params)
 
 
@@ -618,6 +638,7 @@ def fleet_spec(sc: Scenario, v: Variant, seed: int) -> FleetSpec:
         mesh_options=sc.mesh_options,
         probe_interval_s=sc.probe_interval_s,
         heartbeat_interval_s=sc.probe_interval_s,
+        engine_config=sc.engine_config,
     )
 
 

@@ -79,12 +79,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.kv = kv
         self.root_hash = root_hash
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.enable_prefix_caching = enable_prefix_caching
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.prefix_cache = PrefixCacheCounters()
@@ -134,7 +136,10 @@ class Scheduler:
         return chunks, preempted
 
     def hit_blocks(self, req: Request) -> list[int]:
-        """Cached blocks ``req`` would reuse now: full blocks, never covering its last token."""
+        """Cached blocks ``req`` would reuse now: full blocks, never covering its last token
+        (none without prefix caching)."""
+        if not self.enable_prefix_caching:
+            return []
         limit = (req.num_tokens - 1) // self.kv.block_size
         self._hash_up_to(req, limit)
         return self.kv.cached_prefix(req.digests[:limit])

@@ -60,6 +60,7 @@ from mesh.policies.base import (
     cached_tokens,
     no_replica,
 )
+from mesh.policies.headroom import fitting, headroom
 from mesh.policies.params import parse_params
 
 OBJECTIVES = ("ttft", "e2e")
@@ -91,6 +92,17 @@ class TtftParams:
     default: on skylb-arena-332 (seed 1) it costs +17% p90 TTFT (docs/router.md)."""
     prior_band: float = 0.25
     """Forwarding band before any forward was measured, as a fraction of its prediction."""
+    kv_tokens: float = 0.0
+    """KV-cache capacity of one engine, tokens (vLLM's GPU blocks x block size). Set, the
+    policy sends a request only where its predicted KV demand fits (``mesh.policies.
+    headroom``) and holds it at the router when none fits; 0: off."""
+    kv_fill: float = 1.15
+    """Multiple of ``kv_tokens`` the predicted final footprints in flight may add up to."""
+    max_hold: float = 60.0
+    """Longest a request is held for KV headroom, seconds since its arrival."""
+    hold_retry: float = 0.05
+    """Re-decide a held request after this long at the latest (completions re-decide it
+    sooner)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -186,10 +198,29 @@ class ExpectedTtft:
             predicted, costs = risk.corrected(costs, reps, view, p.prefill_rate,
                                               p.load_half_life, p.prior_band, p.kv_weight,
                                               p.kv_cap)
-        best = min(costs)
+        allowed: Sequence[int] = range(len(costs))
+        note = ""
+        if p.kv_tokens > 0.0:
+            fit = fitting(request, reps, view, p.kv_tokens, p.kv_fill)
+            held = now - request.arrival
+            if fit:
+                # The most predicted headroom wins (KV, not time, is what runs out).
+                room = [headroom(request, reps[i], view, p.kv_tokens) for i in fit]
+                allowed = [fit[room.index(max(room))]]
+                note = f" kv_fit={len(fit)}/{len(reps)}"
+            elif held < p.max_hold:
+                return Decision(
+                    None, None,
+                    f"kvmesh hold: no replica has KV headroom for "
+                    f"{request.num_tokens}+predicted output (held {held:.2f}s)",
+                    self.name, wait=True,
+                    retry_after=min(p.hold_retry, p.max_hold - held))
+            else:
+                note = f" kv_fit=0/{len(reps)} held={held:.2f}s"
+        best = min(costs[i] for i in allowed)
         band = max(p.tie_abs, p.tie_rel * best)
         limit = best + band
-        ties = [i for i, c in enumerate(costs) if c <= limit]
+        ties = [i for i in allowed if costs[i] <= limit]
         chosen = rng.choice(ties)
         pick = reps[chosen]
         matched = matches.get(pick.replica, 0)
@@ -206,7 +237,7 @@ class ExpectedTtft:
         return Decision(
             pick.replica, pick.region,
             f"kvmesh {objective_of(request, p)}={costs[chosen] * 1000:.1f}ms "
-            f"prefix={matched}/{len(request.keys)} ties={len(ties)}",
+            f"prefix={matched}/{len(request.keys)} ties={len(ties)}{note}",
             self.name, matched_blocks=matched, total_blocks=len(request.keys),
             candidates=tuple(scored),
         )

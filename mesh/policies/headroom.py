@@ -1,0 +1,56 @@
+"""Predicted KV headroom: whether a replica can take one more request without preempting.
+
+An engine admits a queued request as soon as its prompt's blocks fit, then every running
+sequence grows by a block every ``block_size`` decode steps; when the cache is full the
+engine preempts the newest sequence, which recomputes from scratch (vLLM's default). An
+engine whose sequences will outgrow its KV cache therefore wastes work exactly when it is
+busiest. A router that knows each request's predicted output can see it coming::
+
+    demand(r) = r.work + inflight(r) * mean_prompt_tokens     (predicted final footprints of
+                                                               the requests in flight to r)
+    fits(r)   = demand(r) + prompt + predicted output <= fill * kv_tokens
+
+``r.work`` is the predicted output tokens of this router's requests in flight to ``r`` (the
+dispatch ledger; without predictions, ``inflight`` requests of the mean output size). Requests
+other routers sent to ``r`` count only by their prompts: the ledger holds no prediction of
+theirs, so with several routers per replica the demand is understated (``fill`` lower). The final
+footprint overstates what the sequences hold together (some finish before others grow), so
+``fill`` may exceed 1. When no replica fits, the request is held at the router (the
+Intelligent Router's "hold" action) and decided again when a request completes or after
+``retry``; a request held ``max_hold`` seconds since its arrival goes to the best replica
+regardless, so holding never starves anyone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mesh.policies.base import ReplicaView, Request, View
+
+
+def kv_demand(r: ReplicaView, view: View) -> float:
+    """Predicted final KV footprint (tokens) of the requests in flight to ``r``: their
+    predicted outputs from the ledger (at the mean output size when the ledger holds no
+    prediction for them) plus their prompts at the mean prompt size."""
+    out = r.work if r.work > 0.0 else r.inflight * view.mean_output_tokens
+    return out + r.inflight * view.mean_prompt_tokens
+
+
+def request_footprint(request: Request, view: View) -> float:
+    """This request's predicted final KV footprint: its prompt and its predicted output."""
+    guess = request.predicted
+    out = guess.tokens if guess is not None else view.mean_output_tokens
+    return request.num_tokens + out
+
+
+def fitting(request: Request, reps: Sequence[ReplicaView], view: View, kv_tokens: float,
+            fill: float) -> list[int]:
+    """Indices of the replicas whose predicted KV demand leaves room for ``request``."""
+    room = fill * kv_tokens
+    need = request_footprint(request, view)
+    return [i for i, r in enumerate(reps) if kv_demand(r, view) + need <= room]
+
+
+def headroom(request: Request, r: ReplicaView, view: View, kv_tokens: float) -> float:
+    """Tokens of KV capacity left on ``r`` after ``request`` (negative: predicted overflow)."""
+    return kv_tokens - kv_demand(r, view) - request_footprint(request, view)
