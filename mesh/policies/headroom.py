@@ -8,7 +8,8 @@ busiest. A router that knows each request's predicted output can see it coming::
 
     demand(r) = r.work + inflight(r) * mean_prompt_tokens     (predicted final footprints of
                                                                the requests in flight to r)
-    fits(r)   = demand(r) + prompt + predicted output <= fill * kv_tokens
+    need      = prompt + min(predicted output, mean output)
+    fits(r)   = demand(r) + need <= fill * kv_tokens          (or r has nothing in flight)
 
 ``r.work`` is the predicted output tokens of this router's requests in flight to ``r`` (the
 dispatch ledger; without predictions, ``inflight`` requests of the mean output size). Requests
@@ -37,18 +38,25 @@ def kv_demand(r: ReplicaView, view: View) -> float:
 
 
 def request_footprint(request: Request, view: View) -> float:
-    """This request's predicted final KV footprint: its prompt and its predicted output."""
+    """What this request adds to the replica's KV while the sequences in flight there now
+    are still running: its prompt and its predicted output, the output counted up to the
+    mean output length (a long reply grows one token a step; by the time it has outgrown
+    the mean, most of what it shares the replica with has finished)."""
     guess = request.predicted
     out = guess.tokens if guess is not None else view.mean_output_tokens
-    return request.num_tokens + out
+    mean = view.mean_output_tokens
+    return request.num_tokens + (out if out < mean else mean)
 
 
 def fitting(request: Request, reps: Sequence[ReplicaView], view: View, kv_tokens: float,
             fill: float) -> list[int]:
-    """Indices of the replicas whose predicted KV demand leaves room for ``request``."""
+    """Indices of the replicas whose predicted KV demand leaves room for ``request``; an
+    idle replica always has room (a request larger than the fill would otherwise wait for
+    nothing)."""
     room = fill * kv_tokens
     need = request_footprint(request, view)
-    return [i for i, r in enumerate(reps) if kv_demand(r, view) + need <= room]
+    return [i for i, r in enumerate(reps)
+            if kv_demand(r, view) + need <= room or (r.inflight == 0 and r.running == 0)]
 
 
 def headroom(request: Request, r: ReplicaView, view: View, kv_tokens: float) -> float:

@@ -1,0 +1,83 @@
+"""KV headroom in the kvmesh policy: fit, prefer the most headroom, hold, bounded hold."""
+
+from __future__ import annotations
+
+import random
+
+from mesh.policies import ReplicaView, Request, View, make_policy
+from mesh.policies.base import LengthGuess
+from mesh.policies.headroom import fitting, headroom, kv_demand, request_footprint
+
+KV = {"kv_tokens": 1000.0, "kv_fill": 1.0, "max_hold": 10.0, "hold_retry": 0.2}
+
+
+def rep(name: str, inflight: int = 0, work: float = 0.0, running: float = 0.0) -> ReplicaView:
+    return ReplicaView(replica=name, region="us", inflight=inflight, work=work,
+                       running=running)
+
+
+def view(*reps: ReplicaView) -> View:
+    return View("us", reps, mean_prompt_tokens=50.0, mean_output_tokens=200.0)
+
+
+def ask(tokens: int = 100, out: float | None = 100.0, arrival: float = 0.0) -> Request:
+    guess = None if out is None else LengthGuess(out, 1)
+    return Request("r", list(range(tokens)), [], 16, arrival=arrival, predicted=guess)
+
+
+def test_demand_is_predicted_outputs_plus_prompts_in_flight() -> None:
+    v = view()
+    assert kv_demand(rep("a", inflight=3, work=900.0), v) == 900.0 + 3 * 50.0
+    # No prediction in the ledger: the mean output per request in flight.
+    assert kv_demand(rep("a", inflight=2), v) == 2 * 200.0 + 2 * 50.0
+    assert request_footprint(ask(100, 300.0), v) == 400.0
+    assert request_footprint(ask(100, None), v) == 300.0
+    assert headroom(ask(100, 100.0), rep("a", 1, 300.0), v, 1000.0) == 1000 - 350 - 200
+
+
+def test_only_replicas_with_room_fit() -> None:
+    v = view(rep("a", 4, 700.0), rep("b", 1, 100.0))
+    # a: 700 + 200 + 200 > 1000; b: 100 + 50 + 200 fits.
+    assert fitting(ask(), list(v.replicas), v, 1000.0, 1.0) == [1]
+    assert fitting(ask(), list(v.replicas), v, 1000.0, 1.2) == [0, 1]
+
+
+def test_the_replica_with_the_most_predicted_headroom_wins() -> None:
+    pol = make_policy("kvmesh", {**KV, "objective": "e2e"})
+    v = view(rep("a", 2, 300.0), rep("b", 1, 500.0), rep("c", 3, 100.0))
+    # Headroom after the request: a 1000-400-200, b 1000-550-200, c 1000-250-200.
+    d = pol.decide(ask(), v, 0.0, random.Random(0))
+    assert d.replica == "c" and not d.wait and "kv_fit=3/3" in d.reason
+
+
+def test_held_at_the_router_when_nothing_fits_then_released_when_the_hold_is_up() -> None:
+    pol = make_policy("kvmesh", KV)
+    v = view(rep("a", 5, 800.0), rep("b", 6, 900.0))
+    d = pol.decide(ask(arrival=1.0), v, 3.0, random.Random(0))
+    assert d.wait and d.replica is None and "hold" in d.reason
+    assert d.retry_after == 0.2
+    # Near the bound the retry comes no later than the bound.
+    assert pol.decide(ask(arrival=1.0), v, 10.9, random.Random(0)).retry_after \
+        <= 0.1 + 1e-9
+    late = pol.decide(ask(arrival=1.0), v, 11.0, random.Random(0))
+    assert not late.wait and late.replica in {"a", "b"} and "kv_fit=0/2" in late.reason
+
+
+def test_an_idle_replica_takes_a_request_larger_than_the_fill() -> None:
+    pol = make_policy("kvmesh", KV)
+    v = view(rep("a"), rep("b", 1, 100.0))
+    # 1,500 tokens fit nowhere, but "a" has nothing in flight: it goes there, unheld.
+    d = pol.decide(ask(900, 600.0), v, 0.0, random.Random(0))
+    assert not d.wait and d.replica == "a"
+    busy = view(rep("a", running=1.0), rep("b", 1, 100.0))
+    assert pol.decide(ask(900, 600.0), busy, 0.0, random.Random(0)).wait
+
+
+def test_without_kv_tokens_the_decisions_are_unchanged() -> None:
+    v = view(rep("a", 5, 800.0), rep("b", 6, 900.0), rep("c", 1, 50.0))
+    off = make_policy("kvmesh", {"objective": "e2e"})
+    plain = make_policy("kvmesh", {"objective": "e2e", "kv_tokens": 0.0})
+    for seed in range(20):
+        a = off.decide(ask(), v, 0.0, random.Random(seed))
+        b = plain.decide(ask(), v, 0.0, random.Random(seed))
+        assert (a.replica, a.reason) == (b.replica, b.reason) and not a.wait
