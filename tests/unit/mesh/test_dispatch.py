@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from mesh.dispatch import Ask, Dispatcher, Placement, Waiter
 from mesh.policies import Decision, Request, make_policy
-from mesh.policies.base import View
+from mesh.policies.base import LengthGuess, View
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder, region_key
 
 OWN = ("a0", "a1")
@@ -117,6 +118,22 @@ def test_fcfs_queue_waits_then_releases_in_order() -> None:
     assert [w for w, _ in out] == [first, second] and d.retry_at is None
     assert [p.target.url for _, p in out if p.target] == ["a0", "a1"]
     assert d.decisions == 4 and d.waits == 2
+
+
+def test_requests_released_together_see_each_other_in_the_ledger() -> None:
+    """The shells start a pump's placements after it returns: until then the core holds
+    them in the ledger, so the second decision of one pump sees the first."""
+    pol = Scripted([WAIT, go("a0"), go("a0"), go("a1")])
+    d = core(pol)
+    guess = LengthGuess(300.0, 2)
+    for i in (1, 2, 3):
+        d.submit(Ask(replace(req(i), predicted=guess)), 0.0)
+    out = d.pump(1.0)
+    assert len(out) == 3
+    a0 = [next(r for r in v.replicas if r.replica == "a0") for v in pol.views[1:]]
+    assert [(r.inflight, r.work) for r in a0] == [(0, 0.0), (1, 300.0), (2, 600.0)]
+    # Nothing is left behind: the shell's own start is the only one that counts.
+    assert d.dispatches.total() == 0 and d.dispatches.work == {}
 
 
 def test_queue_full_and_cancelled_waiters() -> None:

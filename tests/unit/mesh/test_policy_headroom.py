@@ -30,7 +30,9 @@ def test_demand_is_predicted_outputs_plus_prompts_in_flight() -> None:
     assert kv_demand(rep("a", inflight=3, work=900.0), v) == 900.0 + 3 * 50.0
     # No prediction in the ledger: the mean output per request in flight.
     assert kv_demand(rep("a", inflight=2), v) == 2 * 200.0 + 2 * 50.0
-    assert request_footprint(ask(100, 300.0), v) == 400.0
+    assert request_footprint(ask(100, 150.0), v) == 250.0
+    # Growth past the mean output (200) is not counted against what is in flight now.
+    assert request_footprint(ask(100, 900.0), v) == 300.0
     assert request_footprint(ask(100, None), v) == 300.0
     assert headroom(ask(100, 100.0), rep("a", 1, 300.0), v, 1000.0) == 1000 - 350 - 200
 

@@ -159,6 +159,27 @@ def test_cache_pressure_preempts_and_every_request_still_completes_identically()
     assert results[0] == results[1]
 
 
+def test_without_prefix_caching_nothing_is_reused_and_preemption_recomputes_more() -> None:
+    def run(caching: bool) -> tuple[int, int, int]:
+        cfg = EngineConfig(num_gpu_blocks=40, max_model_len=320, max_num_batched_tokens=512,
+                           enable_prefix_caching=caching)
+        engine = EngineModel(L4_LLAMA_3_1_8B, cfg, seed=5)
+        engine.add_request("w", prompt(100), 1, 0.0)
+        t, _, _ = drain(engine, 0.0)
+        hit = engine.cached_prefix_tokens(prompt(100))
+        for i in range(6):
+            engine.add_request(f"r{i}", prompt(100, offset=i * 500), 200, t)
+        drain(engine, t)
+        s = engine.stats()
+        assert s.finished_requests == 7 and s.num_preemptions > 0
+        return hit, s.prompt_tokens, s.prefix_cache_hits
+
+    cached_hit, _, cached_hits = run(True)
+    cold_hit, _, cold_hits = run(False)
+    assert cached_hit == 96 and cached_hits > 0
+    assert cold_hit == 0 and cold_hits == 0
+
+
 def test_abort_frees_blocks_and_silences_the_request() -> None:
     engine = EngineModel(L4_LLAMA_3_1_8B, seed=1)
     engine.add_request("a", prompt(300), 100, 0.0)
