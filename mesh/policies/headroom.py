@@ -6,20 +6,18 @@ engine preempts the newest sequence, which recomputes from scratch (vLLM's defau
 engine whose sequences will outgrow its KV cache therefore wastes work exactly when it is
 busiest. A router that knows each request's predicted output can see it coming::
 
-    demand(r) = r.work + inflight(r) * mean_prompt_tokens     (predicted final footprints of
-                                                               the requests in flight to r)
+    demand(r) = min(r.work, inflight(r) * mean_output_tokens)  (predicted outputs in flight,
+                + inflight(r) * mean_prompt_tokens          at most the mean each, + prompts)
     need      = prompt + min(predicted output, mean output)
     fits(r)   = demand(r) + need <= fill * kv_tokens          (or r has nothing in flight)
 
 ``r.work`` is the predicted output tokens of this router's requests in flight to ``r`` (the
-dispatch ledger; without predictions, ``inflight`` requests of the mean output size). Requests
-other routers sent to ``r`` count only by their prompts: the ledger holds no prediction of
-theirs, so with several routers per replica the demand is understated (``fill`` lower). The final
-footprint overstates what the sequences hold together (some finish before others grow), so
-``fill`` may exceed 1. When no replica fits, the request is held at the router (the
-Intelligent Router's "hold" action) and decided again when a request completes or after
-``retry``; a request held ``max_hold`` seconds since its arrival goes to the best replica
-regardless, so holding never starves anyone.
+dispatch ledger). Requests other routers sent to ``r`` count at the mean output size only if
+the ledger holds no prediction at all, so with several routers per replica the demand is
+understated (set ``fill`` lower). When no replica fits, the request is held at the router
+(the Intelligent Router's "hold" action) and decided again when a request completes or after
+``hold_retry``; a request held ``max_hold`` seconds since its arrival goes to the best
+replica regardless, so holding never starves anyone.
 """
 
 from __future__ import annotations
@@ -30,10 +28,13 @@ from mesh.policies.base import ReplicaView, Request, View
 
 
 def kv_demand(r: ReplicaView, view: View) -> float:
-    """Predicted final KV footprint (tokens) of the requests in flight to ``r``: their
-    predicted outputs from the ledger (at the mean output size when the ledger holds no
-    prediction for them) plus their prompts at the mean prompt size."""
-    out = r.work if r.work > 0.0 else r.inflight * view.mean_output_tokens
+    """Predicted KV (tokens) of the requests in flight to ``r`` while they share it: their
+    predicted outputs from the ledger, at most the mean output per request (a long reply
+    outgrows the mean only after its neighbours have finished; without the bound, a few
+    long replies in flight would hold everything back), plus their prompts at the mean
+    prompt size. Without predictions in the ledger: the mean output per request."""
+    cap = r.inflight * view.mean_output_tokens
+    out = r.work if 0.0 < r.work < cap else cap
     return out + r.inflight * view.mean_prompt_tokens
 
 

@@ -96,7 +96,7 @@ class TtftParams:
     """KV-cache capacity of one engine, tokens (vLLM's GPU blocks x block size). Set, the
     policy sends a request only where its predicted KV demand fits (``mesh.policies.
     headroom``) and holds it at the router when none fits; 0: off."""
-    kv_fill: float = 1.15
+    kv_fill: float = 1.0
     """Multiple of ``kv_tokens`` the predicted final footprints in flight may add up to."""
     max_hold: float = 60.0
     """Longest a request is held for KV headroom, seconds since its arrival."""

@@ -27,14 +27,16 @@ def ask(tokens: int = 100, out: float | None = 100.0, arrival: float = 0.0) -> R
 
 def test_demand_is_predicted_outputs_plus_prompts_in_flight() -> None:
     v = view()
-    assert kv_demand(rep("a", inflight=3, work=900.0), v) == 900.0 + 3 * 50.0
+    assert kv_demand(rep("a", inflight=3, work=500.0), v) == 500.0 + 3 * 50.0
+    # Long replies in flight count at most the mean output each.
+    assert kv_demand(rep("a", inflight=3, work=900.0), v) == 3 * 200.0 + 3 * 50.0
     # No prediction in the ledger: the mean output per request in flight.
     assert kv_demand(rep("a", inflight=2), v) == 2 * 200.0 + 2 * 50.0
     assert request_footprint(ask(100, 150.0), v) == 250.0
     # Growth past the mean output (200) is not counted against what is in flight now.
     assert request_footprint(ask(100, 900.0), v) == 300.0
     assert request_footprint(ask(100, None), v) == 300.0
-    assert headroom(ask(100, 100.0), rep("a", 1, 300.0), v, 1000.0) == 1000 - 350 - 200
+    assert headroom(ask(100, 100.0), rep("a", 1, 150.0), v, 1000.0) == 1000 - 200 - 200
 
 
 def test_only_replicas_with_room_fit() -> None:
@@ -46,10 +48,13 @@ def test_only_replicas_with_room_fit() -> None:
 
 def test_the_replica_with_the_most_predicted_headroom_wins() -> None:
     pol = make_policy("kvmesh", {**KV, "objective": "e2e"})
-    v = view(rep("a", 2, 300.0), rep("b", 1, 500.0), rep("c", 3, 100.0))
-    # Headroom after the request: a 1000-400-200, b 1000-550-200, c 1000-250-200.
+    v = view(rep("a", 2, 300.0), rep("b", 3, 90.0), rep("c", 1, 150.0))
+    # Headroom after the request: a 1000-400-200, b 1000-240-200, c 1000-200-200; c's
+    # one running request makes it no slower than b's three (the e2e cost prefers it too).
     d = pol.decide(ask(), v, 0.0, random.Random(0))
     assert d.replica == "c" and not d.wait and "kv_fit=3/3" in d.reason
+    v = view(rep("a", 2, 300.0), rep("b", 1, 150.0), rep("c", 3, 90.0))
+    assert pol.decide(ask(), v, 0.0, random.Random(0)).replica == "b"
 
 
 def test_held_at_the_router_when_nothing_fits_then_released_when_the_hold_is_up() -> None:
