@@ -8,6 +8,8 @@ from sim.profiles import (
     H100_LLAMA_3_1_8B,
     L4_LLAMA_3_1_8B,
     PROFILES,
+    V100_16GB_LLAMA_2_7B,
+    V100_LLAMA_2_7B,
     BatchShape,
     get_profile,
 )
@@ -55,6 +57,15 @@ def test_kv_capacity_follows_from_memory_left_after_weights() -> None:
     assert 1500 < l4.num_gpu_blocks < 2500  # ~30k tokens on a 24 GB L4
     assert h100.num_gpu_blocks > 10 * l4.num_gpu_blocks
     assert l4.max_model_len <= l4.num_gpu_blocks * 16
+
+
+def test_a_16gb_v100_leaves_llama_2_7b_a_few_thousand_tokens_of_kv() -> None:
+    small, big = V100_16GB_LLAMA_2_7B, V100_LLAMA_2_7B
+    # 13.5 GB of weights on a 16 GB card: ~2.5 GB of KV at 0.5 MiB a token, just over the
+    # 4,096 tokens vLLM needs to serve Llama-2's context; the 32 GB card holds ~6x more.
+    assert 4096 <= small.num_gpu_blocks * 16 < 6000
+    assert big.num_gpu_blocks > 5 * small.num_gpu_blocks
+    assert small.decode_time([500]) == big.decode_time([500])
 
 
 def test_unknown_profile_names_list_the_known_ones() -> None:
