@@ -35,9 +35,13 @@ adds the predicted decode and the Intelligent Router's mixing penalty::
 its prefill stalls every running decode, and its decode slows theirs (``mix_weight`` is the
 paper's alpha). Running sequences also share every engine step with the prefill
 (``decode_weight`` per sequence), and a nearly full KV cache means preemption and
-recomputation (the barrier term). The winner is drawn at random among the near-ties,
-candidates within ``max(tie_abs, tie_rel * best)`` of the best, so routers that share one
-stale view spread their requests instead of all sending them to the replica that looked idle.
+recomputation (the barrier term). With ``kv_tokens`` (the engines' KV capacity) set, only
+replicas whose predicted KV demand leaves room for the request compete, the one with the
+most room wins, and when none has room the request is held at the router ("wait") for up to
+``max_hold`` seconds (:mod:`mesh.policies.headroom`). The winner is drawn at random among
+the near-ties, candidates within ``max(tie_abs, tie_rel * best)`` of the best, so routers
+that share one stale view spread their requests instead of all sending them to the replica
+that looked idle.
 """
 
 from __future__ import annotations
