@@ -324,8 +324,11 @@ class Dispatcher:
     def _pump(self, now: float, out: list[tuple[Waiter, Placement]],
               held: list[Ticket]) -> None:
         """:meth:`pump`'s loop. The shells start the placed requests in the ledger after it
-        returns, so each one placed here is held in the ledger meanwhile (``held``, ended by
-        :meth:`pump`) and the next decision sees it, as it would had it arrived alone."""
+        returns; for a policy with ``sees_released`` (the kvmesh policy holding for KV
+        headroom) each one placed here is held in the ledger meanwhile (``held``, ended by
+        :meth:`pump`), so the next decision of the pass sees it, as it would had it arrived
+        alone. (Other waiting policies keep deciding a pass on one view: ``skylb``'s figures
+        and the shells' equivalence test were measured that way.)"""
         self.queue.promote(now)
         while True:
             head = self.queue.head()
@@ -350,7 +353,8 @@ class Dispatcher:
             self.queue.pop_head()
             placed = self.place(head.ask, d, view)
             out.append((head, placed))
-            if placed.target is not None and self.queue:
+            if placed.target is not None and self.queue and getattr(
+                    self.policy, "sees_released", False):
                 req = head.ask.request
                 held.append(self.dispatches.start(
                     placed.target.ledger_key, placed.target.region, req.num_tokens, now,

@@ -185,6 +185,9 @@ class ExpectedTtft:
 
     def __init__(self, params: Mapping[str, object] | None = None) -> None:
         self.params = parse_params(TtftParams, params or {}, self.name)
+        self.sees_released = self.params.kv_tokens > 0.0
+        """Requests the router's queue releases in one pass must see each other in the
+        ledger (:meth:`mesh.dispatch.Dispatcher.pump`): the KV hold counts them."""
 
     def decide(self, request: Request, view: View, now: float, rng: random.Random) -> Decision:
         reps = view.healthy("mesh")

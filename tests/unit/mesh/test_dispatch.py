@@ -124,6 +124,7 @@ def test_requests_released_together_see_each_other_in_the_ledger() -> None:
     """The shells start a pump's placements after it returns: until then the core holds
     them in the ledger, so the second decision of one pump sees the first."""
     pol = Scripted([WAIT, go("a0"), go("a0"), go("a1")])
+    pol.sees_released = True  # type: ignore[attr-defined]
     d = core(pol)
     guess = LengthGuess(300.0, 2)
     for i in (1, 2, 3):
@@ -134,6 +135,14 @@ def test_requests_released_together_see_each_other_in_the_ledger() -> None:
     assert [(r.inflight, r.work) for r in a0] == [(0, 0.0), (1, 300.0), (2, 600.0)]
     # Nothing is left behind: the shell's own start is the only one that counts.
     assert d.dispatches.total() == 0 and d.dispatches.work == {}
+    # Other policies decide a pass on one view.
+    plain = Scripted([WAIT, go("a0"), go("a0")])
+    d = core(plain)
+    for i in (1, 2):
+        d.submit(Ask(req(i)), 0.0)
+    assert len(d.pump(1.0)) == 2
+    assert [next(r for r in v.replicas if r.replica == "a0").inflight
+            for v in plain.views[1:]] == [0, 0]
 
 
 def test_queue_full_and_cancelled_waiters() -> None:
