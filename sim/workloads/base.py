@@ -82,6 +82,24 @@ class Client(Protocol):
     def on_complete(self, req: SimRequest, now: float) -> list[SimRequest]: ...
 
 
+class OpenLoop:
+    """A :class:`Client` whose arrivals come on their own clock (Poisson, open loop): each
+    request chains the next arrival when it leaves, and a completion starts nothing.
+    Subclasses say what the next request is (``_next``)."""
+
+    def start(self, now: float) -> list[SimRequest]:
+        return [self._next(now)]
+
+    def on_sent(self, req: SimRequest, now: float) -> list[SimRequest]:
+        return [self._next(now)]
+
+    def on_complete(self, req: SimRequest, now: float) -> list[SimRequest]:
+        return []
+
+    def _next(self, now: float) -> SimRequest:
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
 class Workload:
     """Clients plus the time after which no new request is sent."""

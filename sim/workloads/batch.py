@@ -16,6 +16,7 @@ from sim.workloads.base import (
     USER,
     Client,
     LogNormal,
+    OpenLoop,
     RidSpace,
     SimRequest,
     content_tokens,
@@ -25,7 +26,7 @@ from sim.workloads.base import (
 )
 
 
-class BatchSource:
+class BatchSource(OpenLoop):
     def __init__(self, region: str, index: int, rate_per_s: float, prompt: LogNormal,
                  output: LogNormal, deadline_s: float, seed: int) -> None:
         if rate_per_s <= 0 or deadline_s <= 0:
@@ -41,15 +42,6 @@ class BatchSource:
         self._arrivals = rng_for(seed, self.cid, "arrivals")
         self._header = template_header(seed)
         self._n = 0
-
-    def start(self, now: float) -> list[SimRequest]:
-        return [self._next(now)]
-
-    def on_sent(self, req: SimRequest, now: float) -> list[SimRequest]:
-        return [self._next(now)]
-
-    def on_complete(self, req: SimRequest, now: float) -> list[SimRequest]:
-        return []
 
     def _next(self, now: float) -> SimRequest:
         at = now + self._arrivals.expovariate(self.rate)

@@ -21,6 +21,7 @@ from sim.workloads.base import (
     ASSISTANT,
     USER,
     LogNormal,
+    OpenLoop,
     RidSpace,
     SimRequest,
     Workload,
@@ -66,7 +67,7 @@ FIVE_TASKS: tuple[Task, ...] = (
 HEAVY_DECODE_TOKENS = 160
 
 
-class TaskMixSource:
+class TaskMixSource(OpenLoop):
     """One region's open-loop stream of one-shot task prompts."""
 
     def __init__(self, region: str, index: int, tasks: Sequence[Task], rate_per_s: float,
@@ -84,15 +85,6 @@ class TaskMixSource:
         self._instructions = {t.name: content_tokens(rng_for(seed, "task", t.name),
                                                      INSTRUCTION_TOKENS) for t in self.tasks}
         self._n = 0
-
-    def start(self, now: float) -> list[SimRequest]:
-        return [self._next(now)]
-
-    def on_sent(self, req: SimRequest, now: float) -> list[SimRequest]:
-        return [self._next(now)]
-
-    def on_complete(self, req: SimRequest, now: float) -> list[SimRequest]:
-        return []
 
     def _next(self, now: float) -> SimRequest:
         t = now + self._arrivals.expovariate(self.rate)
