@@ -56,7 +56,8 @@ def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: Mes
     for url, region, st, rate in own:
         others = backend.others_inflight(url)
         cal = learned(url)
-        rate = cal.prefill_rate or rate
+        if rate is None:  # a configured rate is taken as given; the learned one fills in
+            rate = cal.prefill_rate
         if st is None or st.load is None:
             yield ReplicaRecord(url, region, False, 0, 0, 0, float("inf"), others, rate,
                                 queue_delay=cal.queue_delay, overhead=cal.overhead or 0.0,
@@ -243,7 +244,7 @@ class MeshState:
             info = info if isinstance(info, dict) else {}
             rate = info.get("prefill_rate")
             cal = self._calibrated(replica, info.get("calib"))
-            if cal.prefill_rate is not None:
+            if not isinstance(rate, int | float):  # configured wins; learned fills in
                 rate = cal.prefill_rate
             models = info.get("models")
             live = alive is None or load.reporter in alive
