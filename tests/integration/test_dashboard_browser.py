@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from router_support import (
     chat,
     healthy,
     mesh_of,
-    processes,
     ready,
     sees_replicas,
     wait_until,
@@ -38,12 +37,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-dev-shm-usage"]
 ARTIFACTS = ROOT / "results" / "test-artifacts"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 @contextlib.asynccontextmanager

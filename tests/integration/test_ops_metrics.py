@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from router_support import (
     free_ports,
     healthy,
     mesh_of,
-    processes,
     sees_replicas,
     wait_until,
 )
@@ -72,12 +70,6 @@ def test_the_files_name_metrics_at_all() -> None:
     assert DASHBOARDS and RULES
     assert len(dashboard_exprs()) >= 20 and len(rule_exprs()) >= 8
     assert all(names_in(e) or "up{" in e for _, e in dashboard_exprs() + rule_exprs())
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 async def _traffic(routers: list[str], n: int) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,18 +16,11 @@ from router_support import (
     free_ports,
     get_json,
     healthy,
-    processes,
     sees_replicas,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 async def metric(s: aiohttp.ClientSession, router: str, name: str, labels: str) -> float:

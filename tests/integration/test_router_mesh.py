@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from router_support import (
     chat,
     get_json,
     healthy,
-    processes,
     sees_replicas,
     wait_until,
 )
@@ -63,12 +61,6 @@ async def converge(s: aiohttp.ClientSession, *routers: str, replicas: int = 2) -
     for r in routers:
         await wait_until(partial(sees_replicas, s, r, replicas), timeout=30,
                          what=f"{r} sees {replicas} replicas")
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 async def test_streaming_through_one_hop_with_the_openai_client(procs: Procs) -> None:

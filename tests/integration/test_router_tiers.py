@@ -5,26 +5,18 @@ processes and simulated engines: tiers from each source, a shed batch request (4
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from router_support import MODEL, Procs, get_json, processes, sees_replicas, wait_until
+from router_support import MODEL, Procs, get_json, sees_replicas, wait_until
 
 pytestmark = pytest.mark.integration
 
 KEY_BATCH = "batch-key-0123456789abcdef"
 KEY_WEB = "web-key-0123456789abcdefgh"
 MSG = [{"role": "user", "content": "say something about queues"}]
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 def start(procs: Procs, tiers: dict[str, Any], speedup: float = 20.0,

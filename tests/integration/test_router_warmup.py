@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -21,19 +19,12 @@ from router_support import (
     healthy,
     index_blocks,
     mesh_of,
-    processes,
     ready,
     sees_replicas,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 def _time_to_warm(metrics: str) -> tuple[str, float] | None:

@@ -14,9 +14,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,7 +27,6 @@ from router_support import (
     chat,
     get_json,
     healthy,
-    processes,
     ready,
     wait_until,
 )
@@ -40,12 +37,6 @@ from sim.procs import free_ports
 pytestmark = pytest.mark.integration
 
 WORKERS = 3
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    with processes(tmp_path) as p:
-        yield p
 
 
 def node(procs: Procs, speedup: float) -> tuple[str, str, str]:
