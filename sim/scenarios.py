@@ -617,6 +617,7 @@ def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
         if v.kv_hold:
             cfg = (sc.engine_config or EngineConfig()).for_profile(sc.profile)
             kv["kv_tokens"] = cfg.num_gpu_blocks * cfg.block_size
+            kv["kv_block"] = cfg.block_size
         return {**decode_params(sc.profile), **kv, **v.params}
     return dict(v.params)
 

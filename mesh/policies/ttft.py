@@ -102,6 +102,10 @@ class TtftParams:
     headroom``) and holds it at the router when none fits; 0: off."""
     kv_fill: float = 1.0
     """Multiple of ``kv_tokens`` the predicted final footprints in flight may add up to."""
+    kv_block: int = 16
+    """The engines' KV block size, tokens (vLLM's ``--block-size``): each sequence's last
+    block is partly empty, ``(kv_block - 1) / 2`` tokens on average (``mesh.policies.
+    headroom``). Read only with ``kv_tokens`` set."""
     max_hold: float = 60.0
     """Longest a request is held for KV headroom, seconds since its arrival."""
     hold_retry: float = 0.05
@@ -112,6 +116,9 @@ class TtftParams:
         if self.objective not in OBJECTIVES:
             raise PolicyError(f"policy.objective: expected one of {', '.join(OBJECTIVES)}, "
                               f"got {self.objective!r}")
+        if self.kv_block < 1:
+            raise PolicyError(f"policy.kv_block: expected a block size of at least 1 token, "
+                              f"got {self.kv_block}")
 
 
 def objective_of(request: Request, p: TtftParams) -> str:
@@ -208,11 +215,11 @@ class ExpectedTtft:
         allowed: Sequence[int] = range(len(costs))
         note = ""
         if p.kv_tokens > 0.0:
-            fit = fitting(request, reps, view, p.kv_tokens, p.kv_fill)
+            fit = fitting(request, reps, view, p.kv_tokens, p.kv_fill, p.kv_block)
             held = now - request.arrival
             if fit:
                 # The most predicted headroom wins (KV, not time, is what runs out).
-                room = [headroom(request, reps[i], view, p.kv_tokens) for i in fit]
+                room = [headroom(request, reps[i], view, p.kv_tokens, p.kv_block) for i in fit]
                 allowed = [fit[room.index(max(room))]]
                 note = f" kv_fit={len(fit)}/{len(reps)}"
             elif held < p.max_hold:

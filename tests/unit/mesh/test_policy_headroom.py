@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from mesh.policies import ReplicaView, Request, View, make_policy
-from mesh.policies.base import LengthGuess
-from mesh.policies.headroom import fitting, headroom, kv_demand, request_footprint
+from mesh.policies.base import LengthGuess, PolicyError
+from mesh.policies.headroom import fitting, headroom, kv_demand, request_footprint, slack
 
 KV = {"kv_tokens": 1000.0, "kv_fill": 1.0, "max_hold": 10.0, "hold_retry": 0.2}
 
@@ -88,3 +90,35 @@ def test_without_kv_tokens_the_decisions_are_unchanged() -> None:
         a = off.decide(ask(), v, 0.0, random.Random(seed))
         b = plain.decide(ask(), v, 0.0, random.Random(seed))
         assert (a.replica, a.reason) == (b.replica, b.reason) and not a.wait
+
+
+def test_each_sequence_holds_half_a_block_of_empty_slots_on_average() -> None:
+    # A sequence of n tokens holds ceil(n / 16) blocks: over n mod 16 = 0..15 the empty
+    # slots of its last block are 0, 15, 14, ..., 1, which average 7.5.
+    waste = [-(-n // 16) * 16 - n for n in range(1000, 1016)]
+    assert slack(16) == sum(waste) / len(waste) == 7.5
+    assert slack(1) == 0.0
+    v = view()
+    assert kv_demand(rep("a", inflight=3, work=500.0), v, 16) == 500.0 + 3 * (50.0 + 7.5)
+    assert request_footprint(ask(100, 150.0), v, 16) == 250.0 + 7.5
+    assert headroom(ask(100, 100.0), rep("a", 1, 150.0), v, 1000.0, 16) \
+        == 1000 - (200 + 7.5) - (200 + 7.5)
+    # Without the engines' block size (1: token-granular) the model is as before.
+    assert kv_demand(rep("a", inflight=3, work=500.0), v) == 500.0 + 3 * 50.0
+
+
+def test_a_request_that_fits_only_token_by_token_is_held_for_its_blocks() -> None:
+    # a: 600 predicted output + 4 x 50 prompt = 800; the request: 100 + 100 = 200. Exactly
+    # the 1,000 tokens of KV counted token by token, 837.5 + 207.5 in 16-token blocks.
+    v = view(rep("a", 4, 600.0))
+    assert fitting(ask(), list(v.replicas), v, 1000.0, 1.0) == [0]
+    assert fitting(ask(), list(v.replicas), v, 1000.0, 1.0, 16) == []
+    tokenwise = make_policy("kvmesh", {**KV, "kv_block": 1})
+    assert tokenwise.decide(ask(), v, 0.0, random.Random(0)).replica == "a"
+    blocks = make_policy("kvmesh", KV)  # vLLM's default 16-token blocks
+    assert blocks.decide(ask(), v, 0.0, random.Random(0)).wait
+
+
+def test_a_block_size_below_one_token_is_refused() -> None:
+    with pytest.raises(PolicyError, match="kv_block"):
+        make_policy("kvmesh", {**KV, "kv_block": 0})

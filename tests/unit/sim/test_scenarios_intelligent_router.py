@@ -14,6 +14,9 @@ def test_kvmesh_and_the_oracle_are_told_the_engines_kv_capacity() -> None:
     assert "kv_tokens" not in policy_params(sc, by["kvmesh-ttft"])
     assert "kv_tokens" not in policy_params(sc, by["round_robin"])
     assert 4096 <= kv < 6000
+    # ... and its block size (each sequence's last block is partly empty).
+    assert policy_params(sc, by["kvmesh"])["kv_block"] == 16
+    assert "kv_block" not in policy_params(sc, by["kvmesh-ttft"])
 
 
 def test_the_engines_run_as_the_paper_ran_vllm() -> None:
