@@ -6,26 +6,37 @@ engine preempts the newest sequence, which recomputes from scratch (vLLM's defau
 engine whose sequences will outgrow its KV cache therefore wastes work exactly when it is
 busiest. A router that knows each request's predicted output can see it coming::
 
-    demand(r) = min(r.work, inflight(r) * mean_output_tokens)  (predicted outputs in flight,
-                + inflight(r) * mean_prompt_tokens          at most the mean each, + prompts)
-                + inflight(r) * (block - 1) / 2             (their last blocks' empty slots)
-    need      = prompt + min(predicted output, mean output) + (block - 1) / 2
-    fits(r)   = demand(r) + need <= fill * kv_tokens          (or r has nothing in flight)
+    demand(r)   = min(r.work, inflight(r) * mean_output_tokens)  (predicted outputs in
+                  + inflight(r) * mean_prompt_tokens          flight, at most the mean
+                  + inflight(r) * (block - 1) / 2             each, + prompts, + their
+                                                              last blocks' empty slots)
+    reported(r) = r.kv_usage * kv_tokens                      (the engine's blocks in use,
+                  + (r.waiting + r.fresh) * (mean_prompt_tokens + (block - 1) / 2)
+                                                              + what its queue will claim)
+    need        = prompt + min(predicted output, mean output) + (block - 1) / 2
+    fits(r)     = max(demand(r), reported(r)) + need <= fill * kv_tokens
+                  (or r has nothing in flight)
 
 ``r.work`` is the predicted output tokens of this router's requests in flight to ``r`` (the
-dispatch ledger). The engine allocates KV in whole blocks of ``block`` tokens (paged
-attention), so a sequence of ``n`` tokens holds ``ceil(n / block)`` blocks: its last block is
-partly empty. Which slot a sequence's length ends on is as good as uniform (its output length
-is a prediction, and it grows a token a step), so each sequence holds ``(block - 1) / 2``
-tokens of KV beyond its length on average (7.5 with vLLM's 16-token blocks). The simulated
-engine, like vLLM's v1 scheduler, keeps no free-block watermark, so none is modelled.
+dispatch ledger): ``demand`` is the ledger's prediction of the KV they will take together.
+The engine allocates KV in whole blocks of ``block`` tokens (paged attention), so a sequence
+of ``n`` tokens holds ``ceil(n / block)`` blocks: its last block is partly empty. Which slot a
+sequence's length ends on is as good as uniform (its output length is a prediction, and it
+grows a token a step), so each sequence holds ``(block - 1) / 2`` tokens of KV beyond its
+length on average (7.5 with vLLM's 16-token blocks). The simulated engine, like vLLM's v1
+scheduler, keeps no free-block watermark, so none is modelled.
 
-Requests other routers sent to ``r`` count at the mean output size only if the ledger holds
-no prediction at all, so with several routers per replica the demand is understated (set
-``fill`` lower). When no replica fits, the request is held at the router (the Intelligent
-Router's "hold" action) and decided again when a request completes or after ``hold_retry``; a
-request held ``max_hold`` seconds since its arrival goes to the best replica regardless, so
-holding never starves anyone.
+``reported`` is what the engine itself says it has committed (its last load record, plus
+this router's dispatches since): the blocks its running sequences hold now, and the prompts
+of the requests queued there, which it admits first-come first-served, so before anything
+sent now. Both figures bound the same thing from different sides: the ledger's misses the
+sequences that outgrew their predicted output and the requests other routers sent; the
+report misses the growth still to come. A replica that has just preempted reports the
+preempted sequences' blocks as free but their requests as queued, so the queue's prompts keep
+it from looking empty. When no replica fits, the request is held at the router (the
+Intelligent Router's "hold" action) and decided again when a request completes or after
+``hold_retry``; a request held ``max_hold`` seconds since its arrival goes to the best
+replica regardless, so holding never starves anyone.
 """
 
 from __future__ import annotations
@@ -53,6 +64,23 @@ def kv_demand(r: ReplicaView, view: View, block: float = 1.0) -> float:
     return out + r.inflight * (view.mean_prompt_tokens + slack(block))
 
 
+def reported(r: ReplicaView, view: View, kv_tokens: float, block: float = 1.0) -> float:
+    """KV (tokens) the engine has committed by its own report: the blocks in use in its last
+    load record, plus a prompt of the mean size (and its last block's empty slots) for each
+    request queued there or sent by this router since the record (the engine admits them
+    before anything sent now)."""
+    return r.kv_usage * kv_tokens + (r.waiting + r.fresh) * (view.mean_prompt_tokens
+                                                             + slack(block))
+
+
+def occupancy(r: ReplicaView, view: View, kv_tokens: float, block: float = 1.0) -> float:
+    """The KV ``r``'s requests in flight take, the larger of the ledger's prediction and the
+    engine's report (each misses something the other sees; see the module docstring)."""
+    d = kv_demand(r, view, block)
+    e = reported(r, view, kv_tokens, block)
+    return d if d >= e else e
+
+
 def request_footprint(request: Request, view: View, block: float = 1.0) -> float:
     """What this request adds to the replica's KV while the sequences in flight there now
     are still running: its prompt and its predicted output, the output counted up to the
@@ -73,11 +101,12 @@ def fitting(request: Request, reps: Sequence[ReplicaView], view: View, kv_tokens
     room = fill * kv_tokens
     need = request_footprint(request, view, block)
     return [i for i, r in enumerate(reps)
-            if kv_demand(r, view, block) + need <= room
+            if occupancy(r, view, kv_tokens, block) + need <= room
             or (r.inflight == 0 and r.running == 0)]
 
 
 def headroom(request: Request, r: ReplicaView, view: View, kv_tokens: float,
              block: float = 1.0) -> float:
     """Tokens of KV capacity left on ``r`` after ``request`` (negative: predicted overflow)."""
-    return kv_tokens - kv_demand(r, view, block) - request_footprint(request, view, block)
+    return (kv_tokens - occupancy(r, view, kv_tokens, block)
+            - request_footprint(request, view, block))

@@ -8,14 +8,23 @@ import pytest
 
 from mesh.policies import ReplicaView, Request, View, make_policy
 from mesh.policies.base import LengthGuess, PolicyError
-from mesh.policies.headroom import fitting, headroom, kv_demand, request_footprint, slack
+from mesh.policies.headroom import (
+    fitting,
+    headroom,
+    kv_demand,
+    occupancy,
+    reported,
+    request_footprint,
+    slack,
+)
 
 KV = {"kv_tokens": 1000.0, "kv_fill": 1.0, "max_hold": 10.0, "hold_retry": 0.2}
 
 
-def rep(name: str, inflight: int = 0, work: float = 0.0, running: float = 0.0) -> ReplicaView:
+def rep(name: str, inflight: int = 0, work: float = 0.0, running: float = 0.0,
+        kv_usage: float = 0.0, waiting: float = 0.0, fresh: int = 0) -> ReplicaView:
     return ReplicaView(replica=name, region="us", inflight=inflight, work=work,
-                       running=running)
+                       running=running, kv_usage=kv_usage, waiting=waiting, fresh=fresh)
 
 
 def view(*reps: ReplicaView) -> View:
@@ -122,3 +131,42 @@ def test_a_request_that_fits_only_token_by_token_is_held_for_its_blocks() -> Non
 def test_a_block_size_below_one_token_is_refused() -> None:
     with pytest.raises(PolicyError, match="kv_block"):
         make_policy("kvmesh", {**KV, "kv_block": 0})
+
+
+def test_the_engines_report_is_a_floor_under_the_ledgers_prediction() -> None:
+    v = view()
+    # 3 in flight: the ledger predicts 300 + 3 x 50 = 450 tokens.
+    quiet = rep("a", 3, 300.0, running=3.0, kv_usage=0.2)
+    assert reported(quiet, v, 1000.0) == 200.0
+    assert occupancy(quiet, v, 1000.0) == kv_demand(quiet, v) == 450.0
+    # Its sequences outgrew their predictions (or other routers' requests run there): the
+    # engine holds 700 tokens, and 2 more requests queued there claim a prompt each.
+    grown = rep("a", 3, 300.0, running=3.0, kv_usage=0.7, waiting=1.0, fresh=1)
+    assert reported(grown, v, 1000.0) == 700.0 + 2 * 50.0
+    assert reported(grown, v, 1000.0, 16) == 700.0 + 2 * (50.0 + 7.5)
+    assert occupancy(grown, v, 1000.0) == 800.0
+    assert headroom(ask(), grown, v, 1000.0) == 1000.0 - 800.0 - 200.0
+    assert fitting(ask(), [quiet, grown], v, 1000.0, 1.0) == [0, 1]
+    assert fitting(ask(101), [quiet, grown], v, 1000.0, 1.0) == [0]
+
+
+def test_a_replica_that_just_preempted_does_not_look_empty() -> None:
+    # b preempted: its blocks are free (usage 0.3) but its 6 requests wait to recompute,
+    # each claiming a prompt before anything sent now. The ledger sees no difference
+    # between a and b (same predictions in flight); the engines' reports do.
+    v = view(rep("a", 6, 600.0, running=6.0, kv_usage=0.7),
+             rep("b", 6, 600.0, running=0.0, kv_usage=0.3, waiting=6.0))
+    assert occupancy(v.replicas[0], v, 1000.0) == 900.0
+    assert occupancy(v.replicas[1], v, 1000.0) == 900.0
+    pol = make_policy("kvmesh", {**KV, "kv_tokens": 2000.0, "kv_block": 1})
+    d = pol.decide(ask(), v, 0.0, random.Random(0))
+    # Headroom: a 2000 - 1400 - 200 = 400, b 2000 - (600 + 300) - 200 = 900.
+    assert d.replica == "b"
+    full = view(rep("a", 6, 600.0, running=6.0, kv_usage=0.95),
+                rep("b", 6, 600.0, running=2.0, kv_usage=0.6, waiting=10.0))
+    # a: 1900 + 200 > 2000; b: 1200 + 10 x 50 + 200 = 1900 fits.
+    assert pol.decide(ask(), full, 0.0, random.Random(0)).replica == "b"
+    # On 1,500 tokens: a 1425 + 200, b 900 + 500 + 200: held, though the ledger's 900 + 200
+    # would fit on both.
+    assert make_policy("kvmesh", {**KV, "kv_tokens": 1500.0, "kv_block": 1}).decide(
+        ask(), full, 0.0, random.Random(0)).wait
