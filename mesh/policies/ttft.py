@@ -36,7 +36,8 @@ its prefill stalls every running decode, and its decode slows theirs (``mix_weig
 paper's alpha). Running sequences also share every engine step with the prefill
 (``decode_weight`` per sequence), and a nearly full KV cache means preemption and
 recomputation (the barrier term). With ``kv_tokens`` (the engines' KV capacity) set, only
-replicas whose predicted KV demand leaves room for the request compete, the one with the
+replicas whose KV in flight (the larger of the ledger's predicted demand and the engine's
+reported usage and queue) leaves room for the request compete, the one with the
 most room wins, and when none has room the request is held at the router ("wait") for up to
 ``max_hold`` seconds (:mod:`mesh.policies.headroom`). The winner is drawn at random among
 the near-ties, candidates within ``max(tie_abs, tie_rel * best)`` of the best, so routers
