@@ -29,14 +29,16 @@ scheduler, keeps no free-block watermark, so none is modelled.
 ``reported`` is what the engine itself says it has committed (its last load record, plus
 this router's dispatches since): the blocks its running sequences hold now, and the prompts
 of the requests queued there, which it admits first-come first-served, so before anything
-sent now. Both figures bound the same thing from different sides: the ledger's misses the
+sent now. Each figure misses what the other sees: the ledger's prediction misses the
 sequences that outgrew their predicted output and the requests other routers sent; the
-report misses the growth still to come. A replica that has just preempted reports the
-preempted sequences' blocks as free but their requests as queued, so the queue's prompts keep
-it from looking empty. When no replica fits, the request is held at the router (the
-Intelligent Router's "hold" action) and decided again when a request completes or after
-``hold_retry``; a request held ``max_hold`` seconds since its arrival goes to the best
-replica regardless, so holding never starves anyone.
+report misses the growth still to come, so the larger of the two counts. A replica that
+has just preempted reports the preempted sequences' blocks as free but their requests as
+queued, so the queue's prompts keep it from looking empty.
+
+When no replica fits, the request is held at the router (the Intelligent Router's "hold"
+action) and decided again when a request completes or after ``hold_retry``; a request held
+``max_hold`` seconds since its arrival goes to the best replica regardless, so holding never
+starves anyone.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ from mesh.policies.base import ReplicaView, Request, View
 
 
 def slack(block: float) -> float:
-    """Expected KV tokens a sequence holds beyond its length: its last block's empty slots
-    (``block - 1`` at most, as likely as not any of 0..block-1)."""
+    """Expected KV tokens a sequence holds beyond its length: its last block's empty slots,
+    any of 0..``block - 1`` alike."""
     return (block - 1.0) * 0.5 if block > 1.0 else 0.0
 
 
