@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from kvevents.tokenizers.factory import AsyncTokenizer
+from mesh.front import FAST_HANDLERS, FrontRequest
 from mesh.http_guard import BodyRefused, HttpLimits, read_body
 from mesh.limits import field_label
 from mesh.tiers import TierError, requested_tier
@@ -258,7 +259,8 @@ class Service(Protocol):
     @property
     def http_limits(self) -> HttpLimits: ...
 
-    async def infer(self, request: web.Request, inference: Inference) -> web.StreamResponse: ...
+    async def infer(self, request: web.Request | FrontRequest,
+                    inference: Inference) -> web.StreamResponse: ...
 
     async def models_page(self, request: web.Request) -> web.Response: ...
 
@@ -312,9 +314,12 @@ def build_app(
     app = web.Application(middlewares=[openai_errors], client_max_size=MAX_BODY)
 
     def inference(kind: str) -> Handler:
-        async def handle(request: web.Request) -> web.StreamResponse:
+        async def handle(request: web.Request | FrontRequest) -> web.StreamResponse:
             try:
-                raw = await read_body(request, service.http_limits)
+                if isinstance(request, FrontRequest):  # read by mesh.front, same limits
+                    raw = await request.read_limited(service.http_limits)
+                else:
+                    raw = await read_body(request, service.http_limits)
                 parsed = await service.preparer.prepare(kind, request.path, raw,
                                                         request.headers)
             except BodyRefused as refused:
@@ -334,9 +339,12 @@ def build_app(
 
         return handle
 
+    completion, chat = inference("completion"), inference("chat")
+    # The same handlers serve these paths on mesh.front's lean protocol.
+    app[FAST_HANDLERS] = {"/v1/completions": completion, "/v1/chat/completions": chat}
     app.add_routes([
-        web.post("/v1/completions", inference("completion")),
-        web.post("/v1/chat/completions", inference("chat")),
+        web.post("/v1/completions", completion),
+        web.post("/v1/chat/completions", chat),
         web.get("/v1/models", service.models_page),
         web.get("/health", service.health_page),
         web.get("/ready", service.ready_page),

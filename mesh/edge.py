@@ -22,6 +22,7 @@ from mesh import forward_auth
 from mesh.api import ApiError, Inference, PromptTokenizer, error_response
 from mesh.client_auth import ApiKey, ApiKeys, KeyRefused
 from mesh.config import RouterConfig
+from mesh.front import FrontEnd
 from mesh.http_guard import ConnectionGuard, HttpLimits, QuietLogger
 from mesh.metrics import RouterMetrics
 from mesh.outliers import OutlierDetector
@@ -70,6 +71,7 @@ class Edge:
         self.outliers = OutlierDetector(config.outlier_consecutive_failures,
                                         config.outlier_ejection, config.outlier_max_ejection)
         self._server: asyncio.base_events.Server | None = None
+        self.front: FrontEnd | None = None
         self.ssl: ssl.SSLContext | None = server_context(config)
         self.api_keys = ApiKeys(config.api_keys)
         self.peer_refused = 0
@@ -131,8 +133,10 @@ class Edge:
         kwargs: dict[str, Any] = {}
         if self.ssl is not None:
             kwargs = {"ssl": self.ssl, "ssl_handshake_timeout": self.limits.header_timeout}
+        # Inference requests on mesh.front's protocol, the rest handed to aiohttp's.
+        self.front = FrontEnd(runner.app, runner.server, self.limits)
         self._server = await loop.create_server(
-            self.guard.protocol_factory(runner.server), host, port, reuse_address=True,
+            self.guard.protocol_factory(self.front.protocol), host, port, reuse_address=True,
             reuse_port=reuse_port or None, backlog=1024, **kwargs,
         )
         self.guard.start()
@@ -144,6 +148,8 @@ class Edge:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self.front is not None:
+            await self.front.close()
         self.preparer.close()
 
     # -- forwards ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from mesh import upstream
+from mesh.front import FrontRequest, FrontStream
 
 # Hop-by-hop or recomputed headers never copied from the upstream response.
 _SKIP = {
@@ -192,7 +193,7 @@ def response_headers(up: Upstream) -> dict[str, str]:
 
 
 async def relay(
-    request: web.Request, up: Upstream, extra_headers: Mapping[str, str],
+    request: web.Request | FrontRequest, up: Upstream, extra_headers: Mapping[str, str],
     tap: Tap | None = None,
 ) -> tuple[web.StreamResponse, int, bool]:
     """Copy ``up`` to the client as it arrives; returns (response, bytes sent, completed).
@@ -201,11 +202,18 @@ async def relay(
     length unknown in advance, so the answer is then chunked)."""
     headers = response_headers(up)
     headers.update(extra_headers)
-    resp = _Relayed(status=up.status, headers=headers)
+    resp: web.StreamResponse
+    if isinstance(request, FrontRequest):
+        resp = FrontStream(request, status=up.status, headers=headers)
+    else:
+        resp = _Relayed(status=up.status, headers=headers)
     length = up.resp.headers.get("Content-Length")
     if length is not None and length.isdigit() and (tap is None or not tap.rewrites):
         resp.content_length = int(length)
-    await resp.prepare(request)
+    if isinstance(resp, FrontStream):
+        resp.begin()
+    elif not isinstance(request, FrontRequest):
+        await resp.prepare(request)
     sent = 0
     completed = False
     try:

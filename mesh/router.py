@@ -47,6 +47,7 @@ from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.edge import API_KEY, Edge
 from mesh.engines import EngineMonitor, EngineState
 from mesh.forward_auth import Forward
+from mesh.front import FrontRequest
 from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge, length_metrics
 from mesh.outcomes import outcomes_for
@@ -354,7 +355,8 @@ class Router:
                 self._publish()
 
     # -- the request path ------------------------------------------------------------------
-    async def infer(self, request: web.Request, inf: Inference) -> web.StreamResponse:
+    async def infer(self, request: web.Request | FrontRequest,
+                    inf: Inference) -> web.StreamResponse:
         arrival = self.clock()
         route = inf.path
         try:
@@ -382,7 +384,7 @@ class Router:
         finally:
             self._client_ids.pop(request_id, None)
 
-    def _tier(self, request: web.Request, inf: Inference, fwd: Forward | None,
+    def _tier(self, request: web.Request | FrontRequest, inf: Inference, fwd: Forward | None,
               arrival: float) -> tuple[str, float]:
         """The request's tier and SLO deadline: a peer's signed ones for a forward, else its
         own choice, its API key's default, the configured default (``mesh.tiers``)."""
@@ -396,7 +398,7 @@ class Router:
         return tier, tiers.deadline(tier, arrival)
 
     async def _place(
-        self, request: web.Request, inf: Inference, first: Ask, request_id: str,
+        self, request: web.Request | FrontRequest, inf: Inference, first: Ask, request_id: str,
         arrival: float,
     ) -> web.StreamResponse:
         """Decide, dispatch and relay, retrying on the next-best target before the first byte."""
@@ -455,8 +457,8 @@ class Router:
         )
 
     async def _attempt(
-        self, request: web.Request, inf: Inference, req: Request, d: Decision, target: Target,
-        arrival: float, forwarded: bool, request_id: str, route: str,
+        self, request: web.Request | FrontRequest, inf: Inference, req: Request, d: Decision,
+        target: Target, arrival: float, forwarded: bool, request_id: str, route: str,
     ) -> web.StreamResponse | None:
         """One dispatch; None when it failed before the first byte (try the next target)."""
         assert self.forwarder is not None
