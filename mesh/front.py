@@ -403,7 +403,7 @@ class FrontProtocol(asyncio.Protocol):
         head = _Head()
         parser = httptools.HttpRequestParser(head)
         try:
-            parser.feed_data(bytes(self.buf[:end + 4]))
+            parser.feed_data(self.buf[:end + 4])
         except httptools.HttpParserError:
             self._hand_off()
             return
@@ -434,10 +434,13 @@ class FrontProtocol(asyncio.Protocol):
             length = int(cl)
         else:
             length = 0
-        major, minor = (int(x) for x in parser.get_http_version().split("."))
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self._hand_off()
+            return
         assert self.transport is not None
         req = FrontRequest(self, "POST", path, "" if q < 0 else url[q + 1:].decode("latin-1"),
-                           headers, self.transport, (major, minor), parser.should_keep_alive())
+                           headers, self.transport, version, parser.should_keep_alive())
         del self.buf[:end + 4]
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         req._body = fut
@@ -451,7 +454,7 @@ class FrontProtocol(asyncio.Protocol):
         elif length is not None and length > limits.max_body_bytes:
             refused = BodyRefused(413, f"request body is larger than {limits.max_body_bytes} "
                                   "bytes", "body_too_large", close=True)
-        if expect is not None and (major, minor) >= (1, 1):
+        if expect is not None and version >= (1, 1):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if refused is not None:
             fut.set_exception(refused)
@@ -608,6 +611,7 @@ class FrontProtocol(asyncio.Protocol):
             inner.pause_writing()
 
 
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
 _OWN_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "date", "server",
                           "keep-alive"})
 
