@@ -237,6 +237,15 @@ class Edge:
             k.add_metric([reason], n)
         k.add_metric(["peer_certificate"], self.peer_refused)
         yield k
+        if self.front is not None:
+            fr = CounterMetricFamily("kvmesh_http_front_requests",
+                                     "Inference requests served on the lean front end")
+            fr.add_metric([], self.front.served)
+            yield fr
+            ho = CounterMetricFamily("kvmesh_http_handed_off_connections",
+                                     "Connections handed to aiohttp (other paths, odd heads)")
+            ho.add_metric([], self.front.handed_off)
+            yield ho
         s = GaugeMetricFamily("kvmesh_http_connections", "Open client connections")
         s.add_metric([], len(self.guard))
         yield s
