@@ -53,6 +53,8 @@ log = logging.getLogger("kvmesh.http")
 FAST_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_HEAD = 8190 + 4
 """Longest head served here; a longer one goes to aiohttp (which refuses past its limits)."""
+MAX_HEADERS = 128
+"""More headers than aiohttp's server accepts: handed to it, to be refused as before."""
 PIPELINE_BYTES = 1024 * 1024
 """Buffered bytes of requests not yet served before reading pauses."""
 
@@ -411,7 +413,8 @@ class FrontProtocol(asyncio.Protocol):
         url = head.url
         q = url.find(b"?")
         path = (url if q < 0 else url[:q]).decode("latin-1")
-        if method != b"POST" or path not in self.front.handlers or parser.should_upgrade():
+        if (method != b"POST" or path not in self.front.handlers or parser.should_upgrade()
+                or len(head.headers) > MAX_HEADERS):
             self._hand_off()
             return
         headers = CIMultiDictProxy(CIMultiDict(head.headers))

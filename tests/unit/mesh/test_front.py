@@ -117,6 +117,8 @@ async def test_pipelined_requests_are_answered_in_order(router: Router) -> None:
     c.send(post(CHAT) + post(bad) + chunked(CHAT) + post(CHAT))  # one write
     statuses = [(await c.answer())[0] for _ in range(4)]
     assert statuses == [200, 400, 200, 200]
+    assert router.edge.front is not None
+    assert router.edge.front.served == 4 and router.edge.front.handed_off == 0
     await c.close()
 
 
@@ -212,14 +214,15 @@ async def test_malformed_request_lines_get_aiohttps_400(router: Router) -> None:
                 b"POST /v1/chat/completions\x00 HTTP/1.1\r\nHost: x\r\n\r\n",
                 b"GARBAGE\r\n\r\n",
                 b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 1\r\n"
-                b"Content-Length: 2\r\n\r\n{}"):
+                b"Content-Length: 2\r\n\r\n{}",
+                post(CHAT, extra="".join(f"x-h{i}: v\r\n" for i in range(200)))):
         c = await Client.open(router)
         c.send(raw)
         status, _, _ = await c.answer()
         assert status == 400, raw
         await c.close()
     metrics = router.metrics.render().decode()
-    assert "kvmesh_http_malformed_requests_total" in metrics
+    assert "kvmesh_http_malformed_requests_total{kind=" in metrics
 
 
 async def test_client_disconnect_mid_stream_cancels_the_upstream(
