@@ -408,8 +408,13 @@ class Router:
         excluded_regions: set[str] = set()
         failures: list[str] = []
         for attempt in range(1, self.config.max_attempts + 1):
-            ask = replace(first, excluded_replicas=frozenset(excluded_replicas),
-                          excluded_regions=frozenset(excluded_regions), attempt=attempt)
+            if attempt == 1 and not excluded_replicas and not excluded_regions \
+                    and first.attempt == 1 and not first.excluded_replicas \
+                    and not first.excluded_regions:
+                ask = first  # the common case: nothing to exclude (no copy per request)
+            else:
+                ask = replace(first, excluded_replicas=frozenset(excluded_replicas),
+                              excluded_regions=frozenset(excluded_regions), attempt=attempt)
             p = await self.place(ask)
             d, target = p.decision, p.target
             self.decision_log.add(DecisionEntry(
