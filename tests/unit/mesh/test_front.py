@@ -251,3 +251,46 @@ async def test_http_1_0_closes_after_the_answer(router: Router) -> None:
     status, _, body = await c.answer()
     assert status == 200 and b"hello" in body
     assert await c.closed_by_peer()
+
+
+class _Transport:
+    """A transport whose peer reads nothing: what was written, and whether it closed."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+async def test_writes_wait_while_the_client_is_not_reading() -> None:
+    from aiohttp import web
+
+    from mesh.front import FAST_HANDLERS, FrontEnd, FrontProtocol
+    from mesh.http_guard import HttpLimits
+
+    app = web.Application()
+    app[FAST_HANDLERS] = {}
+    proto = FrontProtocol(FrontEnd(app, asyncio.Protocol, HttpLimits()))
+    t = _Transport()
+    proto.connection_made(t)  # type: ignore[arg-type]
+    proto.pause_writing()  # the client's socket buffer is full
+    send = asyncio.ensure_future(proto.send(b"chunk"))
+    for _ in range(10):  # loop turns: nothing but resume_writing can release it
+        await asyncio.sleep(0)
+    assert not send.done() and bytes(t.data) == b"chunk"  # written, then waiting
+    proto.resume_writing()
+    await asyncio.wait_for(send, 5)
+    proto.pause_writing()
+    send = asyncio.ensure_future(proto.send(b"more"))
+    await asyncio.sleep(0)
+    proto.connection_lost(None)  # the client went away while we waited
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(send, 5)
