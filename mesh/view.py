@@ -174,7 +174,8 @@ class ViewBuilder:
     default_rtt: float = 0.1
     """Round trip assumed for a region with routers but neither a measurement nor a setting."""
     learned_rtt: Mapping[str, float] = field(default_factory=dict)
-    """Forward round trips learned from outcomes (``mesh.outcomes``): replace the rest."""
+    """Forward round trips learned from outcomes (``mesh.outcomes``): replace the rest, but
+    never below a measured round trip (see :meth:`rtt`)."""
     margins: Mapping[str, float] = field(default_factory=dict)
     """Measured forwarding error band per region (``mesh.outcomes``)."""
 
@@ -232,11 +233,23 @@ class ViewBuilder:
         )
 
     def rtt(self, region: str, info: RegionRecord | None) -> float:
+        """Round trip of a forward into ``region``: the learned one, floored at the measured.
+
+        A learned round trip is a forward's observed TTFT less the cost model's engine-side
+        prediction, so it also holds that prediction's error: where the model overprices the
+        engine side (a busy replica's KV barrier), it drifts below the network's round trip,
+        down to 0, and forwards look cheaper than staying home by the model's error, which
+        the home candidates keep. A forward crosses the network there and back at least
+        once, so the round trip membership probes measure (plus any emulated delay) is a
+        floor; a configured or default round trip is a guess, not a floor.
+        """
+        emulated = self.emulated_rtt.get(region, 0.0)
+        measured = info.rtt if info is not None else None
         learned = self.learned_rtt.get(region)
         if learned is not None:
+            if measured is not None and learned < measured + emulated:
+                return measured + emulated
             return learned
-        if info is not None and info.rtt is not None:
-            base = info.rtt
-        else:
-            base = self.static_rtt.get(region, self.default_rtt)
-        return base + self.emulated_rtt.get(region, 0.0)
+        base = measured if measured is not None else self.static_rtt.get(region,
+                                                                         self.default_rtt)
+        return base + emulated

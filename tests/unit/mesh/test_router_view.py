@@ -56,6 +56,27 @@ def test_regions_get_measured_static_or_default_rtt_plus_emulated() -> None:
     assert {r.region for r in view.healthy()} == {"us", "eu", "asia"}
 
 
+def test_a_learned_round_trip_replaces_the_measured_but_never_goes_below_it() -> None:
+    records = [ReplicaRecord(f"http://{r}", r, True, 0, 0, 0, 0.1) for r in ("us", "eu", "asia",
+                                                                            "sa")]
+    regions = {
+        "eu": RegionRecord("eu", 0.1, ("http://router-eu",)),
+        "asia": RegionRecord("asia", 0.15, ("http://router-asia",)),
+        "sa": RegionRecord("sa", None, ("http://router-sa",)),
+    }
+    # eu: the model overpriced the engine side, the learned figure drifted to 0.01;
+    # asia: forwards cost more than the probes' round trip (HTTP, a slow path); sa: only a
+    # configured round trip, which is a guess and no floor.
+    learned = {"eu": 0.01, "asia": 0.2, "sa": 0.05}
+    b = builder(records, regions, learned_rtt=learned, emulated_rtt={"eu": 0.02},
+                static_rtt={"sa": 0.3})
+    view = b.build(now=0.0)
+    assert math.isclose(view.regions["eu"].rtt, 0.12)  # measured + emulated: the floor
+    assert view.regions["asia"].rtt == 0.2
+    assert view.regions["sa"].rtt == 0.05
+    assert view.rtt("us") == 0.0
+
+
 def test_local_only_and_without_for_forwarded_requests_and_retries() -> None:
     records = [ReplicaRecord("http://a", "us", True, 0, 0, 0, 0.1),
                ReplicaRecord("http://b", "us", True, 0, 0, 0, 0.1),
