@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from importlib.metadata import PackageNotFoundError, version
 
+from mesh import build
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
@@ -12,7 +14,13 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        print(version("kvmesh"))
+        v = version("kvmesh")
     except PackageNotFoundError:
-        print("unknown (not installed)")
+        v = "unknown (not installed)"
+    try:
+        b = build.check().describe()
+    except build.StaleBuild as exc:
+        print(f"{v}, request path: {exc}")
+        return 1
+    print(f"{v}, request path: {b}")
     return 0

@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from mesh.connect_error import ConnectError as ConnectError
+
 MAX_HEAD = 64 * 1024
 """Bytes an answer's status line and headers may take (a broken engine's endless head is a
 reset, not memory)."""
@@ -36,10 +38,6 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_IDLE = 256
 """Idle connections kept per origin."""
-
-
-class ConnectError(OSError):
-    """The connection could not be made (refused, unreachable, DNS, TLS, timeout)."""
 
 
 class UpstreamBroken(Exception):
