@@ -172,8 +172,8 @@ async def started(targets: Sequence[Target]) -> AsyncIterator[None]:
 
 
 def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
-                 peers: bool, compiled: str | None = None) -> list[Target]:
-    ports = iter(free_ports(2 + 4 * len(workers) + 8))
+                 peers: bool) -> list[Target]:
+    ports = iter(free_ports(2 + 2 * len(workers) + 8))
     eport = next(ports)
     engine = f"http://127.0.0.1:{eport}"
 
@@ -192,15 +192,6 @@ def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
                        + (f"workers: {n}\n" if n > 1 else ""))
         label = "kvmesh" if n == 1 else f"kvmesh x{n} workers"
         out.append(target(label, port, kvmesh_argv("router", "--config", str(cfg)), "/ready"))
-        if compiled is not None:
-            # The same router from another installation of kvmesh (the compiled build), run
-            # from there alone: PYTHONSAFEPATH keeps the working directory off sys.path.
-            port = next(ports)
-            ccfg = tmp / f"router-{n}-compiled.yaml"
-            ccfg.write_text(cfg.read_text().replace(f":{port_of(cfg)}\n", f":{port}\n"))
-            out.append(target(label.replace("kvmesh", "kvmesh compiled", 1), port, [
-                "env", "PYTHONSAFEPATH=1", f"PYTHONPATH={compiled}",
-                *kvmesh_argv("router", "--config", str(ccfg))], "/ready"))
     if not peers:
         return out
     sg, vr = peer_bin("sglang-router"), peer_bin("vllm-router")
@@ -217,14 +208,6 @@ def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
                 str(vr), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", engine,
                 "--policy", policy, "--prometheus-port", str(next(ports))]))
     return out
-
-
-def port_of(cfg: Path) -> int:
-    """The listening port of a router config written above."""
-    for line in cfg.read_text().splitlines():
-        if line.startswith("listen:"):
-            return int(line.rsplit(":", 1)[1])
-    raise ValueError(f"no listen line in {cfg}")
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -322,19 +305,6 @@ async def measure(targets: Sequence[Target], cases: Sequence[Case],
                           + (f" ({res.errors} errors)" if res.errors else ""), flush=True)
 
 
-def check_compiled(site: str) -> bool:
-    """Whether ``site`` holds a compiled build that imports and matches its sources."""
-    env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONPATH=site)
-    run = subprocess.run(kvmesh_argv("version"), env=env, capture_output=True, text=True,
-                         timeout=60)
-    out = (run.stdout + run.stderr).strip()
-    if run.returncode != 0 or "request path: compiled" not in out:
-        print(f"--compiled {site}: not a working compiled build: {out}", file=sys.stderr)
-        return False
-    print(f"--compiled {site}: {out}", flush=True)
-    return True
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="kvmesh bench overhead",
                                  description=(__doc__ or "").split("\n")[0])
@@ -349,10 +319,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--words", type=int, default=200)
     ap.add_argument("--speedup", type=float, default=1000.0)
     ap.add_argument("--out", default="results")
-    ap.add_argument("--compiled", metavar="DIR",
-                    help="also run each kvmesh router from DIR, an installation of the compiled "
-                         "build (KVMESH_COMPILE=1 pip install --no-build-isolation --target DIR "
-                         "--no-deps .), side by side with the installed build")
     args = ap.parse_args(argv)
     if args.install:
         install_peers()
@@ -363,9 +329,7 @@ def main(argv: list[str]) -> int:
     streams = {"both": [False, True], "yes": [True], "no": [False]}[args.streaming]
     cases = [Case(s, int(c)) for s in streams for c in args.concurrency.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-overhead-"))
-    if args.compiled is not None and not check_compiled(args.compiled):
-        return 2
-    targets = make_targets(tmp, args.speedup, workers, not args.no_peers, args.compiled)
+    targets = make_targets(tmp, args.speedup, workers, not args.no_peers)
     missing = [n for n in PEERS if not peer_bin(n).exists()]
     if missing and not args.no_peers:
         print(f"not installed (use --install): {', '.join(missing)}", flush=True)

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import yaml
 
-from mesh import build
 from mesh.config import ConfigError, RouterConfig, load
 
 log = logging.getLogger("kvmesh.router")
@@ -108,11 +107,6 @@ def run(args: argparse.Namespace) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        logging.getLogger("kvmesh.build").info("request path: %s", build.check().describe())
-    except build.StaleBuild as exc:
-        print(f"kvmesh router: {exc}", file=sys.stderr)
-        return 2
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency

@@ -15,8 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mesh import build
-
 Provider = Callable[[], Iterable[Metric]]
 
 _LATENCY_BUCKETS = (
@@ -112,8 +110,6 @@ class RouterMetrics:
         self._providers = _Providers()
         r.register(self._providers)
         self.add_provider(self._hit_ratio)
-        self._build = build.info()
-        self.add_provider(self._build_info)
 
     def add_provider(self, provider: Provider) -> None:
         self._providers.providers.append(provider)
@@ -130,15 +126,6 @@ class RouterMetrics:
     def hit_ratio(self) -> float:
         total = sum(p for _, p in self._hits)
         return sum(c for c, _ in self._hits) / total if total else 0.0
-
-    def _build_info(self) -> Iterable[Metric]:
-        g = GaugeMetricFamily(
-            "kvmesh_build_info",
-            "1, labelled with the build of the request path: compiled (mypyc C extensions), "
-            "pure (Python) or mixed, and how many of its modules are compiled",
-            labels=["compiled", "modules"])
-        g.add_metric([self._build.label, str(len(self._build.compiled))], 1.0)
-        yield g
 
     def _hit_ratio(self) -> Iterable[Metric]:
         g = GaugeMetricFamily(

@@ -31,7 +31,7 @@ import aiohttp
 from aiohttp import web
 
 from kvevents.tokenizers.factory import make_tokenizer
-from mesh import build, dashboard, upstream, warmup
+from mesh import dashboard, upstream, warmup
 from mesh.api import (
     ApiError,
     Inference,
@@ -692,7 +692,6 @@ class Router:
             "region": self.config.region,
             "advertise": self.config.advertise,
             "policy": self.policy.name,
-            "build": build.info().describe(),
             "uptime_s": round(now - self.started_at, 3),
             "queue": self.dispatcher.queued(),
             "inflight": self.dispatches.counts(),

@@ -28,7 +28,7 @@ import itertools
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 TIERS = ("interactive", "standard", "batch")
 RANK = {t: i for i, t in enumerate(TIERS)}
@@ -181,9 +181,8 @@ def measures_completion(tier: str) -> bool:
 
 
 # -- the queue -------------------------------------------------------------------------------
-class Queued(Protocol):
-    """What the queue needs of a waiter (``mesh.dispatch.Waiter``). A protocol, so the
-    compiled build (mypyc) checks no class at runtime either."""
+class Queued:
+    """What the queue needs of a waiter (``mesh.dispatch.Waiter``)."""
 
     cancelled: bool
     promoted: bool

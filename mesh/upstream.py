@@ -29,8 +29,6 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mesh.connect_error import ConnectError as ConnectError
-
 MAX_HEAD = 64 * 1024
 """Bytes an answer's status line and headers may take (a broken engine's endless head is a
 reset, not memory)."""
@@ -38,6 +36,10 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 MAX_IDLE = 256
 """Idle connections kept per origin."""
+
+
+class ConnectError(OSError):
+    """The connection could not be made (refused, unreachable, DNS, TLS, timeout)."""
 
 
 class UpstreamBroken(Exception):
