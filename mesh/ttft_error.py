@@ -132,6 +132,13 @@ class ErrorWindow:
             return 0.0
         return over[min(len(over) - 1, int(q * len(over)))]
 
+    def over(self, q: float) -> float:
+        """The ``q``-quantile of how far predictions exceeded observations, seconds (>= 0)."""
+        over = sorted(max(0.0, p - o) for p, o in self.pairs)
+        if not over:
+            return 0.0
+        return over[min(len(over) - 1, int(q * len(over)))]
+
     def loss_rate(self) -> float:
         return sum(self.losses) / len(self.losses) if self.losses else 0.0
 
@@ -191,14 +198,16 @@ class TtftErrors:
 
     def band(self, region: str) -> float | None:
         """Seconds a forward into ``region`` must be predicted to save before it is taken:
-        the ``band_quantile`` of how far forwards there overshot their prediction, plus the
-        same of local decisions (the saving is a difference of two predictions), widened by
-        the share of forwards that lost to home. None: too few forwards seen yet."""
+        the saving is a difference of two predictions, and it is false when the forward is
+        slower than predicted or home faster: the ``band_quantile`` of how far forwards there
+        overshot their prediction, combined with that of how far local decisions came in
+        under theirs, widened by the share of forwards that lost to home. None: too few
+        forwards seen yet."""
         w = self.into.get(region)
         if w is None or len(w.pairs) < MIN_BAND_SAMPLES:
             return None
         fwd = w.under(self.band_quantile)
-        local = self.kinds["local"].under(self.band_quantile)
+        local = self.kinds["local"].over(self.band_quantile)
         return math.hypot(fwd, local) * (1.0 + w.loss_rate())
 
     def bands(self) -> dict[str, float]:

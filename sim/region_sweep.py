@@ -80,6 +80,10 @@ class SweepPlan:
     error_after_s: float = 60.0
     drain_s: float = 10.0
     seed: int = 1
+    sim_seeds: tuple[int, ...] = ()
+    """Seeds of the simulator's resolution runs (mesh and no-peers only, ``sim_horizon_s``
+    long): one short p90 rests on a few dozen tail requests and cannot resolve 5%."""
+    sim_horizon_s: float = 300.0
 
     def emulation_plan(self, load: float, horizon: float) -> EmulationPlan:
         return EmulationPlan(
@@ -184,6 +188,38 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
 # -- the sweep ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Pair:
+    """One resolution run: the mesh and no-peers on one seed, long window, simulator."""
+
+    load: float
+    seed: int
+    mesh: tuple[float, ...]
+    """TTFTs of the requests sent in the measured window."""
+    no_peers: tuple[float, ...]
+    forwarded: float
+    """Share of the mesh's measured requests that were forwarded."""
+
+    def ratio(self) -> float:
+        return percentile(list(self.mesh), 90) / percentile(list(self.no_peers), 90)
+
+
+def simulate_pair(plan: SweepPlan, load: float, seed: int) -> Pair:
+    """Mesh and no-peers on ``seed`` over ``[warmup, sim_horizon)`` (the resolution runs)."""
+    p = replace(plan, seed=seed, horizon_s=plan.sim_horizon_s,
+                mesh_horizon_s=plan.sim_horizon_s)
+    out: dict[str, list[RequestRecord]] = {}
+    for v in EMULATED[:2]:
+        scaled = _scaled(p, load, p.sim_horizon_s)
+        spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
+        spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate)
+        result = ObservedFleet(spec).run(scaled.workload(), drain_s=p.drain_s)
+        out[v.label] = [r for r in result.records if p.warmup_s <= r.sent < p.sim_horizon_s]
+    mesh = out[MESH]
+    return Pair(load, seed, tuple(r.ttft for r in mesh), tuple(r.ttft for r in out[NO_PEERS]),
+                sum(1 for r in mesh if r.forwards) / len(mesh) if mesh else 0.0)
+
+
 @dataclass(slots=True)
 class Sweep:
     plan: SweepPlan
@@ -191,6 +227,26 @@ class Sweep:
     rows: list[Row]
     wall_s: float
     load_average: tuple[float, float, float]
+    pairs: list[Pair] = field(default_factory=list)
+
+    def resolution(self, load: float) -> dict[str, Any] | None:
+        """The resolution runs at ``load``: per-seed p90 ratios, their mean and spread, and
+        the ratio of the p90s of every seed's requests pooled."""
+        ps = [p for p in self.pairs if p.load == load]
+        if not ps:
+            return None
+        ratios = [p.ratio() for p in ps]
+        mesh = [x for p in ps for x in p.mesh]
+        alone = [x for p in ps for x in p.no_peers]
+        return {
+            "seeds": [p.seed for p in ps], "ratios": [round(r, 4) for r in ratios],
+            "mean": statistics.fmean(ratios),
+            "sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+            "pooled_p90": (percentile(mesh, 90), percentile(alone, 90)),
+            "pooled": percentile(mesh, 90) / percentile(alone, 90),
+            "requests": (len(mesh), len(alone)),
+            "forwarded": statistics.fmean(p.forwarded for p in ps),
+        }
 
     def get(self, load: float, variant: str, side: str) -> Row | None:
         for r in self.rows:
@@ -250,7 +306,13 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
         for v in (*EMULATED, *SIMULATED_ONLY):
             log(f"- load {load:g}: {v.label}, simulating")
             rows.append(simulate(plan, load, v))
-    return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg())
+    pairs = []
+    for load in plan.loads:
+        for seed in plan.sim_seeds:
+            log(f"- load {load:g}: seed {seed}, mesh and no-peers over {plan.sim_horizon_s:g} s, "
+                f"simulating")
+            pairs.append(simulate_pair(plan, load, seed))
+    return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg(), pairs)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -315,6 +377,21 @@ def tables(sw: Sweep) -> str:
             cells = [f"{_pct(r.errors[k]['median_abs_rel_error'])} ({r.errors[k]['n']})"
                      for k in ("local", "forwarded")]
             out.append(f"| {load:g} | {side} | {cells[0]} | {cells[1]} |")
+    if sw.pairs:
+        p = sw.plan
+        out += ["", f"Resolution runs (simulator, mesh and no-peers on each seed, TTFT over "
+                f"[{p.warmup_s:g}, {p.sim_horizon_s:g}) s):", "",
+                "| load | seeds | mesh / no-peers p90 per seed | mean (sd) | pooled p90 mesh / "
+                "no-peers (requests) | ratio | forwarded |", "|---|---|---|---:|---|---:|---:|"]
+        for load in sw.plan.loads:
+            r = sw.resolution(load)
+            if r is None:
+                continue
+            a, b = r["pooled_p90"]
+            out.append(f"| {load:g} | {','.join(map(str, r['seeds']))} | "
+                       f"{' '.join(f'{x:.3f}' for x in r['ratios'])} | {r['mean']:.3f} "
+                       f"({r['sd']:.3f}) | {a:.4f} / {b:.4f} ({r['requests'][0]} / "
+                       f"{r['requests'][1]}) | {r['pooled']:.3f} | {_pct(r['forwarded'])} |")
     return "\n".join(out)
 
 
@@ -327,6 +404,13 @@ def acceptance(sw: Sweep) -> list[str]:
     r = sw.ratio(light, side)
     out.append(f"light load {light:g}: mesh p90 / no-peers p90 = {_f(r)} "
                f"(within 5%: {'yes' if r is not None and abs(r - 1) <= 0.05 else 'NO'})")
+    res = sw.resolution(light)
+    if res is not None:
+        ok = abs(res["pooled"] - 1) <= 0.05
+        out.append(f"light load {light:g}, simulator over {len(res['seeds'])} seeds x "
+                   f"{sw.plan.sim_horizon_s - sw.plan.warmup_s:g} s: pooled p90 ratio "
+                   f"{res['pooled']:.3f}, per seed {res['mean']:.3f} +- {res['sd']:.3f} "
+                   f"(within 5%: {'yes' if ok else 'NO'})")
     r = sw.ratio(heavy, side)
     t = sw.ratio(heavy, side, "throughput_rps")
     ok = r is not None and r <= 0.70 and t is not None and t > 1.0
@@ -364,6 +448,8 @@ def to_json(sw: Sweep) -> dict[str, Any]:
                               for k, v in asdict(r.summary).items()},
                   "region_p90": r.region_p90, "errors": r.errors, "routers": r.routers}
                  for r in sw.rows],
+        "resolution": {f"{load:g}": sw.resolution(load) for load in sw.plan.loads
+                       if sw.resolution(load) is not None},
         "acceptance": acceptance(sw),
     }
 
@@ -394,10 +480,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=d.warmup_s)
     p.add_argument("--error-after", type=float, default=d.error_after_s)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sim-seeds", default="",
+                   help="seeds of the simulator's resolution runs (mesh and no-peers, "
+                        "--sim-horizon long), e.g. 1-8 or 1,2,3")
+    p.add_argument("--sim-horizon", type=float, default=d.sim_horizon_s)
     p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
     p.add_argument("--out", default="results/region-sweep")
     p.add_argument("--workdir", help="keep configs and process logs here")
     return p
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``1-8`` or ``1,2,5`` (empty: none)."""
+    out: list[int] = []
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"--sim-seeds: expected numbers or ranges, got {part!r}") from None
+        if last < first:
+            raise ValueError(f"--sim-seeds: empty range {part!r}")
+        out.extend(range(first, last + 1))
+    return tuple(dict.fromkeys(out))
 
 
 def main(argv: list[str]) -> int:
@@ -407,7 +512,10 @@ def main(argv: list[str]) -> int:
         if not loads or any(x <= 0 for x in loads):
             raise ValueError("--loads expects positive numbers")
         plan = SweepPlan(args.speedup, loads, args.warmup, args.horizon, args.mesh_horizon,
-                         args.error_after, seed=args.seed)
+                         args.error_after, seed=args.seed, sim_seeds=_seeds(args.sim_seeds),
+                         sim_horizon_s=args.sim_horizon)
+        if plan.sim_seeds and plan.sim_horizon_s <= plan.warmup_s:
+            raise ValueError("--sim-horizon must exceed --warmup")
         if not plan.warmup_s < plan.horizon_s <= plan.mesh_horizon_s:
             raise ValueError("expected warmup < horizon <= mesh horizon")
     except ValueError as exc:

@@ -38,7 +38,8 @@ def barrier(r: ReplicaView, kv_weight: float, kv_cap: float) -> float:
 
 def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
               default_rate: float, half_life: float, prior_band: float,
-              kv_weight: float, kv_cap: float) -> tuple[list[float], list[float]]:
+              kv_weight: float, kv_cap: float, kv_knee: float
+              ) -> tuple[list[float], list[float]]:
     """(predicted, ranked) costs per replica: calibrated, then with the forwarding premium.
 
     Runs for every replica on every request, so the load estimate and the barrier are
@@ -47,10 +48,11 @@ def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
     """
     home = view.region
     mean_prompt = view.mean_prompt_tokens
-    premium: dict[str, float | None] = {}
     predicted: list[float] = []
-    ranked: list[float] = []
-    add_p, add_r = predicted.append, ranked.append
+    risks: list[float] = []
+    add_p, add_k = predicted.append, risks.append
+    home_pred = home_risk = math.inf
+    home_rep: ReplicaView | None = None
     for c, r in zip(costs, reps, strict=True):
         c += r.overhead
         ks = r.kv_scale
@@ -77,6 +79,19 @@ def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
             if w > 0:
                 c += w * (qd - mean_prompt / (r.prefill_rate or default_rate))
         add_p(c)
+        add_k(risk)
+        if r.region == home and c < home_pred:
+            home_pred, home_risk, home_rep = c, risk, r
+    if not math.isfinite(home_risk):
+        home_risk = 0.0
+    if home_rep is not None and home_rep.kv_usage > kv_knee:
+        # Past the knee the cache bounds admission (the decode-bound queue): its risk price
+        # is the one signal of what more requests there cost, and a forward may avoid it.
+        home_risk = -math.inf
+    premium: dict[str, float | None] = {}
+    ranked: list[float] = []
+    add_r = ranked.append
+    for c, risk, r in zip(predicted, risks, reps, strict=True):
         region = r.region
         if region == home:
             add_r(c + risk)
@@ -85,8 +100,23 @@ def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
             m = premium[region]
         else:
             m = premium[region] = view.region_info(region).margin
-        add_r(c + risk + (m if m is not None else prior_band * c))
+        # A forward is judged on predicted TTFT: it carries at least the KV risk price of
+        # the home replica it would replace, so the home's risk alone never pays a round trip.
+        add_r(c + (m if m is not None else prior_band * c) + max(risk, home_risk))
     return predicted, ranked
+
+
+def same_side(ties: Sequence[int], costs: Sequence[float], reps: Sequence[ReplicaView],
+              home: str) -> list[int]:
+    """The near-ties on the best candidate's side of the border (home, or away from it).
+
+    Near-ties are drawn at random so routers sharing one stale view spread their requests;
+    a forward is never such a tie (its round trip and band were priced to decide *whether*
+    to leave home), so a remote replica is not drawn when a home one ranks best, nor the
+    reverse."""
+    best = min(ties, key=costs.__getitem__)
+    away = reps[best].region != home
+    return [i for i in ties if (reps[i].region != home) == away]
 
 
 def explain(s: Scored, r: ReplicaView, predicted: float, ranked: float, home_best: float,

@@ -212,7 +212,7 @@ class ExpectedTtft:
             # Learned corrections, then the forwarding premium (mesh/policies/risk.py).
             predicted, costs = risk.corrected(costs, reps, view, p.prefill_rate,
                                               p.load_half_life, p.prior_band, p.kv_weight,
-                                              p.kv_cap)
+                                              p.kv_cap, p.kv_knee)
         allowed: Sequence[int] = range(len(costs))
         note = ""
         if p.kv_tokens > 0.0:
@@ -236,6 +236,8 @@ class ExpectedTtft:
         band = max(p.tie_abs, p.tie_rel * best)
         limit = best + band
         ties = [i for i in allowed if costs[i] <= limit]
+        if p.calibrated and len(ties) > 1:
+            ties = risk.same_side(ties, costs, reps, view.region)
         chosen = rng.choice(ties)
         pick = reps[chosen]
         matched = matches.get(pick.replica, 0)

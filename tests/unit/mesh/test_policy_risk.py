@@ -74,3 +74,34 @@ def test_the_policy_stays_a_pure_function() -> None:
     a = make_policy("kvmesh", PARAMS).decide(REQ, v, 1.0, random.Random(7))
     b = make_policy("kvmesh", PARAMS).decide(REQ, v, 1.0, random.Random(7))
     assert a == b
+
+
+def test_the_home_kv_risk_below_the_knee_does_not_buy_a_round_trip() -> None:
+    # The engine shows none of the barrier in its TTFT (kv_scale 0): at 80% KV the barrier
+    # (0.05 * 0.8 / 0.2 = 0.2 s) is a risk price only. Home predicts 0.1 s, eu 0.18 s: a
+    # forward would lose 80 ms of TTFT to dodge a price that is not time.
+    v = view(0, margin=0.01, kv_usage=0.8, kv_scale=0.0)
+    assert decide(v) == "http://a"
+    # Without the gate (the ranking's risk counted against home alone) it would forward:
+    # the eu candidate is ranked by its predicted TTFT plus the band, home's with the risk.
+    d = make_policy("kvmesh", PARAMS).decide(REQ, v, 0.0, random.Random(0))
+    costs = {c.replica: c.cost for c in d.candidates}
+    assert costs["http://e"] - 0.2 < costs["http://a"] < costs["http://e"]
+
+
+def test_past_the_knee_the_home_risk_counts_towards_a_forward() -> None:
+    # At 96% KV the cache bounds admission: the same engine is a place to leave.
+    v = view(0, margin=0.01, kv_usage=0.96, kv_scale=0.0)
+    assert decide(v) == "http://e"
+
+
+def test_near_ties_do_not_cross_the_border() -> None:
+    # Home predicts 0.18 s (0.8 waiting at 0.1 s + 0.1 s prefill), eu 0.18 s + a 5 ms band:
+    # within the 10% near-tie band of each other, but a forward is never a coin toss.
+    v = view(0.8, margin=0.005)
+    picks = {make_policy("kvmesh", PARAMS).decide(REQ, v, 0.0, random.Random(s)).replica
+             for s in range(40)}
+    assert picks == {"http://a"}
+    loose = {make_policy("kvmesh", {**PARAMS, "calibrated": False}).decide(
+        REQ, v, 0.0, random.Random(s)).replica for s in range(40)}
+    assert loose == {"http://a", "http://e"}

@@ -63,3 +63,17 @@ def test_parts_that_are_not_time_to_first_token_are_left_out() -> None:
     ))
     p = prediction_of(d, "us")
     assert p is not None and p.cost == pytest.approx(0.2)
+
+
+def test_the_band_reads_local_decisions_that_came_in_under_their_prediction() -> None:
+    # A forward's saving is false when home would have been faster than predicted: local
+    # over-predictions widen the band, local under-predictions (home slower) do not.
+    slow, fast = TtftErrors(band_quantile=0.75), TtftErrors(band_quantile=0.75)
+    for e in (slow, fast):
+        for _ in range(MIN_BAND_SAMPLES):
+            e.observe(Prediction("b", "us", "eu", 0.2, (), home_best=1.0), 0.2)
+    for _ in range(16):
+        slow.observe(Prediction("a", "us", "us", 0.1, ()), 0.2)   # home 100 ms slower
+        fast.observe(Prediction("a", "us", "us", 0.2, ()), 0.1)   # home 100 ms faster
+    assert slow.band("eu") == pytest.approx(0.0)
+    assert fast.band("eu") == pytest.approx(0.1)
