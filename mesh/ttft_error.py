@@ -165,9 +165,10 @@ class ErrorWindow:
 class TtftErrors:
     """Windows of prediction errors by route kind and region pair (bounded labels)."""
 
-    band_quantile: float = 0.75
-    """Which quantile of a forward's excess over its prediction is its error band."""
-    prior_band: float = 0.25
+    band_quantile: float = 0.5
+    """Which quantile of the one-sided errors makes the band: at 0.5, the measured bias of
+    each side (the expected saving; the spread of symmetric noise buys no round trip)."""
+    prior_band: float = 0.0
     """Band before enough forwards were seen, as a fraction of the forward's predicted TTFT."""
     kinds: dict[str, ErrorWindow] = field(
         default_factory=lambda: {k: ErrorWindow() for k in KINDS})

@@ -13,9 +13,12 @@ produces them lives in ``mesh.outcomes`` and reaches the policy as view fields):
    preemption), a risk like the forwarding premium.
 2. **Hysteresis**: a replica in another region is ranked with a premium, its region's
    measured error band (``RegionView.margin``: how far forwards there overshot their
-   predictions, widened by how often they lost to home), or ``prior_band`` times its
-   predicted TTFT before any forward was measured. A forward is taken only when its
-   predicted saving exceeds what the prediction is known to be wrong by.
+   predictions and local decisions undershot theirs, widened by how often forwards lost to
+   home), or ``prior_band`` times its predicted TTFT before any forward was measured. A
+   forward is taken only when its predicted saving exceeds what the prediction is known to
+   be wrong by, and it is judged on predicted TTFT: the KV risk price of the home replica
+   it would replace counts only once that cache is past the knee (``kv_knee``, where it
+   bounds admission), and near-ties are never drawn across the border.
 """
 
 from __future__ import annotations
