@@ -384,14 +384,14 @@ def tables(sw: Sweep) -> str:
                 "| load | seeds | mesh / no-peers p90 per seed | mean (sd) | pooled p90 mesh / "
                 "no-peers (requests) | ratio | forwarded |", "|---|---|---|---:|---|---:|---:|"]
         for load in sw.plan.loads:
-            r = sw.resolution(load)
-            if r is None:
+            res = sw.resolution(load)
+            if res is None:
                 continue
-            a, b = r["pooled_p90"]
-            out.append(f"| {load:g} | {','.join(map(str, r['seeds']))} | "
-                       f"{' '.join(f'{x:.3f}' for x in r['ratios'])} | {r['mean']:.3f} "
-                       f"({r['sd']:.3f}) | {a:.4f} / {b:.4f} ({r['requests'][0]} / "
-                       f"{r['requests'][1]}) | {r['pooled']:.3f} | {_pct(r['forwarded'])} |")
+            a, b = res["pooled_p90"]
+            out.append(f"| {load:g} | {','.join(map(str, res['seeds']))} | "
+                       f"{' '.join(f'{x:.3f}' for x in res['ratios'])} | {res['mean']:.3f} "
+                       f"({res['sd']:.3f}) | {a:.4f} / {b:.4f} ({res['requests'][0]} / "
+                       f"{res['requests'][1]}) | {res['pooled']:.3f} | {_pct(res['forwarded'])} |")
     return "\n".join(out)
 
 

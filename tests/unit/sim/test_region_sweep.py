@@ -5,7 +5,19 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from sim.region_sweep import MESH, NO_PEERS, SweepPlan, acceptance, main, run_sweep, tables, write
+import pytest
+
+from sim.region_sweep import (
+    MESH,
+    NO_PEERS,
+    SweepPlan,
+    _seeds,
+    acceptance,
+    main,
+    run_sweep,
+    tables,
+    write,
+)
 
 
 def test_a_small_simulated_sweep_reports_every_variant(tmp_path: Path) -> None:
@@ -30,3 +42,29 @@ def test_a_small_simulated_sweep_reports_every_variant(tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(capsys: object) -> None:
     assert main(["--loads", "0"]) == 2
     assert main(["--warmup", "50", "--horizon", "40"]) == 2
+
+
+def test_resolution_runs_report_each_seed_and_the_pooled_ratio(tmp_path: Path) -> None:
+    plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                     mesh_horizon_s=20.0, error_after_s=10.0, drain_s=5.0,
+                     sim_seeds=(1, 2), sim_horizon_s=25.0)
+    sw = asyncio.run(run_sweep(plan, "test", emulate_too=False, log=lambda s: None))
+    assert [(p.load, p.seed) for p in sw.pairs] == [(0.25, 1), (0.25, 2)]
+    assert all(p.mesh and p.no_peers for p in sw.pairs)
+    res = sw.resolution(0.25)
+    assert res is not None and res["seeds"] == [1, 2] and len(res["ratios"]) == 2
+    assert res["requests"] == (sum(len(p.mesh) for p in sw.pairs),
+                               sum(len(p.no_peers) for p in sw.pairs))
+    assert "Resolution runs" in tables(sw)
+    assert any("simulator over 2 seeds" in line for line in acceptance(sw))
+    write(sw, tmp_path / "out")
+    assert '"resolution"' in (tmp_path / "out" / "results.json").read_text()
+
+
+def test_seed_lists_and_ranges() -> None:
+    assert _seeds("1-3,5,2") == (1, 2, 3, 5)
+    assert _seeds("") == ()
+    for bad in ("x", "3-1"):
+        with pytest.raises(ValueError, match="--sim-seeds"):
+            _seeds(bad)
+    assert main(["--sim-seeds", "2-1"]) == 2
