@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from kvevents.tokenizers.factory import AsyncTokenizer
+from mesh import json_body
 from mesh.front import FAST_HANDLERS, FrontRequest
 from mesh.http_guard import BodyRefused, HttpLimits, read_body
 from mesh.limits import field_label
@@ -115,7 +115,7 @@ def parse_inference(
 ) -> Inference:
     """Validate a body; ``token_ids`` stay empty until :func:`tokenize` fills them."""
     try:
-        body = json.loads(raw)
+        body = json_body.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     except RecursionError:

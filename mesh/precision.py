@@ -37,6 +37,9 @@ from mesh.selfcheck import (
 from mesh.sized_lookup import SizedLookup, engine_of
 
 _EVAL_INTERVAL = 0.25
+_REJUDGE_INTERVAL = 0.01
+"""An answer's outcome re-judges its engine, at most this often (a flag follows the
+evidence within a few milliseconds, without a judgement of every engine per answer)."""
 _MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "audio_url", "input_audio",
                           "audio", "video_url", "video", "file", "image_embeds"})
 
@@ -182,7 +185,7 @@ class Precision:
             return None
         outcome = self.check.record(check.replica, check.predicted,
                                     cached_from_usage(check.tap.usage), check.concurrent)
-        self.refresh(now, force=True)
+        self.refresh(now, within=_REJUDGE_INTERVAL)
         return outcome
 
     # -- state ---------------------------------------------------------------------------
@@ -196,13 +199,15 @@ class Precision:
                 continue
         return out
 
-    def refresh(self, now: float, force: bool = False) -> None:
+    def refresh(self, now: float, force: bool = False,
+                within: float = _EVAL_INTERVAL) -> None:
         """Learn block sizes (every call: a request must be keyed at every size already
-        published) and re-judge the engines (at most every 0.25 s unless forced)."""
+        published) and re-judge the engines (at most every ``within`` seconds unless
+        forced)."""
         stats = self._stats()
         for st in stats:
             self.sizes.observe(engine_of(st.replica), st.block_size)
-        if not force and now - self._evaluated < _EVAL_INTERVAL:
+        if not force and now - self._evaluated < within:
             return
         self._evaluated = now
         for replica, size in remote_block_sizes(getattr(self._backend, "meta", None)).items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -42,6 +44,7 @@ from mesh.api import (
 )
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry, DecisionLog
+from mesh.deferred import Deferred
 from mesh.demand import DemandMeter, PlanTargets, hint_metrics
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.edge import API_KEY, Edge
@@ -53,7 +56,7 @@ from mesh.metrics import RouterMetrics, gauge, length_metrics
 from mesh.outcomes import outcomes_for
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
-from mesh.precision import Precision
+from mesh.precision import Check, Precision
 from mesh.proxy import (
     H_CLIENT_ID,
     H_PREDICTED,
@@ -76,6 +79,10 @@ H_APP = "x-kvmesh-app"
 """Optional client header: the application a request belongs to (a length-predictor feature)."""
 
 log = logging.getLogger("kvmesh.router")
+
+PUBLISH_EVERY = 0.005
+"""Seconds between publications of this router's in-flight counts, at most (see
+``Router._publish_soon``)."""
 
 
 
@@ -141,6 +148,12 @@ class Router:
         self.tier_metrics = TierMetrics(self.metrics, config.tiers, self.dispatcher.queue)
         self._published: tuple[int, int, float] = (-1, -1, float("-inf"))
         self._publish_queued = False
+        self.deferred = Deferred()
+        self._id_prefix = f"kvm-{uuid.uuid4().hex[:16]}-"
+        """Request ids: a random prefix per router process and a counter (unique without a
+        random draw per request)."""
+        self._ids = itertools.count()
+        """Accounting of relayed answers, run while the next request is at its engine."""
         self._waiting: dict[Waiter, asyncio.Future[Placement]] = {}
         self._wake = asyncio.Event()
         self._pump_due = False
@@ -193,6 +206,7 @@ class Router:
             request_timeout=self.config.request_timeout,
             first_byte_timeout=self.config.first_byte_timeout,
         )
+        self.forwarder.pool.on_sent = self.deferred.run
         self.engines = EngineMonitor(
             self.config.engines,
             self._session,
@@ -233,6 +247,7 @@ class Router:
         await self.edge.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.deferred.close()
         if self.engines is not None:
             await self.engines.stop()
         await self.backend.stop()
@@ -334,11 +349,19 @@ class Router:
             log.exception("publishing in-flight counts failed")
 
     def _publish_soon(self) -> None:
-        """Publish at the end of this loop turn: the dispatches and completions of one turn
-        go into the replicated state in one write."""
+        """Publish at the end of this loop turn, or ``PUBLISH_EVERY`` after the last
+        publication: the dispatches and completions in between go into the replicated state
+        in one write. Peers see the counts when gossip next pushes (every
+        ``gossip_interval``, 0.2 s by default), and this router's own decisions read its
+        ledger, never the published counts, so nothing waits on this but a record."""
         if not self._publish_queued:
             self._publish_queued = True
-            asyncio.get_running_loop().call_soon(self._publish_queued_now)
+            loop = asyncio.get_running_loop()
+            wait = self._published[2] + PUBLISH_EVERY - self.clock()
+            if wait > 0:
+                loop.call_later(wait, self._publish_queued_now)
+            else:
+                loop.call_soon(self._publish_queued_now)
 
     def _publish_queued_now(self) -> None:
         self._publish_queued = False
@@ -365,7 +388,7 @@ class Router:
             self.metrics.requests.labels(route, str(exc.status)).inc()
             return exc.response()
         # The router owns request ids (unique per dispatch); the client's id is echoed back.
-        request_id = fwd.request_id if fwd else f"kvm-{uuid.uuid4().hex}"
+        request_id = fwd.request_id if fwd else f"{self._id_prefix}{next(self._ids):08x}"
         self.metrics.tokenize_seconds.observe(inf.parse_seconds)
         keys = self.precision.keys_for(inf, arrival)
         tier, deadline = self._tier(request, inf, fwd, arrival)
@@ -526,14 +549,8 @@ class Router:
                 extra[H_PREDICTED_TTFT] = f"{pending.prediction.cost:.6f}"
             resp, _, completed = await relay(request, up, extra,
                                              check.tap if check else None)
-            if check is not None:
-                self.precision.observe(check, up.status, completed, self.clock())
-                if completed and up.status == 200:
-                    self._learn_length(req, check.tap.usage)
-            if not forwarded:
-                self.tier_metrics.ended(req.tier, self.clock(), req.deadline,
-                                        completed and up.status < 400, True)
-            self.metrics.requests.labels(route, str(up.status)).inc()
+            self.deferred.add(partial(self._relayed, req, check, up.status, completed,
+                                      forwarded, route, self.clock()))
             if not completed:
                 log.info("stream %s to %s ended early", request_id, target.replica)
             return resp
@@ -542,6 +559,19 @@ class Router:
             self.kick()  # a completion: re-evaluate a waiting head
             if ticket.publish:
                 self._publish_soon()
+
+    def _relayed(self, req: Request, check: Check | None, status: int, completed: bool,
+                 forwarded: bool, route: str, now: float) -> None:
+        """An answer was relayed at ``now``: how the prediction fared, what its length
+        teaches, its tier's SLO, its status (``mesh.deferred``: after the next dispatch)."""
+        if check is not None:
+            self.precision.observe(check, status, completed, now)
+            if completed and status == 200:
+                self._learn_length(req, check.tap.usage)
+        if not forwarded:
+            self.tier_metrics.ended(req.tier, now, req.deadline, completed and status < 400,
+                                    True)
+        self.metrics.requests.labels(route, str(status)).inc()
 
     def _learn_length(self, req: Request, usage: Mapping[str, Any] | None) -> None:
         """An answer from an own engine ended: its output tokens teach the length predictor
@@ -674,6 +704,7 @@ class Router:
         return error_response(503, why, type="server_error", code="not_ready")
 
     async def metrics_page(self, request: web.Request) -> web.Response:
+        self.deferred.run()  # a reader sees every answer relayed before it asked
         body = self.metrics.render() if self.node_metrics is None else await self.node_metrics()
         return web.Response(body=body,
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
@@ -684,6 +715,7 @@ class Router:
 
     def status_dict(self) -> dict[str, Any]:
         """The mesh document (node, peers, replicas by index and load) plus this router's part."""
+        self.deferred.run()  # a reader sees every answer relayed before it asked
         now = self.clock()
         view = self.view(now)
         doc = dict(self.backend.status())

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mesh import json_body
+
 log = logging.getLogger("kvmesh.selfcheck")
 
 EXACT, OVER, UNDER, NO_USAGE = "exact", "over", "under", "no_usage"
@@ -277,6 +279,10 @@ class UsageTap:
     ``stream``: the body is SSE (``data: {...}`` events); otherwise one JSON document.
     ``strip``: the client did not ask for usage on its stream, so the usage-only chunk the
     router asked for is removed (every other byte passes unchanged).
+
+    A whole JSON answer is parsed when ``usage`` is first read, not when it ends: the
+    client has it by then, and the reader is bookkeeping that runs off the request path
+    (``mesh.deferred``).
     """
 
     MAX_JSON = 8 * 1024 * 1024
@@ -284,9 +290,29 @@ class UsageTap:
     def __init__(self, stream: bool, strip: bool = False) -> None:
         self.stream = stream
         self.strip = strip and stream
-        self.usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None
+        self._body: bytes | None = None
+        """A finished JSON answer not parsed yet."""
         self._buf = bytearray()
         self._overflow = False
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        body = self._body
+        if body is not None:
+            self._body = None
+            try:
+                doc = json_body.loads(body)
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+                self._usage = doc["usage"]
+        return self._usage
+
+    @usage.setter
+    def usage(self, value: dict[str, Any] | None) -> None:
+        self._body = None
+        self._usage = value
 
     @property
     def rewrites(self) -> bool:
@@ -321,12 +347,7 @@ class UsageTap:
         """End of the body: whatever is still held back (never an unfinished event dropped)."""
         if not self.stream:
             if not self._overflow and self._buf:
-                try:
-                    doc = json.loads(bytes(self._buf))
-                except (ValueError, UnicodeDecodeError):
-                    doc = None
-                if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
-                    self.usage = doc["usage"]
+                self._body = bytes(self._buf)
             self._buf.clear()
             return b""
         rest = bytes(self._buf)

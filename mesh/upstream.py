@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -282,6 +283,9 @@ class Pool:
         self.opened = 0
         """Connections opened so far (a figure for tests and metrics)."""
         self._closed = False
+        self.on_sent: Callable[[], None] | None = None
+        """Called after each request is written: work that waited for a moment when no
+        client waits on this process (``mesh.deferred``)."""
 
     def _origin(self, url: str) -> tuple[tuple[str, int, bool], str, str]:
         """(pool key, Host header, path) of ``url``."""
@@ -323,6 +327,8 @@ class Pool:
                      TimeoutError())
             assert conn.transport is not None
             conn.transport.write(request)
+            if self.on_sent is not None:
+                self.on_sent()
             try:
                 await conn.head()
             except UpstreamBroken:
