@@ -6,6 +6,9 @@ target: the engine reached directly, ``kvmesh router`` (one process or several w
 when installed, ``sglang-router`` (cache_aware) and ``vllm-router`` (round_robin and
 cache_aware). The load generator is ``wrk`` (C, one event loop per thread), so the client is
 not the bottleneck; its ceiling is the engine-direct row of the same run.
+A ``python floor`` row (``bench.floor_proxy``: a bare uvloop proxy that frames requests and
+relays bytes, no routing) shows what any Python proxy costs on the host; it is a reference,
+not a peer (``--no-floor`` leaves it out).
 
 Each round runs every (streaming, concurrency) case against every target in turn, the order
 rotated per round, for ``--seconds`` each; a figure is the median over rounds. "CPU us/req" is
@@ -41,6 +44,8 @@ import aiohttp
 from sim.procs import Proc, free_ports, kvmesh_argv, wait_http
 
 MODEL = "bench-model"
+FLOOR = "python floor"
+"""The least a Python proxy does (``bench.floor_proxy``): a reference, never a peer."""
 PEERS = {"sglang-router": "0.3.2", "vllm-router": "0.1.17"}
 
 
@@ -172,7 +177,7 @@ async def started(targets: Sequence[Target]) -> AsyncIterator[None]:
 
 
 def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
-                 peers: bool) -> list[Target]:
+                 peers: bool, floor: bool = True) -> list[Target]:
     ports = iter(free_ports(2 + 2 * len(workers) + 8))
     eport = next(ports)
     engine = f"http://127.0.0.1:{eport}"
@@ -192,6 +197,10 @@ def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
                        + (f"workers: {n}\n" if n > 1 else ""))
         label = "kvmesh" if n == 1 else f"kvmesh x{n} workers"
         out.append(target(label, port, kvmesh_argv("router", "--config", str(cfg)), "/ready"))
+    if floor:
+        port = next(ports)
+        out.append(target(FLOOR, port, [sys.executable, "-m", "bench.floor_proxy", "--port",
+                                        str(port), "--upstream", engine]))
     if not peers:
         return out
     sg, vr = peer_bin("sglang-router"), peer_bin("vllm-router")
@@ -247,7 +256,8 @@ def summarise(case: Case, direct: str) -> list[dict[str, Any]]:
                                    else None),
             "rounds": len(runs),
         })
-    peers = [r for r in rows if r["target"] != direct and not r["target"].startswith("kvmesh")]
+    peers = [r for r in rows if r["target"] not in (direct, FLOOR)
+             and not r["target"].startswith("kvmesh")]
     best_rps = max((r["rps"] for r in peers), default=None)
     best_added = min((r["added_p50_ms"] for r in peers), default=None)
     for r in rows:
@@ -311,6 +321,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--install", action="store_true",
                     help="install sglang-router / vllm-router (own venv) and wrk first")
     ap.add_argument("--no-peers", action="store_true", help="only the engine and kvmesh")
+    ap.add_argument("--no-floor", action="store_true",
+                    help="leave out the Python floor (bench.floor_proxy)")
     ap.add_argument("--workers", default="1", help="kvmesh worker counts, e.g. 1,2")
     ap.add_argument("--concurrency", default="1,32")
     ap.add_argument("--streaming", choices=["both", "yes", "no"], default="both")
@@ -329,7 +341,7 @@ def main(argv: list[str]) -> int:
     streams = {"both": [False, True], "yes": [True], "no": [False]}[args.streaming]
     cases = [Case(s, int(c)) for s in streams for c in args.concurrency.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-overhead-"))
-    targets = make_targets(tmp, args.speedup, workers, not args.no_peers)
+    targets = make_targets(tmp, args.speedup, workers, not args.no_peers, not args.no_floor)
     missing = [n for n in PEERS if not peer_bin(n).exists()]
     if missing and not args.no_peers:
         print(f"not installed (use --install): {', '.join(missing)}", flush=True)

@@ -91,3 +91,70 @@ def test_tree_cpu_counts_a_busy_child() -> None:
         child.kill()
         child.wait()
     assert tree_cpu(-1) is None
+
+
+def test_the_floor_is_a_reference_not_a_peer() -> None:
+    from bench.overhead import FLOOR
+
+    def w(rps: float, p50: float) -> WrkResult:
+        return WrkResult(rps, p50, p50 * 2, p50 * 3, 100, 0)
+
+    case = Case(False, 1, {
+        "engine direct": [w(3000, 0.010)],
+        "kvmesh": [w(1500, 0.014)],
+        FLOOR: [w(2900, 0.0105)],
+        "peer a": [w(2000, 0.012)],
+    })
+    rows = {r["target"]: r for r in summarise(case, "engine direct")}
+    assert rows[FLOOR]["added_p50_ms"] == pytest.approx(0.5)
+    assert rows["kvmesh"]["added_p50_vs_best_peer"] == pytest.approx(2.0)  # peer a, not floor
+    assert rows["kvmesh"]["rps_vs_best_peer"] == pytest.approx(0.75)
+
+
+@pytest.mark.asyncio
+async def test_floor_proxy_relays_whole_and_chunked_answers_on_one_connection() -> None:
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from bench.floor_proxy import serve
+    from sim.procs import free_ports
+
+    async def whole(request: web.Request) -> web.Response:
+        return web.json_response({"echo": (await request.json())["n"]})
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(3):
+            await resp.write(f"data: {i}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.add_routes([web.post("/whole", whole), web.post("/stream", chunked)])
+    runner = web.AppRunner(app)
+    await runner.setup()
+    engine_port, port = free_ports(2)
+    await web.TCPSite(runner, "127.0.0.1", engine_port).start()
+    proxy = asyncio.ensure_future(serve(port, f"http://127.0.0.1:{engine_port}"))
+    try:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1)) as session:
+            for _ in range(50):
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/health") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            for n in range(3):
+                async with session.post(f"http://127.0.0.1:{port}/whole", json={"n": n}) as r:
+                    assert r.status == 200 and await r.json() == {"echo": n}
+                async with session.post(f"http://127.0.0.1:{port}/stream", json={}) as r:
+                    assert await r.text() == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    finally:
+        proxy.cancel()
+        await runner.cleanup()
