@@ -6,8 +6,8 @@ every engine). Here they are learned from outcomes, per replica this router owns
 region it forwards into:
 
 - **prefill rate** (tokens/s) from local requests that found no queue: the slope of observed
-  time against uncached tokens (a Theil-Sen fit, so additive terms and outliers do not
-  bias it);
+  time against uncached tokens past the engine's step-time floor (a hinge fit, below:
+  additive terms, the floor and outliers do not bias it);
 - **queue delay per waiting request, KV-barrier scale and overhead**: from every request,
   ``observed - prefill - interference = overhead + kv_scale * barrier + queue_delay *
   waiting``, fitted one Theil-Sen slope at a time (each against the residual of the other),
@@ -56,6 +56,18 @@ MIN_SPREAD_WAITING = 1.0
 """Two points closer than this in estimated waiting requests say nothing about its delay."""
 IDLE_WAITING = 0.5
 """Estimated waiting requests below which a request found no queue."""
+MIN_RISE = 6
+"""Points a hinge fit's rising part needs (fewer cannot show a trend: see ``RISE_Z``)."""
+RISE_Z = 2.5
+"""Kendall z-score the rising part's trend must reach (one-sided, about 0.6%)."""
+RISE_NOISE = 4.0
+"""How many times the points' median distance from the fit the rising part must climb.
+
+Measured on synthetic windows (a 47 ms floor, a uniform 0-47 ms wait, 1 in 20 stuck): a
+trend the rank test alone lets through on a cloud inside the floor climbs 1.5-5 times that
+distance (33 of 6,000 windows passed it, 3 of them this too); a real rise 5-30 times. With
+both checks, flat clouds 8-48 points wide up to 2,000 tokens pass 0-0.6% of refits, none
+inside the floor, and a floor-then-line window of chat turns passes about half of them."""
 
 
 @dataclass(slots=True)
@@ -151,10 +163,83 @@ def intercept(points: Sequence[tuple[float, float]], slope: float) -> float:
     return statistics.median(y - slope * x for x, y in points)
 
 
+def kendall_z(points: Sequence[tuple[float, float]], min_dx: float) -> float:
+    """Kendall's S over the pairs at least ``min_dx`` apart in x (each +1 when y rises with
+    x, -1 when it falls), over its standard deviation were y independent of x.
+
+    That null variance, for any set of pairs: each pair's sign has variance 1; two pairs
+    sharing a point covary by +1/3 when the point is the lower-x end of both or the
+    upper-x end of both, by -1/3 otherwise. With ``lo``/``hi`` a point's count of pairs in
+    which it is the lower/upper end: ``Var S = P + (sum (lo - hi)^2 - 2 P) / 3`` for P
+    pairs (all pairs of n points give Kendall's ``n (n - 1) (2n + 5) / 18``).
+    """
+    pts = sorted(points)
+    n = len(pts)
+    s = pairs = 0
+    ends = [0] * n
+    for i in range(n):
+        x1, y1 = pts[i]
+        for j in range(i + 1, n):
+            x2, y2 = pts[j]
+            if x2 - x1 >= min_dx:
+                pairs += 1
+                ends[i] += 1
+                ends[j] -= 1
+                if y2 != y1:
+                    s += 1 if y2 > y1 else -1
+    var = pairs + (sum(e * e for e in ends) - 2 * pairs) / 3
+    return s / math.sqrt(var) if var > 0 else 0.0
+
+
+def hinge_slope(points: Sequence[tuple[float, float]], min_dx: float) -> float | None:
+    """The slope of the rising part of ``y = floor + slope * max(0, x - knee)``, or None.
+
+    A prefill shorter than a few hundred tokens costs the engine's minimum step time (the
+    weights are read once per step however few tokens it computes); only past that knee does
+    time grow with tokens. A line through every (uncached tokens, seconds) point is pulled
+    flat by the many short prefills on the floor (a rate up to several times the true one),
+    so the knee is found first: each candidate knee (the points' x, from the top
+    ``MIN_RISE`` points up in steps of 1.25x as many) gets the Theil-Sen slope of the points
+    at or past it and the median floor, and the candidate with the least absolute deviation
+    over all points wins (least absolute deviation, like Theil-Sen, is not moved by a few
+    requests stuck behind something the model never saw). Selecting on x, never on y,
+    keeps the slope unbiased. The rising part must show a trend (``RISE_Z``) that climbs
+    well clear of the noise (``RISE_NOISE``): points all on the floor say nothing about the
+    rate, and leave it where it was.
+    """
+    pts = sorted(points)
+    n = len(pts)
+    sizes: list[int] = []
+    k = float(n)
+    while k >= MIN_RISE:
+        if int(k) not in sizes:
+            sizes.append(int(k))
+        k /= 1.25
+    best: tuple[float, float, int, list[float]] | None = None
+    for m in sizes:
+        i = n - m
+        knee = pts[i][0]
+        slope = theil_sen_slope(pts[i:], min_dx)
+        if slope is None or slope <= 0:
+            continue
+        floor = statistics.median(y - slope * max(0.0, x - knee) for x, y in pts)
+        off = [abs(y - floor - slope * max(0.0, x - knee)) for x, y in pts]
+        cost = sum(off)
+        if best is None or cost < best[0]:
+            best = (cost, slope, i, off)
+    if best is None:
+        return None
+    _, slope, i, off = best
+    if (kendall_z(pts[i:], min_dx) < RISE_Z
+            or slope * (pts[-1][0] - pts[i][0]) < RISE_NOISE * statistics.median(off)):
+        return None
+    return slope
+
+
 @dataclass(slots=True)
 class ReplicaModel:
     prefill_rate: BoundedMedian
-    """Published rate: 1 / the Theil-Sen slope of ``idle``."""
+    """Published rate: 1 / the hinge fit's slope of ``idle`` (:func:`hinge_slope`)."""
     idle: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
     """(uncached tokens, observed seconds) of requests that found no queue."""
     rest: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
@@ -177,13 +262,14 @@ class ReplicaModel:
                           self.kv_scale.value)
 
     def refit_rate(self) -> bool:
-        """Every few idle samples: step the published rate towards 1 / (fitted slope)."""
+        """Every few idle samples: step the published rate towards 1 / (fitted slope); no
+        step while the samples show no rise past the step-time floor."""
         self._since_idle += 1
         if len(self.idle) < MIN_SAMPLES or self._since_idle < EVERY:
             return False
         self._since_idle = 0
-        slope = theil_sen_slope(list(self.idle), MIN_SPREAD_TOKENS)
-        if slope is None or slope <= 0:
+        slope = hinge_slope(list(self.idle), MIN_SPREAD_TOKENS)
+        if slope is None:
             return False
         return self.prefill_rate.step_to(1.0 / slope)
 

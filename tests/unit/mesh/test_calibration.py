@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 
 import pytest
 
@@ -13,6 +14,7 @@ from mesh.calibration import (
     BoundedMedian,
     Calibrated,
     Calibrator,
+    hinge_slope,
     theil_sen_slope,
 )
 from mesh.ttft_error import Prediction
@@ -63,6 +65,68 @@ def test_theil_sen_recovers_a_slope_through_outliers() -> None:
     slope = theil_sen_slope(points, 64)
     assert slope is not None and 1 / slope == pytest.approx(5000, rel=0.05)
     assert theil_sen_slope([(10.0, 1.0), (20.0, 2.0)], 64) is None
+
+
+def engine_with_a_floor(u: int, rng: random.Random, rate: float = 2600.0) -> float:
+    """An engine step never shorter than 47 ms (prefills under ~120 tokens cost the same),
+    25 ms of HTTP, up to one running step of wait, and one request in 20 stuck behind
+    something the model never saw."""
+    t = 0.025 + max(0.047, u / rate) + rng.uniform(0.0, 0.047)
+    return t + rng.uniform(0.1, 0.7) if rng.random() < 0.05 else t
+
+
+def chat_sizes(rng: random.Random, n: int) -> list[int]:
+    """Uncached tokens of chat turns: most short (on the floor), a tail of long ones."""
+    return [max(1, int(rng.lognormvariate(4.1, 0.9))) for _ in range(n)]
+
+
+def test_the_hinge_fit_finds_the_rate_past_the_step_time_floor() -> None:
+    rng = random.Random(7)
+    fits, lines = [], []
+    for _ in range(40):
+        points = [(float(u), engine_with_a_floor(u, rng)) for u in chat_sizes(rng, 48)]
+        slope = hinge_slope(points, 64)
+        if slope is not None:
+            fits.append(1 / slope)
+        line = theil_sen_slope(points, 64)
+        assert line is not None
+        lines.append(1 / line)
+    assert len(fits) >= 10  # windows with a visible rise
+    assert statistics.median(fits) == pytest.approx(2600, rel=0.1)
+    assert sum(abs(f / 2600 - 1) < 0.4 for f in fits) >= 0.75 * len(fits)
+    # The defect this replaced: one line through every point is pulled flat by the floor.
+    assert statistics.median(lines) > 2600 * 1.5
+
+
+def test_points_all_on_the_floor_leave_the_rate_at_its_prior() -> None:
+    rng = random.Random(8)
+    for _ in range(50):
+        points = [(float(rng.randint(1, 115)), engine_with_a_floor(0, rng)) for _ in range(48)]
+        assert hinge_slope(points, 64) is None
+    cal = Calibrator(default_rate=8000.0)
+    for _ in range(300):
+        u = rng.randint(1, 115)
+        cal.observe_local(local(u), u, engine_with_a_floor(u, rng))
+    assert cal.published("e0").prefill_rate is None
+    assert cal.replicas["e0"].prefill_rate.current == 8000.0
+    assert cal.published("e0").overhead is not None  # the floor is learned, as an overhead
+
+
+def test_the_calibrator_learns_the_rate_of_an_engine_with_a_floor() -> None:
+    rng = random.Random(9)
+    cal = Calibrator(default_rate=8000.0)
+    for u in chat_sizes(rng, 600):
+        cal.observe_local(local(u), u, engine_with_a_floor(u, rng))
+    got = cal.published("e0").prefill_rate
+    assert got is not None and got == pytest.approx(2600, rel=0.2)
+
+
+def test_a_hinge_fit_needs_a_rising_trend() -> None:
+    assert hinge_slope([(float(x), 0.1) for x in range(0, 2000, 50)], 64) is None
+    assert hinge_slope([(float(x), 0.1 - x / 1e5) for x in range(0, 2000, 50)], 64) is None
+    assert hinge_slope([(float(x), 0.05 + x / 4000) for x in (10, 500, 900, 1400)], 64) is None
+    slope = hinge_slope([(float(x), 0.05 + x / 4000) for x in range(0, 2000, 50)], 64)
+    assert slope is not None and 1 / slope == pytest.approx(4000)
 
 
 def test_the_prefill_rate_and_overhead_are_learned_from_idle_requests() -> None:
