@@ -50,6 +50,8 @@ PAIRS = 48
 """(tokens, seconds) points kept per replica for the rate fit."""
 MIN_SPREAD_TOKENS = 64
 """Two points closer than this in uncached tokens say nothing about the slope."""
+MIN_STEP_TOKENS = 32.0
+"""The smallest bound on a step of the published knee, tokens."""
 MIN_SPREAD_BARRIER = 0.005
 """Two points closer than this in barrier seconds say nothing about its scale."""
 MIN_SPREAD_WAITING = 1.0
@@ -125,10 +127,13 @@ class Calibrated:
     queue_delay: float | None = None
     overhead: float | None = None
     kv_scale: float | None = None
+    prefill_knee: float | None = None
+    """Uncached tokens a prefill gets for the engine's step-time floor (priced with the
+    learned rate only: a configured rate is taken as given, without a knee)."""
 
     def as_dict(self) -> dict[str, float]:
         out = {}
-        for k in ("prefill_rate", "queue_delay", "overhead", "kv_scale"):
+        for k in ("prefill_rate", "queue_delay", "overhead", "kv_scale", "prefill_knee"):
             v = getattr(self, k)
             if v is not None:
                 out[k] = round(v, 6)
@@ -147,7 +152,8 @@ class Calibrated:
             return None
 
         return Calibrated(num("prefill_rate", 1.0, 1e9), num("queue_delay", 0.0, 600.0),
-                          num("overhead", 0.0, 60.0), num("kv_scale", 0.0, 2.0))
+                          num("overhead", 0.0, 60.0), num("kv_scale", 0.0, 2.0),
+                          num("prefill_knee", 0.0, 1e7))
 
 
 def theil_sen_slope(points: Sequence[tuple[float, float]], min_dx: float) -> float | None:
@@ -191,8 +197,8 @@ def kendall_z(points: Sequence[tuple[float, float]], min_dx: float) -> float:
     return s / math.sqrt(var) if var > 0 else 0.0
 
 
-def hinge_slope(points: Sequence[tuple[float, float]], min_dx: float) -> float | None:
-    """The slope of the rising part of ``y = floor + slope * max(0, x - knee)``, or None.
+def hinge_fit(points: Sequence[tuple[float, float]], min_dx: float) -> tuple[float, float] | None:
+    """(slope, knee) of ``y = floor + slope * max(0, x - knee)``, or None.
 
     A prefill shorter than a few hundred tokens costs the engine's minimum step time (the
     weights are read once per step however few tokens it computes); only past that knee does
@@ -206,6 +212,10 @@ def hinge_slope(points: Sequence[tuple[float, float]], min_dx: float) -> float |
     keeps the slope unbiased. The rising part must show a trend (``RISE_Z``) that climbs
     well clear of the noise (``RISE_NOISE``): points all on the floor say nothing about the
     rate, and leave it where it was.
+
+    The knee returned (the tokens a prefill gets for the floor's price) is then placed at
+    the resolution of the points: the x of any point that, with the slope found, leaves the
+    least absolute deviation (the candidates above are coarser, to keep the slope fits few).
     """
     pts = sorted(points)
     n = len(pts)
@@ -233,18 +243,29 @@ def hinge_slope(points: Sequence[tuple[float, float]], min_dx: float) -> float |
     if (kendall_z(pts[i:], min_dx) < RISE_Z
             or slope * (pts[-1][0] - pts[i][0]) < RISE_NOISE * statistics.median(off)):
         return None
-    return slope
+    knee, least = 0.0, math.inf
+    for j in range(n - MIN_RISE + 1):
+        k = pts[j][0] if j else 0.0  # past the first point only: no floor seen, no knee
+        floor = statistics.median(y - slope * max(0.0, x - k) for x, y in pts)
+        cost = sum(abs(y - floor - slope * max(0.0, x - k)) for x, y in pts)
+        if cost < least:
+            knee, least = k, cost
+    return slope, knee
 
 
 @dataclass(slots=True)
 class ReplicaModel:
     prefill_rate: BoundedMedian
-    """Published rate: 1 / the hinge fit's slope of ``idle`` (:func:`hinge_slope`)."""
+    """Published rate: 1 / the hinge fit's slope of ``idle`` (:func:`hinge_fit`)."""
+    prefill_knee: BoundedMedian = field(
+        default_factory=lambda: BoundedMedian(0.0, 0.0, 1e7, MIN_STEP_TOKENS, jump_first=True))
+    """Published knee (tokens): a prefill of ``u`` uncached tokens is priced
+    ``max(0, u - knee) / rate``, the floor below the knee being part of the overhead."""
     idle: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
     """(uncached tokens, observed seconds) of requests that found no queue."""
     rest: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
-    """(estimated waiting, the model's KV-barrier seconds, observed seconds less prefill and
-    decode interference) of every request: ``y = overhead + kv_scale * barrier +
+    """(estimated waiting, the model's KV-barrier seconds, observed seconds less round trip,
+    prefill and decode interference) of every request: ``y = overhead + kv_scale * barrier +
     queue_delay * waiting``, fitted one slope at a time (each a Theil-Sen slope of the
     residual of the other, so an intercept or an outlier biases neither)."""
     kv_scale: BoundedMedian = field(
@@ -259,7 +280,7 @@ class ReplicaModel:
 
     def published(self) -> Calibrated:
         return Calibrated(self.prefill_rate.value, self.queue_delay.value, self.overhead.value,
-                          self.kv_scale.value)
+                          self.kv_scale.value, self.prefill_knee.value)
 
     def refit_rate(self) -> bool:
         """Every few idle samples: step the published rate towards 1 / (fitted slope); no
@@ -268,10 +289,12 @@ class ReplicaModel:
         if len(self.idle) < MIN_SAMPLES or self._since_idle < EVERY:
             return False
         self._since_idle = 0
-        slope = hinge_slope(list(self.idle), MIN_SPREAD_TOKENS)
-        if slope is None:
+        fit = hinge_fit(list(self.idle), MIN_SPREAD_TOKENS)
+        if fit is None:
             return False
-        return self.prefill_rate.step_to(1.0 / slope)
+        slope, knee = fit
+        changed = self.prefill_rate.step_to(1.0 / slope)
+        return self.prefill_knee.step_to(knee) or changed
 
     def refit_rest(self) -> bool:
         """Every few samples: queue delay, barrier scale, then the overhead (intercept)."""
@@ -322,8 +345,14 @@ class Calibrator:
         m = self.own(p.replica, configured_rate)
         decode, kv = p.part("decode"), p.part("kv")
         waiting = p.part("waiting")
-        rate = m.prefill_rate.current or self.default_rate
-        prefill = uncached / rate
+        # The prefill as the policy prices it: a configured rate as given, else the learned
+        # rate past the learned knee (the floor below it is in the overhead).
+        if configured_rate:
+            rate, knee = configured_rate, 0.0
+        else:
+            rate = m.prefill_rate.current or self.default_rate
+            knee = m.prefill_knee.current or 0.0
+        prefill = max(0.0, uncached - knee) / rate
         idle = waiting < IDLE_WAITING
         interference = decode - kv
         changed = False
@@ -332,7 +361,8 @@ class Calibrator:
             # model, right or wrong, do not bias a slope).
             m.idle.append((float(uncached), observed))
             changed |= m.refit_rate()
-        m.rest.append((waiting if not idle else 0.0, kv, observed - prefill - interference))
+        m.rest.append((waiting if not idle else 0.0, kv,
+                       observed - p.part("rtt") - prefill - interference))
         changed |= m.refit_rest()
         if changed:
             self.version += 1

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from mesh.api import error_response
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionLog
 from mesh.metrics import RouterMetrics
@@ -174,7 +175,7 @@ async def mesh_snapshot(src: Source) -> dict[str, Any]:
 
 
 def routes(src: Source) -> list[web.RouteDef]:
-    """``/dashboard`` (the page and its assets) and its two JSON endpoints."""
+    """``/dashboard`` (the page and its assets) and its JSON endpoints."""
 
     async def page(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/dashboard/")
@@ -194,10 +195,26 @@ def routes(src: Source) -> list[web.RouteDef]:
     async def mesh(request: web.Request) -> web.StreamResponse:
         return web.json_response(await mesh_snapshot(src))
 
+    async def outcomes(request: web.Request) -> web.StreamResponse:
+        """The router's newest outcomes: each placement's predicted parts beside its
+        observed TTFT (``mesh.outcomes``), ``?limit=N`` of them (default all kept)."""
+        raw = request.query.get("limit", "")
+        try:
+            limit = int(raw) if raw else None
+        except ValueError:
+            limit = -1
+        if limit is not None and limit < 0:
+            return error_response(
+                400, f"limit: expected a count of outcomes, got {raw!r}", param="limit")
+        out = getattr(src, "outcomes", None)
+        rows = [] if out is None else out.recent() if limit is None else out.recent(limit)
+        return web.json_response({"outcomes": rows})
+
     return [
         web.get("/dashboard", page),
         web.get("/dashboard/", asset),
         web.get("/dashboard/api/local", local),
         web.get("/dashboard/api/mesh", mesh),
+        web.get("/dashboard/api/outcomes", outcomes),
         web.get("/dashboard/{name}", asset),
     ]

@@ -12,12 +12,17 @@ the decision, on the shell's clock. Each outcome goes to
   overhead (published into the replicated meta record, read back into every router's view)
   and the forward round trip per region (``RegionView.rtt``).
 
+The newest :data:`TRACE` outcomes are kept as they were predicted and observed (every
+predicted part beside the observed TTFT: ``recent``, served at ``/dashboard/api/outcomes``
+and read by ``kvmesh bench region-sweep``), so an error can be taken apart.
+
 ``margins`` and ``rtt`` are plain dicts the :class:`mesh.view.ViewBuilder` reads on every
 view: they are updated here in place, never rebuilt on the request path. Sans-I/O.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +44,25 @@ class Pending:
     local: bool
     """Dispatched by this router to its own engine (a calibration sample of that engine)."""
     at: float
+
+
+TRACE = 1024
+"""Outcomes kept for :meth:`Outcomes.recent` (the newest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Traced:
+    """One placement's prediction beside its observed TTFT."""
+
+    pending: Pending
+    observed: float
+
+    def as_dict(self) -> dict[str, Any]:
+        p = self.pending.prediction
+        return {"at": round(self.pending.at, 4), "kind": p.kind, "pair": p.pair,
+                "replica": p.replica, "uncached": self.pending.uncached,
+                "observed_s": round(self.observed, 5), "predicted_s": round(p.cost, 5),
+                "parts": {k: round(v, 5) for k, v in p.parts}}
 
 
 def _no_rate(replica: str) -> float | None:
@@ -70,6 +94,7 @@ class Outcomes:
     """Region -> seconds a forward there must be predicted to save (measured band)."""
     rtt: dict[str, float] = field(default_factory=dict)
     """Region -> learned forward round trip, seconds."""
+    trace: deque[Traced] = field(default_factory=lambda: deque(maxlen=TRACE))
 
     def __post_init__(self) -> None:
         self.calibrator = Calibrator(self.default_rate)
@@ -87,6 +112,7 @@ class Outcomes:
         """The answer's first byte is back: the observed TTFT (from the decision) is noted."""
         observed = now - pending.at
         p = pending.prediction
+        self.trace.append(Traced(pending, observed))
         self.errors.observe(p, observed)
         if pending.local:
             self.calibrator.observe_local(p, pending.uncached, observed,
@@ -104,6 +130,11 @@ class Outcomes:
 
     def status(self) -> dict[str, Any]:
         return {"errors": self.errors.status(), "calibration": self.calibrator.status()}
+
+    def recent(self, limit: int = TRACE) -> list[dict[str, Any]]:
+        """The newest ``limit`` outcomes, oldest first: predicted parts beside observed."""
+        rows = list(self.trace)
+        return [t.as_dict() for t in rows[max(0, len(rows) - limit):]]
 
     def metrics(self) -> Iterable[Any]:
         n = CounterMetricFamily(

@@ -56,18 +56,20 @@ def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: Mes
     for url, region, st, rate in own:
         others = backend.others_inflight(url)
         cal = learned(url)
+        knee = 0.0
         if rate is None:  # a configured rate is taken as given; the learned one fills in
-            rate = cal.prefill_rate
+            rate, knee = cal.prefill_rate, cal.prefill_knee or 0.0
         if st is None or st.load is None:
             yield ReplicaRecord(url, region, False, 0, 0, 0, float("inf"), others, rate,
                                 queue_delay=cal.queue_delay, overhead=cal.overhead or 0.0,
-                                kv_scale=cal.kv_scale)
+                                kv_scale=cal.kv_scale, prefill_knee=knee)
             continue
         load = st.load
         yield ReplicaRecord(url, region, st.healthy, load.waiting, load.running,
                             load.kv_usage, max(0.0, now - st.measured_at), others, rate,
                             st.models, queue_delay=cal.queue_delay,
-                            overhead=cal.overhead or 0.0, kv_scale=cal.kv_scale)
+                            overhead=cal.overhead or 0.0, kv_scale=cal.kv_scale,
+                            prefill_knee=knee)
     for rec in backend.remote_records(now):
         if rec.replica not in own_set:
             yield rec
@@ -244,8 +246,9 @@ class MeshState:
             info = info if isinstance(info, dict) else {}
             rate = info.get("prefill_rate")
             cal = self._calibrated(replica, info.get("calib"))
+            knee = 0.0
             if not isinstance(rate, int | float):  # configured wins; learned fills in
-                rate = cal.prefill_rate
+                rate, knee = cal.prefill_rate, cal.prefill_knee or 0.0
             models = info.get("models")
             live = alive is None or load.reporter in alive
             healthy = load.healthy and load.age <= self.stale_after and live
@@ -258,7 +261,7 @@ class MeshState:
                 tuple(m for m in models if isinstance(m, str)) if isinstance(models, list)
                 else (),
                 owner, self.loads.inflight_age(load.reporter, now),
-                cal.queue_delay, cal.overhead or 0.0, cal.kv_scale,
+                cal.queue_delay, cal.overhead or 0.0, cal.kv_scale, knee,
             )
 
     def _calibrated(self, replica: str, raw: object) -> Calibrated:

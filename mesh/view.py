@@ -57,6 +57,8 @@ class ReplicaRecord(NamedTuple):
     """Learned fixed first-token overhead, published by the replica's owner."""
     kv_scale: float | None = None
     """Learned share of the KV-barrier term, published by the replica's owner."""
+    prefill_knee: float = 0.0
+    """Learned tokens a prefill gets for the step floor (with the learned rate only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +208,7 @@ class ViewBuilder:
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
                 rec.prefill_rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay,
-                rec.overhead, rec.kv_scale,
+                rec.overhead, rec.kv_scale, rec.prefill_knee,
             ))
         regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
         for name in freshest.keys() | known.keys():

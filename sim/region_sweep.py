@@ -125,6 +125,9 @@ class Row:
     warm-up, at the client, and how many."""
     routers: dict[str, Any] = field(default_factory=dict)
     """The routers' own error windows and learned figures (``/mesh/status`` ttft_model)."""
+    trace: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Per router: its newest outcomes, predicted parts beside the observed TTFT
+    (``/dashboard/api/outcomes``), for taking the error apart."""
 
 
 def _errors(records: Sequence[RequestRecord], after: float) -> dict[str, dict[str, Any]]:
@@ -158,6 +161,7 @@ def simulate(plan: SweepPlan, load: float, v: EmulatedVariant) -> Row:
     row = _row(plan, load, v.label, "simulated", result.records, result.counters)
     if v.label == MESH:
         row.routers = {r.id: r.outcomes.status() for r in fleet.routers}
+        row.trace = {r.id: r.outcomes.recent() for r in fleet.routers}
     return row
 
 
@@ -165,16 +169,21 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
                   load: float, v: EmulatedVariant, log: Any) -> Row:
     scaled = _scaled(plan, load, plan.horizon_of(v.label))
     status: dict[str, Any] = {}
+    trace: dict[str, list[dict[str, Any]]] = {}
 
     async def read_status() -> None:
         for region, url in mesh.router_urls.items():
             try:
                 async with session.get(f"{url}/mesh/status") as resp:
                     doc = await resp.json(content_type=None)
+                async with session.get(f"{url}/dashboard/api/outcomes") as resp:
+                    outcomes = await resp.json(content_type=None)
             except (aiohttp.ClientError, ValueError):
                 continue
             if isinstance(doc, dict) and "ttft_model" in doc:
                 status[region] = doc["ttft_model"]
+            if isinstance(outcomes, dict) and isinstance(outcomes.get("outcomes"), list):
+                trace[region] = outcomes["outcomes"]
 
     run = await emulate_variant(mesh, session, scaled, v, log,
                                 read_status if v.label == MESH else None)
@@ -182,6 +191,7 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
     counters = RunCounters()
     row = _row(plan, load, v.label, "emulated", records, counters)
     row.routers = status
+    row.trace = trace
     return row
 
 
@@ -457,6 +467,10 @@ def to_json(sw: Sweep) -> dict[str, Any]:
 def write(sw: Sweep, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(to_json(sw), indent=1, default=str) + "\n")
+    for r in sw.rows:
+        if r.trace:
+            (out / f"outcomes-{r.side}-load{r.load:g}.json").write_text(
+                json.dumps(r.trace, separators=(",", ":")) + "\n")
     md = out / "results.md"
     p = sw.plan
     md.write_text(

@@ -106,6 +106,9 @@ class ReplicaView(NamedTuple):
     """Learned fixed cost of a first token beyond the model's parts, seconds."""
     kv_scale: float | None = None
     """Learned share of the model's KV-barrier term the engine really shows (None: all)."""
+    prefill_knee: float = 0.0
+    """Learned uncached tokens a prefill gets for the engine's minimum step time (its cost is
+    in ``overhead``); 0 with a configured rate or none learned."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from mesh.policies.base import ReplicaView, Scored, View, estimate_load
-
-
-def waiting_estimate(r: ReplicaView, half_life: float) -> float:
-    return estimate_load(r, half_life).waiting
+from mesh.policies.base import ReplicaView, Scored, View
 
 
 def barrier(r: ReplicaView, kv_weight: float, kv_cap: float) -> float:
@@ -41,13 +37,17 @@ def barrier(r: ReplicaView, kv_weight: float, kv_cap: float) -> float:
 
 def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
               default_rate: float, half_life: float, prior_band: float,
-              kv_weight: float, kv_cap: float, kv_knee: float
+              kv_weight: float, kv_cap: float, kv_knee: float, life: float = 0.0
               ) -> tuple[list[float], list[float]]:
     """(predicted, ranked) costs per replica: calibrated, then with the forwarding premium.
 
     Runs for every replica on every request, so the load estimate and the barrier are
-    inlined (the same arithmetic as :func:`~mesh.policies.base.estimate_load` and
-    :func:`barrier`), and a replica without learned figures costs one attribute test each.
+    inlined (the same arithmetic as the cost's load estimate,
+    :func:`mesh.policies.ttft.replica_load` with running sequences aged over ``life``
+    seconds, and :func:`barrier`), and a replica without learned figures costs one
+    attribute test each. The learned queue delay replaces exactly the waiting requests the
+    cost priced: an estimate of its own (running sequences aged like the queue, so more of
+    them counted as waiting) would take off more queue than the cost put on.
     """
     home = view.region
     mean_prompt = view.mean_prompt_tokens
@@ -70,13 +70,14 @@ def corrected(costs: Sequence[float], reps: Sequence[ReplicaView], view: View,
         if qd is not None and (r.waiting or r.fresh or r.inflight):
             age = r.load_age
             if not math.isfinite(age):
-                d = 0.0
-            elif half_life <= 0:
-                d = 1.0
+                d = dr = 0.0
+            elif half_life <= 0 or age <= 0.0:
+                d = dr = 1.0
             else:
-                d = float(0.5 ** (max(age, 0.0) / half_life))
+                d = float(0.5 ** (age / half_life))
+                dr = math.exp(-age / life) if life > 0 else d
             w = d * r.waiting + r.fresh
-            extra = r.inflight - (w + d * r.running)
+            extra = r.inflight - (w + dr * r.running)
             if extra > 0:
                 w += extra
             if w > 0:
@@ -123,13 +124,19 @@ def same_side(ties: Sequence[int], costs: Sequence[float], reps: Sequence[Replic
 
 
 def explain(s: Scored, r: ReplicaView, predicted: float, ranked: float, home_best: float,
-            home: str, half_life: float, kv: float) -> Scored:
+            home: str, waiting: float, kv: float) -> Scored:
     """A candidate's explanation with the step's parts: ``calib`` (correction), ``waiting``
-    (the estimate the queue was priced at), ``kv`` (the barrier inside ``decode``),
+    (the estimate the queue was priced at, ``waiting``), ``kv`` (the barrier inside ``decode``), the
+    learned figures the correction applied (``overhead``; ``kv_scale`` and ``queue_delay``
+    when learned: the rest of ``calib`` is the barrier rescaled and the queue repriced),
     ``premium`` and, for a forward, ``home`` (the best home replica's predicted TTFT, to
     learn whether the forward lost)."""
     parts = [*s.parts, ("calib", predicted - s.cost),
-             ("waiting", waiting_estimate(r, half_life)), ("kv", kv)]
+             ("waiting", waiting), ("kv", kv), ("overhead", r.overhead)]
+    if r.kv_scale is not None:
+        parts.append(("kv_scale", r.kv_scale))
+    if r.queue_delay is not None:
+        parts.append(("queue_delay", r.queue_delay))
     if ranked != predicted:
         parts.append(("premium", ranked - predicted))
     if r.region != home:

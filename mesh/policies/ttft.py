@@ -8,7 +8,7 @@ For every healthy replica ``r`` in a reachable region::
     rate      = r.prefill_rate or prefill_rate            (tokens/s of the replica's profile)
     rtt       = round trip to r's region's router (0 at home)
     queue     = load.waiting * mean_prompt_tokens / rate            (prefill-bound)
-    prefill   = uncached / rate
+    prefill   = max(uncached - r.prefill_knee, 0) / rate   (knee: the learned step floor)
     decode    = (queue + prefill) * decode_weight * load.running
                 + kv_weight * k / (1 - k)                  (k = KV usage, capped at kv_cap)
     step      = decode_step * (1 + batch_weight * load.running)     (one decode step now)
@@ -164,7 +164,7 @@ def expected_ttft(
     uncached = request.num_tokens - cached_tokens(request, matched)
     rtt = p.rtt_weight * view.rtt(r.region)
     queue = load.waiting * view.mean_prompt_tokens / rate
-    prefill = uncached / rate
+    prefill = (uncached - r.prefill_knee if uncached > r.prefill_knee else 0.0) / rate
     k = min(max(r.kv_usage, 0.0), p.kv_cap)
     decode = (queue + prefill) * p.decode_weight * load.running + p.kv_weight * k / (1.0 - k)
     step = p.decode_step * (1.0 + p.batch_weight * load.running)
@@ -214,7 +214,8 @@ class ExpectedTtft:
             # Learned corrections, then the forwarding premium (mesh/policies/risk.py).
             predicted, costs = risk.corrected(costs, reps, view, p.prefill_rate,
                                               p.load_half_life, p.prior_band, p.kv_weight,
-                                              p.kv_cap, p.kv_knee)
+                                              p.kv_cap, p.kv_knee,
+                                              view.mean_output_tokens * p.decode_step)
         allowed: Sequence[int] = range(len(costs))
         note = ""
         if p.kv_tokens > 0.0:
@@ -250,8 +251,10 @@ class ExpectedTtft:
                   for i in shortlist]
         if p.calibrated:
             home = risk.home_best(predicted, reps, view.region)
+            life = view.mean_output_tokens * p.decode_step
             scored = [risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
-                                   p.load_half_life, risk.barrier(reps[i], p.kv_weight, p.kv_cap))
+                                   replica_load(reps[i], p.load_half_life, life).waiting,
+                                   risk.barrier(reps[i], p.kv_weight, p.kv_cap))
                       for s, i in zip(scored, shortlist, strict=True)]
         return Decision(
             pick.replica, pick.region,
@@ -315,7 +318,9 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
         else:
             cached = 0
         queue = waiting * mean_prompt / rate
-        prefill = (n_tokens - cached) / rate
+        uncached = n_tokens - cached
+        knee = r.prefill_knee
+        prefill = (uncached - knee if uncached > knee else 0.0) / rate
         k = r.kv_usage
         if k < 0.0:
             k = 0.0

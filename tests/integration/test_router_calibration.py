@@ -88,6 +88,12 @@ async def test_outcomes_are_measured_and_the_owners_figures_reach_the_peer(
         own = doc["ttft_model"]["calibration"]["replicas"][us_engine.url]
         assert own["prefill_rate"] > 0 and own["samples"]["prefill"] == n
         assert doc["ttft_model"]["errors"]["kinds"]["local"]["count"] == n
+        trace = (await get_json(s, f"{us}/dashboard/api/outcomes"))["outcomes"]
+        assert len(trace) == n and all(r["kind"] == "local" for r in trace)
+        assert all(r["observed_s"] > 0 and "prefill" in r["parts"] for r in trace)
+        assert len((await get_json(s, f"{us}/dashboard/api/outcomes?limit=3"))["outcomes"]) == 3
+        async with s.get(f"{us}/dashboard/api/outcomes?limit=many") as resp:
+            assert resp.status == 400 and "limit" in (await resp.json())["error"]["message"]
 
         async def eu_prices_it_as_us_does() -> bool:
             mine = await learned_at(s, us, us_engine.url)

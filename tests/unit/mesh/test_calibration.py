@@ -14,7 +14,7 @@ from mesh.calibration import (
     BoundedMedian,
     Calibrated,
     Calibrator,
-    hinge_slope,
+    hinge_fit,
     theil_sen_slope,
 )
 from mesh.ttft_error import Prediction
@@ -82,18 +82,21 @@ def chat_sizes(rng: random.Random, n: int) -> list[int]:
 
 def test_the_hinge_fit_finds_the_rate_past_the_step_time_floor() -> None:
     rng = random.Random(7)
-    fits, lines = [], []
+    fits, lines, knees = [], [], []
     for _ in range(40):
         points = [(float(u), engine_with_a_floor(u, rng)) for u in chat_sizes(rng, 48)]
-        slope = hinge_slope(points, 64)
-        if slope is not None:
-            fits.append(1 / slope)
+        fit = hinge_fit(points, 64)
+        if fit is not None:
+            fits.append(1 / fit[0])
+            knees.append(fit[1])
         line = theil_sen_slope(points, 64)
         assert line is not None
         lines.append(1 / line)
     assert len(fits) >= 10  # windows with a visible rise
     assert statistics.median(fits) == pytest.approx(2600, rel=0.1)
     assert sum(abs(f / 2600 - 1) < 0.4 for f in fits) >= 0.75 * len(fits)
+    # The floor (47 ms) ends where 2600 tokens/s reaches it: about 122 tokens.
+    assert statistics.median(knees) == pytest.approx(0.047 * 2600, rel=0.25)
     # The defect this replaced: one line through every point is pulled flat by the floor.
     assert statistics.median(lines) > 2600 * 1.5
 
@@ -102,7 +105,7 @@ def test_points_all_on_the_floor_leave_the_rate_at_its_prior() -> None:
     rng = random.Random(8)
     for _ in range(50):
         points = [(float(rng.randint(1, 115)), engine_with_a_floor(0, rng)) for _ in range(48)]
-        assert hinge_slope(points, 64) is None
+        assert hinge_fit(points, 64) is None
     cal = Calibrator(default_rate=8000.0)
     for _ in range(300):
         u = rng.randint(1, 115)
@@ -117,16 +120,24 @@ def test_the_calibrator_learns_the_rate_of_an_engine_with_a_floor() -> None:
     cal = Calibrator(default_rate=8000.0)
     for u in chat_sizes(rng, 600):
         cal.observe_local(local(u), u, engine_with_a_floor(u, rng))
-    got = cal.published("e0").prefill_rate
-    assert got is not None and got == pytest.approx(2600, rel=0.2)
+    got = cal.published("e0")
+    assert got.prefill_rate is not None and got.prefill_rate == pytest.approx(2600, rel=0.2)
+    assert got.prefill_knee is not None and got.prefill_knee == pytest.approx(122, rel=0.4)
+    # The floor is priced in the overhead: HTTP (25 ms), the floor (47 ms) and about half
+    # of a running step's wait, less what the knee leaves of a median turn's prefill.
+    assert got.overhead is not None and 0.06 < got.overhead < 0.11
 
 
 def test_a_hinge_fit_needs_a_rising_trend() -> None:
-    assert hinge_slope([(float(x), 0.1) for x in range(0, 2000, 50)], 64) is None
-    assert hinge_slope([(float(x), 0.1 - x / 1e5) for x in range(0, 2000, 50)], 64) is None
-    assert hinge_slope([(float(x), 0.05 + x / 4000) for x in (10, 500, 900, 1400)], 64) is None
-    slope = hinge_slope([(float(x), 0.05 + x / 4000) for x in range(0, 2000, 50)], 64)
-    assert slope is not None and 1 / slope == pytest.approx(4000)
+    assert hinge_fit([(float(x), 0.1) for x in range(0, 2000, 50)], 64) is None
+    assert hinge_fit([(float(x), 0.1 - x / 1e5) for x in range(0, 2000, 50)], 64) is None
+    assert hinge_fit([(float(x), 0.05 + x / 4000) for x in (10, 500, 900, 1400)], 64) is None
+    fit = hinge_fit([(float(x), 0.05 + x / 4000) for x in range(0, 2000, 50)], 64)
+    assert fit is not None and 1 / fit[0] == pytest.approx(4000) and fit[1] == 0.0
+    floor_then_line = [(float(x), max(0.05, x / 4000)) for x in range(0, 2000, 25)]
+    fit = hinge_fit(floor_then_line, 64)
+    assert fit is not None and 1 / fit[0] == pytest.approx(4000)
+    assert fit[1] == pytest.approx(200, abs=25)
 
 
 def test_the_prefill_rate_and_overhead_are_learned_from_idle_requests() -> None:
@@ -198,5 +209,5 @@ def test_malformed_replicated_figures_are_not_learned(value: object) -> None:
 
 
 def test_replicated_figures_round_trip() -> None:
-    c = Calibrated(4321.0, 0.02, 0.01, 0.5)
+    c = Calibrated(4321.0, 0.02, 0.01, 0.5, 120.0)
     assert Calibrated.from_dict(c.as_dict()) == c

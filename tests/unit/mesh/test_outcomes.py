@@ -9,7 +9,7 @@ import pytest
 from mesh.calibration import Calibrated
 from mesh.config import EngineConfig, RouterConfig
 from mesh.engines import EngineLoad, EngineState
-from mesh.outcomes import Outcomes, policy_rate
+from mesh.outcomes import TRACE, Outcomes, policy_rate
 from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
 from mesh.state import MeshState
 
@@ -31,6 +31,28 @@ def test_a_local_outcome_feeds_the_errors_and_the_calibration() -> None:
     names = {m.name for m in out.metrics()}
     assert {"kvmesh_ttft_predictions", "kvmesh_ttft_prediction_error_ratio",
             "kvmesh_calibrated", "kvmesh_forward_band_seconds"} <= names
+
+
+def test_recent_outcomes_keep_the_predicted_parts_beside_the_observed_ttft() -> None:
+    policy = make_policy("kvmesh", {"prefill_rate": 4000.0, "calibrated": True})
+    out = Outcomes("us", policy_rate(policy))
+    v = View("us", (ReplicaView("http://a", "us", waiting=2),), {"us": RegionView("us")},
+             mean_prompt_tokens=400.0)
+    for i in range(TRACE + 5):
+        d = policy.decide(REQ, v, 0.0, random.Random(0))
+        pending = out.begin(d, REQ, True, float(i))
+        assert pending is not None
+        out.first_byte(pending, i + 0.25)
+    rows = out.recent()
+    assert len(rows) == TRACE and rows[-1]["at"] == TRACE + 4 and rows[0]["at"] == 5
+    last = out.recent(2)
+    assert [r["at"] for r in last] == [TRACE + 3, TRACE + 4]
+    row = last[-1]
+    assert row["kind"] == "local" and row["pair"] == "us->us" and row["uncached"] == 400
+    assert row["observed_s"] == 0.25
+    assert row["parts"]["prefill"] == pytest.approx(400 / 4000)
+    assert row["parts"]["waiting"] == 2 and "queue" in row["parts"]
+    assert out.recent(0) == []
 
 
 def test_forward_outcomes_update_the_views_band_and_round_trip_in_place() -> None:
@@ -55,16 +77,16 @@ def test_a_pinned_placement_has_no_prediction() -> None:
     assert Outcomes("us").begin(Decision("a", "us", "pinned"), REQ, True, 0.0) is None
 
 
-def _state(region: str, engine: str) -> MeshState:
+def _state(region: str, engine: str, rate: float | None = None) -> MeshState:
     config = RouterConfig(region=region, node_id=f"{region}-lb0",
                           advertise=f"http://{region}:8080",
-                          engines=(EngineConfig(url=engine),))
+                          engines=(EngineConfig(url=engine, prefill_rate=rate),))
     return MeshState(config, clock=lambda: 100.0)
 
 
 def test_the_owners_figures_reach_another_routers_view() -> None:
     us, eu = _state("us", "http://us-e0"), _state("eu", "http://eu-e0")
-    us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, 0.01, 0.5)}.get  # type: ignore[assignment]
+    us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, 0.01, 0.5, 110.0)}.get  # type: ignore[assignment]
     us.publish_engine(EngineState("http://us-e0", True, EngineLoad(1, 2, 0.3), 100.0, 0, "ok"),
                       "us", 100.0)
     us._write_meta(100.0)
@@ -72,5 +94,17 @@ def test_the_owners_figures_reach_another_routers_view() -> None:
     eu.loads.merge(us.loads.delta_since(eu.loads.digest(), 100.0), 100.0)
     recs = {r.replica: r for r in eu.remote_records(100.0)}
     got = recs["http://us-e0"]
-    assert (got.prefill_rate, got.queue_delay, got.overhead, got.kv_scale) == (
-        5000.0, 0.02, 0.01, 0.5)
+    assert (got.prefill_rate, got.queue_delay, got.overhead, got.kv_scale,
+            got.prefill_knee) == (5000.0, 0.02, 0.01, 0.5, 110.0)
+
+
+def test_a_learned_knee_goes_with_the_learned_rate_only() -> None:
+    us, eu = _state("us", "http://us-e0", 3000.0), _state("eu", "http://eu-e0")
+    us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, 0.01, 0.5, 110.0)}.get  # type: ignore[assignment]
+    us.publish_engine(EngineState("http://us-e0", True, EngineLoad(1, 2, 0.3), 100.0, 0, "ok"),
+                      "us", 100.0)
+    us._write_meta(100.0)
+    eu.meta.merge(us.meta.delta_since(eu.meta.digest(), 100.0), 100.0)
+    eu.loads.merge(us.loads.delta_since(eu.loads.digest(), 100.0), 100.0)
+    got = {r.replica: r for r in eu.remote_records(100.0)}["http://us-e0"]
+    assert (got.prefill_rate, got.prefill_knee) == (3000.0, 0.0)  # configured: as given

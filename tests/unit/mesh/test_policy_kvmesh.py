@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -114,7 +115,8 @@ _finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False)
                        st.floats(min_value=0.0, max_value=1.0), st.one_of(_finite, st.just(
                            math.inf)), st.integers(0, 50), st.integers(0, 5),
                        st.one_of(st.none(), st.floats(min_value=1.0, max_value=1e5)),
-                       st.integers(0, 200), st.one_of(st.just(0.0), _finite)),
+                       st.integers(0, 200), st.one_of(st.just(0.0), _finite),
+                       st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=4000.0))),
              min_size=1, max_size=12),
     st.integers(0, 3000), st.floats(min_value=1.0, max_value=5000.0),
     st.sampled_from([0.0, 2.0]),
@@ -124,7 +126,8 @@ _finite = st.floats(min_value=0.0, max_value=1e4, allow_nan=False)
     st.sampled_from([(0.9, 0.99), (0.5, 0.95), (0.99, 0.99), (1.0, 0.99)]),
 )
 def test_batch_costs_are_exactly_the_explained_costs(
-    rows: list[tuple[str, float, float, float, float, int, int, float | None, int, float]],
+    rows: list[tuple[str, float, float, float, float, int, int, float | None, int, float,
+                     float]],
     n_tokens: int, mean_prompt: float, half_life: float, objective: str | None,
     predicted: float | None, mean_output: float, knee_cap: tuple[float, float],
 ) -> None:
@@ -132,8 +135,8 @@ def test_batch_costs_are_exactly_the_explained_costs(
     fast path changes no decision (either objective, with or without a prediction)."""
     reps = tuple(
         rep(f"r{i}", region, waiting=w, running=run, kv_usage=kv, load_age=age, inflight=inf,
-            fresh=fresh, prefill_rate=rate, work=work)
-        for i, (region, w, run, kv, age, inf, fresh, rate, _, work) in enumerate(rows))
+            fresh=fresh, prefill_rate=rate, work=work, prefill_knee=knee)
+        for i, (region, w, run, kv, age, inf, fresh, rate, _, work, knee) in enumerate(rows))
     held = {f"http://r{i}": row[8] for i, row in enumerate(rows)}
     view = View("us", reps, REGIONS, prefix=Index(held), mean_prompt_tokens=mean_prompt,
                 mean_output_tokens=mean_output)
@@ -207,3 +210,14 @@ def test_an_unknown_objective_parameter_is_an_error_naming_the_key() -> None:
         assert "policy.objective" in str(exc)
     else:
         raise AssertionError("accepted an unknown objective")
+
+
+def test_a_learned_knee_prices_a_short_prefill_at_the_floor() -> None:
+    """Below the knee a prefill costs the engine's minimum step (in the overhead), not
+    tokens / rate; past it, only the tokens beyond the knee are priced."""
+    short = Request("s", token_ids=list(range(100)), keys=[], block_size=16)
+    long = Request("l", token_ids=list(range(1100)), keys=[], block_size=16)
+    v = View("us", (rep("a", prefill_rate=2500.0, prefill_knee=120.0),), REGIONS)
+    p = TtftParams()
+    assert expected_ttft(short, v.replicas[0], v, 0, p).cost == 0.0
+    assert expected_ttft(long, v.replicas[0], v, 0, p).cost == pytest.approx(980 / 2500)
