@@ -38,6 +38,7 @@ from typing import Any
 
 import aiohttp
 
+from sim import error_parts
 from sim.emulation import (
     EmulatedVariant,
     EmulationPlan,
@@ -128,6 +129,10 @@ class Row:
     trace: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Per router: its newest outcomes, predicted parts beside the observed TTFT
     (``/dashboard/api/outcomes``), for taking the error apart."""
+    machine: dict[str, Any] = field(default_factory=dict)
+    """Emulated runs: what the processes cost and how late the load generator was (mean
+    cores by kind of process, lag p50 / p99, the engines' own mean TTFT in real seconds):
+    what the simulator does not model."""
 
 
 def _errors(records: Sequence[RequestRecord], after: float) -> dict[str, dict[str, Any]]:
@@ -192,6 +197,13 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
     row = _row(plan, load, v.label, "emulated", records, counters)
     row.routers = status
     row.trace = trace
+    lags = [o.lag for o in run.observations]
+    row.machine = {"cpu_cores": run.cpu_cores,
+                   "lag_p50_s": round(percentile(lags, 50), 4) if lags else None,
+                   "lag_p99_s": round(run.lag_p99, 4) if lags else None,
+                   "engine_ttft_mean_s": round(run.engine_ttft_mean, 4)
+                   if math.isfinite(run.engine_ttft_mean) else None,
+                   "failed": run.failed, "wall_s": round(run.wall_s, 1)}
     return row
 
 
@@ -387,6 +399,30 @@ def tables(sw: Sweep) -> str:
             cells = [f"{_pct(r.errors[k]['median_abs_rel_error'])} ({r.errors[k]['n']})"
                      for k in ("local", "forwarded")]
             out.append(f"| {load:g} | {side} | {cells[0]} | {cells[1]} |")
+    parts = [(f"{r.load:g} {r.side}", error_parts.summary(
+                 error_parts.local_rows(r.trace, sw.plan.error_after_s)))
+             for r in sw.rows if r.trace]
+    if parts:
+        out += ["", f"Local decisions' error taken apart (the routers' outcome traces: TTFT "
+                f"observed from the decision, decided {sw.plan.error_after_s:g} s or more "
+                f"into the run; medians, seconds; ``sim/error_parts.py``):", "",
+                *error_parts.table(parts)]
+    machine = [r for r in sw.rows if r.machine]
+    if machine:
+        out += ["", "Emulated runs, the machine (mean cores by kind of process, the load "
+                "generator's lag against its schedule, the engines' own mean TTFT against "
+                "the clients'):", "",
+                "| load | variant | cores engines / routers / netdelay / load generator | "
+                "lag p50 / p99 (s) | engine TTFT mean (s) | client TTFT mean (s) |",
+                "|---|---|---|---|---:|---:|"]
+        for r in machine:
+            m = r.machine
+            c = m.get("cpu_cores", {})
+            cores = " / ".join(_f(c.get(k), 2) for k in ("engines", "routers", "netdelay",
+                                                          "load generator"))
+            out.append(f"| {r.load:g} | {r.variant} | {cores} | {_f(m.get('lag_p50_s'))} / "
+                       f"{_f(m.get('lag_p99_s'))} | {_f(m.get('engine_ttft_mean_s'))} | "
+                       f"{_f(r.summary.ttft_mean)} |")
     if sw.pairs:
         p = sw.plan
         out += ["", f"Resolution runs (simulator, mesh and no-peers on each seed, TTFT over "
@@ -456,7 +492,8 @@ def to_json(sw: Sweep) -> dict[str, Any]:
         "rows": [{"load": r.load, "variant": r.variant, "side": r.side,
                   "summary": {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                               for k, v in asdict(r.summary).items()},
-                  "region_p90": r.region_p90, "errors": r.errors, "routers": r.routers}
+                  "region_p90": r.region_p90, "errors": r.errors, "routers": r.routers,
+                  "machine": r.machine}
                  for r in sw.rows],
         "resolution": {f"{load:g}": sw.resolution(load) for load in sw.plan.loads
                        if sw.resolution(load) is not None},

@@ -35,8 +35,12 @@ def test_a_small_simulated_sweep_reports_every_variant(tmp_path: Path) -> None:
     text = tables(sw)
     assert "| 0.25 (8/2/1) | kvmesh |" in text
     assert any(line.startswith("light load 0.25") for line in acceptance(sw))
+    assert set(mesh.trace) == {"us-lb0", "eu-lb0", "asia-lb0"}
+    assert sum(len(t) for t in mesh.trace.values()) >= mesh.errors["local"]["n"]
+    assert "error taken apart" in text and "| 0.25 simulated | all |" in text
     md = write(sw, tmp_path / "out")
     assert md.exists() and (tmp_path / "out" / "results.json").exists()
+    assert (tmp_path / "out" / "outcomes-simulated-load0.25.json").exists()
 
 
 def test_bad_arguments_are_refused(capsys: object) -> None:
