@@ -193,13 +193,20 @@ class LocalMesh:
             )
 
     async def reset_engines(self, session: aiohttp.ClientSession) -> None:
-        """Empty every prefix cache (each variant starts cold, as in the simulator)."""
+        """Start every engine afresh (``restart_engine``: an empty cache, KV-event seqs from 0,
+        as a new process), so each variant starts cold, as in the simulator.
+
+        A cache reset alone is not enough: the engines keep one KV-event stream across
+        variants, and once it is longer than their replay buffer (10,000 batches, a few
+        minutes of a busy engine) a fresh router joining it cannot replay it from seq 0,
+        flags the engine ``partial`` (``mesh.selfcheck``) and serves it by load, without
+        its prefix cache: later variants of a sweep ran with a blind index."""
         for e in self.engines:
-            url = f"{e.direct_url}/reset_prefix_cache?reset_running_requests=true"
-            async with session.post(url) as resp:
+            async with session.post(f"{e.direct_url}/debug/fault",
+                                    json={"restart_engine": True}) as resp:
                 await resp.read()
                 if resp.status != 200:
-                    raise RuntimeError(f"{e.name}: cache reset answered {resp.status}")
+                    raise RuntimeError(f"{e.name}: engine restart answered {resp.status}")
 
     def engine_by_url(self) -> dict[str, LocalEngine]:
         return {e.url: e for e in self.engines}

@@ -175,6 +175,7 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
     scaled = _scaled(plan, load, plan.horizon_of(v.label))
     status: dict[str, Any] = {}
     trace: dict[str, list[dict[str, Any]]] = {}
+    blind: dict[str, list[str]] = {}
 
     async def read_status() -> None:
         for region, url in mesh.router_urls.items():
@@ -185,13 +186,17 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
                     outcomes = await resp.json(content_type=None)
             except (aiohttp.ClientError, ValueError):
                 continue
-            if isinstance(doc, dict) and "ttft_model" in doc:
+            if not isinstance(doc, dict):
+                continue
+            blind[region] = _index_flags(doc)
+            if v.label != MESH:
+                continue
+            if "ttft_model" in doc:
                 status[region] = doc["ttft_model"]
             if isinstance(outcomes, dict) and isinstance(outcomes.get("outcomes"), list):
                 trace[region] = outcomes["outcomes"]
 
-    run = await emulate_variant(mesh, session, scaled, v, log,
-                                read_status if v.label == MESH else None)
+    run = await emulate_variant(mesh, session, scaled, v, log, read_status)
     records = [o.record for o in run.observations]
     counters = RunCounters()
     row = _row(plan, load, v.label, "emulated", records, counters)
@@ -203,8 +208,28 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
                    "lag_p99_s": round(run.lag_p99, 4) if lags else None,
                    "engine_ttft_mean_s": round(run.engine_ttft_mean, 4)
                    if math.isfinite(run.engine_ttft_mean) else None,
-                   "failed": run.failed, "wall_s": round(run.wall_s, 1)}
+                   "failed": run.failed, "wall_s": round(run.wall_s, 1),
+                   "index_flags": {g: f for g, f in sorted(blind.items()) if f}}
     return row
+
+
+def _index_flags(doc: dict[str, Any]) -> list[str]:
+    """Engines whose prefix matches a router did not trust at the end of a run (``flag``
+    from ``mesh.selfcheck``) or whose event stream it holds only in part."""
+    precision = doc.get("precision")
+    if not isinstance(precision, dict):
+        return []
+    out = []
+    engines = precision.get("engines")
+    for replica, e in sorted(engines.items() if isinstance(engines, dict) else []):
+        if isinstance(e, dict) and e.get("flag"):
+            out.append(f"{replica} {e['flag']}")
+    decoders = precision.get("decoders")
+    for replica, d in sorted(decoders.items() if isinstance(decoders, dict) else []):
+        if isinstance(d, dict) and d.get("partial") and not any(
+                x.startswith(f"{replica} ") for x in out):
+            out.append(f"{replica} partial stream")
+    return out
 
 
 # -- the sweep ------------------------------------------------------------------------------------
@@ -413,16 +438,19 @@ def tables(sw: Sweep) -> str:
                 "generator's lag against its schedule, the engines' own mean TTFT against "
                 "the clients'):", "",
                 "| load | variant | cores engines / routers / netdelay / load generator | "
-                "lag p50 / p99 (s) | engine TTFT mean (s) | client TTFT mean (s) |",
-                "|---|---|---|---|---:|---:|"]
+                "lag p50 / p99 (s) | engine TTFT mean (s) | client TTFT mean (s) | "
+                "engines not trusted by their router at the end |",
+                "|---|---|---|---|---:|---:|---|"]
         for r in machine:
             m = r.machine
             c = m.get("cpu_cores", {})
             cores = " / ".join(_f(c.get(k), 2) for k in ("engines", "routers", "netdelay",
                                                           "load generator"))
+            flags = m.get("index_flags") or {}
+            blind = "; ".join(f"{g}: {', '.join(f)}" for g, f in flags.items()) or "none"
             out.append(f"| {r.load:g} | {r.variant} | {cores} | {_f(m.get('lag_p50_s'))} / "
                        f"{_f(m.get('lag_p99_s'))} | {_f(m.get('engine_ttft_mean_s'))} | "
-                       f"{_f(r.summary.ttft_mean)} |")
+                       f"{_f(r.summary.ttft_mean)} | {blind} |")
     if sw.pairs:
         p = sw.plan
         out += ["", f"Resolution runs (simulator, mesh and no-peers on each seed, TTFT over "

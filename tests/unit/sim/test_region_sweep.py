@@ -72,3 +72,12 @@ def test_seed_lists_and_ranges() -> None:
         with pytest.raises(ValueError, match="--sim-seeds"):
             _seeds(bad)
     assert main(["--sim-seeds", "2-1"]) == 2
+
+
+def test_engines_a_router_did_not_trust_are_reported() -> None:
+    from sim.region_sweep import _index_flags
+    doc = {"precision": {"engines": {"http://a": {"flag": "partial"}, "http://b": {"flag": None}},
+                         "decoders": {"http://a": {"partial": True}, "http://c": {"partial": True},
+                                      "http://b": {"partial": False}}}}
+    assert _index_flags(doc) == ["http://a partial", "http://c partial stream"]
+    assert _index_flags({}) == [] and _index_flags({"precision": {"engines": 3}}) == []
