@@ -225,15 +225,28 @@ def hinge_fit(points: Sequence[tuple[float, float]], min_dx: float) -> tuple[flo
         if int(k) not in sizes:
             sizes.append(int(k))
         k /= 1.25
+    xs = [x for x, _ in pts]
+    ys = [y for _, y in pts]
+    # Every pair's slope once, by its lower point (a candidate's Theil-Sen slope is the
+    # median of the pairs at or past it). The points are sorted, so the points before a
+    # split are at or below its knee: ``max(0, x - knee)`` is 0 there and ``x - knee``
+    # past it, the same floats as evaluating it everywhere, in the same order.
+    by_low = [[(y2 - y1) / (x2 - x1) for x2, y2 in pts[a + 1:] if abs(x2 - x1) >= min_dx]
+              for a, (x1, y1) in enumerate(pts)]
     best: tuple[float, float, int, list[float]] | None = None
     for m in sizes:
         i = n - m
-        knee = pts[i][0]
-        slope = theil_sen_slope(pts[i:], min_dx)
-        if slope is None or slope <= 0:
+        knee = xs[i]
+        pairs = [v for a in range(i, n) for v in by_low[a]]
+        if not pairs:
             continue
-        floor = statistics.median(y - slope * max(0.0, x - knee) for x, y in pts)
-        off = [abs(y - floor - slope * max(0.0, x - knee)) for x, y in pts]
+        slope = statistics.median(pairs)
+        if slope <= 0:
+            continue
+        floor = statistics.median(
+            ys[:i] + [y - slope * (x - knee) for x, y in zip(xs[i:], ys[i:], strict=True)])
+        off = [abs(y - floor) for y in ys[:i]] + [
+            abs(y - floor - slope * (x - knee)) for x, y in zip(xs[i:], ys[i:], strict=True)]
         cost = sum(off)
         if best is None or cost < best[0]:
             best = (cost, slope, i, off)
@@ -245,9 +258,16 @@ def hinge_fit(points: Sequence[tuple[float, float]], min_dx: float) -> tuple[flo
         return None
     knee, least = 0.0, math.inf
     for j in range(n - MIN_RISE + 1):
-        k = pts[j][0] if j else 0.0  # past the first point only: no floor seen, no knee
-        floor = statistics.median(y - slope * max(0.0, x - k) for x, y in pts)
-        cost = sum(abs(y - floor - slope * max(0.0, x - k)) for x, y in pts)
+        if j:
+            k = xs[j]  # past the first point only: no floor seen, no knee
+            floor = statistics.median(
+                ys[:j] + [y - slope * (x - k) for x, y in zip(xs[j:], ys[j:], strict=True)])
+            cost = sum([abs(y - floor) for y in ys[:j]] + [
+                abs(y - floor - slope * (x - k)) for x, y in zip(xs[j:], ys[j:], strict=True)])
+        else:
+            k = 0.0
+            floor = statistics.median(y - slope * max(0.0, x - k) for x, y in pts)
+            cost = sum(abs(y - floor - slope * max(0.0, x - k)) for x, y in pts)
         if cost < least:
             knee, least = k, cost
     return slope, knee

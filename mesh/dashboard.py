@@ -85,8 +85,17 @@ def _finite(x: float) -> float | None:
     return None if math.isinf(x) or math.isnan(x) else round(x, 3)
 
 
+def _settled(src: Source) -> None:
+    """Run the router's pending accounting first (``mesh.deferred``): a reader sees every
+    answer relayed before it asked."""
+    deferred = getattr(src, "deferred", None)
+    if deferred is not None:
+        deferred.run()
+
+
 def local_snapshot(src: Source) -> dict[str, Any]:
     """This router's part of the mesh, JSON-ready."""
+    _settled(src)
     now = src.clock()
     view = src.view(now)
     backend = src.backend
@@ -206,6 +215,7 @@ def routes(src: Source) -> list[web.RouteDef]:
         if limit is not None and limit < 0:
             return error_response(
                 400, f"limit: expected a count of outcomes, got {raw!r}", param="limit")
+        _settled(src)
         out = getattr(src, "outcomes", None)
         rows = [] if out is None else out.recent() if limit is None else out.recent(limit)
         return web.json_response({"outcomes": rows})

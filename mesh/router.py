@@ -529,7 +529,9 @@ class Router:
             if not forwarded:  # judged once, by the router the client talks to
                 self.tier_metrics.first_byte(req.tier, first_byte, req.deadline)
             if pending is not None and up.status < 400:
-                self.outcomes.first_byte(pending, first_byte)
+                # Error and calibration bookkeeping (a refit of the prefill rate is a few
+                # hundred microseconds): after the next dispatch, like the rest.
+                self.deferred.add(partial(self.outcomes.first_byte, pending, first_byte))
             extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason,
                      H_TIER: req.tier}
             if not target.local:

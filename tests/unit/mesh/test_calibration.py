@@ -211,3 +211,74 @@ def test_malformed_replicated_figures_are_not_learned(value: object) -> None:
 def test_replicated_figures_round_trip() -> None:
     c = Calibrated(4321.0, 0.02, 0.01, 0.5, 120.0)
     assert Calibrated.from_dict(c.as_dict()) == c
+
+
+def _hinge_reference(points: list[tuple[float, float]], min_dx: float
+                     ) -> tuple[float, float] | None:
+    """hinge_fit written out plainly (max(0, x - knee) evaluated at every point): the
+    production code reuses pair slopes and splits at the knee, and must give the same
+    floats."""
+    import math
+    import statistics
+
+    from mesh.calibration import MIN_RISE, RISE_NOISE, RISE_Z, kendall_z, theil_sen_slope
+
+    pts = sorted(points)
+    n = len(pts)
+    sizes: list[int] = []
+    k = float(n)
+    while k >= MIN_RISE:
+        if int(k) not in sizes:
+            sizes.append(int(k))
+        k /= 1.25
+    best = None
+    for m in sizes:
+        i = n - m
+        knee = pts[i][0]
+        slope = theil_sen_slope(pts[i:], min_dx)
+        if slope is None or slope <= 0:
+            continue
+        floor = statistics.median(y - slope * max(0.0, x - knee) for x, y in pts)
+        off = [abs(y - floor - slope * max(0.0, x - knee)) for x, y in pts]
+        if best is None or sum(off) < best[0]:
+            best = (sum(off), slope, i, off)
+    if best is None:
+        return None
+    _, slope, i, off = best
+    if (kendall_z(pts[i:], min_dx) < RISE_Z
+            or slope * (pts[-1][0] - pts[i][0]) < RISE_NOISE * statistics.median(off)):
+        return None
+    knee, least = 0.0, math.inf
+    for j in range(n - MIN_RISE + 1):
+        kk = pts[j][0] if j else 0.0
+        floor = statistics.median(y - slope * max(0.0, x - kk) for x, y in pts)
+        cost = sum(abs(y - floor - slope * max(0.0, x - kk)) for x, y in pts)
+        if cost < least:
+            knee, least = kk, cost
+    return slope, knee
+
+
+def test_hinge_fit_gives_the_plain_definitions_floats() -> None:
+    import random
+
+    from mesh.calibration import MIN_SPREAD_TOKENS, hinge_fit
+
+    rng = random.Random(3)
+    seen_fit = seen_none = 0
+    for case in range(150):
+        n = rng.choice([8, 13, 24, 48])
+        if case % 3 == 0:  # floor, then a line, with noise and ties
+            pts = [(float(rng.choice([40, 90, 300, 700, 1500, 3000])), 0.0)
+                   for _ in range(n)]
+            pts = [(x, 0.028 + max(0.0, x - 300) / 2500 + rng.gauss(0, 0.002))
+                   for x, _ in pts]
+        elif case % 3 == 1:  # only the floor
+            pts = [(float(rng.randint(5, 200)), 0.028 + rng.gauss(0, 0.001))
+                   for _ in range(n)]
+        else:  # anything
+            pts = [(float(rng.randint(0, 4000)), rng.random()) for _ in range(n)]
+        got = hinge_fit(pts, MIN_SPREAD_TOKENS)
+        assert got == _hinge_reference(pts, MIN_SPREAD_TOKENS)
+        seen_fit += got is not None
+        seen_none += got is None
+    assert seen_fit > 20 and seen_none > 20  # both outcomes were compared
