@@ -265,7 +265,7 @@ class Dispatcher:
         A waiter queued behind others (``first`` None) is a moment to re-evaluate the head:
         the shell calls :meth:`pump` next.
         """
-        pinned = self._pinned(ask)
+        pinned = self._pinned(ask, now)
         if pinned is not None:
             return pinned
         shed = self.shed_check(ask, now)
@@ -375,10 +375,22 @@ class Dispatcher:
         return len(self.queue)
 
     # -- target choice ---------------------------------------------------------------------
-    def _pinned(self, ask: Ask) -> Placement | None:
+    def _pinned(self, ask: Ask, now: float) -> Placement | None:
+        """A forward naming a healthy engine of ours goes there, without policy or queue.
+
+        A policy with ``rechecks_pins`` (the kvmesh cost model) first decides again among
+        this router's own engines: the origin chose on a load record and prefix index a
+        gossip round old (0.1-0.3 s across regions), this router reads its own engines'
+        fresh ones. Its choice stands if it routes to one of ours; otherwise (it would wait,
+        or finds none) the named engine is taken as before.
+        """
         r = ask.pinned
         if not (ask.forwarded and r and ask.attempt == 1 and self.local(r) and self.healthy(r)):
             return None
+        if getattr(self.policy, "rechecks_pins", False):
+            d, view = self.decide(ask, now)
+            if d.routed and d.replica is not None and self.local(d.replica):
+                return self.place(ask, replace(d, reason=f"{d.reason} (named {r})"), view)
         d = Decision(r, self.region, f"pinned by {ask.origin}", "forwarded")
         return Placement(d, Target(r, r, self.region, True), "pinned")
 

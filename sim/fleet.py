@@ -820,6 +820,10 @@ class Fleet:
             if pending is not None:
                 flight.rec.predicted_ttft = pending.prediction.cost
         self.plane.on_routed(router, flight, engine.replica, engine.region)
+        if flight.target is not None and flight.target != engine.replica:
+            # The serving router picked another of its engines than the one named: the
+            # request is bound for the one it goes to.
+            self._unbind(flight)
         self._bind(flight, engine.replica)
         flight.rec.replica = engine.replica
         flight.rec.replica_region = engine.region

@@ -198,6 +198,10 @@ class ExpectedTtft:
         self.sees_released = self.params.kv_tokens > 0.0
         """Requests the router's queue releases in one pass must see each other in the
         ledger (:meth:`mesh.dispatch.Dispatcher.pump`): the KV hold counts them."""
+        self.rechecks_pins = True
+        """A forward that names one of the serving router's engines is decided again there,
+        among its own engines, on their fresh load and prefix state
+        (:meth:`mesh.dispatch.Dispatcher.submit`)."""
 
     def decide(self, request: Request, view: View, now: float, rng: random.Random) -> Decision:
         reps = view.healthy("mesh")
