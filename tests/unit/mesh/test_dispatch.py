@@ -94,6 +94,43 @@ def test_pinned_skips_the_policy_only_when_ours_and_healthy() -> None:
     assert isinstance(p, Placement) and p.outcome == "local" and len(pol.views) == 1
 
 
+class Rechecking(Scripted):
+    """A scripted policy that asks to re-decide pinned forwards (as the kvmesh one does)."""
+
+    rechecks_pins = True
+
+
+def test_a_rechecking_policy_redecides_a_pin_among_own_engines() -> None:
+    pol = Rechecking([go("a1")])
+    d = core(pol)
+    p = d.submit(Ask(req(), forwarded=True, pinned="a0", origin="eu-lb0"), 0.0)
+    assert isinstance(p, Placement) and p.outcome == "local"
+    assert p.target is not None and p.target.replica == "a1" and p.target.local
+    assert "named a0" in p.decision.reason
+    # It decided on this router's own engines only (a forward never travels again).
+    assert {r.replica for r in pol.views[0].healthy()} == set(OWN)
+    assert d.dispatches.total() == 0  # the shell starts the ticket, as for any placement
+
+
+def test_a_recheck_that_would_wait_or_leave_keeps_the_pin() -> None:
+    for answer in (WAIT, go(None, None), go("e0", "eu")):
+        pol = Rechecking([answer])
+        d = core(pol)
+        p = d.submit(Ask(req(), forwarded=True, pinned="a0", origin="eu-lb0"), 0.0)
+        assert isinstance(p, Placement) and p.outcome == "pinned", answer
+        assert p.target is not None and p.target.replica == "a0"
+        assert len(pol.views) == 1 and d.queued() == 0
+
+
+def test_a_recheck_is_only_for_first_attempts_at_a_healthy_own_engine() -> None:
+    pol = Rechecking([go("a0")])
+    d = core(pol, healthy=lambda r: r != "a1")
+    # Down: the policy picks as for any forward (one decision, no pin to fall back to).
+    p = d.submit(Ask(req(), forwarded=True, pinned="a1"), 0.0)
+    assert isinstance(p, Placement) and p.outcome == "local" and len(pol.views) == 1
+    assert "named" not in p.decision.reason
+
+
 def test_exclusions_and_model_filter_reach_the_policy() -> None:
     src = Sources()
     src.models = {"a0": ("m1",), "a1": ("m2",)}

@@ -174,3 +174,32 @@ def test_mesh_plane_gossips_remote_prefixes_and_load() -> None:
     assert "eu-e0" in remote and remote["eu-e0"].age < 5.0
     assert fleet.counters.gossip_bytes > 0
     assert fleet.records[1].cached_tokens == 496
+
+
+def test_a_forward_redecided_at_the_serving_router_is_bound_where_it_went(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kvmesh policy re-decides a pinned forward among the serving router's engines; the
+    fleet's per-replica count of requests bound for it (the oracle's in-flight truth) must
+    follow the engine the request went to, not the one the origin named."""
+    from sim.fleet import SimEngine
+
+    seen: list[tuple[str | None, str, str | None]] = []
+    submit = SimEngine.submit
+
+    def checked(self: SimEngine, flight: object) -> None:
+        seen.append((flight.target, self.replica, flight.pinned))  # type: ignore[attr-defined]
+        submit(self, flight)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SimEngine, "submit", checked)
+    spec = FleetSpec(TWO_REGIONS, {"eu": 2}, L4_LLAMA_3_1_8B, "kvmesh", plane="oracle", seed=5)
+    fleet = Fleet(spec)
+    prompts = [tuple(range(FIRST_CONTENT_ID + 1000 * i, FIRST_CONTENT_ID + 1000 * i + 300))
+               for i in range(12)]
+    fleet.run(Workload("script", [Script("us", prompts, gap=0.0)], horizon_s=100.0),
+              drain_s=10.0)
+    assert len(seen) == 12
+    assert all(target == replica for target, replica, _ in seen)
+    # Idle twins are near-ties, drawn at random on each side: some forwards were re-decided.
+    assert any(pinned is not None and pinned != replica for _, replica, pinned in seen)
+    assert not any(fleet.bound.values())
