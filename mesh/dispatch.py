@@ -381,15 +381,17 @@ class Dispatcher:
         A policy with ``rechecks_pins`` (the kvmesh cost model) first decides again among
         this router's own engines: the origin chose on a load record and prefix index a
         gossip round old (0.1-0.3 s across regions), this router reads its own engines'
-        fresh ones. Its choice stands if it routes to one of ours; otherwise (it would wait,
-        or finds none) the named engine is taken as before.
+        fresh ones. When that decision is another of our engines, the request goes there
+        (outcome ``local``, a decision of this router's); otherwise (the named engine again,
+        or it would wait, or finds none) it goes to the named engine as before.
         """
         r = ask.pinned
         if not (ask.forwarded and r and ask.attempt == 1 and self.local(r) and self.healthy(r)):
             return None
         if getattr(self.policy, "rechecks_pins", False):
             d, view = self.decide(ask, now)
-            if d.routed and d.replica is not None and self.local(d.replica):
+            if (d.routed and d.replica is not None and d.replica != r
+                    and self.local(d.replica)):
                 return self.place(ask, replace(d, reason=f"{d.reason} (named {r})"), view)
         d = Decision(r, self.region, f"pinned by {ask.origin}", "forwarded")
         return Placement(d, Target(r, r, self.region, True), "pinned")

@@ -284,6 +284,7 @@ async def test_router_and_simulator_place_the_same_requests_the_same_way(policy:
         await send(20, forwarded=True, pinned="us-e1")
         await send(21, forwarded=True, pinned="eu-e0")
         await send(22, forwarded=True)
+        await send(23, forwarded=True, pinned="us-e0")
         for rid in (1, 2, 20):
             a.complete(rid)
             s.complete(rid)
@@ -330,11 +331,13 @@ async def test_router_and_simulator_place_the_same_requests_the_same_way(policy:
     # again differs: the simulator's retry timer fires at every retry time in a step, the
     # asyncio one at most once per step here, as the test's clock is virtual.)
     # The kvmesh policy decides a pinned forward again among the router's own engines (on
-    # both sides); holding for KV, that decision would wait here, so the pin stands.
+    # both sides): it agrees with the pin of 20 and moves 23; holding for KV, the second
+    # decision would wait here, so that pin stands.
+    assert a.out[20].outcome == "pinned"
     if policy == "kvmesh":
-        assert a.out[20].outcome == "local" and "(named us-e1)" in a.out[20].decision.reason
+        assert a.out[23].outcome == "local" and "(named us-e0)" in a.out[23].decision.reason
     else:
-        assert a.out[20].outcome == "pinned"
+        assert a.out[23].outcome == "pinned"
     assert a.out[21].outcome == "local"
     if policy in ("skylb", "kvmesh-hold"):
         assert a.router.dispatcher.waits > 0 and s.router.core.waits > 0, "nothing waited"

@@ -112,13 +112,14 @@ def test_a_rechecking_policy_redecides_a_pin_among_own_engines() -> None:
     assert d.dispatches.total() == 0  # the shell starts the ticket, as for any placement
 
 
-def test_a_recheck_that_would_wait_or_leave_keeps_the_pin() -> None:
-    for answer in (WAIT, go(None, None), go("e0", "eu")):
+def test_a_recheck_that_agrees_would_wait_or_leave_keeps_the_pin() -> None:
+    for answer in (go("a0"), WAIT, go(None, None), go("e0", "eu")):
         pol = Rechecking([answer])
         d = core(pol)
         p = d.submit(Ask(req(), forwarded=True, pinned="a0", origin="eu-lb0"), 0.0)
         assert isinstance(p, Placement) and p.outcome == "pinned", answer
         assert p.target is not None and p.target.replica == "a0"
+        assert p.decision.reason == "pinned by eu-lb0"
         assert len(pol.views) == 1 and d.queued() == 0
 
 
