@@ -168,9 +168,8 @@ class Dispatcher:
         return self.views.build(now, max(0, len(self.queue) - 1), self.mean_prompt_tokens,
                                 model, mean_output_tokens=self.mean_output_tokens)
 
-    def decide(self, ask: Ask, now: float, named: str | None = None) -> tuple[Decision, View]:
-        """The policy's answer for ``ask`` on the view at ``now``, with the product's filters;
-        with ``named`` (a pinned forward's engine), the policy's ``recheck`` of it."""
+    def decide(self, ask: Ask, now: float) -> tuple[Decision, View]:
+        """The policy's answer for ``ask`` on the view at ``now``, with the product's filters."""
         started = time.perf_counter()
         view = self.view(now, ask.request.model)
         if ask.forwarded:
@@ -188,11 +187,7 @@ class Dispatcher:
                 self.waits += 1
                 self.on_decision(ask.request, view, d, time.perf_counter() - started)
                 return d, view
-        recheck = getattr(self.policy, "recheck", None) if named is not None else None
-        if recheck is not None:
-            d = recheck(ask.request, view, now, self.rng, named)
-        else:
-            d = self.policy.decide(ask.request, view, now, self.rng)
+        d = self.policy.decide(ask.request, view, now, self.rng)
         self.decisions += 1
         if d.wait:
             self.waits += 1
@@ -383,19 +378,18 @@ class Dispatcher:
     def _pinned(self, ask: Ask, now: float) -> Placement | None:
         """A forward naming a healthy engine of ours goes there, without policy or queue.
 
-        A policy with a ``recheck`` (the kvmesh cost model) first decides again among this
-        router's own engines, told which one was named: the origin chose on a load record
-        and prefix index a gossip round old (0.1-0.3 s across regions), this router reads
-        its own engines' fresh ones. When that decision is another of our engines, the
-        request goes there (outcome ``local``, a decision of this router's); otherwise (the
-        named engine again, or it would wait, or finds none) it goes to the named engine as
-        before.
+        A policy with ``rechecks_pins`` (the kvmesh cost model) first decides again among
+        this router's own engines: the origin chose on a load record and prefix index a
+        gossip round old (0.1-0.3 s across regions), this router reads its own engines'
+        fresh ones. When that decision is another of our engines, the request goes there
+        (outcome ``local``, a decision of this router's); otherwise (the named engine again,
+        or it would wait, or finds none) it goes to the named engine as before.
         """
         r = ask.pinned
         if not (ask.forwarded and r and ask.attempt == 1 and self.local(r) and self.healthy(r)):
             return None
-        if hasattr(self.policy, "recheck"):
-            d, view = self.decide(ask, now, named=r)
+        if getattr(self.policy, "rechecks_pins", False):
+            d, view = self.decide(ask, now)
             if (d.routed and d.replica is not None and d.replica != r
                     and self.local(d.replica)):
                 return self.place(ask, replace(d, reason=f"{d.reason} (named {r})"), view)

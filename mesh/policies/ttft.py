@@ -198,22 +198,12 @@ class ExpectedTtft:
         self.sees_released = self.params.kv_tokens > 0.0
         """Requests the router's queue releases in one pass must see each other in the
         ledger (:meth:`mesh.dispatch.Dispatcher.pump`): the KV hold counts them."""
+        self.rechecks_pins = True
+        """A forward that names one of the serving router's engines is decided again there,
+        among its own engines, on their fresh load and prefix state
+        (:meth:`mesh.dispatch.Dispatcher.submit`)."""
 
     def decide(self, request: Request, view: View, now: float, rng: random.Random) -> Decision:
-        return self._decide(request, view, now, rng, None)
-
-    def recheck(self, request: Request, view: View, now: float, rng: random.Random,
-                named: str) -> Decision:
-        """:meth:`decide` for a forward that names ``named``, one of this router's engines
-        (:meth:`mesh.dispatch.Dispatcher.submit`): the origin chose it on a load record a
-        gossip round old, this router reads its own engines' fresh ones. ``named`` stays
-        the choice while it is among the near-ties; another engine wins only when the
-        fresh view prices ``named`` out of them (no tie is drawn between equals, so an
-        agreeing view never moves a request)."""
-        return self._decide(request, view, now, rng, named)
-
-    def _decide(self, request: Request, view: View, now: float, rng: random.Random,
-                named: str | None) -> Decision:
         reps = view.healthy("mesh")
         if not reps:
             return no_replica(self.name)
@@ -255,9 +245,7 @@ class ExpectedTtft:
         ties = [i for i in allowed if costs[i] <= limit]
         if p.calibrated and len(ties) > 1:
             ties = risk.same_side(ties, costs, reps, view.region)
-        chosen = next((i for i in ties if reps[i].replica == named), None)
-        if chosen is None:
-            chosen = rng.choice(ties)
+        chosen = rng.choice(ties)
         pick = reps[chosen]
         matched = matches.get(pick.replica, 0)
         shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)

@@ -221,18 +221,3 @@ def test_a_learned_knee_prices_a_short_prefill_at_the_floor() -> None:
     p = TtftParams()
     assert expected_ttft(short, v.replicas[0], v, 0, p).cost == 0.0
     assert expected_ttft(long, v.replicas[0], v, 0, p).cost == pytest.approx(980 / 2500)
-
-
-def test_a_recheck_keeps_the_named_replica_among_near_ties_and_moves_it_otherwise() -> None:
-    pol = ExpectedTtft(PARAMS)
-    twins = View("us", (rep("a"), rep("b"), rep("c", waiting=6.0)), REGIONS)
-    # Idle twins are near-ties: decide draws between them, a recheck keeps the named one.
-    drawn = {pol.decide(REQ, twins, 0.0, random.Random(s)).replica for s in range(16)}
-    assert drawn == {"http://a", "http://b"}
-    for name in ("http://a", "http://b"):
-        kept = {pol.recheck(REQ, twins, 0.0, random.Random(s), name).replica for s in range(16)}
-        assert kept == {name}
-    # The named one priced out of the ties by the fresh view: the best of the rest wins.
-    moved = {pol.recheck(REQ, twins, 0.0, random.Random(s), "http://c").replica
-             for s in range(16)}
-    assert moved == {"http://a", "http://b"}
