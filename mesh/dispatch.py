@@ -378,12 +378,13 @@ class Dispatcher:
     def _pinned(self, ask: Ask, now: float) -> Placement | None:
         """A forward naming a healthy engine of ours goes there, without policy or queue.
 
-        A policy with ``rechecks_pins`` (the kvmesh cost model) first decides again among
-        this router's own engines: the origin chose on a load record and prefix index a
-        gossip round old (0.1-0.3 s across regions), this router reads its own engines'
-        fresh ones. When that decision is another of our engines, the request goes there
-        (outcome ``local``, a decision of this router's); otherwise (the named engine again,
-        or it would wait, or finds none) it goes to the named engine as before.
+        A policy with ``rechecks_pins`` (the kvmesh cost model with ``recheck_pins`` set)
+        first decides again among this router's own engines: the origin chose on a load
+        record and prefix index a gossip round old (0.1-0.3 s across regions), this router
+        reads its own engines' fresh ones. When that decision is another of our engines,
+        the request goes there (outcome ``local``, a decision of this router's); otherwise
+        (the named engine again, or it would wait, or finds none) it goes to the named
+        engine as before.
         """
         r = ask.pinned
         if not (ask.forwarded and r and ask.attempt == 1 and self.local(r) and self.healthy(r)):

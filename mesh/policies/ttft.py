@@ -114,6 +114,11 @@ class TtftParams:
     hold_retry: float = 0.05
     """Re-decide a held request after this long at the latest (completions re-decide it
     sooner)."""
+    recheck_pins: bool = False
+    """Decide a forward that names one of this router's engines again among its own
+    engines, on their fresh load and prefix state (:meth:`mesh.dispatch.Dispatcher.
+    submit`). Off by default: it moved no figure on held-out WildChat seeds and cost
+    sageserve-tiers its interactive target (docs/evaluation.md)."""
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -198,10 +203,9 @@ class ExpectedTtft:
         self.sees_released = self.params.kv_tokens > 0.0
         """Requests the router's queue releases in one pass must see each other in the
         ledger (:meth:`mesh.dispatch.Dispatcher.pump`): the KV hold counts them."""
-        self.rechecks_pins = True
+        self.rechecks_pins = self.params.recheck_pins
         """A forward that names one of the serving router's engines is decided again there,
-        among its own engines, on their fresh load and prefix state
-        (:meth:`mesh.dispatch.Dispatcher.submit`)."""
+        among its own engines (``recheck_pins``)."""
 
     def decide(self, request: Request, view: View, now: float, rng: random.Random) -> Decision:
         reps = view.healthy("mesh")

@@ -242,10 +242,11 @@ requests are released only by completions, which both sides see at the same time
 retry timers do not fire at the same virtual times here, see below)."""
 
 
-@pytest.mark.parametrize("policy", [*sorted(POLICIES), "kvmesh-hold"])
+@pytest.mark.parametrize("policy", [*sorted(POLICIES), "kvmesh-hold", "kvmesh-recheck"])
 async def test_router_and_simulator_place_the_same_requests_the_same_way(policy: str) -> None:
-    params = HOLD if policy == "kvmesh-hold" else None
-    name = "kvmesh" if policy == "kvmesh-hold" else policy
+    params = (HOLD if policy == "kvmesh-hold"
+              else {"recheck_pins": True} if policy == "kvmesh-recheck" else None)
+    name = "kvmesh" if policy.startswith("kvmesh-") else policy
     world_a, world_s = World(), World()
     a, s = AsyncSide(world_a, name, 7, params), SimSide(world_s, name, 7, params)
     a.start()
@@ -330,11 +331,10 @@ async def test_router_and_simulator_place_the_same_requests_the_same_way(policy:
     # The run went through the paths it is about. (How often a waiting head is asked
     # again differs: the simulator's retry timer fires at every retry time in a step, the
     # asyncio one at most once per step here, as the test's clock is virtual.)
-    # The kvmesh policy decides a pinned forward again among the router's own engines (on
-    # both sides): it agrees with the pin of 20 and moves 23; holding for KV, the second
-    # decision would wait here, so that pin stands.
+    # With ``recheck_pins`` the kvmesh policy decides a pinned forward again among the
+    # router's own engines (on both sides): it agrees with the pin of 20 and moves 23.
     assert a.out[20].outcome == "pinned"
-    if policy == "kvmesh":
+    if policy == "kvmesh-recheck":
         assert a.out[23].outcome == "local" and "(named us-e0)" in a.out[23].decision.reason
     else:
         assert a.out[23].outcome == "pinned"

@@ -221,3 +221,8 @@ def test_a_learned_knee_prices_a_short_prefill_at_the_floor() -> None:
     p = TtftParams()
     assert expected_ttft(short, v.replicas[0], v, 0, p).cost == 0.0
     assert expected_ttft(long, v.replicas[0], v, 0, p).cost == pytest.approx(980 / 2500)
+
+
+def test_rechecking_pinned_forwards_is_opt_in() -> None:
+    assert ExpectedTtft(PARAMS).rechecks_pins is False
+    assert ExpectedTtft({**PARAMS, "recheck_pins": True}).rechecks_pins is True

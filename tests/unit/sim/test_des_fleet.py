@@ -179,9 +179,10 @@ def test_mesh_plane_gossips_remote_prefixes_and_load() -> None:
 def test_a_forward_redecided_at_the_serving_router_is_bound_where_it_went(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The kvmesh policy re-decides a pinned forward among the serving router's engines; the
-    fleet's per-replica count of requests bound for it (the oracle's in-flight truth) must
-    follow the engine the request went to, not the one the origin named."""
+    """The kvmesh policy with ``recheck_pins`` re-decides a pinned forward among the
+    serving router's engines; the fleet's per-replica count of requests bound for it (the
+    oracle's in-flight truth) must follow the engine the request went to, not the one the
+    origin named."""
     from sim.fleet import SimEngine
 
     seen: list[tuple[str | None, str, str | None]] = []
@@ -192,7 +193,8 @@ def test_a_forward_redecided_at_the_serving_router_is_bound_where_it_went(
         submit(self, flight)  # type: ignore[arg-type]
 
     monkeypatch.setattr(SimEngine, "submit", checked)
-    spec = FleetSpec(TWO_REGIONS, {"eu": 2}, L4_LLAMA_3_1_8B, "kvmesh", plane="oracle", seed=5)
+    spec = FleetSpec(TWO_REGIONS, {"eu": 2}, L4_LLAMA_3_1_8B, "kvmesh", plane="oracle", seed=5,
+                     policy_params={"recheck_pins": True})
     fleet = Fleet(spec)
     prompts = [tuple(range(FIRST_CONTENT_ID + 1000 * i, FIRST_CONTENT_ID + 1000 * i + 300))
                for i in range(12)]
