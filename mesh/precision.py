@@ -199,15 +199,13 @@ class Precision:
                 continue
         return out
 
-    def refresh(self, now: float, force: bool = False,
-                within: float = _EVAL_INTERVAL) -> None:
+    def refresh(self, now: float, within: float = _EVAL_INTERVAL) -> None:
         """Learn block sizes (every call: a request must be keyed at every size already
-        published) and re-judge the engines (at most every ``within`` seconds unless
-        forced)."""
+        published) and re-judge the engines (at most every ``within`` seconds)."""
         stats = self._stats()
         for st in stats:
             self.sizes.observe(engine_of(st.replica), st.block_size)
-        if not force and now - self._evaluated < within:
+        if now - self._evaluated < within:
             return
         self._evaluated = now
         for replica, size in remote_block_sizes(getattr(self._backend, "meta", None)).items():

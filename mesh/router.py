@@ -149,11 +149,11 @@ class Router:
         self._published: tuple[int, int, float] = (-1, -1, float("-inf"))
         self._publish_queued = False
         self.deferred = Deferred()
+        """Accounting of relayed answers, run while the next request is at its engine."""
         self._id_prefix = f"kvm-{uuid.uuid4().hex[:16]}-"
         """Request ids: a random prefix per router process and a counter (unique without a
         random draw per request)."""
         self._ids = itertools.count()
-        """Accounting of relayed answers, run while the next request is at its engine."""
         self._waiting: dict[Waiter, asyncio.Future[Placement]] = {}
         self._wake = asyncio.Event()
         self._pump_due = False
