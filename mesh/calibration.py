@@ -165,10 +165,6 @@ def theil_sen_slope(points: Sequence[tuple[float, float]], min_dx: float) -> flo
     return statistics.median(slopes) if slopes else None
 
 
-def intercept(points: Sequence[tuple[float, float]], slope: float) -> float:
-    return statistics.median(y - slope * x for x, y in points)
-
-
 def kendall_z(points: Sequence[tuple[float, float]], min_dx: float) -> float:
     """Kendall's S over the pairs at least ``min_dx`` apart in x (each +1 when y rises with
     x, -1 when it falls), over its standard deviation were y independent of x.

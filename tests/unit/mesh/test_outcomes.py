@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -84,27 +85,24 @@ def _state(region: str, engine: str, rate: float | None = None) -> MeshState:
     return MeshState(config, clock=lambda: 100.0)
 
 
-def test_the_owners_figures_reach_another_routers_view() -> None:
-    us, eu = _state("us", "http://us-e0"), _state("eu", "http://eu-e0")
+def _learned_at_eu(us: MeshState, eu: MeshState) -> Any:
+    """us learns figures for its engine and publishes them; eu merges us's state: eu's
+    record of that engine."""
     us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, 0.01, 0.5, 110.0)}.get  # type: ignore[assignment]
     us.publish_engine(EngineState("http://us-e0", True, EngineLoad(1, 2, 0.3), 100.0, 0, "ok"),
                       "us", 100.0)
     us._write_meta(100.0)
     eu.meta.merge(us.meta.delta_since(eu.meta.digest(), 100.0), 100.0)
     eu.loads.merge(us.loads.delta_since(eu.loads.digest(), 100.0), 100.0)
-    recs = {r.replica: r for r in eu.remote_records(100.0)}
-    got = recs["http://us-e0"]
+    return {r.replica: r for r in eu.remote_records(100.0)}["http://us-e0"]
+
+
+def test_the_owners_figures_reach_another_routers_view() -> None:
+    got = _learned_at_eu(_state("us", "http://us-e0"), _state("eu", "http://eu-e0"))
     assert (got.prefill_rate, got.queue_delay, got.overhead, got.kv_scale,
             got.prefill_knee) == (5000.0, 0.02, 0.01, 0.5, 110.0)
 
 
 def test_a_learned_knee_goes_with_the_learned_rate_only() -> None:
-    us, eu = _state("us", "http://us-e0", 3000.0), _state("eu", "http://eu-e0")
-    us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, 0.01, 0.5, 110.0)}.get  # type: ignore[assignment]
-    us.publish_engine(EngineState("http://us-e0", True, EngineLoad(1, 2, 0.3), 100.0, 0, "ok"),
-                      "us", 100.0)
-    us._write_meta(100.0)
-    eu.meta.merge(us.meta.delta_since(eu.meta.digest(), 100.0), 100.0)
-    eu.loads.merge(us.loads.delta_since(eu.loads.digest(), 100.0), 100.0)
-    got = {r.replica: r for r in eu.remote_records(100.0)}["http://us-e0"]
+    got = _learned_at_eu(_state("us", "http://us-e0", 3000.0), _state("eu", "http://eu-e0"))
     assert (got.prefill_rate, got.prefill_knee) == (3000.0, 0.0)  # configured: as given
