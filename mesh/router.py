@@ -549,8 +549,15 @@ class Router:
                 extra[H_PREDICTED] = str(check.predicted)
             if pending is not None and not forwarded:
                 extra[H_PREDICTED_TTFT] = f"{pending.prediction.cost:.6f}"
-            resp, _, completed = await relay(request, up, extra,
-                                             check.tap if check else None)
+            try:
+                resp, _, completed = await relay(request, up, extra,
+                                                 check.tap if check else None)
+            except asyncio.CancelledError:
+                # The client left before the end (e.g. once it had read a stream's last
+                # event): what was relayed is still accounted for (a usage seen is scored).
+                self.deferred.add(partial(self._relayed, req, check, up.status, False,
+                                          forwarded, route, self.clock()))
+                raise
             self.deferred.add(partial(self._relayed, req, check, up.status, completed,
                                       forwarded, route, self.clock()))
             if not completed:
