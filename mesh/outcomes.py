@@ -46,6 +46,8 @@ class Pending:
     at: float
 
 
+PRIOR_EVERY = 16
+"""Local outcomes between refreshes of the prior band (every one of the first few dozen)."""
 TRACE = 1024
 """Outcomes kept for :meth:`Outcomes.recent` (the newest)."""
 
@@ -95,6 +97,7 @@ class Outcomes:
     rtt: dict[str, float] = field(default_factory=dict)
     """Region -> learned forward round trip, seconds."""
     trace: deque[Traced] = field(default_factory=lambda: deque(maxlen=TRACE))
+    _prior: float | None = None
 
     def __post_init__(self) -> None:
         self.calibrator = Calibrator(self.default_rate)
@@ -114,6 +117,10 @@ class Outcomes:
         p = pending.prediction
         self.trace.append(Traced(pending, observed))
         self.errors.observe(p, observed)
+        if p.kind == "local":
+            n = self.errors.kinds["local"].count
+            if n <= PRIOR_EVERY * 4 or n % PRIOR_EVERY == 0:
+                self._prior = self.errors.prior()
         if pending.local:
             self.calibrator.observe_local(p, pending.uncached, observed,
                                           self.configured_rate(p.replica))
@@ -123,6 +130,10 @@ class Outcomes:
             band = self.errors.band(p.region)
             if band is not None:
                 self.margins[p.region] = band
+
+    def prior_margin(self) -> float | None:
+        """The forwarding band of regions without a measured one (``TtftErrors.prior``)."""
+        return self._prior
 
     def published(self, replica: str) -> Calibrated:
         """An own replica's learned figures, for the view and the replicated meta record."""

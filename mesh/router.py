@@ -132,6 +132,7 @@ class Router:
             emulated_rtt=config.emulate_rtt,
             learned_rtt=self.outcomes.rtt,
             margins=self.outcomes.margins,
+            prior_margin=self.outcomes.prior_margin,
         )
         self.dispatcher = Dispatcher(
             region=config.region,

@@ -211,6 +211,18 @@ class TtftErrors:
         local = self.kinds["local"].over(self.band_quantile)
         return math.hypot(fwd, local) * (1.0 + w.loss_rate())
 
+    def prior(self) -> float | None:
+        """The band of a region no forward into which was measured yet: the local
+        decisions' error on both sides, the ``band_quantile`` of how far they came in over
+        and under their predictions. A forward's engine side is priced by the same model, so
+        its saving is at least that uncertain; early on, before the router has learned its
+        engines' overheads and rates, that is most of a TTFT, and no near-tie pays a round
+        trip. None: too few local decisions seen (``prior_band`` decides)."""
+        w = self.kinds["local"]
+        if len(w.pairs) < MIN_BAND_SAMPLES:
+            return None
+        return math.hypot(w.under(self.band_quantile), w.over(self.band_quantile))
+
     def bands(self) -> dict[str, float]:
         out = {}
         for region in self.into:

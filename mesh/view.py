@@ -19,7 +19,7 @@ measured, so :func:`~mesh.policies.base.estimate_load` counts nothing twice.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import NamedTuple
@@ -161,6 +161,26 @@ class Dispatches:
 _by_replica = attrgetter("replica")
 
 
+def fleet_prior(records: Sequence[ReplicaRecord]) -> tuple[float, float] | None:
+    """(prefill rate, knee) for replicas whose rate nobody knows yet: the median of the
+    replicas in the view that have one (they serve the same model).
+
+    A replica's rate is learned by its owner from its own traffic; a lightly used replica
+    (a quiet region's) may have too few samples for a while. Priced at the configured
+    default meanwhile, it would look several times faster than its learned peers, and a
+    forward there would win on a prefill estimate alone. None: every replica has a rate,
+    or none has."""
+    known = [(r.prefill_rate, r.prefill_knee) for r in records if r.prefill_rate]
+    if not known or len(known) == len(records):
+        return None
+    rates = sorted(k[0] for k in known)
+    knees = sorted(k[1] for k in known)
+    mid = len(known) // 2
+    if len(known) % 2:
+        return rates[mid], knees[mid]
+    return (rates[mid - 1] + rates[mid]) / 2, (knees[mid - 1] + knees[mid]) / 2
+
+
 @dataclass(slots=True)
 class ViewBuilder:
     region: str
@@ -180,6 +200,9 @@ class ViewBuilder:
     never below a measured round trip (see :meth:`rtt`)."""
     margins: Mapping[str, float] = field(default_factory=dict)
     """Measured forwarding error band per region (``mesh.outcomes``)."""
+    prior_margin: Callable[[], float | None] = lambda: None
+    """The band of a region without a measured one (``mesh.outcomes``; None: the policy's
+    ``prior_band``)."""
 
     def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0,
               model: str | None = None, mean_output_tokens: float = 256.0) -> View:
@@ -190,9 +213,10 @@ class ViewBuilder:
         known = self.regions(now)
         inflight, fresh, inf = self.dispatches.inflight, self.dispatches.fresh, float("inf")
         work = self.dispatches.work.get
-        for rec in self.records(now):
-            if model is not None and rec.models and model not in rec.models:
-                continue
+        recs = [rec for rec in self.records(now)
+                if model is None or not rec.models or model in rec.models]
+        prior = fleet_prior(recs)
+        for rec in recs:
             region, age = rec.region, rec.age
             if age < freshest.get(region, inf):
                 freshest[region] = age
@@ -207,10 +231,13 @@ class ViewBuilder:
             replicas.append(ReplicaView(
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
-                rec.prefill_rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay,
-                rec.overhead, rec.kv_scale, rec.prefill_knee,
+                rec.prefill_rate if rec.prefill_rate or prior is None else prior[0],
+                rec.owner, work(rec.replica, 0.0), rec.queue_delay, rec.overhead,
+                rec.kv_scale,
+                rec.prefill_knee if rec.prefill_rate or prior is None else prior[1],
             ))
         regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
+        prior_margin = self.prior_margin()
         for name in freshest.keys() | known.keys():
             if name == self.region:
                 continue
@@ -222,7 +249,7 @@ class ViewBuilder:
                 queue=info.queue if info is not None else 0,
                 pushed=fresh(region_key(name), now - freshest.get(name, 0.0)),
                 routers=info.routers if info is not None else (),
-                margin=self.margins.get(name),
+                margin=self.margins.get(name, prior_margin),
             )
         return View(
             region=self.region,

@@ -275,6 +275,7 @@ class SimRouter:
             prefix=NoPrefixes(),
             learned_rtt=self.outcomes.rtt,
             margins=self.outcomes.margins,
+            prior_margin=self.outcomes.prior_margin,
         )
         self.core = Dispatcher(
             region=region,

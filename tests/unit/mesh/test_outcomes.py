@@ -106,3 +106,17 @@ def test_the_owners_figures_reach_another_routers_view() -> None:
 def test_a_learned_knee_goes_with_the_learned_rate_only() -> None:
     got = _learned_at_eu(_state("us", "http://us-e0", 3000.0), _state("eu", "http://eu-e0"))
     assert (got.prefill_rate, got.prefill_knee) == (3000.0, 0.0)  # configured: as given
+
+
+def test_the_local_error_is_the_band_of_regions_no_forward_measured_yet() -> None:
+    policy = make_policy("kvmesh", {"prefill_rate": 4000.0})
+    out = Outcomes("us", policy_rate(policy))
+    v = View("us", (ReplicaView("http://a", "us"),), {"us": RegionView("us")})
+    assert out.prior_margin() is None
+    for _ in range(40):
+        pending = out.begin(policy.decide(REQ, v, 0.0, random.Random(0)), REQ, True, 0.0)
+        assert pending is not None
+        out.first_byte(pending, pending.prediction.cost + 0.07)  # the overhead not learned
+    prior = out.prior_margin()
+    assert prior is not None and prior == pytest.approx(0.07, abs=1e-9)
+    assert "eu" not in out.margins

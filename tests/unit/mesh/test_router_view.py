@@ -116,3 +116,37 @@ def test_an_own_forward_counts_until_the_owners_published_count_holds_it() -> No
     assert inflight(3.98) == 2
     # No published counts known from the owner: count it here.
     assert inflight(math.inf) == 2
+
+
+def test_a_region_without_a_measured_band_gets_the_prior_one() -> None:
+    records = [ReplicaRecord(f"http://{r}", r, True, 0, 0, 0, 0.1) for r in ("us", "eu", "asia")]
+    regions = {r: RegionRecord(r, 0.1, (f"http://router-{r}",)) for r in ("eu", "asia")}
+    view = builder(records, regions, margins={"eu": 0.02}).build(now=0.0)
+    assert view.regions["eu"].margin == 0.02 and view.regions["asia"].margin is None
+    view = builder(records, regions, margins={"eu": 0.02},
+                   prior_margin=lambda: 0.05).build(now=0.0)
+    assert view.regions["eu"].margin == 0.02 and view.regions["asia"].margin == 0.05
+
+
+def test_a_replica_without_a_rate_is_priced_at_the_median_of_those_with_one() -> None:
+    def rec(name: str, rate: float | None, knee: float = 0.0,
+            models: tuple[str, ...] = ()) -> ReplicaRecord:
+        return ReplicaRecord(f"http://{name}", "us", True, 0, 0, 0, 0.1, prefill_rate=rate,
+                             models=models, prefill_knee=knee)
+
+    # Learned 2,000 and 3,000 tokens/s (knees 50, 150): the quiet replica, priced at the
+    # configured default, would look several times faster than its learned peers.
+    records = [rec("a", 2000.0, 50.0), rec("b", 3000.0, 150.0), rec("c", None),
+               rec("d", 9000.0, 10.0, models=("other",))]
+    view = builder(records, {}).build(now=0.0, model="m")
+    by = {r.replica: r for r in view.replicas}
+    assert set(by) == {"http://a", "http://b", "http://c"}  # d does not serve m
+    assert (by["http://c"].prefill_rate, by["http://c"].prefill_knee) == (2500.0, 100.0)
+    assert (by["http://a"].prefill_rate, by["http://a"].prefill_knee) == (2000.0, 50.0)
+    # With d in the view (no model asked), the median of three: 3,000 tokens/s, knee 50.
+    view = builder(records, {}).build(now=0.0)
+    c = next(r for r in view.replicas if r.replica == "http://c")
+    assert (c.prefill_rate, c.prefill_knee) == (3000.0, 50.0)
+    # Nobody has a rate: nothing is invented (the policy's configured default applies).
+    view = builder([rec("x", None), rec("y", None)], {}).build(now=0.0)
+    assert all(r.prefill_rate is None for r in view.replicas)

@@ -77,3 +77,18 @@ def test_the_band_reads_local_decisions_that_came_in_under_their_prediction() ->
         fast.observe(Prediction("a", "us", "us", 0.2, ()), 0.1)   # home 100 ms faster
     assert slow.band("eu") == pytest.approx(0.0)
     assert fast.band("eu") == pytest.approx(0.1)
+
+
+def test_before_any_forward_is_measured_the_band_is_the_local_error() -> None:
+    # A region no forward went to yet: the saving of a forward there is a difference of two
+    # predictions by the same model, so it is at least as wrong as the local decisions.
+    e = TtftErrors(band_quantile=0.5)
+    for _ in range(MIN_BAND_SAMPLES - 1):
+        e.observe(Prediction("a", "us", "us", 0.03, ()), 0.1)
+    assert e.prior() is None  # too few local decisions: the policy's prior_band decides
+    e.observe(Prediction("a", "us", "us", 0.03, ()), 0.1)
+    assert e.prior() == pytest.approx(0.07)  # every one came in 70 ms over its prediction
+    for _ in range(2 * MIN_BAND_SAMPLES):
+        e.observe(Prediction("a", "us", "us", 0.13, ()), 0.1)
+    assert e.prior() == pytest.approx(0.03)  # now mostly 30 ms under: the median side
+    assert e.band("eu") is None  # a measured band still needs forwards into the region
