@@ -187,6 +187,11 @@ class Outcomes:
         for region, v in sorted(self.margins.items()):
             band.add_metric([region], v)
         yield band
+        prior = GaugeMetricFamily("kvmesh_forward_band_prior_seconds",
+                                  "Band of regions without a measured one: the local error")
+        if self._prior is not None:
+            prior.add_metric([], self._prior)
+        yield prior
         rtt = GaugeMetricFamily("kvmesh_learned_rtt_seconds",
                                 "Forward round trip learned from forwards' TTFTs",
                                 labels=["region"])

@@ -236,6 +236,7 @@ class TtftErrors:
             "kinds": {k: w.summary() for k, w in self.kinds.items()},
             "pairs": {k: w.summary() for k, w in sorted(self.pairs.items())},
             "bands_s": {k: round(v, 5) for k, v in sorted(self.bands().items())},
+            "prior_band_s": None if (prior := self.prior()) is None else round(prior, 5),
             "prior_band": self.prior_band,
         }
 

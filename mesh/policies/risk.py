@@ -14,7 +14,8 @@ produces them lives in ``mesh.outcomes`` and reaches the policy as view fields):
 2. **Hysteresis**: a replica in another region is ranked with a premium, its region's
    measured error band (``RegionView.margin``: how far forwards there overshot their
    predictions and local decisions undershot theirs, widened by how often forwards lost to
-   home), or ``prior_band`` times its predicted TTFT before any forward was measured. A
+   home; before forwards there were measured, the local decisions' error), or
+   ``prior_band`` times its predicted TTFT before any outcome was measured. A
    forward is taken only when its predicted saving exceeds what the prediction is known to
    be wrong by, and it is judged on predicted TTFT: the KV risk price of the home replica
    it would replace counts only once that cache is past the knee (``kv_knee``, where it

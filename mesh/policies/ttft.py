@@ -96,9 +96,9 @@ class TtftParams:
     """Apply learned corrections and the forwarding band (``mesh.policies.risk``). Off by
     default: on skylb-arena-332 (seed 1) it costs +17% p90 TTFT (docs/router.md)."""
     prior_band: float = 0.0
-    """Forwarding band before any forward into a region was measured, as a fraction of its
-    prediction (0: the predicted saving alone decides until the band is measured; the
-    TTFT gate and the near-ties kept at home guard the first forwards)."""
+    """Forwarding band before any outcome was measured (the view's ``margin`` is None), as a
+    fraction of the forward's prediction. Once the router has local outcomes, a region
+    without forwards measured is given their error instead (``mesh.ttft_error``)."""
     kv_tokens: float = 0.0
     """KV-cache capacity of one engine, tokens (vLLM's GPU blocks x block size). Set, the
     policy sends a request only where its predicted KV demand fits (``mesh.policies.

@@ -120,3 +120,6 @@ def test_the_local_error_is_the_band_of_regions_no_forward_measured_yet() -> Non
     prior = out.prior_margin()
     assert prior is not None and prior == pytest.approx(0.07, abs=1e-9)
     assert "eu" not in out.margins
+    assert out.status()["errors"]["prior_band_s"] == 0.07
+    (g,) = [m for m in out.metrics() if m.name == "kvmesh_forward_band_prior_seconds"]
+    assert g.samples[0].value == pytest.approx(0.07)
