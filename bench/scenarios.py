@@ -21,6 +21,11 @@ def _parser(name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"kvmesh bench {name}", description=sc.title)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
+        "--tie-stream", type=int, default=0, metavar="N",
+        help="draw the routers' near-tie choices from another random stream (0: the default); "
+             "the workload and network stay those of --seed",
+    )
+    p.add_argument(
         "--horizon", type=float, help=f"virtual seconds of load (default {sc.horizon_s:g})"
     )
     p.add_argument("--warmup", type=float, help=f"seconds not measured (default {sc.warmup_s:g})")
@@ -46,6 +51,7 @@ def run(name: str, argv: list[str]) -> int:
         only=tuple(v for v in args.variants.split(",") if v),
         extra=args.extra,
         quick=args.quick,
+        tie_stream=args.tie_stream,
     )
     command = shlex.join(["kvmesh", "bench", name, *argv])
     try:

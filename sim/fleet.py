@@ -113,6 +113,10 @@ class FleetSpec:
     configured_rate: bool = True
     """Routers are told each engine's true prefill rate; False: left to the policy's default
     and to calibration (as a deployment that sets no ``prefill_rate``)."""
+    tie_stream: int = 0
+    """Which random stream the routers draw near-tie choices from (0: the one every published
+    figure used). Only the routers' streams change, never the workload or the network's, so
+    runs that differ in it show how much a figure owes to tie-breaking alone."""
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
@@ -263,7 +267,9 @@ class SimRouter:
         self.region = region
         self.managed = {e.replica: e for e in managed}
         self.policy: Policy = make_policy(fleet.spec.policy, fleet.spec.policy_params)
-        self.rng = random.Random(f"{fleet.spec.seed}/router/{router_id}")
+        stream = fleet.spec.tie_stream
+        self.rng = random.Random(f"{fleet.spec.seed}/router/{router_id}"
+                                 + (f"/stream{stream}" if stream else ""))
         self.dispatches = Dispatches()
         rate = fleet.configured_rate
         self.outcomes = Outcomes(region, policy_rate(self.policy), lambda replica: rate)

@@ -12,6 +12,12 @@ view a policy sees is built from ``MeshState`` exactly as the router builds it, 
 load is as old as gossip made it and remote prefixes are as complete as gossip delivered.
 
 Region-local runs and single routers have no peers: no gossip core is started.
+
+For analysis only, the ``live_load`` option replaces load records by the engines' live
+state at decision time: ``own`` for each router's own engines (a scrape of age 0), ``all``
+for every engine, with every request bound for it as its in-flight count (the oracle plane's
+load, with the replicated prefix index and regions kept). It separates what the age of
+scrapes and gossip costs from what the rest of the replicated state does.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ GENERATION = 10**13
 """Version generation of the simulated routers' records: above any wall-clock one."""
 PUBLISH_INTERVAL = 0.02
 TIDY_INTERVAL = 1.0
+LIVE_LOAD = ("", "own", "all")
 
 
 class _SimNode:
@@ -93,8 +100,13 @@ class MeshPlane:
         opts = dict(spec.mesh_options)
         self.gossip = _gossip_config(opts.pop("gossip", "wan"))
         self.swim = _swim_config(opts.pop("swim", "wan"))
+        self.live_load = str(opts.pop("live_load", ""))
+        if self.live_load not in LIVE_LOAD:
+            raise ValueError(f"mesh option live_load must be one of {LIVE_LOAD}, "
+                             f"got {self.live_load!r}")
         if opts:
-            raise ValueError(f"unknown mesh option {sorted(opts)[0]!r} (known: gossip, swim)")
+            raise ValueError(f"unknown mesh option {sorted(opts)[0]!r} "
+                             "(known: gossip, swim, live_load)")
         self._routers: dict[str, _RouterMesh] = {}
         self._ingesters: dict[str, list[tuple[SimRouter, EngineIngest]]] = {}
         self._seq: dict[str, int] = {}
@@ -247,7 +259,27 @@ class MeshPlane:
         rm = self._routers[router.id]
         rate = self.fleet.configured_rate
         own = ((r, e.region, rm.local.get(r), rate) for r, e in router.managed.items())
-        return view_records(own, router.managed, rm.state, now, router.outcomes.published)
+        records = view_records(own, router.managed, rm.state, now, router.outcomes.published)
+        if not self.live_load:
+            return records
+        return self._live(router, records)
+
+    def _live(self, router: SimRouter, records: Iterable[ReplicaRecord]
+              ) -> list[ReplicaRecord]:
+        """The ``live_load`` analysis option (module docstring)."""
+        fleet, everywhere = self.fleet, self.live_load == "all"
+        out = []
+        for rec in records:
+            if rec.healthy and (everywhere or rec.replica in router.managed):
+                waiting, running, kv = fleet.engines[rec.replica].load()
+                rec = rec._replace(waiting=waiting, running=running, kv_usage=kv, age=0.0)
+                if everywhere:
+                    mine = router.dispatches.inflight(rec.replica)
+                    rec = rec._replace(
+                        others_inflight=max(0, fleet.bound.get(rec.replica, 0) - mine),
+                        inflight_age=math.inf)
+            out.append(rec)
+        return out
 
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
         """``MeshState.regions``, plus the regions of engines this router reaches directly.

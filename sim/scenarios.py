@@ -93,6 +93,8 @@ class Variant:
     kv_hold: bool = False
     """The kvmesh policy is told the engines' KV capacity (``kv_tokens``), so it holds
     requests at the router when no replica has predicted KV headroom."""
+    mesh_options: Mapping[str, object] = field(default_factory=dict)
+    """Mesh-plane options over the scenario's (``sim.mesh_plane.MeshPlane``)."""
 
     def describe(self) -> str:
         where = self.layout.label
@@ -119,6 +121,8 @@ class Scenario:
     drain_s: float = 120.0
     extra_variants: tuple[Variant, ...] = ()
     """Analysis variants run with ``--extra`` (they separate information from algorithm)."""
+    named_variants: tuple[Variant, ...] = ()
+    """Diagnostic variants run only when ``--variants`` names them."""
     target: str = "kvmesh"
     mesh_options: Mapping[str, object] = field(default_factory=dict)
     probe_interval_s: float = 0.1
@@ -157,6 +161,27 @@ ANALYSIS = (
         note="GORGO's cost on kvmesh's replicated state, one router per region",
     ),
     Variant("least_load-mesh", "least_load", "mesh", "events", PER_REGION),
+)
+LIVE_LOAD = (
+    Variant(
+        "kvmesh+live-own",
+        "kvmesh",
+        "mesh",
+        "events",
+        PER_REGION,
+        mesh_options={"live_load": "own"},
+        note="kvmesh with each router's own engines' live load instead of its last scrape",
+    ),
+    Variant(
+        "kvmesh+live-load",
+        "kvmesh",
+        "mesh",
+        "events",
+        PER_REGION,
+        mesh_options={"live_load": "all"},
+        note="kvmesh with every engine's live load and in-flight count (prefixes and "
+             "regions still from the replicated state)",
+    ),
 )
 SKYLB_VARIANTS = (*BASELINES_GLOBAL, SKYLB, KVMESH, ORACLE)
 
@@ -313,6 +338,7 @@ def _scenarios() -> dict[str, Scenario]:
             _arena(80),
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-arena-444",
@@ -324,6 +350,7 @@ def _scenarios() -> dict[str, Scenario]:
             _arena(80),
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-wildchat-332",
@@ -335,6 +362,7 @@ def _scenarios() -> dict[str, Scenario]:
             _wildchat,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-wildchat-444",
@@ -346,6 +374,7 @@ def _scenarios() -> dict[str, Scenario]:
             _wildchat,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-tot",
@@ -357,6 +386,7 @@ def _scenarios() -> dict[str, Scenario]:
             _tot,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-mixed-tree",
@@ -369,6 +399,7 @@ def _scenarios() -> dict[str, Scenario]:
             _mixed_tree,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "gorgo",
@@ -606,6 +637,8 @@ class RunOptions:
     extra: bool = False
     quick: bool = False
     """A short run (a fifth of the horizon) for smoke tests; figures are noisier."""
+    tie_stream: int = 0
+    """The routers' near-tie random stream (``FleetSpec.tie_stream``; 0: the default)."""
 
 
 def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
@@ -622,7 +655,7 @@ def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
     return dict(v.params)
 
 
-def fleet_spec(sc: Scenario, v: Variant, seed: int) -> FleetSpec:
+def fleet_spec(sc: Scenario, v: Variant, seed: int, tie_stream: int = 0) -> FleetSpec:
     return FleetSpec(
         topology=sc.topology,
         replicas=v.replicas or sc.replicas,
@@ -636,10 +669,11 @@ def fleet_spec(sc: Scenario, v: Variant, seed: int) -> FleetSpec:
         label=v.label,
         region_local=v.region_local,
         oracle_lengths=v.oracle_lengths,
-        mesh_options=sc.mesh_options,
+        mesh_options={**sc.mesh_options, **v.mesh_options},
         probe_interval_s=sc.probe_interval_s,
         heartbeat_interval_s=sc.probe_interval_s,
         engine_config=sc.engine_config,
+        tie_stream=tie_stream,
     )
 
 
@@ -657,7 +691,7 @@ def windows(sc: Scenario, opts: RunOptions) -> tuple[float, float, float]:
 def selected_variants(sc: Scenario, opts: RunOptions) -> list[Variant]:
     variants = list(sc.variants) + (list(sc.extra_variants) if opts.extra else [])
     if opts.only:
-        known = {v.label: v for v in (*sc.variants, *sc.extra_variants)}
+        known = {v.label: v for v in (*sc.variants, *sc.extra_variants, *sc.named_variants)}
         unknown = [x for x in opts.only if x not in known]
         if unknown:
             raise ValueError(
@@ -675,7 +709,7 @@ def run_variant(
     sc: Scenario, v: Variant, opts: RunOptions, progress: Progress | None = None
 ) -> tuple[RunResult, FleetResult]:
     horizon, warmup, drain = windows(sc, opts)
-    spec = fleet_spec(sc, v, opts.seed)
+    spec = fleet_spec(sc, v, opts.seed, opts.tie_stream)
     started = time.perf_counter()
     fleet = Fleet(spec)
     workload = sc.workload(opts.seed, horizon)
@@ -776,6 +810,7 @@ def run_scenario(
         runs.append(run)
     params: dict[str, object] = {
         "seed": opts.seed,
+        "tie_stream": opts.tie_stream,
         "horizon_s": horizon,
         "warmup_s": warmup,
         "drain_s": drain,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kvevents.keys import request_keys
@@ -18,12 +20,13 @@ TWO_REGIONS = Topology.build(["us", "eu"], {("us", "eu"): 100.0}, intra_ms=2.0)
 class Script:
     """A client that sends fixed requests, each ``gap`` seconds after the previous reply."""
 
-    def __init__(self, region: str, prompts: list[tuple[int, ...]], gap: float = 1.0) -> None:
+    def __init__(self, region: str, prompts: list[tuple[int, ...]], gap: float = 1.0,
+                 output: tuple[int, ...] = (FIRST_CONTENT_ID,)) -> None:
         self.cid = f"{region}/script"
         self.region = region
         self.gap = gap
         self._left = [
-            SimRequest(i + 1, self.cid, region, "u", "s", p, (FIRST_CONTENT_ID,), 0.0, "t", i)
+            SimRequest(i + 1, self.cid, region, "u", "s", p, output, 0.0, "t", i)
             for i, p in enumerate(prompts)
         ]
 
@@ -205,3 +208,67 @@ def test_a_forward_redecided_at_the_serving_router_is_bound_where_it_went(
     # Idle twins are near-ties, drawn at random on each side: some forwards were re-decided.
     assert any(pinned is not None and pinned != replica for _, replica, pinned in seen)
     assert not any(fleet.bound.values())
+
+
+def test_tie_stream_changes_only_the_routers_near_tie_choices() -> None:
+    """Another tie-break stream: the same workload and network, other placements; stream 0
+    is the stream every run without the option uses."""
+    topo = Topology.build(["us"], {}, intra_ms=(1, 2))
+
+    def once(stream: int | None) -> Fleet:
+        spec = FleetSpec(topo, {"us": 3}, L4_LLAMA_3_1_8B, "kvmesh", plane="oracle", seed=4)
+        if stream is not None:
+            spec = replace(spec, tie_stream=stream)
+        fleet = Fleet(spec)
+        fleet.run(chat_workload(ARENA, {"us": 8}, seed=4, horizon_s=20.0), drain_s=30.0)
+        return fleet
+
+    default, zero, other = once(None), once(0), once(1)
+    assert _signature(default) == _signature(zero)
+    assert [r.replica for r in other.records] != [r.replica for r in default.records]
+    # The clients' first requests are the same ones, sent at the same times.
+    first = {(r.rid, r.sent, r.prompt_tokens) for r in default.records if r.sent < 2.0}
+    assert first and first == {(r.rid, r.sent, r.prompt_tokens)
+                               for r in other.records if r.sent < 2.0}
+
+
+@pytest.mark.parametrize("live", ["own", "all"])
+def test_mesh_plane_live_load_reads_engines_at_decision_time(live: str) -> None:
+    """The ``live_load`` analysis option: own (or every) engine's record is its live state."""
+    from sim.mesh_plane import MeshPlane
+
+    topo = Topology.build(["us", "eu"], {("us", "eu"): 80.0}, intra_ms=2.0)
+    spec = FleetSpec(topo, {"us": 1, "eu": 1}, L4_LLAMA_3_1_8B, "kvmesh", plane="mesh", seed=5,
+                     mesh_options={"live_load": live})
+    fleet = Fleet(spec)
+    plane = fleet.plane
+    assert isinstance(plane, MeshPlane)
+    seen: list[tuple[str, float, tuple[float, float, float], tuple[int, int, float]]] = []
+
+    def look() -> None:
+        for rec in plane.records(fleet.router_by_id["us-lb0"], fleet.loop.now):
+            truth = fleet.engines[rec.replica].load()
+            seen.append((rec.replica, rec.age, (rec.waiting, rec.running, rec.kv_usage), truth))
+
+    for i in range(200):
+        fleet.loop.at(0.5 + i * 0.005, look)
+    reply = tuple(range(FIRST_CONTENT_ID, FIRST_CONTENT_ID + 32))
+    fleet.run(Workload("script", [Script("us", [PROMPT] * 3, 0.0, reply),
+                                  Script("eu", [PROMPT] * 3, 0.0, reply)], horizon_s=30.0),
+              drain_s=10.0)
+    own = [s for s in seen if s[0] == "us-e0"]
+    remote = [s for s in seen if s[0] == "eu-e0"]
+    assert len(own) == len(remote) == 200
+    assert all(age == 0.0 and got == truth for _, age, got, truth in own)
+    assert any(truth != (0, 0, 0.0) for *_, truth in own)  # it saw the engine busy
+    if live == "all":
+        assert all(age == 0.0 and got == truth for _, age, got, truth in remote)
+    else:
+        assert all(age > 0.0 for _, age, _, _ in remote)
+
+
+def test_mesh_plane_rejects_an_unknown_live_load() -> None:
+    spec = FleetSpec(TWO_REGIONS, {"us": 1}, L4_LLAMA_3_1_8B, "kvmesh", plane="mesh",
+                     mesh_options={"live_load": "everything"})
+    with pytest.raises(ValueError, match="live_load"):
+        Fleet(spec)
