@@ -26,6 +26,11 @@ def _parser(name: str) -> argparse.ArgumentParser:
              "the workload and network stay those of --seed",
     )
     p.add_argument(
+        "--probe-interval", type=float, metavar="S",
+        help="seconds between the routers' engine scrapes (and the probe plane's heartbeats; "
+             f"default {sc.probe_interval_s:g})",
+    )
+    p.add_argument(
         "--horizon", type=float, help=f"virtual seconds of load (default {sc.horizon_s:g})"
     )
     p.add_argument("--warmup", type=float, help=f"seconds not measured (default {sc.warmup_s:g})")
@@ -52,6 +57,7 @@ def run(name: str, argv: list[str]) -> int:
         extra=args.extra,
         quick=args.quick,
         tie_stream=args.tie_stream,
+        probe_interval_s=args.probe_interval,
     )
     command = shlex.join(["kvmesh", "bench", name, *argv])
     try:

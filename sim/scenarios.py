@@ -639,6 +639,9 @@ class RunOptions:
     """A short run (a fifth of the horizon) for smoke tests; figures are noisier."""
     tie_stream: int = 0
     """The routers' near-tie random stream (``FleetSpec.tie_stream``; 0: the default)."""
+    probe_interval_s: float | None = None
+    """How often routers scrape their engines (and probe-plane routers send heartbeats),
+    over the scenario's setting (None: the scenario's)."""
 
 
 def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
@@ -709,6 +712,8 @@ def run_variant(
     sc: Scenario, v: Variant, opts: RunOptions, progress: Progress | None = None
 ) -> tuple[RunResult, FleetResult]:
     horizon, warmup, drain = windows(sc, opts)
+    if opts.probe_interval_s is not None:
+        sc = replace(sc, probe_interval_s=opts.probe_interval_s)
     spec = fleet_spec(sc, v, opts.seed, opts.tie_stream)
     started = time.perf_counter()
     fleet = Fleet(spec)
@@ -804,6 +809,8 @@ def run_scenario(
 ) -> ScenarioReport:
     sc = SCENARIOS[name]
     horizon, warmup, drain = windows(sc, opts)
+    if opts.probe_interval_s is not None and not opts.probe_interval_s > 0:
+        raise ValueError(f"the probe interval must be positive, got {opts.probe_interval_s}")
     runs: list[RunResult] = []
     for v in selected_variants(sc, opts):
         run, _ = run_variant(sc, v, opts, progress)
@@ -811,6 +818,7 @@ def run_scenario(
     params: dict[str, object] = {
         "seed": opts.seed,
         "tie_stream": opts.tie_stream,
+        "probe_interval_s": opts.probe_interval_s or sc.probe_interval_s,
         "horizon_s": horizon,
         "warmup_s": warmup,
         "drain_s": drain,

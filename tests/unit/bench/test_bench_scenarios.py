@@ -23,3 +23,14 @@ def test_tie_stream_is_run_and_recorded(tmp_path: Path, capsys: pytest.CaptureFi
     # Another path: the routers drew other near-tie choices.
     a, b = (out[s]["runs"][0]["summary"] for s in (0, 3))
     assert a["ttft_p90"] != b["ttft_p90"]
+
+
+def test_probe_interval_is_recorded_and_a_bad_one_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--horizon", "10", "--warmup", "2", "--drain", "5", "--variants", "kvmesh",
+            "--no-plots", "--no-progress", "--out", str(tmp_path)]
+    assert run("skylb-wildchat-332", [*argv, "--probe-interval", "0.05"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["params"][
+        "probe_interval_s"] == 0.05
+    assert run("skylb-wildchat-332", [*argv, "--probe-interval", "0"]) == 2
+    assert "probe interval must be positive" in capsys.readouterr().err
