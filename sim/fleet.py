@@ -114,9 +114,10 @@ class FleetSpec:
     """Routers are told each engine's true prefill rate; False: left to the policy's default
     and to calibration (as a deployment that sets no ``prefill_rate``)."""
     tie_stream: int = 0
-    """Which random stream the routers draw near-tie choices from (0: the one every published
-    figure used). Only the routers' streams change, never the workload or the network's, so
-    runs that differ in it show how much a figure owes to tie-breaking alone."""
+    """Which random stream the routers draw their random choices from (the kvmesh policy's
+    near-tie draws; 0: the one every published figure used). Only the routers' streams
+    change, never the workload's or the network's, so runs that differ in it show how much a
+    figure owes to tie-breaking alone."""
 
     def __post_init__(self) -> None:
         if self.plane not in PLANES:
