@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import yaml
 
 from mesh.config import ConfigError, RouterConfig, load
+from mesh.heap import settle
 
 log = logging.getLogger("kvmesh.router")
 
@@ -151,6 +152,7 @@ async def serve(config: RouterConfig) -> int:
             await picker.stop()
         await router.stop()
         return 1
+    log.debug("%d startup objects set aside from garbage collection", settle())
     await stop.wait()
     log.info("shutting down")
     if pool is not None:

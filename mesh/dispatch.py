@@ -40,7 +40,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from mesh.lengths import LengthPredictor
-from mesh.policies.base import Decision, Policy, Request, View, cached_tokens, estimate_load
+from mesh.policies.base import (
+    Decision,
+    LengthGuess,
+    Policy,
+    Request,
+    View,
+    cached_tokens,
+    estimate_load,
+)
 from mesh.tiers import BATCH, RANK, TierQueue, TierRules
 from mesh.view import Dispatches, Ticket, ViewBuilder, region_key
 
@@ -120,6 +128,14 @@ class Waiter:
     @property
     def deadline(self) -> float:
         return self.ask.request.deadline
+
+
+def with_predicted(req: Request, guess: LengthGuess) -> Request:
+    """``dataclasses.replace(req, predicted=guess)``, built field by field in order (the
+    generic ``replace`` inspects every field: on each request, that was its cost)."""
+    return Request(req.request_id, req.token_ids, req.keys, req.block_size, req.session,
+                   req.max_tokens, req.arrival, req.model, req.app, guess, req.objective,
+                   req.tier, req.deadline)
 
 
 def no_hook(req: Request, view: View, d: Decision, seconds: float) -> None:
@@ -203,7 +219,7 @@ class Dispatcher:
         """
         if req.predicted is not None:
             return req
-        return replace(req, predicted=self.lengths.predict(req))
+        return with_predicted(req, self.lengths.predict(req))
 
     def completed(self, req: Request, output_tokens: int) -> None:
         """A request this router received from its client has ended with ``output_tokens``:

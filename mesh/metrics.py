@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -36,6 +37,28 @@ class _Providers(Collector):
                 yield from p()
             except Exception:  # a broken provider must not break the whole scrape
                 continue
+
+
+class Children:
+    """A labelled metric's children by label values: ``prometheus_client``'s ``labels()``
+    checks and converts the values and takes a lock on every call, which the request path
+    pays several times per request. The same child objects, remembered (up to ``limit``
+    label sets; past it, looked up as before)."""
+
+    __slots__ = ("_by", "limit", "metric")
+
+    def __init__(self, metric: Any, limit: int = 256) -> None:
+        self.metric = metric
+        self.limit = limit
+        self._by: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._by.get(values)
+        if child is None:
+            child = self.metric.labels(*values)
+            if len(self._by) < self.limit:
+                self._by[values] = child
+        return child
 
 
 class RouterMetrics:
@@ -106,6 +129,8 @@ class RouterMetrics:
             "Completed answers whose output tokens the engine did not report (not learned)",
             registry=r,
         )
+        self.request_count = Children(self.requests)
+        self.decision_count = Children(self.decisions)
         self._hits: deque[tuple[int, int]] = deque(maxlen=hit_window)
         self._providers = _Providers()
         r.register(self._providers)

@@ -322,8 +322,10 @@ class Preparer:
         # A small body is hashed only if a forward needs it (on the loop, microseconds).
         digest = body_digest(raw) if len(raw) > self.loop_bytes else ""
         took = 0.0 if started is None else time.perf_counter() - started
-        return dataclasses.replace(inf, token_ids=ids, keys=keys, digest=digest,
-                                   parse_seconds=took)
+        # Built directly (not ``dataclasses.replace``, which inspects every field): this runs
+        # for nearly every request.
+        return Inference(inf.kind, inf.path, inf.body, inf.raw, inf.model, inf.stream, ids,
+                         inf.session, inf.max_tokens, took, keys, digest, inf.tier)
 
     def _encode_locked(self, inf: Inference) -> list[int]:
         with _worker_lock:  # local tokenizers' caches are not thread-safe

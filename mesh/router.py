@@ -53,7 +53,7 @@ from mesh.forward_auth import Forward
 from mesh.front import FrontRequest
 from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge, length_metrics
-from mesh.outcomes import outcomes_for
+from mesh.outcomes import Pending, outcomes_for
 from mesh.policies import Decision, Policy, Request, make_policy
 from mesh.policies.base import View, cached_tokens
 from mesh.precision import Check, Precision
@@ -286,7 +286,7 @@ class Router:
 
     # -- decisions (mesh.dispatch) ------------------------------------------------------------
     def _observe_decision(self, req: Request, view: View, d: Decision, seconds: float) -> None:
-        self.metrics.decision_seconds.observe(seconds)
+        self.deferred.add(partial(self.metrics.decision_seconds.observe, seconds))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("decide %s -> %s | %s | top: %s", req.request_id,
                       d.replica or d.region or d.outcome, d.reason,
@@ -390,7 +390,6 @@ class Router:
             return exc.response()
         # The router owns request ids (unique per dispatch); the client's id is echoed back.
         request_id = fwd.request_id if fwd else f"{self._id_prefix}{next(self._ids):08x}"
-        self.metrics.tokenize_seconds.observe(inf.parse_seconds)
         keys = self.precision.keys_for(inf, arrival)
         tier, deadline = self._tier(request, inf, fwd, arrival)
         req = Request(request_id, inf.token_ids, keys, keys.unit, inf.session,
@@ -398,8 +397,8 @@ class Router:
                       app=header_safe(request.headers.get(H_APP)), tier=tier,
                       deadline=deadline)
         req = self.dispatcher.annotate(req)
-        if fwd is None:
-            self.demand.observe(inf.model, req.num_tokens, inf.max_tokens, arrival)
+        # Counters only: recorded once the request is at its engine (mesh.deferred).
+        self.deferred.add(partial(self._arrived, inf, req.num_tokens, arrival, fwd is None))
         ask = Ask(req) if fwd is None else Ask(req, True, fwd.target or None, fwd.origin)
         self._client_ids[request_id] = (
             None if fwd else header_safe(request.headers.get("x-request-id")))
@@ -407,6 +406,12 @@ class Router:
             return await self._place(request, inf, ask, request_id, arrival)
         finally:
             self._client_ids.pop(request_id, None)
+
+    def _arrived(self, inf: Inference, tokens: int, arrival: float, client: bool) -> None:
+        """An arrival's figures: its preparation time and (from a client) its demand."""
+        self.metrics.tokenize_seconds.observe(inf.parse_seconds)
+        if client:
+            self.demand.observe(inf.model, tokens, inf.max_tokens, arrival)
 
     def _tier(self, request: web.Request | FrontRequest, inf: Inference, fwd: Forward | None,
               arrival: float) -> tuple[str, float]:
@@ -441,14 +446,11 @@ class Router:
                               excluded_regions=frozenset(excluded_regions), attempt=attempt)
             p = await self.place(ask)
             d, target = p.decision, p.target
-            self.decision_log.add(DecisionEntry(
-                self.clock(), request_id, p.outcome, d.replica, d.region, d.reason,
-                d.policy or self.policy.name, req.num_tokens, d.matched_blocks, attempt))
-            if ask.forwarded and attempt == 1:
-                self.metrics.forwarded_in.labels(
-                    "pinned" if p.outcome == "pinned" else "repicked").inc()
+            # The decision's log entry and counters: recorded once the request is at its
+            # engine (mesh.deferred), or within 2 ms when it goes nowhere.
+            self.deferred.add(partial(self._decided, p, req, request_id, attempt,
+                                      ask.forwarded, self.clock()))
             if p.outcome == "shed":
-                self.metrics.decisions.labels(d.policy or self.policy.name, "shed").inc()
                 self.metrics.requests.labels(route, "429").inc()
                 return error_response(
                     429, f"the {req.tier} tier is shed while a higher tier's SLO is at risk; "
@@ -456,16 +458,12 @@ class Router:
                     headers={"Retry-After": str(max(1, math.ceil(d.retry_after))),
                              H_ROUTE: d.reason, H_REGION: self.config.region})
             if target is None:
-                self.metrics.decisions.labels(d.policy or self.policy.name, "none").inc()
                 if failures:
                     break
                 self.metrics.requests.labels(route, "503").inc()
                 return error_response(503, f"no replica can serve this request: {d.reason}",
                                       type="server_error", code="no_replica",
                                       headers={H_ROUTE: d.reason, H_REGION: self.config.region})
-            self.metrics.decisions.labels(d.policy or self.policy.name, p.outcome).inc()
-            if attempt == 1:
-                self.metrics.observe_hit(cached_tokens(req, d.matched_blocks), req.num_tokens)
             resp = await self._attempt(request, inf, req, d, target, arrival, ask.forwarded,
                                        request_id, route)
             if resp is not None:
@@ -484,6 +482,21 @@ class Router:
             type="server_error", code="upstream_failed",
             headers={H_REGION: self.config.region},
         )
+
+    def _decided(self, p: Placement, req: Request, request_id: str, attempt: int,
+                 forwarded: bool, now: float) -> None:
+        """A placement's log entry and counters (``mesh.deferred``)."""
+        d = p.decision
+        self.decision_log.add(DecisionEntry(
+            now, request_id, p.outcome, d.replica, d.region, d.reason,
+            d.policy or self.policy.name, req.num_tokens, d.matched_blocks, attempt))
+        if forwarded and attempt == 1:
+            self.metrics.forwarded_in.labels(
+                "pinned" if p.outcome == "pinned" else "repicked").inc()
+        outcome = p.outcome if p.outcome == "shed" or p.target is not None else "none"
+        self.metrics.decision_count(d.policy or self.policy.name, outcome).inc()
+        if p.target is not None and p.outcome != "shed" and attempt == 1:
+            self.metrics.observe_hit(cached_tokens(req, d.matched_blocks), req.num_tokens)
 
     async def _attempt(
         self, request: web.Request | FrontRequest, inf: Inference, req: Request, d: Decision,
@@ -525,14 +538,11 @@ class Router:
                 return None
             self.edge.dispatch_outcome(replica, True, self.clock())
             first_byte = self.clock()
-            self.metrics.first_byte_seconds.observe(first_byte - arrival)
             self.dispatcher.observe_first_token(req, first_byte)
-            if not forwarded:  # judged once, by the router the client talks to
-                self.tier_metrics.first_byte(req.tier, first_byte, req.deadline)
-            if pending is not None and up.status < 400:
-                # Error and calibration bookkeeping (a refit of the prefill rate is a few
-                # hundred microseconds): after the next dispatch, like the rest.
-                self.deferred.add(partial(self.outcomes.first_byte, pending, first_byte))
+            # Figures, the SLO judgement, and error and calibration bookkeeping (a refit of
+            # the prefill rate is a few hundred microseconds): after the next dispatch.
+            self.deferred.add(partial(self._first_byte, req, forwarded, arrival, first_byte,
+                                      pending if up.status < 400 else None))
             extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason,
                      H_TIER: req.tier}
             if not target.local:
@@ -570,6 +580,15 @@ class Router:
             if ticket.publish:
                 self._publish_soon()
 
+    def _first_byte(self, req: Request, forwarded: bool, arrival: float, at: float,
+                    pending: Pending | None) -> None:
+        """An answer's first byte came back at ``at`` (``mesh.deferred``)."""
+        self.metrics.first_byte_seconds.observe(at - arrival)
+        if not forwarded:  # judged once, by the router the client talks to
+            self.tier_metrics.first_byte(req.tier, at, req.deadline)
+        if pending is not None:
+            self.outcomes.first_byte(pending, at)
+
     def _relayed(self, req: Request, check: Check | None, status: int, completed: bool,
                  forwarded: bool, route: str, now: float) -> None:
         """An answer was relayed at ``now``: how the prediction fared, what its length
@@ -581,7 +600,7 @@ class Router:
         if not forwarded:
             self.tier_metrics.ended(req.tier, now, req.deadline, completed and status < 400,
                                     True)
-        self.metrics.requests.labels(route, str(status)).inc()
+        self.metrics.request_count(route, str(status)).inc()
 
     def _learn_length(self, req: Request, usage: Mapping[str, Any] | None) -> None:
         """An answer from an own engine ended: its output tokens teach the length predictor

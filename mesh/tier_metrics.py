@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from mesh.metrics import RouterMetrics, gauge
+from mesh.metrics import Children, RouterMetrics, gauge
 from mesh.tiers import TIERS, TierConfig, TierQueue, TierStats, measures_completion
 
 _QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -35,6 +35,7 @@ class TierMetrics:
         self.queue_seconds = Histogram("kvmesh_tier_queue_seconds", "Time requests waited in "
                                        "this router's queue, by tier", ["tier"],
                                        buckets=_QUEUE_BUCKETS, registry=r)
+        self._slo = Children(self.slo)
         for t in TIERS:  # every series exists from the start
             self.slo.labels(t, "met")
             self.slo.labels(t, "missed")
@@ -44,7 +45,7 @@ class TierMetrics:
 
     def judged(self, tier: str, met: bool) -> None:
         self.stats.outcome(tier, met)
-        self.slo.labels(tier, "met" if met else "missed").inc()
+        self._slo(tier, "met" if met else "missed").inc()
 
     def first_byte(self, tier: str, at: float, deadline: float) -> None:
         if not measures_completion(tier):

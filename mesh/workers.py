@@ -53,6 +53,7 @@ from mesh.api import ApiError, Inference, error_response
 from mesh.config import RouterConfig
 from mesh.decision_log import DecisionEntry
 from mesh.dispatch import Ask, Dispatcher, Placement, Target
+from mesh.heap import settle
 from mesh.metrics import gauge
 from mesh.policies.base import Decision, Request
 from mesh.precision import Check, Precision, has_media
@@ -836,6 +837,7 @@ async def run_worker(link_path: str, index: int) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await router.start()
+    settle()  # startup objects out of later garbage collections (mesh.heap)
     log.info("worker %d (pid %d) serving port %s", index, os.getpid(), router.port)
     closed = asyncio.create_task(link.closed.wait())
     stopped = asyncio.create_task(stop.wait())

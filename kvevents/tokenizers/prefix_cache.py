@@ -94,7 +94,9 @@ class PrefixTokenCache:
             while len(lru) > self.max_chunks or self.bytes > self.max_bytes:
                 _, evicted = lru.popitem(last=False)
                 self.bytes -= _size(evicted)
-        out = [t for part in parts for t in part]  # type: ignore[union-attr]
+        out = list(parts[0])  # type: ignore[arg-type]
+        for i in range(1, len(parts)):  # every part is filled by now
+            out.extend(parts[i])  # type: ignore[arg-type]
         if self.verify_left > 0:
             self.verify_left -= 1
             full = self.encode_full(text)

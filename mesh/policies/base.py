@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple, Protocol
 
 
 class PolicyError(ValueError):
@@ -243,6 +243,60 @@ class Decision:
         if not self.routed:
             return "none"
         return "routed"
+
+
+_CANDIDATES = Decision.__dict__["candidates"]
+_FIELDS = tuple(f.name for f in fields(Decision))
+
+
+def _as_tuple(d: Decision) -> tuple[Any, ...]:
+    return tuple(getattr(d, name) for name in _FIELDS)
+
+"""The slot that holds a decision's candidates (read and written by :class:`Explained`)."""
+
+
+class Explained(Decision):
+    """A decision whose ``candidates`` are worked out when first read.
+
+    Explaining the best few candidates (each cost taken apart) is as much work as deciding
+    on one replica, and on most requests nothing reads it: a non-streamed answer's outcome,
+    a debug log that is off. ``explain`` is called at most once, on first read, and must
+    be a pure function of what the decision was made on (the view, the request): then the
+    candidates are what an eager policy would have stored. Everything else (equality,
+    ``repr``, ``dataclasses.replace``, pickling) reads the property and sees the same
+    values as a plain :class:`Decision`.
+    """
+
+    __slots__ = ("_explain",)
+    _explain: Callable[[], tuple[Scored, ...]] | None
+
+    def __init__(self, *args: Any, explain: Callable[[], tuple[Scored, ...]] | None = None,
+                 **kwargs: Any) -> None:
+        object.__setattr__(self, "_explain", explain)
+        super().__init__(*args, **kwargs)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return _as_tuple(self) == _as_tuple(other)
+
+    __hash__ = Decision.__hash__
+
+    @property
+    def candidates(self) -> tuple[Scored, ...]:
+        try:
+            explain = self._explain
+        except AttributeError:  # unpickled: the candidates came with it
+            explain = None
+        if explain is not None:
+            object.__setattr__(self, "_explain", None)
+            _CANDIDATES.__set__(self, explain())
+        got: tuple[Scored, ...] = _CANDIDATES.__get__(self, Decision)
+        return got
+
+    @candidates.setter
+    def candidates(self, value: tuple[Scored, ...]) -> None:
+        _CANDIDATES.__set__(self, value)
 
 
 def no_replica(policy: str, why: str = "no healthy replica") -> Decision:

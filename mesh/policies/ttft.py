@@ -52,10 +52,12 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from mesh.policies import risk
 from mesh.policies.base import (
     Decision,
+    Explained,
     Load,
     PolicyError,
     ReplicaView,
@@ -252,25 +254,35 @@ class ExpectedTtft:
         chosen = rng.choice(ties)
         pick = reps[chosen]
         matched = matches.get(pick.replica, 0)
-        shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)
-        if chosen not in shortlist:
-            shortlist[-1] = chosen
-        scored = [expected_ttft(request, reps[i], view, matches.get(reps[i].replica, 0), p)
-                  for i in shortlist]
-        if p.calibrated:
-            home = risk.home_best(predicted, reps, view.region)
-            life = view.mean_output_tokens * p.decode_step
-            scored = [risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
-                                   replica_load(reps[i], p.load_half_life, life).waiting,
-                                   risk.barrier(reps[i], p.kv_weight, p.kv_cap))
-                      for s, i in zip(scored, shortlist, strict=True)]
-        return Decision(
+        return Explained(
             pick.replica, pick.region,
             f"kvmesh {objective_of(request, p)}={costs[chosen] * 1000:.1f}ms "
             f"prefix={matched}/{len(request.keys)} ties={len(ties)}{note}",
             self.name, matched_blocks=matched, total_blocks=len(request.keys),
-            candidates=tuple(scored),
+            explain=partial(_explain, request, reps, view, matches, p, costs, predicted,
+                            chosen),
         )
+
+
+def _explain(request: Request, reps: Sequence[ReplicaView], view: View,
+             matches: Mapping[str, int], p: TtftParams, costs: Sequence[float],
+             predicted: Sequence[float], chosen: int) -> tuple[Scored, ...]:
+    """The decision's candidates, explained: the best four by cost (the chosen one always
+    among them), each cost taken apart (:func:`expected_ttft`; with ``calibrated``, the
+    learned corrections and the forwarding premium too). Read lazily (``Explained``)."""
+    shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)
+    if chosen not in shortlist:
+        shortlist[-1] = chosen
+    scored = [expected_ttft(request, reps[i], view, matches.get(reps[i].replica, 0), p)
+              for i in shortlist]
+    if p.calibrated:
+        home = risk.home_best(predicted, reps, view.region)
+        life = view.mean_output_tokens * p.decode_step
+        scored = [risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
+                               replica_load(reps[i], p.load_half_life, life).waiting,
+                               risk.barrier(reps[i], p.kv_weight, p.kv_cap))
+                  for s, i in zip(scored, shortlist, strict=True)]
+    return tuple(scored)
 
 
 def _costs(request: Request, reps: Sequence[ReplicaView], view: View,

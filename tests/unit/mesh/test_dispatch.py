@@ -257,3 +257,17 @@ def test_predicted_lengths_are_learned_from_completions_and_reach_the_view() -> 
     assert abs(again.predicted.tokens - 40) < 20
     stats = c.lengths.stats()
     assert stats["observed"] == 31
+
+
+def test_with_predicted_is_replace_for_every_field() -> None:
+    """The hand-written copy keeps every field of ``Request`` (a new field fails here)."""
+    from dataclasses import fields
+
+    from mesh.dispatch import with_predicted
+
+    req = Request("r9", [1, 2, 3], [7, 8], 32, "sess", 99, 12.5, "m", "app", None, "e2e",
+                  "batch", 40.0)
+    assert all(getattr(req, f.name) != f.default for f in fields(Request)
+               if f.name != "predicted"), "every field set away from its default"
+    guess = LengthGuess(12.0, 3, 2, 10.0)
+    assert with_predicted(req, guess) == replace(req, predicted=guess)
