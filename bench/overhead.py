@@ -177,8 +177,8 @@ async def started(targets: Sequence[Target]) -> AsyncIterator[None]:
 
 
 def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
-                 peers: bool, floor: bool = True) -> list[Target]:
-    ports = iter(free_ports(2 + 2 * len(workers) + 8))
+                 peers: bool, floor: bool = True, compare: str | None = None) -> list[Target]:
+    ports = iter(free_ports(2 + 4 * len(workers) + 8))
     eport = next(ports)
     engine = f"http://127.0.0.1:{eport}"
 
@@ -190,13 +190,20 @@ def make_targets(tmp: Path, speedup: float, workers: Sequence[int],
         "sim-engine", "--port", str(eport), "--model", MODEL, "--speedup", str(speedup),
         "--log-level", "WARNING"))]
     for n in workers:
-        port = next(ports)
-        cfg = tmp / f"router-{n}.yaml"
-        cfg.write_text(f"region: us\nlisten: 127.0.0.1:{port}\nengines: [{{url: {engine}}}]\n"
-                       "policy: kvmesh\nlog_level: warning\n"
-                       + (f"workers: {n}\n" if n > 1 else ""))
         label = "kvmesh" if n == 1 else f"kvmesh x{n} workers"
-        out.append(target(label, port, kvmesh_argv("router", "--config", str(cfg)), "/ready"))
+        # With a compare tree: the same router from that tree (e.g. an export of the
+        # previous commit) on its own port, a before/after pair measured in one run.
+        trees = [("", None)] if compare is None else [("", None), (" @compare", compare)]
+        for suffix, tree in trees:
+            port = next(ports)
+            cfg = tmp / f"router-{n}{suffix.replace(' @', '-')}.yaml"
+            cfg.write_text(f"region: us\nlisten: 127.0.0.1:{port}\n"
+                           f"engines: [{{url: {engine}}}]\npolicy: kvmesh\nlog_level: warning\n"
+                           + (f"workers: {n}\n" if n > 1 else ""))
+            argv = kvmesh_argv("router", "--config", str(cfg))
+            if tree is not None:
+                argv = ["env", f"PYTHONPATH={tree}", *argv]
+            out.append(target(label + suffix, port, argv, "/ready"))
     if floor:
         port = next(ports)
         out.append(target(FLOOR, port, [sys.executable, "-m", "bench.floor_proxy", "--port",
@@ -331,6 +338,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--words", type=int, default=200)
     ap.add_argument("--speedup", type=float, default=1000.0)
     ap.add_argument("--out", default="results")
+    ap.add_argument("--compare-tree", metavar="DIR",
+                    help="also run kvmesh from this source tree (its packages first on "
+                         "PYTHONPATH), as 'kvmesh @compare': before/after in one run")
     args = ap.parse_args(argv)
     if args.install:
         install_peers()
@@ -341,7 +351,13 @@ def main(argv: list[str]) -> int:
     streams = {"both": [False, True], "yes": [True], "no": [False]}[args.streaming]
     cases = [Case(s, int(c)) for s in streams for c in args.concurrency.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="kvmesh-overhead-"))
-    targets = make_targets(tmp, args.speedup, workers, not args.no_peers, not args.no_floor)
+    compare = str(Path(args.compare_tree).resolve()) if args.compare_tree else None
+    if compare is not None and not (Path(compare) / "mesh" / "router.py").is_file():
+        print(f"--compare-tree: {compare} holds no kvmesh source tree (mesh/router.py)",
+              file=sys.stderr)
+        return 2
+    targets = make_targets(tmp, args.speedup, workers, not args.no_peers, not args.no_floor,
+                           compare)
     missing = [n for n in PEERS if not peer_bin(n).exists()]
     if missing and not args.no_peers:
         print(f"not installed (use --install): {', '.join(missing)}", flush=True)

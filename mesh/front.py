@@ -148,11 +148,22 @@ class FrontStream(web.StreamResponse):
         self._ended = False
         self.keep = True
 
-    def begin(self) -> None:
-        """Builds the head; it goes out with the first body bytes (one write, not two)."""
+    def begin(self, headers: Mapping[str, str] | None = None, length: int | None = None
+              ) -> None:
+        """Builds the head; it goes out with the first body bytes (one write, not two).
+
+        ``headers`` (a plain mapping, in order) and ``length``: the head is built from them
+        instead of this response's ``headers`` and ``content_length`` (the proxy's relay:
+        no multidict built only to be read once). The bytes are the same either way."""
         if self._head is None and not self._ended:
-            self._conn = self._front_req.conn
-            self._head = self._conn.head_bytes(self, self._front_req)
+            conn = self._conn = self._front_req.conn
+            if headers is None:
+                self._head = conn.head_bytes(self, self._front_req)
+                return
+            has_type = any(k.lower() == "content-type" for k in headers)
+            self._head, self._chunk, self.keep = head_of(
+                self._front_req, self.status, self.reason, headers.items(), has_type, length,
+                self.keep_alive)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
@@ -354,37 +365,14 @@ class FrontProtocol(asyncio.Protocol):
                    length: int | None = None) -> bytes:
         """The status line and headers as aiohttp would write them for ``resp``."""
         headers = resp.headers
-        keep = req.keep_alive and resp.keep_alive is not False
         if length is None:
             length = resp.content_length
-        chunked = False
-        if length is None and req.version >= (1, 1):
-            chunked = True
-        elif length is None:
-            keep = False
+        head, chunked, keep = head_of(req, resp.status, resp.reason, headers.items(),
+                                      "Content-Type" in headers, length, resp.keep_alive)
         if isinstance(resp, FrontStream):
             resp._chunk = chunked
             resp.keep = keep
-        lines = [f"HTTP/{req.version[0]}.{req.version[1]} {resp.status} {resp.reason}\r\n"]
-        for name, value in headers.items():
-            if name.lower() in _OWN_HEADERS:
-                continue
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"header {name!r} has a line break")
-            lines.append(f"{name}: {value}\r\n")
-        if "Content-Type" not in headers:
-            lines.append("Content-Type: application/octet-stream\r\n")
-        if chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        elif length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
-        lines.append(f"Date: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n")
-        if keep and req.version == (1, 0):
-            lines.append("Connection: keep-alive\r\n")
-        elif not keep and req.version >= (1, 1):
-            lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+        return head
 
     # -- requests ----------------------------------------------------------------------------
     def _next(self) -> None:
@@ -612,6 +600,41 @@ class FrontProtocol(asyncio.Protocol):
             inner.data_received(data)
         if self._write_paused:
             inner.pause_writing()
+
+
+def head_of(req: FrontRequest, status: int, reason: str, items: Iterable[tuple[str, str]],
+            has_type: bool, length: int | None, keep_alive: bool | None
+            ) -> tuple[bytes, bool, bool]:
+    """(head bytes, chunked, keep-alive after) of an answer to ``req``, as aiohttp writes
+    them: ``items`` in order less the headers the server sets itself, a default
+    ``Content-Type`` when ``has_type`` is false, the length or chunked framing, ``Date``,
+    ``Server`` and the ``Connection`` header the version needs."""
+    keep = req.keep_alive and keep_alive is not False
+    chunked = False
+    if length is None and req.version >= (1, 1):
+        chunked = True
+    elif length is None:
+        keep = False
+    lines = [f"HTTP/{req.version[0]}.{req.version[1]} {status} {reason}\r\n"]
+    for name, value in items:
+        if name.lower() in _OWN_HEADERS:
+            continue
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"header {name!r} has a line break")
+        lines.append(f"{name}: {value}\r\n")
+    if not has_type:
+        lines.append("Content-Type: application/octet-stream\r\n")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    elif length is not None:
+        lines.append(f"Content-Length: {length}\r\n")
+    lines.append(f"Date: {_DATE.now()}\r\nServer: {SERVER_SOFTWARE}\r\n")
+    if keep and req.version == (1, 0):
+        lines.append("Connection: keep-alive\r\n")
+    elif not keep and req.version >= (1, 1):
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1"), chunked, keep
 
 
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}

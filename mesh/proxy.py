@@ -120,7 +120,7 @@ class Forwarder:
         total = self.request_timeout
         started = asyncio.get_running_loop().time()
         try:
-            resp = await self.pool.post(url, body, dict(headers),
+            resp = await self.pool.post(url, body, headers,
                                         total if limit is None else min(limit, total))
         except upstream.ConnectError as exc:
             raise UpstreamError("connect", str(exc)) from None
@@ -202,17 +202,17 @@ async def relay(
     length unknown in advance, so the answer is then chunked)."""
     headers = response_headers(up)
     headers.update(extra_headers)
+    declared = up.resp.headers.get("Content-Length")
+    length = (int(declared) if declared is not None and declared.isdigit()
+              and (tap is None or not tap.rewrites) else None)
     resp: web.StreamResponse
     if isinstance(request, FrontRequest):
-        resp = FrontStream(request, status=up.status, headers=headers)
+        resp = FrontStream(request, status=up.status)
+        resp.begin(headers, length)  # the head from these, as aiohttp would write it
     else:
         resp = _Relayed(status=up.status, headers=headers)
-    length = up.resp.headers.get("Content-Length")
-    if length is not None and length.isdigit() and (tap is None or not tap.rewrites):
-        resp.content_length = int(length)
-    if isinstance(resp, FrontStream):
-        resp.begin()
-    elif not isinstance(request, FrontRequest):
+        if length is not None:
+            resp.content_length = length
         await resp.prepare(request)
     sent = 0
     completed = False

@@ -49,7 +49,7 @@ from mesh.demand import DemandMeter, PlanTargets, hint_metrics
 from mesh.dispatch import Ask, Dispatcher, Placement, Target, Waiter
 from mesh.edge import API_KEY, Edge
 from mesh.engines import EngineMonitor, EngineState
-from mesh.forward_auth import Forward
+from mesh.forward_auth import Forward, has_hop
 from mesh.front import FrontRequest
 from mesh.mesh_metrics import mesh_metrics
 from mesh.metrics import RouterMetrics, gauge, length_metrics
@@ -384,7 +384,8 @@ class Router:
         arrival = self.clock()
         route = inf.path
         try:
-            fwd = await self.edge.check_forward(request.headers, inf)  # (mesh.forward_auth)
+            fwd = (await self.edge.check_forward(request.headers, inf)  # mesh.forward_auth
+                   if has_hop(request.headers) else None)
         except ApiError as exc:
             self.metrics.requests.labels(route, str(exc.status)).inc()
             return exc.response()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -165,17 +165,21 @@ class _Conn(asyncio.Protocol):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(exc)
 
-    def arm(self, delay: float | None, exc: BaseException) -> None:
-        """Fail the request with ``exc`` in ``delay`` seconds (None: never)."""
+    def arm(self, delay: float | None, what: str = "") -> None:
+        """Fail the request with ``TimeoutError("<what> within <delay>s")`` in ``delay``
+        seconds (None: never). The error is made when the time is up (most requests never
+        need it)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if delay is not None:
-            self._timer = asyncio.get_running_loop().call_later(delay, self._expire, exc)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._expire, what,
+                                                                delay)
 
-    def _expire(self, exc: BaseException) -> None:
+    def _expire(self, what: str, delay: float) -> None:
         self._timer = None
-        self._fail(exc)
+        self._fail(TimeoutError(f"{what} within {delay:g}s") if what and delay
+                   else TimeoutError())
         self.abort()
 
     def abort(self) -> None:
@@ -255,7 +259,7 @@ class Response:
             return
         self._released = True
         conn = self._conn
-        conn.arm(None, TimeoutError())
+        conn.arm(None)
         if conn.at_eof and conn.keep_alive and not conn.closed and conn._error is None:
             self._pool._put(conn)
         elif conn.at_eof and conn.transport is not None:
@@ -266,8 +270,7 @@ class Response:
 
     def deadline(self, seconds: float | None) -> None:
         """From now on, fail the answer with ``TimeoutError`` after ``seconds``."""
-        self._conn.arm(seconds, TimeoutError(f"answer not complete within {seconds:g}s")
-                       if seconds else TimeoutError())
+        self._conn.arm(seconds, "answer not complete")
 
 
 class Pool:
@@ -299,7 +302,8 @@ class Pool:
             path = f"{path}?{parts.query}"
         return (parts.hostname, port, tls), parts.netloc, path
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str] | list[tuple[str, str]],
+    async def post(self, url: str, body: bytes,
+                   headers: Mapping[str, str] | list[tuple[str, str]],
                    limit: float | None = None) -> Response:
         """Send ``body``; return once the answer's head is in. ``ConnectError`` when no
         connection could be made; ``UpstreamBroken``, or ``TimeoutError`` after ``limit``
@@ -310,7 +314,7 @@ class Pool:
             if len(self._origins) < 4096:
                 self._origins[url] = origin
         key, host, path = origin
-        items = headers.items() if isinstance(headers, dict) else headers
+        items = headers if isinstance(headers, list) else headers.items()
         lines = [f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"]
         for name, value in items:
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
@@ -323,8 +327,7 @@ class Pool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key)
-            conn.arm(limit, TimeoutError(f"no answer within {limit:g}s") if limit else
-                     TimeoutError())
+            conn.arm(limit, "no answer")
             assert conn.transport is not None
             conn.transport.write(request)
             if self.on_sent is not None:
@@ -332,12 +335,12 @@ class Pool:
             try:
                 await conn.head()
             except UpstreamBroken:
-                conn.arm(None, TimeoutError())
+                conn.arm(None)
                 if reused and attempt == 0 and not conn.got_bytes:
                     continue  # closed by the server while idle: never reached it
                 raise
             except BaseException:
-                conn.arm(None, TimeoutError())
+                conn.arm(None)
                 conn.abort()
                 raise
             return Response(conn, self)
