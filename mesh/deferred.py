@@ -27,19 +27,25 @@ MAX_DELAY = 0.002
 
 
 class Deferred:
-    __slots__ = ("_jobs", "_timer", "max_delay", "ran")
+    __slots__ = ("_jobs", "_loop", "_timer", "max_delay", "ran")
 
     def __init__(self, max_delay: float = MAX_DELAY) -> None:
         self.max_delay = max_delay
         self._jobs: list[Callable[[], None]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the last timer, kept while it runs (``asyncio.get_running_loop()`` is
+        a ``getpid`` system call)."""
         self.ran = 0
         """Jobs run so far (for tests and status)."""
 
     def add(self, job: Callable[[], None]) -> None:
         self._jobs.append(job)
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.max_delay, self._fire)
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                loop = self._loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.max_delay, self._fire)
 
     def __len__(self) -> int:
         return len(self._jobs)

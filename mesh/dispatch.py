@@ -192,7 +192,8 @@ class Dispatcher:
             # Never a second hop: only engines this router serves itself.
             view = view.local_only()
             view = view.without([r.replica for r in view.replicas if not self.local(r.replica)])
-        view = view.without(ask.excluded_replicas, ask.excluded_regions)
+        if ask.excluded_replicas or ask.excluded_regions:
+            view = view.without(ask.excluded_replicas, ask.excluded_regions)
         if self._held(ask.request, now):
             view = self._spare_only(view)
             if not view.healthy("mesh"):

@@ -285,10 +285,14 @@ class FrontProtocol(asyncio.Protocol):
         self.paused = False
         self._writable: asyncio.Future[None] | None = None
         self._write_paused = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The connection's loop, kept: each ``asyncio.get_running_loop()`` is a ``getpid``
+        system call (its fork check), several per request otherwise."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
         self.front.conns.add(self)
 
     def close(self) -> None:
@@ -433,7 +437,8 @@ class FrontProtocol(asyncio.Protocol):
         req = FrontRequest(self, "POST", path, "" if q < 0 else url[q + 1:].decode("latin-1"),
                            headers, self.transport, version, parser.should_keep_alive())
         del self.buf[:end + 4]
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = self.loop if self.loop is not None else asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
         req._body = fut
         limits = self.front.limits
         coding = headers.get("Content-Encoding", "").strip().lower()
@@ -457,7 +462,7 @@ class FrontProtocol(asyncio.Protocol):
             self.body = _Body(fut, length)
             self._feed_body()
         self.front.served += 1
-        self.task = asyncio.get_running_loop().create_task(self._serve(req))
+        self.task = loop.create_task(self._serve(req))
 
     def _feed_body(self) -> None:
         b = self.body

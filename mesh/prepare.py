@@ -108,12 +108,12 @@ def encode_sync(sync: Any, inf: Inference) -> list[int]:
             encode_chat = getattr(sync, "encode_chat", None)
             options = chat_options(inf.body)  # tools, chat_template_kwargs: as the engine
             if encode_chat is not None and options and hasattr(sync, "template"):
-                return list(encode_chat(messages, **options))
+                return _as_list(encode_chat(messages, **options))
             if encode_chat is not None:
-                return list(encode_chat(messages))
-            return list(sync.encode(sync.apply_chat_template(messages)))
+                return _as_list(encode_chat(messages))
+            return _as_list(sync.encode(sync.apply_chat_template(messages)))
         prompt = routing_prompt(inf.body)
-        return list(sync.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+        return _as_list(sync.encode(prompt)) if isinstance(prompt, str) else list(prompt)
     except UnicodeError as exc:
         raise ApiError(400, f"the prompt is not valid Unicode text ({type(exc).__name__})",
                        param=param) from None
@@ -121,6 +121,12 @@ def encode_sync(sync: Any, inf: Inference) -> list[int]:
         raise ApiError(400, "the prompt is nested too deeply", param=param) from None
     except ValueError as exc:
         raise ApiError(400, f"cannot render messages: {exc}", param="messages") from None
+
+
+def _as_list(ids: Sequence[int]) -> list[int]:
+    """A tokenizer's ids as a list: the list itself when it is one (each call returns a
+    new one; nothing here changes it), no copy of every id."""
+    return ids if type(ids) is list else list(ids)
 
 
 def block_keys(ids: Sequence[int], salt: str | None, block_size: int) -> list[int]:

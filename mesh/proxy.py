@@ -106,6 +106,8 @@ class Forwarder:
         self.pool = pool
         self.first_byte_timeout = first_byte_timeout
         self.request_timeout = request_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """Kept while it runs: each ``asyncio.get_running_loop()`` is a ``getpid`` call."""
 
     async def open(
         self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
@@ -118,7 +120,10 @@ class Forwarder:
             await asyncio.sleep(delay)
         limit = first_byte_timeout or self.first_byte_timeout
         total = self.request_timeout
-        started = asyncio.get_running_loop().time()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             resp = await self.pool.post(url, body, headers,
                                         total if limit is None else min(limit, total))
@@ -156,7 +161,7 @@ class Forwarder:
             raise UpstreamError("reset", "empty first read")
         if limit is not None and limit < total:
             # The rest of the answer within the whole request's limit.
-            resp.deadline(max(0.0, total - (asyncio.get_running_loop().time() - started)))
+            resp.deadline(max(0.0, total - (loop.time() - started)))
         return Upstream(resp, first)
 
 

@@ -64,13 +64,16 @@ class _Conn(asyncio.Protocol):
         "closed",
         "got_bytes",
         "keep_alive",
+        "loop",
         "parser",
         "status",
         "transport",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.transport: asyncio.Transport | None = None
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
+        """Kept: each ``asyncio.get_running_loop()`` is a ``getpid`` system call."""
         self.closed = False
         self._pool_key: tuple[str, int, bool] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -173,8 +176,7 @@ class _Conn(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if delay is not None:
-            self._timer = asyncio.get_running_loop().call_later(delay, self._expire, what,
-                                                                delay)
+            self._timer = self.loop.call_later(delay, self._expire, what, delay)
 
     def _expire(self, what: str, delay: float) -> None:
         self._timer = None
@@ -191,7 +193,7 @@ class _Conn(asyncio.Protocol):
         if self._headers is None:
             if self._error is not None:
                 raise self._error
-            self._head_waiter = asyncio.get_running_loop().create_future()
+            self._head_waiter = self.loop.create_future()
             try:
                 await self._head_waiter
             finally:
@@ -204,7 +206,7 @@ class _Conn(asyncio.Protocol):
                 raise self._error
             if self._body_done:
                 return b""
-            self._read_waiter = asyncio.get_running_loop().create_future()
+            self._read_waiter = self.loop.create_future()
             try:
                 await self._read_waiter
             finally:
@@ -369,7 +371,7 @@ class Pool:
     async def _connect(self, key: tuple[str, int, bool]) -> _Conn:
         host, port, tls = key
         loop = asyncio.get_running_loop()
-        conn = _Conn()
+        conn = _Conn(loop)
         conn._pool_key = key
         context: ssl.SSLContext | None = None
         if tls:

@@ -203,6 +203,11 @@ class ViewBuilder:
     prior_margin: Callable[[], float | None] = lambda: None
     """The band of a region without a measured one (``mesh.outcomes``; None: the policy's
     ``prior_band``)."""
+    _home: RegionView = field(init=False)
+    """The own region's entry of every view (immutable, the same each time)."""
+
+    def __post_init__(self) -> None:
+        self._home = RegionView(self.region)
 
     def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0,
               model: str | None = None, mean_output_tokens: float = 256.0) -> View:
@@ -236,7 +241,7 @@ class ViewBuilder:
                 rec.kv_scale,
                 rec.prefill_knee if rec.prefill_rate or prior is None else prior[1],
             ))
-        regions: dict[str, RegionView] = {self.region: RegionView(self.region)}
+        regions: dict[str, RegionView] = {self.region: self._home}
         prior_margin = self.prior_margin()
         for name in freshest.keys() | known.keys():
             if name == self.region:
