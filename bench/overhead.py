@@ -19,6 +19,9 @@ router of the same case. Figures go to ``results/overhead.{json,md}``.
 
 ``--install`` puts the peer routers (pinned versions, from PyPI) into their own virtual
 environment under the kvmesh cache folder, never into the project's, and wrk from Debian.
+``--compare-tree DIR`` also runs ``kvmesh router`` from another source tree (say ``git archive``
+of the previous commit, unpacked), as ``kvmesh @compare``: a change's before and after in the
+same rounds, on the same engine, where the machine's load moves both alike.
 """
 
 from __future__ import annotations

@@ -317,7 +317,9 @@ def build_app(
         async def handle(request: web.Request | FrontRequest) -> web.StreamResponse:
             try:
                 if isinstance(request, FrontRequest):  # read by mesh.front, same limits
-                    raw = await request.read_limited(service.http_limits)
+                    got = request.body_now()
+                    raw = (got if got is not None
+                           else await request.read_limited(service.http_limits))
                 else:
                     raw = await read_body(request, service.http_limits)
                 parsed = await service.preparer.prepare(kind, request.path, raw,

@@ -122,6 +122,12 @@ class FrontRequest:
                                                              keep_blank_values=True)))
         return self._query
 
+    def body_now(self) -> bytes | None:
+        """The body if it is all in already (the usual case), else None: then
+        :meth:`read_limited` waits for it. A refused body raises its ``BodyRefused``."""
+        fut = self._body
+        return fut.result() if fut is not None and fut.done() else None
+
     async def read_limited(self, limits: HttpLimits) -> bytes:
         """The body as :func:`mesh.http_guard.read_body` gives it; ``BodyRefused`` else."""
         assert self._body is not None

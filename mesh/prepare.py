@@ -257,19 +257,19 @@ class Preparer:
         started = time.perf_counter()
         try:
             hdrs = {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-")}
+            if (len(raw) <= self.loop_bytes and self._local is not None
+                    and _worker_lock.acquire(blocking=False)):
+                try:  # a small body, on the loop (no coroutine below this one)
+                    return self._prepare_local(kind, path, raw, hdrs, locked=True,
+                                               started=started)
+                finally:
+                    _worker_lock.release()
             return await self._prepare(kind, path, raw, hdrs, started)
         finally:
             self.pending -= 1
 
     async def _prepare(self, kind: str, path: str, raw: bytes, headers: dict[str, str],
                        started: float) -> Inference:
-        if (len(raw) <= self.loop_bytes and self._local is not None
-                and _worker_lock.acquire(blocking=False)):
-            try:
-                return self._prepare_local(kind, path, raw, headers, locked=True,
-                                           started=started)
-            finally:
-                _worker_lock.release()
         if not self.in_processes or len(raw) <= self.inline_bytes:
             # Mid-size bodies: a thread, no process hop (their parse is short).
             return await self._prepare_in_threads(kind, path, raw, headers, started)
