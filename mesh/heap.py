@@ -7,8 +7,9 @@ a full collection then took 25-60 ms on the 2-core benchmark host: under load it
 few seconds and was every request's worst latency at that moment. :func:`settle` collects
 once and freezes what survives (``gc.freeze``: kept out of every later collection, never
 freed), so later full collections walk only what was made since: state built from engines
-and peers, and request garbage. Measured at concurrency 32 (``kvmesh bench overhead``'s
-load): full collections of 35-44 ms before, 0.5 ms after.
+and peers, and request garbage. Timed with ``gc.callbacks`` in one router process under ``wrk`` at
+concurrency 32 with the overhead benchmark's chat request (8 s, the shared 2-core machine):
+two full collections of 35 and 44 ms without it, one of 0.5 ms with it.
 
 Only the process entry points call it (``kvmesh router`` and its worker processes), after
 startup; a router built inside another program (tests, the simulator) leaves that program's
