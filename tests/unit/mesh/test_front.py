@@ -294,3 +294,42 @@ async def test_writes_wait_while_the_client_is_not_reading() -> None:
     proto.connection_lost(None)  # the client went away while we waited
     with pytest.raises(ConnectionResetError):
         await asyncio.wait_for(send, 5)
+
+
+class _HeadOnly:
+    """What ``FrontStream`` needs of its connection to build a head (no socket)."""
+
+    transport = None
+
+    def head_bytes(self, resp: object, req: object, length: int | None = None) -> bytes:
+        from mesh.front import FrontProtocol
+
+        return FrontProtocol.head_bytes(self, resp, req, length)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", [(1, 1), (1, 0)])
+@pytest.mark.parametrize("length", [432, None])
+@pytest.mark.parametrize("headers", [
+    {"Content-Type": "application/json", "x-kvmesh-route": "r", "x-request-id": "a"},
+    {"content-type": "text/event-stream", "X-Request-Id": "up", "x-request-id": "ours"},
+    {"x-kvmesh-replica": "http://e:1"},
+])
+def test_a_relayed_head_from_plain_headers_is_the_same_bytes(
+        headers: dict[str, str], length: int | None, version: tuple[int, int]) -> None:
+    """``FrontStream.begin(headers, length)`` (the proxy's relay) writes what the response
+    object's own headers and length would have made aiohttp write."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from mesh.front import FrontRequest, FrontStream
+
+    conn = _HeadOnly()
+    req = FrontRequest(conn, "POST", "/v1/chat/completions", "",  # type: ignore[arg-type]
+                       CIMultiDictProxy(CIMultiDict()), None, version, True)  # type: ignore[arg-type]
+    old = FrontStream(req, status=200, headers=headers)
+    if length is not None:
+        old.content_length = length
+    old.begin()
+    new = FrontStream(req, status=200)
+    new.begin(headers, length)
+    assert new._head == old._head and new._head
+    assert (new._chunk, new.keep) == (old._chunk, old.keep)

@@ -226,3 +226,37 @@ def test_a_learned_knee_prices_a_short_prefill_at_the_floor() -> None:
 def test_rechecking_pinned_forwards_is_opt_in() -> None:
     assert ExpectedTtft(PARAMS).rechecks_pins is False
     assert ExpectedTtft({**PARAMS, "recheck_pins": True}).rechecks_pins is True
+
+
+def test_candidates_are_explained_when_first_read_and_equal_an_eager_decision(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kvmesh decision explains its candidates lazily (``Explained``), once, with the
+    values an eager explanation gives; it compares, hashes and pickles as a ``Decision``."""
+    import dataclasses
+    import pickle
+
+    from mesh.policies import ttft
+    from mesh.policies.base import Decision, Explained
+
+    calls = []
+    real = ttft.expected_ttft
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ttft, "expected_ttft", counted)
+    pol = make_policy("kvmesh")
+    v = View("us", tuple(ReplicaView(f"r{i}", "us", True, float(i), 1.0, 0.2, 0.1)
+                         for i in range(6)))
+    d = pol.decide(Request("q", list(range(64)), []), v, 0.0, random.Random(1))
+    assert isinstance(d, Explained) and calls == []
+    first = d.candidates
+    assert len(first) == 4 and len(calls) == 4 and d.candidates is first
+    assert first[0].replica == d.replica
+    eager = [real(Request("q", list(range(64)), []), r, v, 0, pol.params) for r in v.replicas]
+    assert {c.replica: c for c in first} == {
+        s.replica: s for s in sorted(eager, key=lambda s: s.cost)[:4]}
+    plain = Decision(**{f.name: getattr(d, f.name) for f in dataclasses.fields(Decision)})
+    assert d == plain and plain == d and hash(d) == hash(plain)
+    assert pickle.loads(pickle.dumps(d)) == plain
