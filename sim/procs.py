@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import socket
 import sys
@@ -18,11 +19,42 @@ from pathlib import Path
 
 import aiohttp
 
+EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10000
+
+
+def _ephemeral_floor() -> int | None:
+    """The lowest port the kernel hands to outgoing connections (None: not known)."""
+    try:
+        lo = int(EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return lo if lo > LOWEST_PORT else None
+
 
 def free_ports(n: int) -> list[int]:
-    socks = []
+    """``n`` distinct ports free on loopback now, below the kernel's ephemeral range.
+
+    A port is chosen here and bound later by a child process. A port from the ephemeral
+    range can be taken in between by any outgoing connection, including a peer's retries
+    to that very port before its listener is up (a TCP self-connect): the child then fails
+    with "address already in use". Below the range only a listener can take it.
+    """
+    socks: list[socket.socket] = []
+    top = _ephemeral_floor()
+    rng = random.Random()
     try:
-        for _ in range(n):
+        tries = 0
+        while top is not None and len(socks) < n and tries < 64 * n:
+            tries += 1
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", rng.randrange(LOWEST_PORT, top)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
