@@ -170,13 +170,13 @@ def fleet_prior(records: Sequence[ReplicaRecord]) -> tuple[float, float] | None:
     default meanwhile, it would look several times faster than its learned peers, and a
     forward there would win on a prefill estimate alone. None: every replica has a rate,
     or none has."""
-    known = [(r.prefill_rate, r.prefill_knee) for r in records if r.prefill_rate]
-    if not known or len(known) == len(records):
+    rates = [rate for r in records if (rate := r.prefill_rate)]
+    if not rates or len(rates) == len(records):  # the usual cases: nothing more to do
         return None
-    rates = sorted(k[0] for k in known)
-    knees = sorted(k[1] for k in known)
-    mid = len(known) // 2
-    if len(known) % 2:
+    rates.sort()
+    knees = sorted(r.prefill_knee for r in records if r.prefill_rate)
+    mid = len(rates) // 2
+    if len(rates) % 2:
         return rates[mid], knees[mid]
     return (rates[mid - 1] + rates[mid]) / 2, (knees[mid - 1] + knees[mid]) / 2
 
