@@ -223,6 +223,9 @@ class ViewBuilder:
         prior = fleet_prior(recs)
         for rec in recs:
             region, age = rec.region, rec.age
+            rate, knee = rec.prefill_rate, rec.prefill_knee
+            if not rate and prior is not None:
+                rate, knee = prior
             if age < freshest.get(region, inf):
                 freshest[region] = age
             else:
@@ -236,10 +239,8 @@ class ViewBuilder:
             replicas.append(ReplicaView(
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
-                rec.prefill_rate if rec.prefill_rate or prior is None else prior[0],
-                rec.owner, work(rec.replica, 0.0), rec.queue_delay, rec.overhead,
-                rec.kv_scale,
-                rec.prefill_knee if rec.prefill_rate or prior is None else prior[1],
+                rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay, rec.overhead,
+                rec.kv_scale, knee,
             ))
         regions: dict[str, RegionView] = {self.region: self._home}
         prior_margin = self.prior_margin()

@@ -246,13 +246,12 @@ class Decision:
 
 
 _CANDIDATES = Decision.__dict__["candidates"]
+"""The slot that holds a decision's candidates (read and written by :class:`Explained`)."""
 _FIELDS = tuple(f.name for f in fields(Decision))
 
 
 def _as_tuple(d: Decision) -> tuple[Any, ...]:
     return tuple(getattr(d, name) for name in _FIELDS)
-
-"""The slot that holds a decision's candidates (read and written by :class:`Explained`)."""
 
 
 class Explained(Decision):
