@@ -26,7 +26,7 @@ refresh their records (a new version) more often than ``max_age``; a record owne
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -269,10 +269,12 @@ class LoadVector:
     def reports(self, replica: str, now: float) -> list[Load]:
         return [self._as_load(k, h, now) for k, h in sorted(self._loads.items()) if k[0] == replica]
 
-    def loads(self, now: float) -> dict[str, Load]:
-        """The freshest record of every replica."""
+    def loads(self, now: float, skip: Container[str] = ()) -> dict[str, Load]:
+        """The freshest record of every replica (but those in ``skip``)."""
         out: dict[str, Load] = {}
         for k, h in sorted(self._loads.items()):
+            if k[0] in skip:
+                continue
             rec = self._as_load(k, h, now)
             best = out.get(k[0])
             if best is None or rec.age < best.age:

@@ -164,14 +164,23 @@ class Precision:
                 return model
         return None
 
+    @staticmethod
+    def body_for(inf: Inference) -> bytes:
+        """The body a local engine is sent: the client's, asking for usage on a stream that
+        does not (what :meth:`prepare` puts in its ``Check``)."""
+        return with_usage(inf.body, inf.raw) if wants_usage_injection(inf.body) else inf.raw
+
     def prepare(self, inf: Inference, replica: str, keys: Sequence[int],
-                block_size: int, concurrent: bool = False) -> Check:
-        """Predict before dispatching to a local engine; the body to send (usage asked for)."""
+                block_size: int, concurrent: bool = False, body: bytes | None = None) -> Check:
+        """Predict for a dispatch to a local engine; the body to send (usage asked for).
+        ``body``: :meth:`body_for` already made (the router predicts once the request is
+        written, while the engine works)."""
         predicted = self.lookup.predicted_tokens(keys, replica, block_size)
         size = self.sizes.size_of(replica) or self.sizes.fallback()
         new = max(0, len(inf.token_ids) // size - predicted // size)
         inject = wants_usage_injection(inf.body)
-        body = with_usage(inf.body, inf.raw) if inject else inf.raw
+        if body is None:
+            body = with_usage(inf.body, inf.raw) if inject else inf.raw
         return Check(replica, predicted, new, UsageTap(inf.stream, strip=inject), body,
                      concurrent=concurrent,
                      comparable=bool(inf.body) and single_prompt(inf.body))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,10 +30,10 @@ from mesh import upstream
 from mesh.front import FrontRequest, FrontStream
 
 # Hop-by-hop or recomputed headers never copied from the upstream response.
-_SKIP = {
+_SKIP = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
     "date", "server", "proxy-authenticate", "proxy-authorization", "te", "trailers", "upgrade",
-}
+})
 ERROR_BODY_LIMIT = 4096
 
 H_REPLICA = "x-kvmesh-replica"
@@ -111,10 +111,11 @@ class Forwarder:
 
     async def open(
         self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
-        first_byte_timeout: float | None = None,
+        first_byte_timeout: float | None = None, sent: Callable[[], None] | None = None,
     ) -> Upstream:
         """POST ``body`` to ``url``; return once the first body bytes are in, or raise
-        ``UpstreamError`` (``timeout``) after ``first_byte_timeout`` seconds."""
+        ``UpstreamError`` (``timeout``) after ``first_byte_timeout`` seconds. ``sent``: see
+        :meth:`mesh.upstream.Pool.post`."""
         if delay > 0:
             # Emulated round trip to a far region (demo): the request leaves late.
             await asyncio.sleep(delay)
@@ -126,7 +127,7 @@ class Forwarder:
         started = loop.time()
         try:
             resp = await self.pool.post(url, body, headers,
-                                        total if limit is None else min(limit, total))
+                                        total if limit is None else min(limit, total), sent)
         except upstream.ConnectError as exc:
             raise UpstreamError("connect", str(exc)) from None
         except TimeoutError:
@@ -205,16 +206,17 @@ async def relay(
 
     A ``tap`` sees every chunk and says what to send on (a tap that rewrites makes the
     length unknown in advance, so the answer is then chunked)."""
-    headers = response_headers(up)
-    headers.update(extra_headers)
     declared = up.resp.headers.get("Content-Length")
     length = (int(declared) if declared is not None and declared.isdigit()
               and (tap is None or not tap.rewrites) else None)
     resp: web.StreamResponse
     if isinstance(request, FrontRequest):
         resp = FrontStream(request, status=up.status)
-        resp.begin(headers, length)  # the head from these, as aiohttp would write it
+        # The head from the upstream's headers and ours, as aiohttp would write them.
+        resp.begin_relay(up.resp.raw_headers, _SKIP, extra_headers, length)
     else:
+        headers = response_headers(up)
+        headers.update(extra_headers)
         resp = _Relayed(status=up.status, headers=headers)
         if length is not None:
             resp.content_length = length

@@ -513,9 +513,8 @@ class Router:
                 target.replica, request_id, inf,
                 forward_value(req.tier, req.deadline, self.clock())))
             self.metrics.forwards.labels(target.region).inc()
-        check = (self.precision.prepare(inf, target.replica, req.keys, req.block_size,
-                                        self.dispatches.inflight(target.replica) > 0)
-                 if target.local else None)
+        body = self.precision.body_for(inf) if target.local else inf.raw
+        concurrent = target.local and self.dispatches.inflight(target.replica) > 0
         ticket = self.dispatcher.start(target, req.num_tokens, self.clock(),
                                        req.predicted.tokens if req.predicted else 0.0)
         if ticket.publish:
@@ -525,10 +524,24 @@ class Router:
         ttfb = self.local_engines[target.replica].first_byte_timeout if target.local else None
         replica = target.replica or region_key(target.region)
         self.edge.outliers.admit(replica, self.clock())
+        check: Check | None = None
+        extra: dict[str, str] | None = None
+
+        def written() -> None:
+            """The request is on its way: while the engine works, the cache prediction for
+            this dispatch and the answer's own headers (once, if it is sent twice)."""
+            nonlocal check, extra
+            if extra is not None:
+                return
+            if target.local:
+                check = self.precision.prepare(inf, target.replica, req.keys, req.block_size,
+                                               concurrent, body)
+            extra = self._answer_headers(d, target, req, request_id, forwarded, check,
+                                         pending)
+
         try:
             try:
-                up = await self.forwarder.open(url, check.body if check else inf.raw, headers,
-                                               target.delay, ttfb)
+                up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written)
             except UpstreamError as exc:
                 self.metrics.retries.labels(exc.kind).inc()
                 log.warning("attempt on %s failed before the first byte: %s", url, exc)
@@ -544,23 +557,15 @@ class Router:
             # the prefill rate is a few hundred microseconds): after the next dispatch.
             self.deferred.add(partial(self._first_byte, req, forwarded, arrival, first_byte,
                                       pending if up.status < 400 else None))
-            extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason,
-                     H_TIER: req.tier}
+            if extra is None:
+                written()  # (made when the request was written; not otherwise reached)
+            assert extra is not None
             if not target.local:
                 remote_route = up.resp.headers.get(H_ROUTE, "")
                 extra[H_REPLICA] = up.resp.headers.get(H_REPLICA, target.replica)
                 extra[H_REGION] = up.resp.headers.get(H_REGION, target.region)
-                extra[H_ROUTE] = f"{d.reason} | via {target.region}: {remote_route}"
-            if forwarded:
-                extra[H_ROUTE] = f"{d.reason} (forwarded)"
-            extra["x-request-id"] = request_id
-            client_id = self._client_ids.get(request_id)
-            if client_id is not None:
-                extra[H_CLIENT_ID] = client_id
-            if check is not None:
-                extra[H_PREDICTED] = str(check.predicted)
-            if pending is not None and not forwarded:
-                extra[H_PREDICTED_TTFT] = f"{pending.prediction.cost:.6f}"
+                if not forwarded:
+                    extra[H_ROUTE] = f"{d.reason} | via {target.region}: {remote_route}"
             try:
                 resp, _, completed = await relay(request, up, extra,
                                                  check.tap if check else None)
@@ -580,6 +585,25 @@ class Router:
             self.kick()  # a completion: re-evaluate a waiting head
             if ticket.publish:
                 self._publish_soon()
+
+    def _answer_headers(self, d: Decision, target: Target, req: Request, request_id: str,
+                        forwarded: bool, check: Check | None, pending: Pending | None
+                        ) -> dict[str, str]:
+        """The headers the router adds to an answer, in their order (a remote target's
+        replica, region and route are filled in from its answer)."""
+        extra = {H_REPLICA: target.replica, H_REGION: target.region, H_ROUTE: d.reason,
+                 H_TIER: req.tier}
+        if forwarded:
+            extra[H_ROUTE] = f"{d.reason} (forwarded)"
+        extra["x-request-id"] = request_id
+        client_id = self._client_ids.get(request_id)
+        if client_id is not None:
+            extra[H_CLIENT_ID] = client_id
+        if check is not None:
+            extra[H_PREDICTED] = str(check.predicted)
+        if pending is not None and not forwarded:
+            extra[H_PREDICTED_TTFT] = f"{pending.prediction.cost:.6f}"
+        return extra
 
     def _first_byte(self, req: Request, forwarded: bool, arrival: float, at: float,
                     pending: Pending | None) -> None:

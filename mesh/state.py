@@ -182,6 +182,8 @@ class MeshState:
         self._queue = 0
         self._models: dict[str, tuple[str, ...]] = {}
         self._calib_cache: dict[str, tuple[object, Calibrated]] = {}
+        self._own_of: object = None
+        self._own_urls: frozenset[str] = frozenset()
         self.learned: Callable[[str], Calibrated] = _not_learned
         """This router's learned figures of its own engines (``mesh.outcomes``), published
         in its meta record: the one writer of them."""
@@ -231,12 +233,18 @@ class MeshState:
         return value if isinstance(value, dict) else {}
 
     # -- MeshBackend -------------------------------------------------------------------------
+    def _own(self) -> frozenset[str]:
+        """This router's engines (remembered per engine list: this runs on every view)."""
+        engines = self.config.engines
+        if self._own_of is not engines:
+            self._own_urls = frozenset(e.url for e in engines)
+            self._own_of = engines
+        return self._own_urls
+
     def remote_records(self, now: float) -> Iterable[ReplicaRecord]:
-        own = {e.url for e in self.config.engines}
+        own = self._own()
         alive = self._alive_routers()
-        for replica, load in self.loads.loads(now).items():
-            if replica in own:
-                continue
+        for replica, load in self.loads.loads(now, skip=own).items():
             meta = self._router_meta(load.reporter)
             region = meta.get("region")
             if not isinstance(region, str):

@@ -229,7 +229,7 @@ class _Conn(asyncio.Protocol):
 class Response:
     """One answer: status and head at once, the body by :meth:`readany`."""
 
-    __slots__ = ("_conn", "_pool", "_released", "headers", "status")
+    __slots__ = ("_conn", "_pool", "_released", "headers", "raw_headers", "status")
 
     def __init__(self, conn: _Conn, pool: Pool) -> None:
         self._conn = conn
@@ -238,6 +238,8 @@ class Response:
         self.status = conn.status
         assert conn._headers is not None
         self.headers: CIMultiDictProxy[str] = conn._headers
+        self.raw_headers: list[tuple[str, str]] = conn._raw_headers
+        """The same headers as sent, in order (what the relay copies)."""
 
     async def readany(self) -> bytes:
         return await self._conn.read()
@@ -306,10 +308,14 @@ class Pool:
 
     async def post(self, url: str, body: bytes,
                    headers: Mapping[str, str] | list[tuple[str, str]],
-                   limit: float | None = None) -> Response:
+                   limit: float | None = None,
+                   sent: Callable[[], None] | None = None) -> Response:
         """Send ``body``; return once the answer's head is in. ``ConnectError`` when no
         connection could be made; ``UpstreamBroken``, or ``TimeoutError`` after ``limit``
-        seconds. The limit stays armed until :meth:`Response.deadline` changes it."""
+        seconds. The limit stays armed until :meth:`Response.deadline` changes it.
+        ``sent``: called as soon as the request is written (again if it is sent again on a
+        new connection), before the wait for the answer: work for the caller to do while
+        the server works."""
         origin = self._origins.get(url)
         if origin is None:
             origin = self._origin(url)
@@ -317,13 +323,15 @@ class Pool:
                 self._origins[url] = origin
         key, host, path = origin
         items = headers if isinstance(headers, list) else headers.items()
-        lines = [f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"]
-        for name, value in items:
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"header {name!r} has a line break")
-            lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        request = "".join(lines).encode("latin-1") + body
+        lines = [f"{name}: {value}\r\n" for name, value in items]
+        block = "".join(lines)
+        # Each line holds exactly one CR and one LF unless a name or value has a break.
+        if block.count("\r") != len(lines) or block.count("\n") != len(lines):
+            for name, value in items:
+                if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                    raise ValueError(f"header {name!r} has a line break")
+        request = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
+                   f"{block}\r\n").encode("latin-1") + body
         for attempt in (0, 1):
             conn = self._take(key) if attempt == 0 else None  # a retry: a new connection
             reused = conn is not None
@@ -332,9 +340,11 @@ class Pool:
             conn.arm(limit, "no answer")
             assert conn.transport is not None
             conn.transport.write(request)
-            if self.on_sent is not None:
-                self.on_sent()
             try:
+                if sent is not None:
+                    sent()
+                if self.on_sent is not None:
+                    self.on_sent()
                 await conn.head()
             except UpstreamBroken:
                 conn.arm(None)

@@ -101,9 +101,19 @@ class Dispatches:
     """Open tickets with ``publish`` per replica (what :meth:`counts` publishes)."""
     work: dict[str, float] = field(default_factory=dict)
     """Predicted output tokens in flight, by replica (sum of the open tickets' ``work``)."""
+    _last_at: float = float("-inf")
+    _ordered: bool = True
+    """Every ticket so far started no earlier than the one before it (one clock, read in
+    order: always so in the router and the simulator). Then each replica's open tickets,
+    in the order they started, are in ``at`` order too, and :meth:`fresh` and
+    :meth:`covered` stop at the first ticket past their bound instead of reading all."""
 
     def start(self, replica: str, region: str, tokens: int, now: float,
               publish: bool = True, work: float = 0.0) -> Ticket:
+        if now >= self._last_at:
+            self._last_at = now
+        else:
+            self._ordered = False
         t = Ticket(next(self._ids), replica, region, now, tokens, publish, work)
         self._open.setdefault(replica, {})[t.id] = t
         if publish:
@@ -136,13 +146,34 @@ class Dispatches:
         return len(self._open.get(replica, ()))
 
     def fresh(self, replica: str, since: float) -> int:
-        return sum(1 for t in self._open.get(replica, {}).values() if t.at > since)
+        """Open tickets to ``replica`` started after ``since``."""
+        open_ = self._open.get(replica)
+        if not open_:
+            return 0
+        if not self._ordered:
+            return sum(1 for t in open_.values() if t.at > since)
+        n = 0
+        for t in reversed(open_.values()):  # newest first: the later ones are a suffix
+            if t.at <= since:
+                break
+            n += 1
+        return n
 
     def covered(self, replica: str, before: float) -> int:
         """Unpublished tickets (forwards) started by ``before``: the remote router that
         dispatched them has published them since."""
-        return sum(1 for t in self._open.get(replica, {}).values()
-                   if not t.publish and t.at <= before)
+        open_ = self._open.get(replica)
+        if not open_:
+            return 0
+        if not self._ordered:
+            return sum(1 for t in open_.values() if not t.publish and t.at <= before)
+        n = 0
+        for t in open_.values():  # oldest first: the earlier ones are a prefix
+            if t.at > before:
+                break
+            if not t.publish:
+                n += 1
+        return n
 
     def counts(self, published_only: bool = False) -> dict[str, int]:
         if published_only:
