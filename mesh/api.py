@@ -114,6 +114,14 @@ def parse_inference(
     kind: str, path: str, raw: bytes, headers: Mapping[str, str]
 ) -> Inference:
     """Validate a body; ``token_ids`` stay empty until :func:`tokenize` fills them."""
+    body, model, stream, session, max_tokens, tier = parse_fields(kind, raw, headers)
+    return Inference(kind, path, body, raw, model, stream, [], session, max_tokens, tier=tier)
+
+
+def parse_fields(kind: str, raw: bytes, headers: Mapping[str, str]
+                 ) -> tuple[dict[str, Any], str, bool, str | None, int, str | None]:
+    """:func:`parse_inference`'s checks and fields: (body, model, stream, session,
+    max_tokens, tier), for a caller that builds its ``Inference`` once, with the tokens."""
     try:
         body = json_body.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -152,8 +160,7 @@ def parse_inference(
         tier = requested_tier(body, headers)
     except TierError as exc:
         raise ApiError(400, exc.message, param=exc.param, code="invalid_service_tier") from None
-    return Inference(kind, path, body, raw, model, stream, [], session, max_tokens or 0,
-                     tier=tier)
+    return body, model, stream, session, max_tokens or 0, tier
 
 
 _HEADER_SAFE = re.compile(r"[!-~][ -~]{0,254}")

@@ -36,7 +36,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from mesh.lengths import LengthPredictor
@@ -221,6 +221,15 @@ class Dispatcher:
         if req.predicted is not None:
             return req
         return with_predicted(req, self.lengths.predict(req))
+
+    def arrival(self, request_id: str, token_ids: Sequence[int], keys: Sequence[int],
+                block_size: int, session: str | None, max_tokens: int, arrival: float,
+                model: str | None, app: str | None, tier: str, deadline: float) -> Request:
+        """``annotate(Request(...))`` for a new request, built once (a shell's arrivals:
+        the same request, without a first copy made only to be replaced)."""
+        guess = self.lengths.predict_of(model, app, session, len(token_ids), max_tokens)
+        return Request(request_id, token_ids, keys, block_size, session, max_tokens, arrival,
+                       model, app, guess, None, tier, deadline)
 
     def completed(self, req: Request, output_tokens: int) -> None:
         """A request this router received from its client has ended with ``output_tokens``:

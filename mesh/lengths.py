@@ -105,18 +105,31 @@ class LengthPredictor:
     # -- features ---------------------------------------------------------------------------
     @staticmethod
     def keys(req: Request) -> tuple[tuple[object, ...], ...]:
-        model = req.model or ""
-        if req.app:
-            who: tuple[object, ...] = ("a", model, req.app)
-        elif req.session:
-            who = ("u", model, req.session)
+        return LengthPredictor.keys_of(req.model, req.app, req.session, req.num_tokens,
+                                       req.max_tokens)
+
+    @staticmethod
+    def keys_of(model: str | None, app: str | None, session: str | None, num_tokens: int,
+                max_tokens: int) -> tuple[tuple[object, ...], ...]:
+        """:meth:`keys` of a request's fields."""
+        model = model or ""
+        if app:
+            who: tuple[object, ...] = ("a", model, app)
+        elif session:
+            who = ("u", model, session)
         else:
             who = ("-", model)
-        band = (*who, req.num_tokens.bit_length(), req.max_tokens.bit_length())
+        band = (*who, num_tokens.bit_length(), max_tokens.bit_length())
         return (("m", model), who, band)
 
     # -- the request path -------------------------------------------------------------------
     def predict(self, req: Request) -> LengthGuess:
+        return self.predict_of(req.model, req.app, req.session, req.num_tokens,
+                               req.max_tokens)
+
+    def predict_of(self, model: str | None, app: str | None, session: str | None,
+                   num_tokens: int, max_tokens: int) -> LengthGuess:
+        """:meth:`predict` of a request's fields (before its ``Request`` is built)."""
         nb = len(self.edges) + 1
         s = self.strength
         probs = [1.0 / nb] * nb
@@ -126,12 +139,12 @@ class LengthPredictor:
         if glob is not None:
             mean = _blend(glob, mean, probs, s)
         baseline_mean = mean
-        for key in self.keys(req):
+        for key in self.keys_of(model, app, session, num_tokens, max_tokens):
             t = tables.get(key)
             if t is not None:
                 mean = _blend(t, mean, probs, s)
         best = probs.index(max(probs))
-        cap = req.max_tokens
+        cap = max_tokens
         if cap > 0:
             mean = min(mean, float(cap))
             best = min(best, bucket_of(cap, self.edges))

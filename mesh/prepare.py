@@ -52,6 +52,7 @@ from mesh.api import (
     Inference,
     PromptTokenizer,
     chat_options,
+    parse_fields,
     parse_inference,
     routing_prompt,
 )
@@ -101,18 +102,23 @@ def _init_worker(spec: str | None) -> None:
 
 def encode_sync(sync: Any, inf: Inference) -> list[int]:
     """Token ids of ``inf``'s prompt with a synchronous tokenizer; ``ApiError`` 400."""
-    param = "messages" if inf.kind == "chat" else "prompt"
+    return encode_body(sync, inf.kind, inf.body)
+
+
+def encode_body(sync: Any, kind: str, body: Mapping[str, Any]) -> list[int]:
+    """:func:`encode_sync` of a parsed body."""
+    param = "messages" if kind == "chat" else "prompt"
     try:
-        if inf.kind == "chat":
-            messages = inf.body["messages"]
+        if kind == "chat":
+            messages = body["messages"]
             encode_chat = getattr(sync, "encode_chat", None)
-            options = chat_options(inf.body)  # tools, chat_template_kwargs: as the engine
+            options = chat_options(body)  # tools, chat_template_kwargs: as the engine
             if encode_chat is not None and options and hasattr(sync, "template"):
                 return _as_list(encode_chat(messages, **options))
             if encode_chat is not None:
                 return _as_list(encode_chat(messages))
             return _as_list(sync.encode(sync.apply_chat_template(messages)))
-        prompt = routing_prompt(inf.body)
+        prompt = routing_prompt(body)
         return _as_list(sync.encode(prompt)) if isinstance(prompt, str) else list(prompt)
     except UnicodeError as exc:
         raise ApiError(400, f"the prompt is not valid Unicode text ({type(exc).__name__})",
@@ -322,20 +328,20 @@ class Preparer:
     def _prepare_local(self, kind: str, path: str, raw: bytes, headers: dict[str, str],
                        locked: bool = False, started: float | None = None) -> Inference:
         """``started``: when the request's preparation began (fills ``parse_seconds``)."""
-        inf = parse_inference(kind, path, raw, headers)
-        ids = encode_sync(self._local, inf) if locked else self._encode_locked(inf)
-        keys = block_keys(ids, inf.body.get("cache_salt"), self.block_size)
+        body, model, stream, session, max_tokens, tier = parse_fields(kind, raw, headers)
+        ids = (encode_body(self._local, kind, body) if locked
+               else self._encode_locked(kind, body))
+        keys = block_keys(ids, body.get("cache_salt"), self.block_size)
         # A small body is hashed only if a forward needs it (on the loop, microseconds).
         digest = body_digest(raw) if len(raw) > self.loop_bytes else ""
         took = 0.0 if started is None else time.perf_counter() - started
-        # Built directly (not ``dataclasses.replace``, which inspects every field): this runs
-        # for nearly every request.
-        return Inference(inf.kind, inf.path, inf.body, inf.raw, inf.model, inf.stream, ids,
-                         inf.session, inf.max_tokens, took, keys, digest, inf.tier)
+        # Built once, directly: this runs for nearly every request.
+        return Inference(kind, path, body, raw, model, stream, ids, session, max_tokens, took,
+                         keys, digest, tier)
 
-    def _encode_locked(self, inf: Inference) -> list[int]:
+    def _encode_locked(self, kind: str, body: Mapping[str, Any]) -> list[int]:
         with _worker_lock:  # local tokenizers' caches are not thread-safe
-            return encode_sync(self._local, inf)
+            return encode_body(self._local, kind, body)
 
     def _note_fallback(self, exc: Exception) -> None:
         # The engine's /tokenize is down or refuses: route on the builtin tokenizer's ids

@@ -393,11 +393,9 @@ class Router:
         request_id = fwd.request_id if fwd else f"{self._id_prefix}{next(self._ids):08x}"
         keys = self.precision.keys_for(inf, arrival)
         tier, deadline = self._tier(request, inf, fwd, arrival)
-        req = Request(request_id, inf.token_ids, keys, keys.unit, inf.session,
-                      inf.max_tokens, arrival, inf.model,
-                      app=header_safe(request.headers.get(H_APP)), tier=tier,
-                      deadline=deadline)
-        req = self.dispatcher.annotate(req)
+        req = self.dispatcher.arrival(request_id, inf.token_ids, keys, keys.unit, inf.session,
+                                      inf.max_tokens, arrival, inf.model,
+                                      header_safe(request.headers.get(H_APP)), tier, deadline)
         # Counters only: recorded once the request is at its engine (mesh.deferred).
         self.deferred.add(partial(self._arrived, inf, req.num_tokens, arrival, fwd is None))
         ask = Ask(req) if fwd is None else Ask(req, True, fwd.target or None, fwd.origin)
