@@ -109,12 +109,10 @@ def chain_keys(parent: int, token_ids: Sequence[int], block_size: int) -> list[i
         raise ValueError(f"block_size must be positive, got {block_size}")
     step = block_size * 4
     data = token_bytes(token_ids[: (len(token_ids) // block_size) * block_size])
-    keys: list[int] = []
-    append = keys.append
-    for start in range(0, len(data), step):
-        parent = _xxh3(data[start : start + step], parent)
-        append(parent)
-    return keys
+    # Each key is the hash of its block seeded with the key before it (a comprehension: no
+    # method call per block).
+    return [parent := _xxh3(data[start : start + step], parent)
+            for start in range(0, len(data), step)]
 
 
 def request_keys(
