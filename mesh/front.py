@@ -201,31 +201,49 @@ class FrontStream(web.StreamResponse):
             filtered=True)
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.write_now(data):
+            await self.drain()
+
+    def write_now(self, data: bytes | bytearray | memoryview) -> bool:
+        """:meth:`write` up to its wait: True when the client's buffer is full (then
+        :meth:`drain`, as ``write`` does)."""
         conn = self._conn
         if conn is None or self._head is None:
             raise RuntimeError("write before prepare")
         if not data:
-            return
+            return False
         if self._chunk:
             out = b"".join([self._head, f"{len(data):x}\r\n".encode(), data, b"\r\n"])
         else:
             out = self._head + data if self._head else bytes(data)
         self._head = b""
-        await conn.send(out)
+        return conn.push(out)
+
+    async def drain(self) -> None:
+        """Wait while the client's buffer is full (backpressure)."""
+        if self._conn is not None:
+            await self._conn.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self._ended:
             return
         if data:
             await self.write(data)
+        if self.write_eof_now():
+            await self.drain()
+
+    def write_eof_now(self) -> bool:
+        """:meth:`write_eof` (without data) up to its wait: True when it must
+        :meth:`drain`."""
+        if self._ended:
+            return False
         conn = self._conn
         if conn is None or self._head is None:
             raise RuntimeError("write_eof before prepare")
         out = self._head + (b"0\r\n\r\n" if self._chunk else b"")
         self._head = b""
         self._ended = True
-        if out:
-            await conn.send(out)
+        return conn.push(out) if out else False
 
 
 def chain(handler: Handler, middlewares: Iterable[Any]) -> Handler:
@@ -389,10 +407,19 @@ class FrontProtocol(asyncio.Protocol):
 
     async def send(self, data: bytes) -> None:
         """Write, then wait while the client's buffer is full (backpressure)."""
+        if self.push(data):
+            await self.drain()
+
+    def push(self, data: bytes) -> bool:
+        """Write; True when the client's buffer is full (then :meth:`drain`)."""
         t = self.transport
         if self.closed or t is None or t.is_closing():
             raise ConnectionResetError("Cannot write to closing transport")
         t.write(data)
+        return self._write_paused and not self.closed
+
+    async def drain(self) -> None:
+        """Wait while the client's buffer is full."""
         while self._write_paused and not self.closed:
             self._writable = asyncio.get_running_loop().create_future()
             try:

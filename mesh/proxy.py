@@ -145,7 +145,8 @@ class Forwarder:
                 resp.close()
             raise UpstreamError("status", f"answered {resp.status}", resp.status, data)
         try:
-            first = await resp.readany()
+            got = resp.readany_now()  # the usual case: the first bytes came with the head
+            first = got if got is not None else await resp.readany()
         except TimeoutError:
             resp.close()
             if limit is not None and limit <= total:
@@ -223,20 +224,30 @@ async def relay(
         await resp.prepare(request)
     sent = 0
     completed = False
+    # The front end's answers are written without a coroutine per write (waiting only while
+    # the client's buffer is full); aiohttp's through its own writer.
+    front = resp if isinstance(resp, FrontStream) else None
     try:
         chunk = up.first
         while chunk:
             out = tap.feed(chunk) if tap is not None else chunk
             if out:
-                await resp.write(out)
+                if front is None:
+                    await resp.write(out)
+                elif front.write_now(out):
+                    await front.drain()
                 sent += len(out)
-            chunk = await up.resp.readany()
+            got = up.resp.readany_now()
+            chunk = got if got is not None else await up.resp.readany()
         if tap is not None:
             rest = tap.finish()
             if rest:
                 await resp.write(rest)
                 sent += len(rest)
-        await resp.write_eof()
+        if front is None:
+            await resp.write_eof()
+        elif front.write_eof_now():
+            await front.drain()
         completed = True
     except (upstream.UpstreamBroken, aiohttp.ClientError, TimeoutError,
             ConnectionResetError) as exc:

@@ -156,6 +156,9 @@ class Router:
         random draw per request)."""
         self._ids = itertools.count()
         self._waiting: dict[Waiter, asyncio.Future[Placement]] = {}
+        self._place_inline = type(self).place is Router.place
+        """:meth:`place` is this class's own (a subclass may place elsewhere, e.g. a worker
+        process asks its node's primary): the request path calls :meth:`place_now`."""
         self._wake = asyncio.Event()
         self._pump_due = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -294,11 +297,19 @@ class Router:
 
     async def place(self, ask: Ask) -> Placement:
         """A placement now, or after waiting in the FCFS queue when the policy says so."""
+        got = self.place_now(ask)
+        return got if isinstance(got, Placement) else await self.wait(ask, got)
+
+    def place_now(self, ask: Ask) -> Placement | Waiter:
+        """:meth:`place` up to the wait: the placement, or the waiter to :meth:`wait` for
+        (the request path's usual case without a coroutine)."""
         got = self.dispatcher.submit(ask, self.clock())
-        if isinstance(got, Placement):
-            if got.outcome == "shed":
-                self.tier_metrics.was_shed(ask.request.tier)
-            return got
+        if isinstance(got, Placement) and got.outcome == "shed":
+            self.tier_metrics.was_shed(ask.request.tier)
+        return got
+
+    async def wait(self, ask: Ask, got: Waiter) -> Placement:
+        """The placement of a request queued as ``got`` (:meth:`place_now`)."""
         if got.first is not None:
             self.metrics.decisions.labels(got.first.policy or self.policy.name, "wait").inc()
             self._wake.set()  # a new retry time; nothing to re-evaluate yet
@@ -443,7 +454,11 @@ class Router:
             else:
                 ask = replace(first, excluded_replicas=frozenset(excluded_replicas),
                               excluded_regions=frozenset(excluded_regions), attempt=attempt)
-            p = await self.place(ask)
+            if self._place_inline:
+                got = self.place_now(ask)
+                p = got if isinstance(got, Placement) else await self.wait(ask, got)
+            else:
+                p = await self.place(ask)
             d, target = p.decision, p.target
             # The decision's log entry and counters: recorded once the request is at its
             # engine (mesh.deferred), or within 2 ms when it goes nowhere.

@@ -211,6 +211,20 @@ class _Conn(asyncio.Protocol):
                 await self._read_waiter
             finally:
                 self._read_waiter = None
+        return self._take_chunks()
+
+    def read_now(self) -> bytes | None:
+        """:meth:`read` when it need not wait (the bytes are in, or the answer is over or
+        failed: the same result or error); None when it would wait."""
+        if not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._body_done:
+                return b""
+            return None
+        return self._take_chunks()
+
+    def _take_chunks(self) -> bytes:
         chunk = self._chunks.popleft()
         if len(self._chunks) > 0:
             chunk = b"".join([chunk, *self._chunks])
@@ -243,6 +257,10 @@ class Response:
 
     async def readany(self) -> bytes:
         return await self._conn.read()
+
+    def readany_now(self) -> bytes | None:
+        """:meth:`readany` without a wait, or None when it would wait (then ``readany``)."""
+        return self._conn.read_now()
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body (for error answers)."""

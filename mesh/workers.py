@@ -615,8 +615,8 @@ class WorkerPrecision(Precision):
         return WorkerKeys(keys, cfg.sizes, lora, path, salt)
 
     def prepare(self, inf: Inference, replica: str, keys: Sequence[int],
-                block_size: int, concurrent: bool = False) -> Check:
-        check = Precision.prepare(self, inf, replica, keys, block_size, concurrent)
+                block_size: int, concurrent: bool = False, body: bytes | None = None) -> Check:
+        check = Precision.prepare(self, inf, replica, keys, block_size, concurrent, body)
         hint = keys.hint if isinstance(keys, WorkerKeys) else None
         if hint is not None and hint[0] == replica:  # the primary's prediction
             _, check.predicted, check.new_blocks, check.concurrent = hint
