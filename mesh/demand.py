@@ -40,7 +40,10 @@ class DemandMeter:
         self._recent: deque[tuple[float, str, int, int]] = deque()
 
     def _label(self, model: str) -> str:
-        known = {m for m, _ in self.totals}
+        totals = self.totals
+        if (model, "in") in totals or (model, "out") in totals:
+            return model or OTHER  # a model seen before (every request but the first)
+        known = {m for m, _ in totals}
         if model in known or len(known) < self.max_models:
             return model or OTHER
         return OTHER
