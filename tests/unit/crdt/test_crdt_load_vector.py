@@ -305,3 +305,16 @@ def test_routers_converge_to_the_model(
             for who in names:
                 mine = model_inflight.get((replica, who), 0)
                 assert node.inflight(replica, exclude_router=who) == expected - mine
+
+
+def test_loads_can_leave_replicas_out_before_their_records_are_built() -> None:
+    lv = LoadVector()
+    report(lv, "http://a", "router-a", (1, 1), now=0.0, waiting=1)
+    report(lv, "http://b", "router-a", (1, 2), now=0.0, waiting=2)
+    report(lv, "http://b", "router-b", (5, 1), now=2.0, waiting=3)
+    report(lv, "http://c", "router-b", (5, 2), now=1.0, waiting=4)
+    everything = lv.loads(3.0)
+    assert set(everything) == {"http://a", "http://b", "http://c"}
+    assert lv.loads(3.0, skip={"http://b"}) == {k: v for k, v in everything.items()
+                                                if k != "http://b"}
+    assert lv.loads(3.0, skip=()) == everything

@@ -271,3 +271,19 @@ def test_with_predicted_is_replace_for_every_field() -> None:
                if f.name != "predicted"), "every field set away from its default"
     guess = LengthGuess(12.0, 3, 2, 10.0)
     assert with_predicted(req, guess) == replace(req, predicted=guess)
+
+
+def test_an_arrival_is_the_annotated_request_built_once() -> None:
+    d = core(Scripted([]))
+    for i in range(40):  # a predictor that has learned something, in several keys
+        d.completed(d.annotate(Request(str(i), list(range(10 + i)), [], 16,
+                                       "s1" if i % 2 else None, 64, 0.0, "m",
+                                       app="chat" if i % 3 else None)), 20 + i)
+    for session, app, model, max_tokens in [("s1", None, "m", 64), (None, "chat", "m", 0),
+                                            (None, None, None, 8), ("s2", "x", "m", 5)]:
+        made = d.arrival("r", list(range(33)), [7, 8], 16, session, max_tokens, 1.5, model,
+                         app, "batch", 9.0)
+        assert made == d.annotate(Request("r", list(range(33)), [7, 8], 16, session,
+                                          max_tokens, 1.5, model, app=app, tier="batch",
+                                          deadline=9.0))
+        assert made.predicted is not None

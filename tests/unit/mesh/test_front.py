@@ -333,3 +333,55 @@ def test_a_relayed_head_from_plain_headers_is_the_same_bytes(
     new.begin(headers, length)
     assert new._head == old._head and new._head
     assert (new._chunk, new.keep) == (old._chunk, old.keep)
+
+
+@pytest.mark.parametrize("version", [(1, 1), (1, 0)])
+@pytest.mark.parametrize("length", [310, None])
+@pytest.mark.parametrize(("upstream", "extra"), [
+    ([("date", "x"), ("server", "uvicorn"), ("content-length", "310"),
+      ("content-type", "application/json"), ("x-request-id", "up")],
+     {"x-kvmesh-replica": "http://e:1", "x-kvmesh-route": "r", "x-request-id": "ours"}),
+    ([("Content-Type", "text/event-stream"), ("X-A", "1"), ("x-a", "2"), ("X-A", "3"),
+      ("Connection", "keep-alive"), ("Transfer-Encoding", "chunked")],
+     {"X-A": "ours", "x-kvmesh-tier": "standard"}),
+    ([("x-b", "1")], {"Content-Type": "application/json", "Date": "never copied"}),
+    ([], {}),
+])
+def test_a_relay_head_in_one_pass_is_the_same_bytes_as_merging_first(
+        upstream: list[tuple[str, str]], extra: dict[str, str], length: int | None,
+        version: tuple[int, int]) -> None:
+    """``FrontStream.begin_relay`` writes what ``begin`` writes for the merged headers
+    (``{k: v for k, v in upstream if k.lower() not in skip}`` updated with ``extra``):
+    duplicates, case variants, an extra over an upstream header, own headers left out."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from mesh.front import FrontRequest, FrontStream
+    from mesh.proxy import _SKIP
+
+    conn = _HeadOnly()
+    req = FrontRequest(conn, "POST", "/v1/chat/completions", "",  # type: ignore[arg-type]
+                       CIMultiDictProxy(CIMultiDict()), None, version, True)  # type: ignore[arg-type]
+    merged = {k: v for k, v in upstream if k.lower() not in _SKIP}
+    merged.update(extra)
+    old = FrontStream(req, status=200)
+    old.begin(merged, length)
+    new = FrontStream(req, status=200)
+    new.begin_relay(upstream, _SKIP, extra, length)
+    assert new._head == old._head and new._head
+    assert (new._chunk, new.keep) == (old._chunk, old.keep)
+
+
+@pytest.mark.parametrize("bad", [("x-a", "1\r\nx-b: 2"), ("x-a", "1\n"), ("x\ra", "1")])
+def test_a_relay_head_refuses_a_line_break_as_before(bad: tuple[str, str]) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from mesh.front import FrontRequest, FrontStream
+
+    req = FrontRequest(_HeadOnly(), "POST", "/v1/completions", "",  # type: ignore[arg-type]
+                       CIMultiDictProxy(CIMultiDict()), None, (1, 1), True)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="line break"):
+        FrontStream(req, status=200).begin(dict([bad]), 3)
+    with pytest.raises(ValueError, match="line break"):
+        FrontStream(req, status=200).begin_relay([bad], frozenset(), {}, 3)
+    with pytest.raises(ValueError, match="line break"):
+        FrontStream(req, status=200).begin_relay([], frozenset(), dict([bad]), 3)

@@ -150,3 +150,34 @@ def test_a_replica_without_a_rate_is_priced_at_the_median_of_those_with_one() ->
     # Nobody has a rate: nothing is invented (the policy's configured default applies).
     view = builder([rec("x", None), rec("y", None)], {}).build(now=0.0)
     assert all(r.prefill_rate is None for r in view.replicas)
+
+
+def _brute(d: Dispatches, replica: str, since: float, before: float) -> tuple[int, int]:
+    tickets = list(d._open.get(replica, {}).values())
+    return (sum(1 for t in tickets if t.at > since),
+            sum(1 for t in tickets if not t.publish and t.at <= before))
+
+
+def test_fresh_and_covered_stop_early_only_while_tickets_come_in_time_order() -> None:
+    """``fresh``/``covered`` read a suffix/prefix of a replica's tickets while every start
+    came no earlier than the one before; the same counts as reading them all, and once a
+    start goes back in time, they read them all."""
+    import random
+
+    rng = random.Random(7)
+    for ordered in (True, False):
+        d = Dispatches()
+        now, live = 0.0, []
+        for step in range(400):
+            if live and rng.random() < 0.45:
+                d.done(live.pop(rng.randrange(len(live))))
+            else:
+                now += rng.choice([0.0, 0.001, 0.01])  # ties included
+                at = now if ordered or step < 200 else now - rng.random()
+                live.append(d.start(rng.choice("ab"), "us", 1, at,
+                                    publish=rng.random() < 0.5))
+            for replica in "ab":
+                for bound in (now - 0.05, now - 0.005, now, now + 1, -1.0):
+                    assert (d.fresh(replica, bound), d.covered(replica, bound)) == \
+                        _brute(d, replica, bound, bound)
+        assert d._ordered is ordered

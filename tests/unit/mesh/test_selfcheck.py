@@ -238,3 +238,27 @@ def test_misses_under_concurrency_are_counted_but_not_evidence() -> None:
         sc.record(E, 0, 64, concurrent=True)
     sc.evaluate({E: EventHealth(events=9, partial=False)}, 0.0)
     assert sc.trusted(E) and sc.totals()["under"] == 10
+
+
+def test_precision_prepare_with_the_body_made_first_is_the_same_check() -> None:
+    """The router makes the body before the write and the prediction after it."""
+    from mesh.api import Inference
+    from mesh.config import build
+    from mesh.precision import Precision
+    from mesh.state import LocalOnly
+
+    p = Precision(build({"region": "us", "engines": [{"url": "http://e:1"}]}), LocalOnly())
+    for stream, body in [(False, {"messages": [{"role": "user", "content": "hi"}]}),
+                         (True, {"messages": [{"role": "user", "content": "hi"}],
+                                 "stream": True})]:
+        raw = b'{"stream": true}' if stream else b"{}"
+        inf = Inference("chat", "/v1/chat/completions", body, raw, "m", stream, list(range(40)),
+                        None, 8)
+        whole = p.prepare(inf, "http://e:1", [1, 2], 16, True)
+        split = p.prepare(inf, "http://e:1", [1, 2], 16, True, p.body_for(inf))
+        assert split.body == whole.body == p.body_for(inf)
+        assert (split.replica, split.predicted, split.new_blocks, split.concurrent,
+                split.comparable, split.tap.stream, split.tap.strip) == (
+            whole.replica, whole.predicted, whole.new_blocks, whole.concurrent,
+            whole.comparable, whole.tap.stream, whole.tap.strip)
+        assert (whole.body != raw) is stream  # a stream asks for usage

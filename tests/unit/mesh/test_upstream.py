@@ -264,3 +264,52 @@ async def test_request_on_a_connection_dying_unanswered_is_sent_once_more(
         assert await body_of(resp) == b"ok"
         resp.close()
         assert srv.connections == 2 and pool.opened == 2
+
+
+async def test_read_now_gives_what_is_in_and_none_while_the_rest_is_due(
+        pool: upstream.Pool) -> None:
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    async with Server(handle) as srv:
+        sent: list[int] = []
+        resp = await pool.post(srv.url, b"{}", {}, 5.0, sent=lambda: sent.append(1))
+        assert sent == [1]  # called once the request was written
+        assert resp.raw_headers == [("X-A", "1"), ("x-a", "2"),
+                                    ("Transfer-Encoding", "chunked")]
+        for _ in range(100):  # the first chunk may trail the head by a read
+            if (first := resp.readany_now()) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert first == b"abc"
+        assert resp.readany_now() is None  # nothing in, the answer not over: await then
+        release.set()
+        assert await resp.readany() == b""
+        assert resp.readany_now() == b""  # over: b"" again, as readany
+        resp.close()
+        assert pool.idle() == 1
+
+
+async def test_read_now_raises_what_read_would(pool: upstream.Pool) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()  # then the connection closes: cut short
+
+    async with Server(handle) as srv:
+        resp = await pool.post(srv.url, b"{}", {}, 5.0)
+        assert await resp.readany() == b"abc"
+        with pytest.raises(upstream.UpstreamBroken):
+            await resp.readany()
+        with pytest.raises(upstream.UpstreamBroken):
+            resp.readany_now()
+        resp.close()
