@@ -213,6 +213,18 @@ class Router:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until the router itself sees every engine healthy (its probe, not the
+        engine's own ``/health``, decides whether it routes there)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            engines = self.status()["router"]["engines"]
+            if engines and all(e["healthy"] for e in engines):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: engines not healthy: {engines}")
+            time.sleep(0.1)
+
     def settle(self, engine: str, before: int, timeout: float = 30.0) -> int:
         """Wait until the router has ingested events from ``engine`` beyond ``before`` and
         no more arrive for a moment (the engine's events for the last answer are in)."""
