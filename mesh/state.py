@@ -61,14 +61,14 @@ def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: Mes
             rate, knee = cal.prefill_rate, cal.prefill_knee or 0.0
         if st is None or st.load is None:
             yield ReplicaRecord(url, region, False, 0, 0, 0, float("inf"), others, rate,
-                                queue_delay=cal.queue_delay, overhead=cal.overhead or 0.0,
+                                queue_delay=cal.queue_delay, overhead=cal.overhead,
                                 kv_scale=cal.kv_scale, prefill_knee=knee)
             continue
         load = st.load
         yield ReplicaRecord(url, region, st.healthy, load.waiting, load.running,
                             load.kv_usage, max(0.0, now - st.measured_at), others, rate,
                             st.models, queue_delay=cal.queue_delay,
-                            overhead=cal.overhead or 0.0, kv_scale=cal.kv_scale,
+                            overhead=cal.overhead, kv_scale=cal.kv_scale,
                             prefill_knee=knee)
     for rec in backend.remote_records(now):
         if rec.replica not in own_set:
@@ -269,7 +269,7 @@ class MeshState:
                 tuple(m for m in models if isinstance(m, str)) if isinstance(models, list)
                 else (),
                 owner, self.loads.inflight_age(load.reporter, now),
-                cal.queue_delay, cal.overhead or 0.0, cal.kv_scale, knee,
+                cal.queue_delay, cal.overhead, cal.kv_scale, knee,
             )
 
     def _calibrated(self, replica: str, raw: object) -> Calibrated:

@@ -53,8 +53,9 @@ class ReplicaRecord(NamedTuple):
     sent before then are in ``others_inflight`` already (inf: assume none are)."""
     queue_delay: float | None = None
     """Learned delay per waiting request, published by the replica's owner."""
-    overhead: float = 0.0
-    """Learned fixed first-token overhead, published by the replica's owner."""
+    overhead: float | None = None
+    """Learned fixed first-token overhead, published by the replica's owner (None: not
+    learned yet; the view prices it like its peers, :func:`overhead_prior`)."""
     kv_scale: float | None = None
     """Learned share of the KV-barrier term, published by the replica's owner."""
     prefill_knee: float = 0.0
@@ -212,6 +213,24 @@ def fleet_prior(records: Sequence[ReplicaRecord]) -> tuple[float, float] | None:
     return (rates[mid - 1] + rates[mid]) / 2, (knees[mid - 1] + knees[mid]) / 2
 
 
+def overhead_prior(records: Sequence[ReplicaRecord]) -> float | None:
+    """The first-token overhead of replicas whose owner has not learned one yet: the median
+    of the replicas in the view that have one.
+
+    The overhead (step floor, HTTP) is most of a light-load TTFT (~0.07 s of ~0.09 s in the
+    region sweep). A busy home region learns its engines' overheads within seconds, a quiet
+    region's take its owner tens of seconds; priced at 0 meanwhile, a remote replica looked
+    that much faster than home, and forwards won on the difference alone (20 of the first 22
+    forwards at light load in the region sweep's simulator). None: every replica has one,
+    or none has (then 0)."""
+    known = [o for r in records if (o := r.overhead) is not None]
+    if not known or len(known) == len(records):
+        return None
+    known.sort()
+    mid = len(known) // 2
+    return known[mid] if len(known) % 2 else (known[mid - 1] + known[mid]) / 2
+
+
 @dataclass(slots=True)
 class ViewBuilder:
     region: str
@@ -252,11 +271,17 @@ class ViewBuilder:
         recs = [rec for rec in self.records(now)
                 if model is None or not rec.models or model in rec.models]
         prior = fleet_prior(recs)
+        unknown_overhead = overhead_prior(recs)
+        if unknown_overhead is None:
+            unknown_overhead = 0.0
         for rec in recs:
             region, age = rec.region, rec.age
             rate, knee = rec.prefill_rate, rec.prefill_knee
             if not rate and prior is not None:
                 rate, knee = prior
+            overhead = rec.overhead
+            if overhead is None:
+                overhead = unknown_overhead
             if age < freshest.get(region, inf):
                 freshest[region] = age
             else:
@@ -270,7 +295,7 @@ class ViewBuilder:
             replicas.append(ReplicaView(
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
-                rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay, rec.overhead,
+                rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay, overhead,
                 rec.kv_scale, knee,
             ))
         regions: dict[str, RegionView] = {self.region: self._home}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from mesh.policies.base import estimate_load
 from mesh.view import Dispatches, RegionRecord, ReplicaRecord, ViewBuilder
 
@@ -181,3 +183,22 @@ def test_fresh_and_covered_stop_early_only_while_tickets_come_in_time_order() ->
                     assert (d.fresh(replica, bound), d.covered(replica, bound)) == \
                         _brute(d, replica, bound, bound)
         assert d._ordered is ordered
+
+
+def test_a_replica_without_a_learned_overhead_is_priced_at_the_median_of_those_with_one() -> None:
+    def rec(name: str, region: str, overhead: float | None) -> ReplicaRecord:
+        return ReplicaRecord(f"http://{name}", region, True, 0, 0, 0, 0.1, overhead=overhead)
+
+    # Home learned its engines' overheads (70 and 80 ms); a quiet region's owner has not yet.
+    # At 0 the remote replica would look 75 ms faster than it is: most of a light-load TTFT.
+    records = [rec("a", "us", 0.07), rec("b", "us", 0.08), rec("c", "eu", None),
+               rec("d", "eu", 0.0)]
+    by = {r.replica: r.overhead for r in builder(records, {}).build(now=0.0).replicas}
+    assert by == {"http://a": 0.07, "http://b": 0.08, "http://c": 0.07, "http://d": 0.0}
+    # A learned 0 is a figure, not an unknown: the median of three known is 0.07 above.
+    records = [rec("a", "us", 0.07), rec("b", "us", 0.08), rec("c", "eu", None)]
+    by = {r.replica: r.overhead for r in builder(records, {}).build(now=0.0).replicas}
+    assert by["http://c"] == pytest.approx(0.075)
+    # Nobody has learned one: nothing is invented.
+    view = builder([rec("x", "us", None), rec("y", "eu", None)], {}).build(now=0.0)
+    assert [r.overhead for r in view.replicas] == [0.0, 0.0]
