@@ -103,6 +103,19 @@ def test_the_owners_figures_reach_another_routers_view() -> None:
             got.prefill_knee) == (5000.0, 0.02, 0.01, 0.5, 110.0)
 
 
+def test_an_overhead_not_learned_yet_reaches_another_router_as_unknown() -> None:
+    us, eu = _state("us", "http://us-e0"), _state("eu", "http://eu-e0")
+    us.learned = {"http://us-e0": Calibrated(5000.0, 0.02, None, 0.5, 110.0)}.get  # type: ignore[assignment]
+    us.publish_engine(EngineState("http://us-e0", True, EngineLoad(1, 2, 0.3), 100.0, 0, "ok"),
+                      "us", 100.0)
+    us._write_meta(100.0)
+    eu.meta.merge(us.meta.delta_since(eu.meta.digest(), 100.0), 100.0)
+    eu.loads.merge(us.loads.delta_since(eu.loads.digest(), 100.0), 100.0)
+    got = {r.replica: r for r in eu.remote_records(100.0)}["http://us-e0"]
+    # None, not 0: the reader's view prices it like its peers (mesh.view.overhead_prior).
+    assert got.overhead is None and got.queue_delay == 0.02
+
+
 def test_a_learned_knee_goes_with_the_learned_rate_only() -> None:
     got = _learned_at_eu(_state("us", "http://us-e0", 3000.0), _state("eu", "http://eu-e0"))
     assert (got.prefill_rate, got.prefill_knee) == (3000.0, 0.0)  # configured: as given
