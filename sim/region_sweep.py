@@ -85,6 +85,11 @@ class SweepPlan:
     """Seeds of the simulator's resolution runs (mesh and no-peers only, ``sim_horizon_s``
     long): one short p90 rests on a few dozen tail requests and cannot resolve 5%."""
     sim_horizon_s: float = 300.0
+    sim_ties: int = 0
+    """Near-tie streams of the simulator's twin runs (``FleetSpec.tie_stream`` 0..n-1): the
+    emulation's seed and window, only the routers' random draws changed. Every emulated run
+    replays that one seed, and timing makes its decisions part from the simulator's after
+    the first different draw: the twins show how far one window moves on that alone."""
 
     def emulation_plan(self, load: float, horizon: float) -> EmulationPlan:
         return EmulationPlan(
@@ -267,6 +272,35 @@ def simulate_pair(plan: SweepPlan, load: float, seed: int) -> Pair:
                 sum(1 for r in mesh if r.forwards) / len(mesh) if mesh else 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class Twin:
+    """The mesh / no-peers p90 ratio of the emulation's own seed and window, simulated with
+    the routers' near-tie stream ``stream``."""
+
+    load: float
+    stream: int
+    ratio: float
+    forwarded: float
+
+
+def simulate_twin(plan: SweepPlan, load: float, stream: int) -> Twin:
+    """Mesh and no-peers on the emulation's seed over ``[warmup, horizon)``, tie stream
+    ``stream`` (0: the simulated rows of the tables)."""
+    p90: dict[str, float] = {}
+    forwarded = 0.0
+    for v in EMULATED[:2]:
+        scaled = _scaled(plan, load, plan.horizon_s)
+        spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
+        spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate,
+                       tie_stream=stream)
+        result = ObservedFleet(spec).run(scaled.workload(), drain_s=plan.drain_s)
+        window = [r for r in result.records if plan.warmup_s <= r.sent < plan.horizon_s]
+        p90[v.label] = percentile([r.ttft for r in window], 90)
+        if v.label == MESH and window:
+            forwarded = sum(1 for r in window if r.forwards) / len(window)
+    return Twin(load, stream, p90[MESH] / p90[NO_PEERS], forwarded)
+
+
 @dataclass(slots=True)
 class Sweep:
     plan: SweepPlan
@@ -275,6 +309,19 @@ class Sweep:
     wall_s: float
     load_average: tuple[float, float, float]
     pairs: list[Pair] = field(default_factory=list)
+    twins: list[Twin] = field(default_factory=list)
+
+    def twin_spread(self, load: float) -> dict[str, Any] | None:
+        """The twins at ``load``: ratios, mean, sd, range (None: no twins run)."""
+        ts = [t for t in self.twins if t.load == load]
+        if not ts:
+            return None
+        ratios = [t.ratio for t in ts]
+        return {"streams": [t.stream for t in ts], "ratios": [round(r, 4) for r in ratios],
+                "mean": statistics.fmean(ratios),
+                "sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+                "range": (min(ratios), max(ratios)),
+                "forwarded": statistics.fmean(t.forwarded for t in ts)}
 
     def resolution(self, load: float) -> dict[str, Any] | None:
         """The resolution runs at ``load``: per-seed p90 ratios, their mean and spread, and
@@ -359,7 +406,14 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
             log(f"- load {load:g}: seed {seed}, mesh and no-peers over {plan.sim_horizon_s:g} s, "
                 f"simulating")
             pairs.append(simulate_pair(plan, load, seed))
-    return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg(), pairs)
+    twins = []
+    for load in plan.loads:
+        for stream in range(plan.sim_ties):
+            log(f"- load {load:g}: seed {plan.seed}, tie stream {stream}, mesh and no-peers, "
+                f"simulating")
+            twins.append(simulate_twin(plan, load, stream))
+    return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg(), pairs,
+                 twins)
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -466,6 +520,21 @@ def tables(sw: Sweep) -> str:
                        f"{' '.join(f'{x:.3f}' for x in res['ratios'])} | {res['mean']:.3f} "
                        f"({res['sd']:.3f}) | {a:.4f} / {b:.4f} ({res['requests'][0]} / "
                        f"{res['requests'][1]}) | {res['pooled']:.3f} | {_pct(res['forwarded'])} |")
+    if sw.twins:
+        p = sw.plan
+        out += ["", f"Twin runs (simulator, seed {p.seed} as emulated, TTFT over "
+                f"[{p.warmup_s:g}, {p.horizon_s:g}) s, the routers' near-tie stream "
+                f"varied): how far one window moves on decisions alone:", "",
+                "| load | mesh / no-peers p90 per tie stream | mean (sd) | range | "
+                "forwarded |", "|---|---|---:|---|---:|"]
+        for load in sw.plan.loads:
+            tw = sw.twin_spread(load)
+            if tw is None:
+                continue
+            lo, hi = tw["range"]
+            out.append(f"| {load:g} | {' '.join(f'{x:.3f}' for x in tw['ratios'])} | "
+                       f"{tw['mean']:.3f} ({tw['sd']:.3f}) | {lo:.3f}-{hi:.3f} | "
+                       f"{_pct(tw['forwarded'])} |")
     return "\n".join(out)
 
 
@@ -507,6 +576,14 @@ def acceptance(sw: Sweep) -> list[str]:
             ok = d is not None and abs(d) <= 0.10
             out.append(f"load {load:g}: mesh/no-peers ratio emu {_f(re_)} vs sim {_f(rs)} "
                        f"({_pct(d)}; within 10%: {'yes' if ok else 'NO'})")
+            tw = sw.twin_spread(load)
+            if tw is not None and re_ is not None:
+                d = re_ / tw["mean"] - 1.0
+                lo, hi = tw["range"]
+                out.append(f"load {load:g}: emu {_f(re_)} vs the mean of {len(tw['ratios'])} "
+                           f"simulated twins {tw['mean']:.3f} ({_pct(d)}; within 10%: "
+                           f"{'yes' if abs(d) <= 0.10 else 'NO'}; inside their range "
+                           f"{lo:.3f}-{hi:.3f}: {'yes' if lo <= re_ <= hi else 'NO'})")
     return out
 
 
@@ -525,6 +602,8 @@ def to_json(sw: Sweep) -> dict[str, Any]:
                  for r in sw.rows],
         "resolution": {f"{load:g}": sw.resolution(load) for load in sw.plan.loads
                        if sw.resolution(load) is not None},
+        "twins": {f"{load:g}": sw.twin_spread(load) for load in sw.plan.loads
+                  if sw.twin_spread(load) is not None},
         "acceptance": acceptance(sw),
     }
 
@@ -563,6 +642,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seeds of the simulator's resolution runs (mesh and no-peers, "
                         "--sim-horizon long), e.g. 1-8 or 1,2,3")
     p.add_argument("--sim-horizon", type=float, default=d.sim_horizon_s)
+    p.add_argument("--sim-ties", type=int, default=d.sim_ties,
+                   help="twin runs: the emulation's seed and window simulated with this many "
+                        "near-tie streams (how far one window moves on decisions alone)")
     p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
     p.add_argument("--out", default="results/region-sweep")
     p.add_argument("--workdir", help="keep configs and process logs here")
@@ -592,7 +674,9 @@ def main(argv: list[str]) -> int:
             raise ValueError("--loads expects positive numbers")
         plan = SweepPlan(args.speedup, loads, args.warmup, args.horizon, args.mesh_horizon,
                          args.error_after, seed=args.seed, sim_seeds=_seeds(args.sim_seeds),
-                         sim_horizon_s=args.sim_horizon)
+                         sim_horizon_s=args.sim_horizon, sim_ties=args.sim_ties)
+        if plan.sim_ties < 0:
+            raise ValueError("--sim-ties expects a count >= 0")
         if plan.sim_seeds and plan.sim_horizon_s <= plan.warmup_s:
             raise ValueError("--sim-horizon must exceed --warmup")
         if not plan.warmup_s < plan.horizon_s <= plan.mesh_horizon_s:

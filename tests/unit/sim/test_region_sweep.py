@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,23 @@ def test_engines_a_router_did_not_trust_are_reported() -> None:
                                       "http://b": {"partial": False}}}}
     assert _index_flags(doc) == ["http://a partial", "http://c partial stream"]
     assert _index_flags({}) == [] and _index_flags({"precision": {"engines": 3}}) == []
+
+
+def test_twin_runs_replay_the_emulated_seed_with_other_tie_streams(tmp_path: Path) -> None:
+    plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                     mesh_horizon_s=20.0, error_after_s=10.0, drain_s=5.0, sim_ties=2)
+    sw = asyncio.run(run_sweep(plan, "test", emulate_too=False, log=lambda s: None))
+    assert [(t.load, t.stream) for t in sw.twins] == [(0.25, 0), (0.25, 1)]
+    # Stream 0 is the simulated rows' own run: the same window, the same ratio.
+    assert sw.twins[0].ratio == pytest.approx(sw.ratio(0.25, "simulated"))
+    tw = sw.twin_spread(0.25)
+    assert tw is not None and tw["streams"] == [0, 1]
+    assert tw["range"][0] <= tw["mean"] <= tw["range"][1]
+    assert "Twin runs" in tables(sw)
+    write(sw, tmp_path / "out")
+    assert '"twins"' in (tmp_path / "out" / "results.json").read_text()
+    assert main(["--sim-ties", "-1"]) == 2
+    # Beside an emulated run, the acceptance judges it against the twins' mean and range.
+    sw.rows += [replace(r, side="emulated") for r in sw.rows if r.variant in (MESH, NO_PEERS)]
+    (line,) = [x for x in acceptance(sw) if "simulated twins" in x]
+    assert line.startswith("load 0.25: emu ") and "inside their range" in line
