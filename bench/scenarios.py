@@ -31,6 +31,12 @@ def _parser(name: str) -> argparse.ArgumentParser:
              f"default {sc.probe_interval_s:g})",
     )
     p.add_argument(
+        "--regret", action="store_true",
+        help="price every kvmesh decision again on the engines' live state (simulator-only "
+             "analysis): what stale load records cost the decisions, in the cost model's "
+             "seconds",
+    )
+    p.add_argument(
         "--horizon", type=float, help=f"virtual seconds of load (default {sc.horizon_s:g})"
     )
     p.add_argument("--warmup", type=float, help=f"seconds not measured (default {sc.warmup_s:g})")
@@ -58,6 +64,7 @@ def run(name: str, argv: list[str]) -> int:
         quick=args.quick,
         tie_stream=args.tie_stream,
         probe_interval_s=args.probe_interval,
+        regret=args.regret,
     )
     command = shlex.join(["kvmesh", "bench", name, *argv])
     try:

@@ -256,18 +256,26 @@ class MeshPlane:
     # -- what a router's view is built from --------------------------------------------------------
     def records(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
         """The router's own (``mesh.state.view_records``, as ``mesh.router.Router`` does)."""
+        records = self._replicated(router, now)
+        if not self.live_load:
+            return records
+        return self._live(router, records, self.live_load == "all")
+
+    def live_records(self, router: SimRouter, now: float) -> list[ReplicaRecord]:
+        """Every engine's live load and in-flight count in the router's records (what
+        ``live_load: all`` gives the view; ``sim.regret`` prices decisions on it)."""
+        return self._live(router, self._replicated(router, now), True)
+
+    def _replicated(self, router: SimRouter, now: float) -> Iterable[ReplicaRecord]:
         rm = self._routers[router.id]
         rate = self.fleet.configured_rate
         own = ((r, e.region, rm.local.get(r), rate) for r, e in router.managed.items())
-        records = view_records(own, router.managed, rm.state, now, router.outcomes.published)
-        if not self.live_load:
-            return records
-        return self._live(router, records)
+        return view_records(own, router.managed, rm.state, now, router.outcomes.published)
 
-    def _live(self, router: SimRouter, records: Iterable[ReplicaRecord]
+    def _live(self, router: SimRouter, records: Iterable[ReplicaRecord], everywhere: bool
               ) -> list[ReplicaRecord]:
         """The ``live_load`` analysis option (module docstring)."""
-        fleet, everywhere = self.fleet, self.live_load == "all"
+        fleet = self.fleet
         out = []
         for rec in records:
             if rec.healthy and (everywhere or rec.replica in router.managed):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sim import regret
 from sim.engine_model import EngineConfig
 from sim.fleet import Fleet, FleetResult, FleetSpec, RouterLayout, length_stats
 from sim.metrics import Summary, summarize
@@ -642,6 +643,9 @@ class RunOptions:
     probe_interval_s: float | None = None
     """How often routers scrape their engines (and probe-plane routers send heartbeats),
     over the scenario's setting (None: the scenario's)."""
+    regret: bool = False
+    """Price every kvmesh decision again on the engines' live state (``sim.regret``): each
+    mesh-plane kvmesh run's decision regret goes into its config and the report's notes."""
 
 
 def policy_params(sc: Scenario, v: Variant) -> dict[str, object]:
@@ -717,6 +721,7 @@ def run_variant(
     spec = fleet_spec(sc, v, opts.seed, opts.tie_stream)
     started = time.perf_counter()
     fleet = Fleet(spec)
+    scored = regret.attach(fleet, warmup) if opts.regret else None
     workload = sc.workload(opts.seed, horizon)
     end = horizon + drain
     cb = None if progress is None else (lambda now: progress(v.label, now, end))
@@ -748,6 +753,8 @@ def run_variant(
             "length_prediction": length_stats(fleet),
         },
     )
+    if scored is not None:
+        run.config["regret"] = scored.summary()
     return run, result
 
 
@@ -842,7 +849,7 @@ def run_scenario(
         description=sc.source,
         runs=runs,
         params=params,
-        notes=[*notes, *length_notes(runs, sc.target)],
+        notes=[*notes, *length_notes(runs, sc.target), *regret_notes(runs)],
     )
 
 
@@ -868,6 +875,23 @@ def length_notes(runs: Sequence[RunResult], target: str = "kvmesh") -> list[str]
         "tokens); per true bucket "
         + "; ".join(parts) + "."
     ]
+
+
+def regret_notes(runs: Sequence[RunResult]) -> list[str]:
+    """Each scored run's decision regret against the live state (``--regret``)."""
+    lines = []
+    for r in runs:
+        st = r.config.get("regret")
+        if not isinstance(st, dict) or not st.get("decisions"):
+            continue
+        lines.append(
+            f"- {r.variant} decisions priced on the engines' live state: mean regret "
+            f"{st['mean_ms']:.2f} ms over {st['decisions']} decisions; "
+            f"{100 * st['share_any']:.2f}% with any, {100 * st['share_over_50ms']:.2f}% over "
+            f"50 ms, {100 * st['share_over_200ms']:.2f}% over 200 ms; forwards "
+            f"{st['forwards']}, mean {st['forward_mean_ms']:.2f} ms."
+        )
+    return lines
 
 
 def summary_of(report: ScenarioReport, variant: str) -> Summary | None:

@@ -34,3 +34,18 @@ def test_probe_interval_is_recorded_and_a_bad_one_refused(
         "probe_interval_s"] == 0.05
     assert run("skylb-wildchat-332", [*argv, "--probe-interval", "0"]) == 2
     assert "probe interval must be positive" in capsys.readouterr().err
+
+
+def test_regret_is_scored_recorded_and_noted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--horizon", "30", "--warmup", "5", "--drain", "10", "--variants",
+            "kvmesh,kvmesh+live-load,oracle", "--no-plots", "--no-progress", "--regret",
+            "--out", str(tmp_path)]
+    assert run("skylb-wildchat-332", argv) == 0
+    out = capsys.readouterr().out
+    runs = {r["variant"]: r["config"] for r in
+            json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert runs["kvmesh"]["regret"]["decisions"] > 0
+    assert runs["kvmesh+live-load"]["regret"]["mean_ms"] == 0.0
+    assert "regret" not in runs["oracle"]  # the oracle's view is the live state
+    assert "- kvmesh decisions priced on the engines' live state: mean regret" in out
