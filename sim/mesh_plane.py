@@ -207,9 +207,8 @@ class MeshPlane:
         states = []
         for e in engines:
             waiting, running, kv = e.load()
-            states.append(
-                EngineState(e.replica, True, EngineLoad(waiting, running, kv), now, 0, "ok")
-            )
+            states.append(EngineState(e.replica, True, EngineLoad(waiting, running, kv), now, 0,
+                                      "ok", kv_capacity=e.kv_capacity))
         back = fleet.topology.one_way_s(engines[0].region, router.region, fleet.rng)
         fleet.loop.after(back, self._scraped, router, states)
         fleet.counters.load_reports += len(states)
