@@ -53,9 +53,6 @@ class EngineConfig:
     """This engine's own time-to-first-byte limit (else the router's ``first_byte_timeout``)."""
     data_parallel_size: int = 1
     """Data-parallel ranks: rank r publishes on the ``kv_events`` and ``replay`` ports + r."""
-    kv_capacity: int | None = None
-    """KV-cache capacity, tokens (vLLM's GPU blocks x block size), for an engine whose
-    ``/metrics`` does not export it (``mesh.kv_capacity``); None: read from the engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +266,11 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
         if not isinstance(item, Mapping):
             raise ConfigError(key, f"expected a mapping with 'url', got {item!r}")
         unknown = set(item) - {"url", "kv_events", "replay", "prefill_rate",
-                               "first_byte_timeout", "data_parallel_size", "kv_capacity"}
+                               "first_byte_timeout", "data_parallel_size"}
         if unknown:
             raise ConfigError(f"{key}.{sorted(unknown)[0]}", "unknown engine key "
                               "(known: url, kv_events, replay, prefill_rate, "
-                              "first_byte_timeout, data_parallel_size, kv_capacity)")
+                              "first_byte_timeout, data_parallel_size)")
         if "url" not in item:
             raise ConfigError(f"{key}.url", "missing")
         url = _http_url(item["url"], f"{key}.url")
@@ -284,7 +281,6 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
         rp = item.get("replay")
         rate = item.get("prefill_rate")
         ttfb = item.get("first_byte_timeout")
-        cap = item.get("kv_capacity")
         out.append(
             EngineConfig(
                 url=url,
@@ -300,8 +296,6 @@ def _engines(value: object) -> tuple[EngineConfig, ...]:
                 ),
                 data_parallel_size=_number(item.get("data_parallel_size", 1),
                                            f"{key}.data_parallel_size", integer=True, minimum=1),
-                kv_capacity=(_number(cap, f"{key}.kv_capacity", integer=True, minimum=1)
-                             if cap is not None else None),
             )
         )
     return tuple(out)

@@ -160,8 +160,6 @@ class Dispatcher:
     """Called after every policy call with the CPU seconds it took (metrics, debug log)."""
     mean_prompt_tokens: float = 256.0
     mean_output_tokens: float = 256.0
-    mean_prompt_kv: float = 256.0
-    """Moving average of whole prompts (cached tokens included): a queued prompt's KV."""
     lengths: LengthPredictor = field(default_factory=LengthPredictor)
     """Response-length predictor: :meth:`annotate` asks it, :meth:`completed` teaches it."""
     tiers: TierRules | None = None
@@ -184,8 +182,7 @@ class Dispatcher:
     # -- the view and one decision ---------------------------------------------------------
     def view(self, now: float, model: str | None = None) -> View:
         return self.views.build(now, max(0, len(self.queue) - 1), self.mean_prompt_tokens,
-                                model, mean_output_tokens=self.mean_output_tokens,
-                                mean_prompt_kv=self.mean_prompt_kv)
+                                model, mean_output_tokens=self.mean_output_tokens)
 
     def decide(self, ask: Ask, now: float) -> tuple[Decision, View]:
         """The policy's answer for ``ask`` on the view at ``now``, with the product's filters."""
@@ -456,11 +453,9 @@ class Dispatcher:
         return Placement(d, target, outcome, age)
 
     def note_prompt(self, req: Request, d: Decision) -> None:
-        """The moving averages of uncached prompt tokens (queued prefill work) and of whole
-        prompts (queued KV) the cost models read."""
+        """The moving average of uncached prompt tokens the cost models read."""
         uncached = req.num_tokens - cached_tokens(req, d.matched_blocks)
         self.mean_prompt_tokens += PROMPT_EWMA * (uncached - self.mean_prompt_tokens)
-        self.mean_prompt_kv += PROMPT_EWMA * (req.num_tokens - self.mean_prompt_kv)
 
     # -- the ledger ------------------------------------------------------------------------
     def start(self, target: Target, tokens: int, now: float, work: float = 0.0) -> Ticket:

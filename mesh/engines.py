@@ -4,9 +4,7 @@ Every ``interval`` each engine's ``/health`` and ``/metrics`` are fetched; vLLM'
 (``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``,
 with the older ``vllm:gpu_cache_usage_perc``) and SGLang's (``sglang:num_queue_reqs``,
 ``sglang:num_running_reqs``, ``sglang:token_usage``) become one :class:`EngineLoad`, summed
-over label sets. The engine's KV capacity (:mod:`mesh.kv_capacity`) is read from the same
-page when the probe also asks for the served models (every ``models_every``), else it is
-the configured one. A failed probe marks the engine down at once, and so does the proxy when
+over label sets. A failed probe marks the engine down at once, and so does the proxy when
 it cannot connect; one good probe brings it back. Every change is handed to ``on_update``,
 which writes the load vector.
 """
@@ -23,7 +21,6 @@ from dataclasses import dataclass, replace
 import aiohttp
 
 from mesh.config import EngineConfig
-from mesh.kv_capacity import capacity_of, parse_capacity
 
 log = logging.getLogger("kvmesh.engines")
 
@@ -49,8 +46,6 @@ class EngineState:
     failures: int = 0
     reason: str = "not probed yet"
     models: tuple[str, ...] = ()
-    kv_capacity: int | None = None
-    """KV-cache capacity, tokens: the engine's ``/metrics``, else the configuration."""
 
 
 def parse_metrics(text: str) -> EngineLoad | None:
@@ -170,11 +165,9 @@ class EngineMonitor:
             load = parse_metrics(text)
             if load is None:
                 raise _ProbeError("/metrics has no vllm:/sglang: load gauges")
-            models, capacity = prev.models, prev.kv_capacity
+            models = prev.models
             now = self._clock()
             if now - self._models_at.get(url, float("-inf")) >= self._models_every:
-                # A restarted engine may have another cache: read the capacity again too.
-                capacity = capacity_of(parse_capacity(text), self.engines[url].kv_capacity)
                 models = await self._models(url) or models
                 self._models_at[url] = now
         except (aiohttp.ClientError, TimeoutError, _ProbeError, ValueError) as exc:
@@ -187,7 +180,7 @@ class EngineMonitor:
             return state
         if not prev.healthy:
             log.info("engine %s up", url)
-        state = EngineState(url, True, load, self._clock(), 0, "ok", models, capacity)
+        state = EngineState(url, True, load, self._clock(), 0, "ok", models)
         self._set(state)
         return state
 

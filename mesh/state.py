@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: Mes
                             load.kv_usage, max(0.0, now - st.measured_at), others, rate,
                             st.models, queue_delay=cal.queue_delay,
                             overhead=cal.overhead, kv_scale=cal.kv_scale,
-                            prefill_knee=knee, kv_capacity=st.kv_capacity)
+                            prefill_knee=knee)
     for rec in backend.remote_records(now):
         if rec.replica not in own_set:
             yield rec
@@ -157,7 +156,7 @@ class MeshState:
     - ``load`` (``LoadVector``): this router's load records of its engines (every scrape) and
       its in-flight counts (as they change); other routers' arrive by gossip, with ages.
     - ``meta`` (``LWWMap``): one entry per router, written by that router: its region, its
-      engines' profiles (prefill rate, KV capacity) and its FCFS queue length.
+      engines' profiles (prefill rate) and its FCFS queue length.
 
     An engine that has been down for ``slice_expiry`` seconds has its slice dropped (its
     cache is gone or unreachable), with a tombstone so a stale copy cannot come back. Remote
@@ -182,8 +181,6 @@ class MeshState:
         self._tasks: list[asyncio.Task[None]] = []
         self._queue = 0
         self._models: dict[str, tuple[str, ...]] = {}
-        self._capacity: dict[str, int] = {}
-        """Own engines' KV capacity, tokens (``mesh.kv_capacity``), as last probed."""
         self._calib_cache: dict[str, tuple[object, Calibrated]] = {}
         self._own_of: object = None
         self._own_urls: frozenset[str] = frozenset()
@@ -225,7 +222,6 @@ class MeshState:
         engines = {e.url: {"prefill_rate": e.prefill_rate,
                            "models": list(self._models.get(e.url, ())),
                            "block_size": sizes.get(e.url),
-                           "kv_capacity": self._capacity.get(e.url),
                            "calib": self.learned(e.url).as_dict()}
                    for e in self.config.engines}
         self.meta.set(self.me, {"region": self.config.region, "addr": self.config.advertise,
@@ -262,7 +258,6 @@ class MeshState:
             if not isinstance(rate, int | float):  # configured wins; learned fills in
                 rate, knee = cal.prefill_rate, cal.prefill_knee or 0.0
             models = info.get("models")
-            capacity = info.get("kv_capacity")
             live = alive is None or load.reporter in alive
             healthy = load.healthy and load.age <= self.stale_after and live
             addr = meta.get("addr")
@@ -275,8 +270,6 @@ class MeshState:
                 else (),
                 owner, self.loads.inflight_age(load.reporter, now),
                 cal.queue_delay, cal.overhead, cal.kv_scale, knee,
-                float(capacity) if isinstance(capacity, int | float)
-                and not isinstance(capacity, bool) and 0 < capacity < math.inf else None,
             )
 
     def _calibrated(self, replica: str, raw: object) -> Calibrated:
@@ -318,15 +311,8 @@ class MeshState:
         return out
 
     def publish_engine(self, state: EngineState, region: str, now: float) -> None:
-        changed = False
         if state.models and self._models.get(state.url) != state.models:
             self._models[state.url] = state.models
-            changed = True
-        capacity = state.kv_capacity
-        if capacity is not None and self._capacity.get(state.url) != capacity:
-            self._capacity[state.url] = capacity
-            changed = True
-        if changed:
             self._write_meta(now)
         if state.healthy:
             self._down_since.pop(state.url, None)

@@ -60,8 +60,6 @@ class ReplicaRecord(NamedTuple):
     """Learned share of the KV-barrier term, published by the replica's owner."""
     prefill_knee: float = 0.0
     """Learned tokens a prefill gets for the step floor (with the learned rate only)."""
-    kv_capacity: float | None = None
-    """The engine's KV-cache capacity, tokens (``mesh.kv_capacity``; None: unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,20 +145,6 @@ class Dispatches:
 
     def inflight(self, replica: str) -> int:
         return len(self._open.get(replica, ()))
-
-    def fresh_tokens(self, replica: str, since: float) -> int:
-        """Prompt tokens of the open tickets to ``replica`` started after ``since``."""
-        open_ = self._open.get(replica)
-        if not open_:
-            return 0
-        if not self._ordered:
-            return sum(t.tokens for t in open_.values() if t.at > since)
-        n = 0
-        for t in reversed(open_.values()):  # newest first: the later ones are a suffix
-            if t.at <= since:
-                break
-            n += t.tokens
-        return n
 
     def fresh(self, replica: str, since: float) -> int:
         """Open tickets to ``replica`` started after ``since``."""
@@ -276,15 +260,13 @@ class ViewBuilder:
         self._home = RegionView(self.region)
 
     def build(self, now: float, queue: int = 0, mean_prompt_tokens: float = 256.0,
-              model: str | None = None, mean_output_tokens: float = 256.0,
-              mean_prompt_kv: float = 256.0) -> View:
+              model: str | None = None, mean_output_tokens: float = 256.0) -> View:
         """The view at ``now``; with ``model``, engines known not to serve it are left out."""
         replicas = []
         freshest: dict[str, float] = {}
         """Per region: the youngest load record in the view (own pushes after it are fresh)."""
         known = self.regions(now)
         inflight, fresh, inf = self.dispatches.inflight, self.dispatches.fresh, float("inf")
-        fresh_tokens = self.dispatches.fresh_tokens
         work = self.dispatches.work.get
         recs = [rec for rec in self.records(now)
                 if model is None or not rec.models or model in rec.models]
@@ -314,8 +296,7 @@ class ViewBuilder:
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
                 rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay, overhead,
-                rec.kv_scale, knee, rec.kv_capacity,
-                fresh_tokens(rec.replica, now - age) if own and rec.kv_capacity else 0,
+                rec.kv_scale, knee,
             ))
         regions: dict[str, RegionView] = {self.region: self._home}
         prior_margin = self.prior_margin()
@@ -340,7 +321,6 @@ class ViewBuilder:
             queue=queue,
             mean_prompt_tokens=mean_prompt_tokens,
             mean_output_tokens=mean_output_tokens,
-            mean_prompt_kv=mean_prompt_kv,
         )
 
     def rtt(self, region: str, info: RegionRecord | None) -> float:

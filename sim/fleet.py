@@ -209,8 +209,6 @@ class SimEngine:
         self.stepping = False
         self.batches = 0
         self.block_size = self.model.config.block_size
-        self.kv_capacity = self.model.config.num_gpu_blocks * self.block_size
-        """KV-cache capacity, tokens (what vLLM's ``cache_config_info`` says of it)."""
 
     def submit(self, flight: Flight) -> None:
         now = self.fleet.loop.now
@@ -624,8 +622,7 @@ class OraclePlane:
             waiting, running, kv = e.load()
             # Every request bound for the replica, counted once; the view adds our own.
             others = max(0, bound.get(e.replica, 0) - router.dispatches.inflight(e.replica))
-            yield ReplicaRecord(e.replica, e.region, True, waiting, running, kv, 0.0, others, rate,
-                                kv_capacity=e.kv_capacity)
+            yield ReplicaRecord(e.replica, e.region, True, waiting, running, kv, 0.0, others, rate)
 
     def regions(self, router: SimRouter, now: float) -> Mapping[str, RegionRecord]:
         fleet = self.fleet

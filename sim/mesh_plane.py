@@ -207,8 +207,9 @@ class MeshPlane:
         states = []
         for e in engines:
             waiting, running, kv = e.load()
-            states.append(EngineState(e.replica, True, EngineLoad(waiting, running, kv), now, 0,
-                                      "ok", kv_capacity=e.kv_capacity))
+            states.append(
+                EngineState(e.replica, True, EngineLoad(waiting, running, kv), now, 0, "ok")
+            )
         back = fleet.topology.one_way_s(engines[0].region, router.region, fleet.rng)
         fleet.loop.after(back, self._scraped, router, states)
         fleet.counters.load_reports += len(states)

@@ -184,27 +184,6 @@ LIVE_LOAD = (
              "regions still from the replicated state)",
     ),
 )
-QUEUED_KV = (
-    Variant(
-        "kvmesh+queued-kv",
-        "kvmesh",
-        "mesh",
-        "events",
-        PER_REGION,
-        params={"kv_queued": True},
-        note="kvmesh with the prompts queued at a replica counted in its KV usage "
-             "(the engines' KV capacity from the view; mesh.policies.queued_kv)",
-    ),
-    Variant(
-        "oracle+queued-kv",
-        "kvmesh",
-        "oracle",
-        "events",
-        PER_REGION,
-        params={"kv_queued": True},
-        note="the oracle with the prompts queued at a replica counted in its KV usage",
-    ),
-)
 SKYLB_VARIANTS = (*BASELINES_GLOBAL, SKYLB, KVMESH, ORACLE)
 
 UNBALANCED = {"us": 3, "asia": 3, "eu": 2}
@@ -360,7 +339,7 @@ def _scenarios() -> dict[str, Scenario]:
             _arena(80),
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
-            named_variants=(*LIVE_LOAD, *QUEUED_KV),
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-arena-444",
@@ -372,7 +351,7 @@ def _scenarios() -> dict[str, Scenario]:
             _arena(80),
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
-            named_variants=(*LIVE_LOAD, *QUEUED_KV),
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-wildchat-332",
@@ -384,7 +363,7 @@ def _scenarios() -> dict[str, Scenario]:
             _wildchat,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
-            named_variants=(*LIVE_LOAD, *QUEUED_KV),
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-wildchat-444",
@@ -396,7 +375,7 @@ def _scenarios() -> dict[str, Scenario]:
             _wildchat,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
-            named_variants=(*LIVE_LOAD, *QUEUED_KV),
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-tot",
@@ -408,7 +387,7 @@ def _scenarios() -> dict[str, Scenario]:
             _tot,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
-            named_variants=(*LIVE_LOAD, *QUEUED_KV),
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "skylb-mixed-tree",
@@ -421,7 +400,7 @@ def _scenarios() -> dict[str, Scenario]:
             _mixed_tree,
             SKYLB_VARIANTS,
             extra_variants=ANALYSIS,
-            named_variants=(*LIVE_LOAD, *QUEUED_KV),
+            named_variants=LIVE_LOAD,
         ),
         Scenario(
             "gorgo",

@@ -93,8 +93,7 @@ class SimEngineServer:
         self.model = model
         self.publisher = publisher
         self.tokenizer = tokenizer or BuiltinTokenizer()
-        self.metrics = EngineMetrics(model, lambda: self.engine.stats(),
-                                     engine.config.block_size)
+        self.metrics = EngineMetrics(model, lambda: self.engine.stats())
         self.runner = EngineRunner(engine, publisher, speedup, on_output=self.metrics.observe)
         self.faults = Faults()
         self.bad_requests = 0

@@ -30,20 +30,12 @@ _LABELS = ["model_name", "engine"]
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], EngineStats], labels: list[str],
-                 block_size: int) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], labels: list[str]) -> None:
         self._stats = stats
         self._labels = labels
-        self._block_size = block_size
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
-        # vLLM's info gauge: the engine's cache config in labels, value 1.
-        info = GaugeMetricFamily("vllm:cache_config_info",
-                                 "Information of the LLMEngine CacheConfig",
-                                 labels=["block_size", "engine", "num_gpu_blocks"])
-        info.add_metric([str(self._block_size), self._labels[1], str(s.num_gpu_blocks)], 1.0)
-        yield info
         gauges = (
             ("vllm:num_requests_running", "Number of requests in model execution batches.",
              s.num_running),
@@ -74,11 +66,10 @@ class _EngineCollector(Collector):
 
 
 class EngineMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats],
-                 block_size: int = 16) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._labels = [model_name, "0"]
-        self.registry.register(_EngineCollector(stats, self._labels, block_size))
+        self.registry.register(_EngineCollector(stats, self._labels))
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",

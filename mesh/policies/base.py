@@ -109,11 +109,6 @@ class ReplicaView(NamedTuple):
     prefill_knee: float = 0.0
     """Learned uncached tokens a prefill gets for the engine's minimum step time (its cost is
     in ``overhead``); 0 with a configured rate or none learned."""
-    kv_capacity: float | None = None
-    """The engine's KV-cache capacity, tokens, published by its owner (None: unknown; the
-    cost model then reads ``kv_usage`` alone, :mod:`mesh.policies.queued_kv`)."""
-    fresh_tokens: float = 0.0
-    """Prompt tokens (cached ones included) of this router's ``fresh`` dispatches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +157,6 @@ class View:
     """Recent mean uncached prompt tokens per request: the size of an unknown queued request."""
     mean_output_tokens: float = 256.0
     """Recent mean output tokens per completed request: how long a running decode lasts."""
-    mean_prompt_kv: float = 256.0
-    """Recent mean prompt tokens per request, cached ones included: the KV blocks a queued
-    request of unknown size claims when the engine admits it (a cached prefix that nothing
-    running holds is claimed again)."""
 
     def healthy(self, scope: str = "mesh") -> list[ReplicaView]:
         """Healthy replicas in reachable regions; ``scope`` "local" keeps the own region only."""

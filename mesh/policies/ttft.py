@@ -9,22 +9,17 @@ For every healthy replica ``r`` in a reachable region::
     rtt       = round trip to r's region's router (0 at home)
     queue     = load.waiting * mean_prompt_tokens / rate            (prefill-bound)
     prefill   = max(uncached - r.prefill_knee, 0) / rate   (knee: the learned step floor)
-    k         = r.kv_usage (+ the queued prompts' KV / r.kv_capacity with kv_queued and the
-                engine's capacity known: mesh.policies.queued_kv), capped at kv_cap
     decode    = (queue + prefill) * decode_weight * load.running
-                + kv_weight * k / (1 - k)
+                + kv_weight * k / (1 - k)                  (k = KV usage, capped at kv_cap)
     step      = decode_step * (1 + batch_weight * load.running)     (one decode step now)
     kv_wait   = ramp(k; kv_knee..kv_cap) * (load.waiting + 1)
                 * mean_output_tokens * step / max(load.running, 1)  (decode-bound)
     queue     = max(queue, kv_wait)
     ttft      = rtt + queue + prefill + decode
 
-With ``kv_queued``, ``k`` also counts the prompts queued at the replica
-(:mod:`mesh.policies.queued_kv`): they hold no KV blocks in the engine's last report but take
-theirs before a request sent now. A nearly full KV cache admits a waiting request only when
-a running one finishes and frees its blocks: the queue then drains at the rate decodes
-complete (one every ``mean_output_tokens * step / running`` seconds), not at prefill speed.
-With the ``e2e``
+A nearly full KV cache admits a waiting request only when a running one finishes and frees
+its blocks: the queue then drains at the rate decodes complete (one every
+``mean_output_tokens * step / running`` seconds), not at prefill speed. With the ``e2e``
 objective (per request, ``Request.objective``, else the ``objective`` parameter) the cost
 adds the predicted decode and the Intelligent Router's mixing penalty::
 
@@ -72,9 +67,8 @@ from mesh.policies.base import (
     cached_tokens,
     no_replica,
 )
-from mesh.policies.headroom import fitting, headroom, slack
+from mesh.policies.headroom import fitting, headroom
 from mesh.policies.params import parse_params
-from mesh.policies.queued_kv import queued_usage
 
 OBJECTIVES = ("ttft", "e2e")
 
@@ -122,13 +116,6 @@ class TtftParams:
     hold_retry: float = 0.05
     """Re-decide a held request after this long at the latest (completions re-decide it
     sooner)."""
-    kv_queued: bool = False
-    """Count the prompts queued at a replica in its KV usage, where its owner publishes the
-    engine's KV capacity (:mod:`mesh.policies.queued_kv`); off, the capacity unknown, or
-    with ``calibrated`` (whose learned ``kv_scale`` is a share of the barrier on the
-    reported usage, :mod:`mesh.policies.risk`): the reported usage alone. Off by default:
-    on 48 held-out WildChat runs it left kvmesh's p90 TTFT where it was and made the
-    oracle's worse (docs/evaluation.md)."""
     recheck_pins: bool = False
     """Decide a forward that names one of this router's engines again among its own
     engines, on their fresh load and prefix state (:meth:`mesh.dispatch.Dispatcher.
@@ -185,11 +172,7 @@ def expected_ttft(
     rtt = p.rtt_weight * view.rtt(r.region)
     queue = load.waiting * view.mean_prompt_tokens / rate
     prefill = (uncached - r.prefill_knee if uncached > r.prefill_knee else 0.0) / rate
-    k = r.kv_usage
-    if p.kv_queued and not p.calibrated:
-        k = queued_usage(k, load.waiting, r.fresh, r.fresh_tokens, view.mean_prompt_kv,
-                         r.kv_capacity, slack(request.block_size))
-    k = min(max(k, 0.0), p.kv_cap)
+    k = min(max(r.kv_usage, 0.0), p.kv_cap)
     decode = (queue + prefill) * p.decode_weight * load.running + p.kv_weight * k / (1.0 - k)
     step = p.decode_step * (1.0 + p.batch_weight * load.running)
     if k > p.kv_knee:
@@ -322,9 +305,6 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     gen_base = out_tokens * decode_step
     step_shared = decode_step * batch_weight
     mix_weight = p.mix_weight
-    queued = p.kv_queued and not p.calibrated
-    slack_kv = slack(block)
-    prompt_kv = view.mean_prompt_kv + slack_kv
     rtts: dict[str, float] = {}
     inf, exp = math.inf, math.exp
     # ``max(x, 0.0)`` and ``min(x, cap)`` written as comparisons (same values, NaN included).
@@ -362,12 +342,6 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
         knee = r.prefill_knee
         prefill = (uncached - knee if uncached > knee else 0.0) / rate
         k = r.kv_usage
-        if queued:
-            capacity = r.kv_capacity
-            if capacity and capacity > 0.0 and waiting > 0.0:
-                fresh = r.fresh
-                k = k + ((waiting - fresh) * prompt_kv + r.fresh_tokens
-                         + fresh * slack_kv) / capacity
         if k < 0.0:
             k = 0.0
         if k > kv_cap:

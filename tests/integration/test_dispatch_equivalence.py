@@ -52,8 +52,7 @@ class World:
             remote = r in EU
             yield ReplicaRecord(r, r[:2], True, waiting, running, 0.3, 0.05 if remote else 0.01,
                                 2 if remote else 0, 9000.0, (),
-                                EU_ROUTER if remote else None, 0.5 if remote else float("inf"),
-                                kv_capacity=2000.0)
+                                EU_ROUTER if remote else None, 0.5 if remote else float("inf"))
 
     def regions(self, now: float) -> Mapping[str, RegionRecord]:
         return {"eu": RegionRecord("eu", 0.08, (EU_ROUTER,), 0)}
@@ -243,12 +242,10 @@ requests are released only by completions, which both sides see at the same time
 retry timers do not fire at the same virtual times here, see below)."""
 
 
-@pytest.mark.parametrize("policy", [*sorted(POLICIES), "kvmesh-hold", "kvmesh-recheck",
-                                    "kvmesh-queued"])
+@pytest.mark.parametrize("policy", [*sorted(POLICIES), "kvmesh-hold", "kvmesh-recheck"])
 async def test_router_and_simulator_place_the_same_requests_the_same_way(policy: str) -> None:
     params = (HOLD if policy == "kvmesh-hold"
-              else {"recheck_pins": True} if policy == "kvmesh-recheck"
-              else {"kv_queued": True} if policy == "kvmesh-queued" else None)
+              else {"recheck_pins": True} if policy == "kvmesh-recheck" else None)
     name = "kvmesh" if policy.startswith("kvmesh-") else policy
     world_a, world_s = World(), World()
     a, s = AsyncSide(world_a, name, 7, params), SimSide(world_s, name, 7, params)

@@ -142,7 +142,6 @@ def test_exclusions_and_model_filter_reach_the_policy() -> None:
     assert {r.replica for r in view.replicas} == {"a1", "e0"}
     assert [r.replica for r in view.healthy()] == ["a1"]
     assert d.mean_prompt_tokens == 256.0  # a retry does not move the prompt average
-    assert d.mean_prompt_kv == 256.0
 
 
 def test_fcfs_queue_waits_then_releases_in_order() -> None:
@@ -217,8 +216,6 @@ def test_prompt_average_and_ledger() -> None:
     p = d.submit(Ask(req(tokens=64)), 0.0)
     assert isinstance(p, Placement) and p.target is not None
     assert d.mean_prompt_tokens == 256.0 + 0.05 * ((64 - 32) - 256.0)
-    assert d.mean_prompt_kv == 256.0 + 0.05 * (64 - 256.0)  # whole prompts: cached too
-    assert d.view(0.0).mean_prompt_kv == d.mean_prompt_kv
     t = d.start(p.target, 64, 0.0)
     f = d.submit(Ask(req()), 0.0)
     assert isinstance(f, Placement) and f.target is not None

@@ -32,19 +32,6 @@ def test_own_dispatches_after_the_record_are_fresh_and_nothing_counts_twice() ->
     assert d.inflight("http://a") == 1 and d.counts() == {"http://a": 1}
 
 
-def test_the_fresh_dispatches_prompt_tokens_come_with_a_known_kv_capacity() -> None:
-    d = Dispatches()
-    d.start("http://a", "us", 100, now=9.0)  # in the record (measured at 9.5)
-    d.start("http://a", "us", 700, now=9.8)
-    d.start("http://a", "us", 300, now=9.9)
-    rec = ReplicaRecord("http://a", "us", True, 0, 2, 0.5, 0.5, kv_capacity=32_000.0)
-    (r,) = builder([rec], {}, d).build(now=10.0, mean_prompt_kv=900.0).replicas
-    assert (r.fresh, r.fresh_tokens, r.kv_capacity) == (2, 1000, 32_000.0)
-    # Capacity unknown: nothing reads the tokens, so they are not summed.
-    (u,) = builder([rec._replace(kv_capacity=None)], {}, d).build(now=10.0).replicas
-    assert (u.fresh, u.fresh_tokens, u.kv_capacity) == (2, 0, None)
-
-
 def test_forwarded_dispatches_are_counted_here_but_not_published() -> None:
     d = Dispatches()
     d.start("http://e", "eu", 10, now=1.0, publish=False)
@@ -189,14 +176,12 @@ def test_fresh_and_covered_stop_early_only_while_tickets_come_in_time_order() ->
             else:
                 now += rng.choice([0.0, 0.001, 0.01])  # ties included
                 at = now if ordered or step < 200 else now - rng.random()
-                live.append(d.start(rng.choice("ab"), "us", rng.randint(1, 4000), at,
+                live.append(d.start(rng.choice("ab"), "us", 1, at,
                                     publish=rng.random() < 0.5))
             for replica in "ab":
                 for bound in (now - 0.05, now - 0.005, now, now + 1, -1.0):
                     assert (d.fresh(replica, bound), d.covered(replica, bound)) == \
                         _brute(d, replica, bound, bound)
-                    assert d.fresh_tokens(replica, bound) == sum(
-                        t.tokens for t in d._open.get(replica, {}).values() if t.at > bound)
         assert d._ordered is ordered
 
 

@@ -28,14 +28,3 @@ def test_a_variant_differs_from_kvmesh_in_its_mesh_option_and_tie_stream_is_pass
     assert base.tie_stream == 0 and own.tie_stream == 2
     assert dict(own.mesh_options) == {**sc.mesh_options, "live_load": "own"}
     assert own.policy_params == base.policy_params and own.plane == base.plane == "mesh"
-
-
-def test_the_queued_kv_variants_differ_from_kvmesh_and_the_oracle_in_that_option_only() -> None:
-    sc = SCENARIOS["skylb-wildchat-332"]
-    assert "kvmesh+queued-kv" not in _labels("skylb-wildchat-332", RunOptions(extra=True))
-    by = {v.label: v for v in (*sc.variants, *sc.named_variants)}
-    for base, queued in (("kvmesh", "kvmesh+queued-kv"), ("oracle", "oracle+queued-kv")):
-        a, b = fleet_spec(sc, by[base], 7), fleet_spec(sc, by[queued], 7)
-        assert dict(b.policy_params) == {**a.policy_params, "kv_queued": True}
-        assert "kv_queued" not in a.policy_params  # the default: off
-        assert (b.plane, b.mesh_options) == (a.plane, a.mesh_options)
