@@ -23,6 +23,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "kvevents": ("bench.kvevents_bench", "KV-event ingestion: decode, keys, index apply"),
     "lengths": ("bench.lengths_bench", "response-length prediction and e2e decide cost per call"),
     "overhead": ("bench.overhead", "added latency and req/s beside sglang-router, vllm-router"),
+    "paired": ("bench.paired", "two sets of scenario runs compared run by run (seeds x "
+               "tie-break streams): gap to the oracle, paired differences"),
     "picker": ("bench.picker_bench", "endpoint picker behind Envoy: added TTFT, hit rate vs proxy"),
     "plan-diurnal": ("plan.validate", "sim: capacity plan vs region-local/reactive, 3 seeds"),
     "plan-solver": ("plan.solver_bench", "capacity MILP solve time at 3/10/30 regions"),
