@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -73,6 +74,9 @@ RESTART_DELAY = (0.2, 5.0)
 """First and longest wait before restarting a worker that died (doubling; reset after a
 worker lived ``STABLE`` seconds)."""
 STABLE = 30.0
+ENDED = 1024
+"""Ended local dispatches of one worker kept for their ``observed`` note (it follows within
+a few of the worker's dispatches; one that never comes is dropped oldest first)."""
 FORWARD_REFUSED = "forward refused: "
 
 
@@ -100,7 +104,7 @@ class WorkerKeys(SizedKeys):
     adapter namespace) and what of the body the primary needs to key the request again when
     its configuration has moved on. ``given``: keys a preparing process already chained (a
     large body), at ``unit``, in the request's namespace. ``hint``: the primary's prediction
-    for a local target."""
+    for a local target and its ticket for that dispatch."""
 
     __slots__ = ("given", "hint", "lora", "lora_path", "salt", "sizes")
 
@@ -114,7 +118,7 @@ class WorkerKeys(SizedKeys):
         self.lora_path = lora_path
         self.salt = salt
         self.given = given
-        self.hint: tuple[str, int, int, bool] | None = None
+        self.hint: tuple[str, int, int, bool, int | None] | None = None
 
 
 def ask_wire(ask: Ask) -> list[Any]:
@@ -257,8 +261,11 @@ class WorkerProc:
     placing: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     """``place`` calls being answered (maybe waiting in the queue), by id."""
     requests: dict[int, Request] = field(default_factory=dict)
-    """The placed requests of ``tickets`` with their predicted lengths (learned from when
-    their answer ends)."""
+    """The placed requests of ``tickets`` sent to a local engine, with their predicted
+    lengths (learned from when the engine's answer is reported)."""
+    ended: OrderedDict[int, Request] = field(default_factory=OrderedDict)
+    """Those whose dispatch has ended and whose answer (an ``observed`` note, sent by the
+    worker's deferred bookkeeping, ``mesh.deferred``) has not come yet; at most ``ENDED``."""
     abandoned: set[int] = field(default_factory=set)
     """Ids the worker gave up on before their call was being answered."""
     samples: Any = None
@@ -352,6 +359,7 @@ class WorkerPool:
         """A worker is gone: what it had in flight is no longer, its counters are kept."""
         tickets, slot.tickets = slot.tickets, {}
         slot.requests.clear()
+        slot.ended.clear()
         slot.abandoned.clear()
         for ticket in tickets.values():
             self._done(ticket)
@@ -486,7 +494,8 @@ class WorkerPool:
                 # ``done`` note names the call.
                 slot.tickets[pid] = self._hold(
                     t, len(ids), req.predicted.tokens if req.predicted else 0.0)
-                slot.requests[pid] = req
+                if t.local:
+                    slot.requests[pid] = req
                 held = pid
         return placement_wire(p, keys.unit, w_unit, predicted, held, config)
 
@@ -496,21 +505,16 @@ class WorkerPool:
             return
         r = self.router
         if op == "done":
-            # The dispatch has ended (with what the engine said of the prediction), or the
-            # worker gave up on the placement (its client left while it waited in the queue).
-            pid, observed = int(body[0]), body[1]
-            if observed is not None:
-                replica, predicted, new, concurrent, comparable, status, completed, usage = (
-                    observed)
-                tap = UsageTap(False)
-                tap.usage = usage if isinstance(usage, dict) else None
-                check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
-                              bool(comparable))
-                r.precision.observe(check, int(status), bool(completed), r.clock())
-                done_req = slot.requests.get(pid)
-                if done_req is not None and completed and int(status) == 200:
-                    r._learn_length(done_req, tap.usage)
-            slot.requests.pop(pid, None)
+            # The dispatch has ended, or the worker gave up on the placement (its client left
+            # while it waited in the queue). What the engine said of the prediction follows
+            # in an ``observed`` note (the worker's bookkeeping runs after its next dispatch).
+            pid = int(body[0])
+            ended = slot.requests.pop(pid, None)
+            if ended is not None:
+                # A placeholder of the prompt's length: all that length learning reads.
+                slot.ended[pid] = replace(ended, token_ids=range(ended.num_tokens), keys=())
+                while len(slot.ended) > ENDED:  # an answer that never came (failed early)
+                    slot.ended.popitem(last=False)
             ticket = slot.tickets.pop(pid, None)
             task = slot.placing.pop(pid, None)
             if ticket is not None:
@@ -519,6 +523,18 @@ class WorkerPool:
                 task.cancel()
             else:
                 slot.abandoned.add(pid)  # its call has not started being answered yet
+        elif op == "observed":
+            # A local engine's answer to a dispatch placed here: how the prediction fared.
+            pid, (replica, predicted, new, concurrent, comparable, status, completed,
+                  usage) = int(body[0]), body[1]
+            tap = UsageTap(False)
+            tap.usage = usage if isinstance(usage, dict) else None
+            check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
+                          bool(comparable))
+            r.precision.observe(check, int(status), bool(completed), r.clock())
+            done_req = slot.ended.pop(pid, None) or slot.requests.get(pid)
+            if done_req is not None and completed and int(status) == 200:
+                r._learn_length(done_req, tap.usage)
         elif op == "mark_down" and r.engines is not None:
             r.report_failure(str(body[0]), str(body[1]))
 
@@ -616,19 +632,31 @@ class WorkerPrecision(Precision):
 
     def prepare(self, inf: Inference, replica: str, keys: Sequence[int],
                 block_size: int, concurrent: bool = False, body: bytes | None = None) -> Check:
-        check = Precision.prepare(self, inf, replica, keys, block_size, concurrent, body)
+        c = Precision.prepare(self, inf, replica, keys, block_size, concurrent, body)
+        check = WorkerCheck(c.replica, c.predicted, c.new_blocks, c.tap, c.body, c.concurrent,
+                            c.comparable)
         hint = keys.hint if isinstance(keys, WorkerKeys) else None
         if hint is not None and hint[0] == replica:  # the primary's prediction
-            _, check.predicted, check.new_blocks, check.concurrent = hint
+            _, check.predicted, check.new_blocks, check.concurrent, check.ticket = hint
         return check
 
-    observed: list[Any] | None = None
-    """The last answer's check, for the ``done`` note that follows it at once."""
-
     def observe(self, check: Check, status: int, completed: bool, now: float) -> str | None:
-        self.observed = [check.replica, check.predicted, check.new_blocks, check.concurrent,
-                         check.comparable, status, completed, check.tap.usage]
+        """The answer has been relayed: the primary scores it, under the dispatch's ticket
+        (this runs after the dispatch's ``done``, and maybe after other dispatches')."""
+        ticket = check.ticket if isinstance(check, WorkerCheck) else None
+        if self.link is not None and ticket is not None:
+            with contextlib.suppress(LinkError):
+                self.link.notify("observed", [ticket, [
+                    check.replica, check.predicted, check.new_blocks, check.concurrent,
+                    check.comparable, status, completed, check.tap.usage]])
         return None
+
+
+@dataclass(slots=True)
+class WorkerCheck(Check):
+    """A local dispatch under observation, with the primary's ticket for it."""
+
+    ticket: int | None = None
 
 
 @dataclass(slots=True)
@@ -637,7 +665,6 @@ class RelayDispatcher(Dispatcher):
     (the dispatch follows at once); ``done`` tells it the dispatch has ended."""
 
     link: Link | None = None
-    precision: WorkerPrecision | None = None
     held: tuple[Target, int] | None = None
     """The last placement's target and the primary's ticket for it, not yet dispatched."""
     remote: dict[int, int] = field(default_factory=dict)
@@ -656,12 +683,9 @@ class RelayDispatcher(Dispatcher):
     def done(self, ticket: Ticket) -> None:
         Dispatcher.done(self, ticket)
         tid = self.remote.pop(ticket.id, None)
-        observed = None
-        if self.precision is not None:  # observed just before (no await between)
-            observed, self.precision.observed = self.precision.observed, None
         if self.link is not None and tid is not None:
             with contextlib.suppress(LinkError):
-                self.link.notify("done", [tid, observed])
+                self.link.notify("done", [tid])
 
 
 @dataclass(slots=True)
@@ -702,7 +726,6 @@ class WorkerRouter(Router):
         precision.link = link
         precision.key_config = keys
         self.precision = precision
-        self.dispatcher.precision = precision
         self._relay_session: aiohttp.ClientSession | None = None
         self._place_ids = itertools.count()
 
@@ -745,7 +768,7 @@ class WorkerRouter(Router):
             answer = await self.link.call("place", [pid, ask_wire(ask)])
         except asyncio.CancelledError:
             with contextlib.suppress(LinkError):  # the client went away: let go of it
-                self.link.notify("done", [pid, None])
+                self.link.notify("done", [pid])
             raise
         except ValueError as exc:
             reason = str(exc)
@@ -759,9 +782,10 @@ class WorkerRouter(Router):
         p, predicted, ticket, config = placement_of(answer)
         if config is not None and isinstance(self.precision, WorkerPrecision):
             self.precision.key_config = config
-        if isinstance(keys, WorkerKeys) and predicted is not None and p.target is not None:
-            keys.hint = (p.target.replica, int(predicted[0]), int(predicted[1]),
-                         bool(predicted[2]))
+        if isinstance(keys, WorkerKeys):
+            keys.hint = None if predicted is None or p.target is None else (
+                p.target.replica, int(predicted[0]), int(predicted[1]), bool(predicted[2]),
+                ticket)
         if p.target is not None and ticket is not None and isinstance(
                 self.dispatcher, RelayDispatcher):
             self.dispatcher.held = (p.target, ticket)
@@ -813,6 +837,9 @@ class WorkerRouter(Router):
 
     async def samples(self, link: Link, op: str, body: Any) -> Any:
         if op == "samples":
+            # A reader sees every answer relayed before it asked (as the primary's own
+            # /metrics does): this process's pending bookkeeping first (mesh.deferred).
+            self.deferred.run()
             return samples_wire(self.metrics.registry.collect())
         raise ValueError(f"unknown call {op!r}")
 
