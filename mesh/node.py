@@ -466,8 +466,11 @@ class MeshNode:
             self._dispatch(outs)
             delay = self.core.next_wakeup() - self.clock.monotonic()
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that comes as the event is set, and aclose would wait on this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(max(delay, 0.001), MAX_IDLE))
+                async with asyncio.timeout(min(max(delay, 0.001), MAX_IDLE)):
+                    await self._wake.wait()
 
     async def _seed_loop(self) -> None:
         while True:

@@ -347,8 +347,11 @@ class Router:
                         fut.set_result(placement)
                 retry_at = self.dispatcher.retry_at
             timeout = None if retry_at is None else max(0.0, retry_at - self.clock())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that comes as the loop is kicked, and stop would wait on this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _publish(self) -> None:
         """Own in-flight counts and queue length into the replicated state, now."""
