@@ -74,6 +74,8 @@ RESTART_DELAY = (0.2, 5.0)
 """First and longest wait before restarting a worker that died (doubling; reset after a
 worker lived ``STABLE`` seconds)."""
 STABLE = 30.0
+OBSERVED_DELAY = 0.002
+"""Seconds an engine's answer waits for a ``done`` note to ride on before it is sent alone."""
 ENDED = 1024
 """Ended local dispatches of one worker kept for their ``observed`` note (it follows within
 a few of the worker's dispatches; one that never comes is dropped oldest first)."""
@@ -264,8 +266,9 @@ class WorkerProc:
     """The placed requests of ``tickets`` sent to a local engine, with their predicted
     lengths (learned from when the engine's answer is reported)."""
     ended: OrderedDict[int, Request] = field(default_factory=OrderedDict)
-    """Those whose dispatch has ended and whose answer (an ``observed`` note, sent by the
-    worker's deferred bookkeeping, ``mesh.deferred``) has not come yet; at most ``ENDED``."""
+    """Those whose dispatch has ended and whose answer (from the worker's deferred
+    bookkeeping, ``mesh.deferred``: on a later ``done`` note or an ``observed`` note) has not
+    come yet; at most ``ENDED``."""
     abandoned: set[int] = field(default_factory=set)
     """Ids the worker gave up on before their call was being answered."""
     samples: Any = None
@@ -506,9 +509,12 @@ class WorkerPool:
         r = self.router
         if op == "done":
             # The dispatch has ended, or the worker gave up on the placement (its client left
-            # while it waited in the queue). What the engine said of the prediction follows
-            # in an ``observed`` note (the worker's bookkeeping runs after its next dispatch).
+            # while it waited in the queue). What the engine said of the prediction comes
+            # later (the worker's bookkeeping runs after its next dispatch), with the answers
+            # to earlier dispatches this note carries.
             pid = int(body[0])
+            for ticket, observed in (body[1] if len(body) > 1 and body[1] else ()):
+                self._observed(slot, int(ticket), observed)
             ended = slot.requests.pop(pid, None)
             if ended is not None:
                 # A placeholder of the prompt's length: all that length learning reads.
@@ -524,19 +530,24 @@ class WorkerPool:
             else:
                 slot.abandoned.add(pid)  # its call has not started being answered yet
         elif op == "observed":
-            # A local engine's answer to a dispatch placed here: how the prediction fared.
-            pid, (replica, predicted, new, concurrent, comparable, status, completed,
-                  usage) = int(body[0]), body[1]
-            tap = UsageTap(False)
-            tap.usage = usage if isinstance(usage, dict) else None
-            check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
-                          bool(comparable))
-            r.precision.observe(check, int(status), bool(completed), r.clock())
-            done_req = slot.ended.pop(pid, None) or slot.requests.get(pid)
-            if done_req is not None and completed and int(status) == 200:
-                r._learn_length(done_req, tap.usage)
+            for ticket, observed in body[0]:
+                self._observed(slot, int(ticket), observed)
         elif op == "mark_down" and r.engines is not None:
             r.report_failure(str(body[0]), str(body[1]))
+
+    def _observed(self, slot: WorkerProc, pid: int, observed: Any) -> None:
+        """A local engine's answer to a dispatch placed here: how the prediction fared, and
+        the answer's length for the request's own prediction."""
+        r = self.router
+        replica, predicted, new, concurrent, comparable, status, completed, usage = observed
+        tap = UsageTap(False)
+        tap.usage = usage if isinstance(usage, dict) else None
+        check = Check(replica, int(predicted), int(new), tap, b"", bool(concurrent),
+                      bool(comparable))
+        r.precision.observe(check, int(status), bool(completed), r.clock())
+        done_req = slot.ended.pop(pid, None) or slot.requests.get(pid)
+        if done_req is not None and completed and int(status) == 200:
+            r._learn_length(done_req, tap.usage)
 
     # -- the node's metrics and status ---------------------------------------------------
     async def render_metrics(self) -> bytes:
@@ -604,6 +615,10 @@ class WorkerPrecision(Precision):
 
     link: Link | None = None
     key_config: KeyConfig = KeyConfig()
+    pending: list[list[Any]] | None = None
+    """Answers observed, ``[ticket, observation]``, not sent yet: they ride on the next
+    ``done`` note, or go on their own ``OBSERVED_DELAY`` seconds after the first."""
+    _flush: asyncio.TimerHandle | None = None
 
     def keys_for(self, inf: Inference, now: float) -> SizedKeys:
         body = inf.body
@@ -644,12 +659,31 @@ class WorkerPrecision(Precision):
         """The answer has been relayed: the primary scores it, under the dispatch's ticket
         (this runs after the dispatch's ``done``, and maybe after other dispatches')."""
         ticket = check.ticket if isinstance(check, WorkerCheck) else None
-        if self.link is not None and ticket is not None:
-            with contextlib.suppress(LinkError):
-                self.link.notify("observed", [ticket, [
-                    check.replica, check.predicted, check.new_blocks, check.concurrent,
-                    check.comparable, status, completed, check.tap.usage]])
+        if self.link is None or ticket is None:
+            return None
+        if self.pending is None:
+            self.pending = []
+        self.pending.append([ticket, [check.replica, check.predicted, check.new_blocks,
+                                      check.concurrent, check.comparable, status, completed,
+                                      check.tap.usage]])
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(OBSERVED_DELAY, self.flush)
         return None
+
+    def take(self) -> list[list[Any]] | None:
+        """The answers not sent yet (for a frame going to the primary anyway)."""
+        pending, self.pending = self.pending, None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        return pending
+
+    def flush(self) -> None:
+        """Send the answers not sent yet on a note of their own."""
+        pending = self.take()
+        if pending and self.link is not None:
+            with contextlib.suppress(LinkError):
+                self.link.notify("observed", [pending])
 
 
 @dataclass(slots=True)
@@ -665,6 +699,7 @@ class RelayDispatcher(Dispatcher):
     (the dispatch follows at once); ``done`` tells it the dispatch has ended."""
 
     link: Link | None = None
+    precision: WorkerPrecision | None = None
     held: tuple[Target, int] | None = None
     """The last placement's target and the primary's ticket for it, not yet dispatched."""
     remote: dict[int, int] = field(default_factory=dict)
@@ -684,8 +719,10 @@ class RelayDispatcher(Dispatcher):
         Dispatcher.done(self, ticket)
         tid = self.remote.pop(ticket.id, None)
         if self.link is not None and tid is not None:
+            # Earlier dispatches' answers ride along (one frame per request, not two).
+            observed = self.precision.take() if self.precision is not None else None
             with contextlib.suppress(LinkError):
-                self.link.notify("done", [tid])
+                self.link.notify("done", [tid, observed])
 
 
 @dataclass(slots=True)
@@ -726,6 +763,7 @@ class WorkerRouter(Router):
         precision.link = link
         precision.key_config = keys
         self.precision = precision
+        self.dispatcher.precision = precision
         self._relay_session: aiohttp.ClientSession | None = None
         self._place_ids = itertools.count()
 
@@ -840,6 +878,8 @@ class WorkerRouter(Router):
             # A reader sees every answer relayed before it asked (as the primary's own
             # /metrics does): this process's pending bookkeeping first (mesh.deferred).
             self.deferred.run()
+            if isinstance(self.precision, WorkerPrecision):
+                self.precision.flush()  # (sent before this answer: the primary has it first)
             return samples_wire(self.metrics.registry.collect())
         raise ValueError(f"unknown call {op!r}")
 

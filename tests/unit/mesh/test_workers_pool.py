@@ -115,8 +115,11 @@ async def test_the_engines_answer_scores_the_dispatch_it_belongs_to(pool: Any) -
         return {"prompt_tokens": 40, "completion_tokens": output,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
-    p._note(link, "observed", [10, [ENGINE, 32, 0, False, True, 200, True, usage(32, 900)]])
-    p._note(link, "observed", [9, [ENGINE, 32, 0, False, True, 200, True, usage(16, 3)]])
+    # Answers ride on a later dispatch's ``done`` note, or come on a note of their own.
+    await p._place(link, place_body(11, "r11", model="m-other"))
+    p._note(link, "done", [11, [[10, [ENGINE, 32, 0, False, True, 200, True,
+                                      usage(32, 900)]]]])
+    p._note(link, "observed", [[[9, [ENGINE, 32, 0, False, True, 200, True, usage(16, 3)]]]])
     rec = p.router.precision.check.engines[ENGINE]
     assert sum(rec.outcomes.values()) == 2 and rec.outcomes["exact"] == 1
     assert rec.reported_tokens == 48
@@ -124,7 +127,7 @@ async def test_the_engines_answer_scores_the_dispatch_it_belongs_to(pool: Any) -
     tables = p.router.dispatcher.lengths.tables
     assert tables[("m", "m-short")][:2] == [1.0, 3.0]
     assert tables[("m", "m-long")][:2] == [1.0, 900.0]
-    assert not p.slots[0].ended and not p.slots[0].requests
+    assert list(p.slots[0].ended) == [11] and not p.slots[0].requests
 
 
 async def test_an_answer_that_never_comes_is_not_kept_forever(pool: Any) -> None:

@@ -1,10 +1,11 @@
 """The worker's side of its dispatches, on a real WorkerRouter (no sockets): the ``done``
 note that releases a dispatch at the primary goes at once, the engine's answer follows from
-the deferred bookkeeping under the dispatch's own ticket, and a metrics read runs that
-bookkeeping first."""
+the deferred bookkeeping under the dispatch's own ticket (on the next ``done`` note, or alone
+when none comes soon), and a metrics read runs that bookkeeping first."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from functools import partial
 from typing import Any
@@ -14,7 +15,14 @@ from mesh.api import Inference
 from mesh.config import build
 from mesh.dispatch import Target
 from mesh.policies.base import Request
-from mesh.workers import KeyConfig, RelayDispatcher, WorkerKeys, WorkerRouter, requests_served
+from mesh.workers import (
+    OBSERVED_DELAY,
+    KeyConfig,
+    RelayDispatcher,
+    WorkerKeys,
+    WorkerRouter,
+    requests_served,
+)
 
 ENGINE = "http://127.0.0.1:9"
 ROUTE = "/v1/chat/completions"
@@ -67,9 +75,12 @@ async def test_each_answer_reaches_the_primary_under_its_own_ticket() -> None:
         # As Router._attempt: the bookkeeping is deferred, the ledger is not.
         w.deferred.add(partial(w._relayed, req, check, 200, True, False, ROUTE, 1.0))
         d.done(tickets[tid])
-    assert notes.sent == [("done", [7]), ("done", [8])]
+    assert notes.sent == [("done", [7, None]), ("done", [8, None])]
     w.deferred.run()
-    observed = {body[0]: body[1] for op, body in notes.sent if op == "observed"}
+    assert len(notes.sent) == 2  # the answers wait for a frame to ride on
+    await asyncio.sleep(OBSERVED_DELAY * 5)  # none comes: they go on a note of their own
+    assert [op for op, _ in notes.sent] == ["done", "done", "observed"]
+    observed = dict(notes.sent[2][1][0])
     assert set(observed) == {7, 8}
     for tid, (cached, output) in answers.items():
         replica, predicted, _, _, _, status, completed, usage = observed[tid]
@@ -79,10 +90,42 @@ async def test_each_answer_reaches_the_primary_under_its_own_ticket() -> None:
     w.deferred.close()
 
 
+async def test_an_answer_rides_on_the_next_done_note() -> None:
+    w, notes = worker()
+    d = w.dispatcher
+    assert isinstance(d, RelayDispatcher)
+    target = Target(ENGINE, ENGINE, "us", True)
+    tickets = {}
+    for tid in (1, 2):
+        inf, req = inference(f"request {tid}")
+        assert isinstance(req.keys, WorkerKeys)
+        req.keys.hint = (ENGINE, 0, 2, False, tid)
+        d.held = (target, tid)
+        tickets[tid] = d.start(target, req.num_tokens, 0.0)
+        check = w.precision.prepare(inf, ENGINE, req.keys, 16)
+        if tid == 1:
+            w.deferred.add(partial(w._relayed, req, check, 200, True, False, ROUTE, 1.0))
+            d.done(tickets[1])
+            w.deferred.run()  # (what the next dispatch's upstream write does)
+    d.done(tickets[2])
+    assert [op for op, _ in notes.sent] == ["done", "done"]
+    assert notes.sent[0][1] == [1, None]
+    tid, observed = notes.sent[1][1]
+    assert tid == 2 and [t for t, _ in observed] == [1]
+    await asyncio.sleep(OBSERVED_DELAY * 5)
+    assert len(notes.sent) == 2  # sent once
+    w.deferred.close()
+
+
 async def test_a_metrics_read_sees_every_answer_relayed_before_it() -> None:
-    w, _ = worker()
-    _, req = inference("one")
-    w.deferred.add(partial(w._relayed, req, None, 200, True, False, ROUTE, 1.0))
+    w, notes = worker()
+    inf, req = inference("one")
+    assert isinstance(req.keys, WorkerKeys)
+    req.keys.hint = (ENGINE, 0, 2, False, 5)
+    check = w.precision.prepare(inf, ENGINE, req.keys, 16)
+    w.deferred.add(partial(w._relayed, req, check, 200, True, False, ROUTE, 1.0))
     wire = await w.samples(w.link, "samples", None)
     assert requests_served(wire) == 1.0
+    # The engine's answer went to the primary before this reply (same link, in order).
+    assert [(op, [t for t, _ in body[0]]) for op, body in notes.sent] == [("observed", [5])]
     w.deferred.close()
