@@ -77,8 +77,8 @@ STABLE = 30.0
 OBSERVED_DELAY = 0.002
 """Seconds an engine's answer waits for a ``done`` note to ride on before it is sent alone."""
 ENDED = 1024
-"""Ended local dispatches of one worker kept for their ``observed`` note (it follows within
-a few of the worker's dispatches; one that never comes is dropped oldest first)."""
+"""Ended local dispatches of one worker kept for their engine's answer (it follows within a
+few of the worker's dispatches; one that never comes is dropped oldest first)."""
 FORWARD_REFUSED = "forward refused: "
 
 
@@ -797,6 +797,9 @@ class WorkerRouter(Router):
         for s in (self._session, self._relay_session):
             if s is not None:
                 await s.close()
+        self.deferred.close()  # the last answers' bookkeeping, sent before the link closes
+        if isinstance(self.precision, WorkerPrecision):
+            self.precision.flush()
         await self.link.close()
 
     async def place(self, ask: Ask) -> Placement:
