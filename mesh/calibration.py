@@ -11,9 +11,11 @@ region it forwards into:
 - **queue delay per waiting request, KV-barrier scale and overhead**: from every request,
   ``observed - prefill - interference = overhead + kv_scale * barrier + queue_delay *
   waiting``, fitted one Theil-Sen slope at a time (each against the residual of the other),
-  the overhead being the median residual: the delay a waiting request really adds, how much
-  of the model's barrier for a nearly full KV cache the engine really shows in a TTFT, and
-  what a first token costs beyond the model's parts (HTTP, step overheads);
+  the overhead being the median residual (never below the fastest first token priced no
+  prefill): the delay a waiting request really adds, how much of the model's barrier for a
+  nearly full KV cache the engine really shows in a TTFT, and what a first token costs
+  beyond the model's parts (HTTP, step overheads). The prefill is priced at each refit with
+  the rate and knee then current;
 - **forward round trip** per region, from forwards: the observed TTFT less the model's
   engine-side parts. Membership probes (and configured/emulated delays) are its prior.
 
@@ -279,11 +281,22 @@ class ReplicaModel:
     ``max(0, u - knee) / rate``, the floor below the knee being part of the overhead."""
     idle: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
     """(uncached tokens, observed seconds) of requests that found no queue."""
-    rest: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
-    """(estimated waiting, the model's KV-barrier seconds, observed seconds less round trip,
-    prefill and decode interference) of every request: ``y = overhead + kv_scale * barrier +
-    queue_delay * waiting``, fitted one slope at a time (each a Theil-Sen slope of the
-    residual of the other, so an intercept or an outlier biases neither)."""
+    rest: deque[tuple[float, float, float, float]] = field(
+        default_factory=lambda: deque(maxlen=PAIRS))
+    """(estimated waiting, the model's KV-barrier seconds, observed seconds less round trip
+    and decode interference, uncached tokens) of every request. Less the prefill as priced
+    at the refit (:meth:`prefill`), ``y = overhead + kv_scale * barrier + queue_delay *
+    waiting``, fitted one slope at a time (each a Theil-Sen slope of the residual of the
+    other, so an intercept or an outlier biases neither).
+
+    The prefill is taken off at each refit, never when a sample comes in: priced then, at a
+    rate and knee since replaced (the configured default before the rate is learned), the
+    residuals would be those of another model, and their median (the overhead) with them.
+    A too-high early prefill of long prompts, for one, left residuals below 0, an overhead
+    fitted to its bound of 0 and, once a knee above short prompts was learned, a first
+    token predicted at 0 s."""
+    configured: float | None = None
+    """The engine's configured prefill rate: priced as given, without a knee."""
     kv_scale: BoundedMedian = field(
         default_factory=lambda: BoundedMedian(1.0, 0.0, 2.0, 0.25))
     overhead: BoundedMedian = field(
@@ -297,6 +310,14 @@ class ReplicaModel:
     def published(self) -> Calibrated:
         return Calibrated(self.prefill_rate.value, self.queue_delay.value, self.overhead.value,
                           self.kv_scale.value, self.prefill_knee.value)
+
+    def pricing(self, default_rate: float) -> tuple[float, float]:
+        """(rate, knee) of the prefill as the policy prices it now: a configured rate as
+        given, else the learned rate past the learned knee (the floor below it is in the
+        overhead)."""
+        if self.configured:
+            return self.configured, 0.0
+        return self.prefill_rate.current or default_rate, self.prefill_knee.current or 0.0
 
     def refit_rate(self) -> bool:
         """Every few idle samples: step the published rate towards 1 / (fitted slope); no
@@ -312,13 +333,20 @@ class ReplicaModel:
         changed = self.prefill_rate.step_to(1.0 / slope)
         return self.prefill_knee.step_to(knee) or changed
 
-    def refit_rest(self) -> bool:
-        """Every few samples: queue delay, barrier scale, then the overhead (intercept)."""
+    def refit_rest(self, default_rate: float) -> bool:
+        """Every few samples: queue delay, barrier scale, then the overhead (intercept), each
+        of the residuals of the prefill as priced now.
+
+        The overhead is never below the fastest first token of a request that found no
+        queue and is priced no prefill (at or below the knee): the model prices such a
+        request at the overhead (and decode interference), and one that came back faster
+        than that price is the least it can be."""
         self._since_rest += 1
         if len(self.rest) < MIN_SAMPLES or self._since_rest < EVERY:
             return False
         self._since_rest = 0
-        pts = list(self.rest)
+        rate, knee = self.pricing(default_rate)
+        pts = [(w, kv, y - (u - knee if u > knee else 0.0) / rate) for w, kv, y, u in self.rest]
         changed = False
         s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
         q = theil_sen_slope([(w, y - s * kv) for w, kv, y in pts], MIN_SPREAD_WAITING)
@@ -329,8 +357,9 @@ class ReplicaModel:
         if slope is not None:
             changed |= self.kv_scale.step_to(slope)
         s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
+        fastest = min((y for u, y in self.idle if u <= knee), default=0.0)
         changed |= self.overhead.step_to(
-            statistics.median(y - s * kv - q * w for w, kv, y in pts))
+            max(statistics.median(y - s * kv - q * w for w, kv, y in pts), fastest))
         return changed
 
 
@@ -349,7 +378,8 @@ class Calibrator:
         m = self.replicas.get(replica)
         if m is None:
             prior = configured_rate or self.default_rate
-            m = self.replicas[replica] = ReplicaModel(BoundedMedian(prior, 1.0, 1e9))
+            m = self.replicas[replica] = ReplicaModel(BoundedMedian(prior, 1.0, 1e9),
+                                                      configured=configured_rate or None)
         return m
 
     def observe_local(self, p: Prediction, uncached: int, observed: float,
@@ -361,14 +391,6 @@ class Calibrator:
         m = self.own(p.replica, configured_rate)
         decode, kv = p.part("decode"), p.part("kv")
         waiting = p.part("waiting")
-        # The prefill as the policy prices it: a configured rate as given, else the learned
-        # rate past the learned knee (the floor below it is in the overhead).
-        if configured_rate:
-            rate, knee = configured_rate, 0.0
-        else:
-            rate = m.prefill_rate.current or self.default_rate
-            knee = m.prefill_knee.current or 0.0
-        prefill = max(0.0, uncached - knee) / rate
         idle = waiting < IDLE_WAITING
         interference = decode - kv
         changed = False
@@ -378,8 +400,8 @@ class Calibrator:
             m.idle.append((float(uncached), observed))
             changed |= m.refit_rate()
         m.rest.append((waiting if not idle else 0.0, kv,
-                       observed - p.part("rtt") - prefill - interference))
-        changed |= m.refit_rest()
+                       observed - p.part("rtt") - interference, float(uncached)))
+        changed |= m.refit_rest(self.default_rate)
         if changed:
             self.version += 1
 

@@ -282,3 +282,45 @@ def test_hinge_fit_gives_the_plain_definitions_floats() -> None:
         seen_fit += got is not None
         seen_none += got is None
     assert seen_fit > 20 and seen_none > 20  # both outcomes were compared
+
+
+def fast_engine(u: int, rng: random.Random) -> float:
+    """A fast engine (12,000 tokens/s past a 12 ms step floor, 3 ms of HTTP): long prompts
+    cost less than the default rate of 8,000 tokens/s prices them at."""
+    return 0.003 + max(0.012, u / 12000) + rng.uniform(0.0, 0.002)
+
+
+def test_the_overhead_is_fitted_with_the_prefill_priced_now() -> None:
+    # Residuals taken with the default rate (before the rate was learned) were below 0 for
+    # long prompts: the overhead fitted to 0 and, with a knee above a short prompt, its
+    # first token was predicted at 0 s.
+    rng = random.Random(5)
+    cal = Calibrator(default_rate=8000.0)
+    priced = []
+    for n in range(40):
+        u = 60 + 130 * (n % 10)
+        cal.observe_local(local(u), u, fast_engine(u, rng))
+        got = cal.published("e0")
+        if got.prefill_rate is not None and got.overhead is not None:
+            knee = got.prefill_knee or 0.0
+            priced.append(got.overhead + max(0.0, 60 - knee) / got.prefill_rate)
+    assert len(priced) >= 30
+    # A 60-token prompt's first token: 3 ms + the 12 ms floor + about 1 ms.
+    assert all(0.012 < t < 0.025 for t in priced)
+
+
+def test_the_overhead_is_never_below_the_fastest_first_token_priced_no_prefill() -> None:
+    # A configured rate far too slow prices every prefill too high: the median residual is
+    # below 0, but a fully cached prompt (no prefill priced) comes back no sooner than the
+    # fastest one seen.
+    rng = random.Random(6)
+    cal = Calibrator(default_rate=8000.0)
+    cached = []
+    for n in range(40):
+        u = 0 if n % 5 == 0 else 60 + 130 * (n % 10)
+        t = fast_engine(u, rng)
+        if u == 0:
+            cached.append(t)
+        cal.observe_local(local(u, rate=2000.0), u, t, configured_rate=2000.0)
+    got = cal.published("e0")
+    assert got.overhead is not None and got.overhead >= min(cached) > 0
