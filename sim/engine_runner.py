@@ -1,14 +1,21 @@
 """Drives an ``EngineModel`` in (scaled) real time on an asyncio loop.
 
 One task runs the step loop: step at virtual ``now``, publish the step's KV events at once (vLLM
-publishes them when it schedules), sleep the step's duration divided by ``speedup``, then hand
-each request's outputs to its queue.
+publishes them when it schedules), sleep until the step's end, then hand each request's outputs
+to its queue.
 
-Virtual time is wall time times ``speedup``, except that the loop's own latency is not counted:
-a step starts at the later of the previous step's end and the last time anyone read the clock
-(typically the arrival that woke an idle engine), and a late wake-up from sleeping is absorbed.
-So while the engine is busy its clock advances by exactly the profile's step durations, and high
-speedups do not inflate latencies. An injected stall (``pause``) does count.
+Virtual time is wall time times ``speedup``. A busy engine's steps are paced against absolute
+deadlines: each starts at the previous one's end (or at an arrival the loop saw after that end)
+and its outputs are handed over when the wall clock reaches its end. Work the loop does between
+steps (the model's own arithmetic, publishing, the HTTP handlers sharing the loop, a timer that
+fires late) is taken out of the next sleep, not added to the engine's time. Sleeping each step's
+duration after that work instead made a busy engine run slower than its profile by the loop's
+cost per step (a few ms of a ~20 ms step on a busy machine): the emulated engines fell behind
+the simulator's as soon as they queued.
+
+Loop latency is not engine time either: an arrival that wakes an idle engine starts its step at
+the arrival (the wake-up latency is absorbed), and so is lateness beyond ``MAX_LAG_S`` (a loop
+that cannot keep up); both are counted (``pace``). An injected stall (``pause``) does count.
 """
 
 from __future__ import annotations
@@ -24,6 +31,26 @@ from kvevents.publisher import ZmqEventPublisher
 from sim.engine_model import EngineModel, RequestOutput
 
 log = logging.getLogger(__name__)
+
+MAX_LAG_S = 0.1
+"""Real seconds a busy engine may run behind its schedule and still catch up (steps back to
+back, the loop yielding between them); beyond it the lag is absorbed (not engine time)."""
+
+
+@dataclass(slots=True)
+class Pace:
+    """How closely the engine kept to its profile in real time."""
+
+    steps: int = 0
+    late_steps: int = 0
+    """Steps whose end the loop reached only after its deadline (caught up by the next)."""
+    late_s: float = 0.0
+    """Real seconds past the deadlines of late steps (each taken out of the next sleep)."""
+    absorbed_s: float = 0.0
+    """Real seconds not counted as engine time while the engine had work: lateness beyond
+    ``MAX_LAG_S``, and arrivals the loop saw after the step's due start."""
+    idle_wake_s: float = 0.0
+    """Real seconds between an arrival that woke an idle engine and its first step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +83,10 @@ class EngineRunner:
         self._pause_until = 0.0
         self._resumed = asyncio.Event()
         self.publish_errors = 0
+        self.pace = Pace()
+        self._due: float | None = None
+        """Virtual end of the previous step while the engine stays busy (the next step's
+        start); None when idle, after a stall or an empty step."""
 
     # -- clock -------------------------------------------------------------------------------
 
@@ -148,27 +179,43 @@ class EngineRunner:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        pace = self.pace
         while True:
             await self._wake.wait()
             if self._pause_until > loop.time():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._resumed.wait(), self._pause_until - loop.time())
                 self.now()  # a stall is engine time: count it
+                self._due = None
                 continue
+            start = self._start()
             try:
-                result = self.engine.step(self._hold(self._last_now))
+                result = self.engine.step(start)
             except Exception:
                 # A model bug must not hang every client: fail what is in flight, keep serving.
                 log.exception("engine step failed; aborting %d requests", len(self._queues))
                 self._fail_all("error")
+                self._due = None
                 if not self.engine.has_work():
                     self._wake.clear()
                 await asyncio.sleep(0.01)
                 continue
             self._publish(result.events, result.digests)
             if result.duration > 0:
-                await asyncio.sleep(result.duration / self.speedup)
-                self._hold(result.end)
+                pace.steps += 1
+                late = loop.time() - (self._origin + result.end / self.speedup)
+                if late < 0:
+                    await asyncio.sleep(-late)
+                    late = loop.time() - (self._origin + result.end / self.speedup)
+                else:
+                    await asyncio.sleep(0)  # behind schedule: let the handlers run
+                if late > 0:
+                    pace.late_steps += 1
+                    pace.late_s += late
+                self._last_now = max(self._last_now, result.end)
+                self._due = result.end
+            else:
+                self._due = None
             for out in result.outputs:
                 queue = self._queues.get(out.req_id)
                 if queue is None:
@@ -180,8 +227,28 @@ class EngineRunner:
                     del self._queues[out.req_id]
             if not self.engine.has_work():
                 self._wake.clear()
+                self._due = None
             elif result.duration == 0:
                 await asyncio.sleep(0.001)  # nothing schedulable yet; let handlers run
+
+    def _start(self) -> float:
+        """The virtual start of the next step (see the module docstring)."""
+        pace = self.pace
+        if self._due is None:
+            # Woken from idle (or after a stall): start at the arrival, the wake-up latency
+            # absorbed.
+            before = self._raw()
+            at = self._hold(self._last_now)
+            pace.idle_wake_s += max(0.0, before - at) / self.speedup
+            return at
+        at = max(self._due, self._last_now)
+        pace.absorbed_s += (at - self._due) / self.speedup
+        behind = self._raw() - at
+        if behind > MAX_LAG_S * self.speedup:
+            pace.absorbed_s += behind / self.speedup
+            return self._hold(at)
+        self._last_now = at
+        return at
 
     def _publish(self, events: Sequence[KVEvent], digests: Mapping[int, bytes]) -> None:
         if not events or self.publisher is None:

@@ -400,6 +400,7 @@ class SimEngineServer:
                     **dataclasses.asdict(pub.stats),
                 },
                 "publish_errors": self.runner.publish_errors,
+                "pace": dataclasses.asdict(self.runner.pace),
             }
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 
 import pytest
 
@@ -81,3 +82,64 @@ async def test_stop_ends_every_open_request() -> None:
         item = await asyncio.wait_for(queue.get(), timeout=10)
     assert item == Finished("abort")
     assert not runner.engine.has_work()
+
+
+def virtual_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make the running loop's clock virtual: it moves only when the loop would block (by
+    the time it would have waited) or when the test moves it (work that costs time)."""
+    loop = asyncio.get_running_loop()
+    clock = [loop.time()]
+    selector = loop._selector  # type: ignore[attr-defined]
+    select = selector.select
+
+    def select_now(timeout: float | None = None) -> list[object]:
+        events: list[object] = select(0)
+        if not events and timeout is not None and timeout > 0:
+            clock[0] += timeout
+        return events
+
+    monkeypatch.setattr(loop, "time", lambda: clock[0])
+    monkeypatch.setattr(selector, "select", select_now)
+    return clock
+
+
+async def test_a_busy_engine_keeps_its_profiles_pace_whatever_the_loop_costs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each step costs the loop 4 ms of work (the model's arithmetic, publishing, handlers):
+    # the engine's steps must still end on the wall clock at their profile's pace, the work
+    # taken out of the sleeps (a step loop that slept each step's duration after its work
+    # ran slower than its profile by that work, 4 ms a step).
+    clock = virtual_clock(monkeypatch)
+    engine = EngineModel(L4_LLAMA_3_1_8B, seed=1)
+    real_step = engine.step
+    steps: list[StepResult] = []
+
+    def costly_step(now: float) -> StepResult:
+        clock[0] += 0.004
+        result = real_step(now)
+        steps.append(result)
+        return result
+
+    monkeypatch.setattr(engine, "step", costly_step)
+    runner = EngineRunner(engine, speedup=2.0)
+    await runner.start()
+    try:
+        queue: asyncio.Queue[RequestOutput | Finished] = asyncio.Queue()
+        t0 = clock[0]
+        for i in range(8):
+            runner.submit(f"r{i}", list(range(i * 1000, i * 1000 + 300)), 40, queue=queue)
+        done = 0
+        while done < 8:
+            item = await asyncio.wait_for(queue.get(), timeout=30)
+            assert isinstance(item, RequestOutput)
+            done += item.finished
+        elapsed = clock[0] - t0
+    finally:
+        await runner.stop()
+    busy = [s for s in steps if s.duration > 0]
+    assert len(busy) >= 40
+    assert all(b.now == a.end for a, b in pairwise(busy))  # back to back
+    profile_time = sum(s.duration for s in busy) / 2.0
+    assert elapsed == pytest.approx(profile_time, abs=0.006)  # not + 4 ms x steps
+    assert runner.pace.steps == len(busy) and runner.pace.absorbed_s == 0
