@@ -438,6 +438,23 @@ class EmulatedRun:
     """Requests answered with an error (not counting those cut off by the drain limit)."""
     engine_ttft_mean: float
     """Mean TTFT inside the engines by their own clocks (model time), every request."""
+    engine_pace: dict[str, float] = field(default_factory=dict)
+    """How closely the engines kept their profile's pace over the run, summed over engines
+    (:func:`pace_of`)."""
+
+
+def pace_of(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """The engines' pace over a run from two readings of ``LocalMesh.engine_pace``: steps,
+    the share that ended late (caught up by the next), the real seconds not counted as
+    engine time while busy (``absorbed_s``: a loop that could not keep up), and the mean
+    lateness of a late step (ms)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps, late = d.get("steps", 0.0), d.get("late_steps", 0.0)
+    return {"steps": int(steps),
+            "late_share": round(late / steps, 4) if steps else 0.0,
+            "late_ms_mean": round(1000 * d.get("late_s", 0.0) / late, 2) if late else 0.0,
+            "absorbed_s": round(d.get("absorbed_s", 0.0), 4),
+            "busy_s": round(d.get("busy_s", 0.0), 2)}
 
 
 def _local_spec(scaled: Scaled) -> LocalFleetSpec:
@@ -518,12 +535,14 @@ async def emulate_variant(
         ttft_count = "vllm:time_to_first_token_seconds_count"
         e_sum0 = await mesh.engine_metric(session, ttft_sum)
         e_n0 = await mesh.engine_metric(session, ttft_count)
+        pace0 = await mesh.engine_pace(session)
         cpu0, own0, t0 = mesh.cpu_seconds(), time.process_time(), time.perf_counter()
         observations = await gen.run(plan.drain_s, progress)
         wall = time.perf_counter() - t0
         cpu1, own1 = mesh.cpu_seconds(), time.process_time()
         e_sum = await mesh.engine_metric(session, ttft_sum) - e_sum0
         e_n = await mesh.engine_metric(session, ttft_count) - e_n0
+        pace = pace_of(pace0, await mesh.engine_pace(session))
         counters = RunCounters(
             gossip_bytes=int(
                 await mesh.router_metric(session, "kvmesh_gossip_bytes_total", 'direction="tx"')
@@ -557,9 +576,10 @@ async def emulate_variant(
         "engine_ttft_mean_s": _round(engine_ttft),
         "cpu_cores": cores,
         "lag_p99_s": _round(lag99),
+        "engine_pace": pace,
     }
     run = RunResult(v.label, summary, ttfts, wall, len(observations), config)
-    return EmulatedRun(run, observations, wall, cores, lag99, failed, engine_ttft)
+    return EmulatedRun(run, observations, wall, cores, lag99, failed, engine_ttft, pace)
 
 
 # -- running ---------------------------------------------------------------------------------------

@@ -329,6 +329,24 @@ class LocalMesh:
         """Sum of one metric over every engine (read directly, not through a gateway)."""
         return await scrape_sum(session, [e.direct_url for e in self.engines], name)
 
+    async def engine_pace(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        """Every engine's pace counters (``sim.engine_runner.Pace``) and profile-busy
+        seconds, summed (read directly from ``/debug/engine``; an engine that does not
+        answer counts nothing)."""
+        total: dict[str, float] = {}
+        for e in self.engines:
+            try:
+                async with session.get(f"{e.direct_url}/debug/engine") as resp:
+                    doc = await resp.json()
+            except (aiohttp.ClientError, ValueError):
+                continue
+            pace = doc.get("pace") if isinstance(doc, dict) else None
+            busy = doc.get("engine", {}).get("busy_time") if isinstance(doc, dict) else None
+            for k, v in [*(pace.items() if isinstance(pace, dict) else ()), ("busy_s", busy)]:
+                if isinstance(v, int | float):
+                    total[k] = total.get(k, 0.0) + float(v)
+        return total
+
     async def stop_routers(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.router_procs.values()))
         self.router_procs = {}

@@ -213,6 +213,7 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
                    "lag_p99_s": round(run.lag_p99, 4) if lags else None,
                    "engine_ttft_mean_s": round(run.engine_ttft_mean, 4)
                    if math.isfinite(run.engine_ttft_mean) else None,
+                   "engine_pace": run.engine_pace,
                    "failed": run.failed, "wall_s": round(run.wall_s, 1),
                    "index_flags": {g: f for g, f in sorted(blind.items()) if f}}
     return row
@@ -490,11 +491,13 @@ def tables(sw: Sweep) -> str:
     if machine:
         out += ["", "Emulated runs, the machine (mean cores by kind of process, the load "
                 "generator's lag against its schedule, the engines' own mean TTFT against "
-                "the clients'):", "",
+                "the clients', the engines' steps that ended after their deadline and the "
+                "real seconds they fell behind their profile for good):", "",
                 "| load | variant | cores engines / routers / netdelay / load generator | "
                 "lag p50 / p99 (s) | engine TTFT mean (s) | client TTFT mean (s) | "
+                "engine steps late (mean ms) / behind (s) | "
                 "engines not trusted by their router at the end |",
-                "|---|---|---|---|---:|---:|---|"]
+                "|---|---|---|---|---:|---:|---|---|"]
         for r in machine:
             m = r.machine
             c = m.get("cpu_cores", {})
@@ -502,9 +505,12 @@ def tables(sw: Sweep) -> str:
                                                           "load generator"))
             flags = m.get("index_flags") or {}
             blind = "; ".join(f"{g}: {', '.join(f)}" for g, f in flags.items()) or "none"
+            pace = m.get("engine_pace") or {}
+            paced = (f"{100 * pace['late_share']:.0f}% ({pace['late_ms_mean']:.1f}) / "
+                     f"{pace['absorbed_s']:.2f}" if pace.get("steps") else "-")
             out.append(f"| {r.load:g} | {r.variant} | {cores} | {_f(m.get('lag_p50_s'))} / "
                        f"{_f(m.get('lag_p99_s'))} | {_f(m.get('engine_ttft_mean_s'))} | "
-                       f"{_f(r.summary.ttft_mean)} | {blind} |")
+                       f"{_f(r.summary.ttft_mean)} | {paced} | {blind} |")
     if sw.pairs:
         p = sw.plan
         out += ["", f"Resolution runs (simulator, mesh and no-peers on each seed, TTFT over "

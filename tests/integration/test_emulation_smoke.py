@@ -57,6 +57,8 @@ def test_tiny_emulation_answers_everything_and_reports_both_sides(tmp_path: Path
         assert side["sent"] > 0 and side["unfinished"] == 0
         assert 0 < side["ttft_p50"] <= side["ttft_p90"] <= side["ttft_p99"]
     assert variant["emulated"]["config"]["failed"] == 0
+    pace = variant["emulated"]["config"]["engine_pace"]  # the engines' own clocks, read back
+    assert pace["steps"] > 0 and pace["busy_s"] > 0 and 0 <= pace["late_share"] <= 1
     assert variant["paired"]["requests"] > 0
     assert variant["difference"]["ttft_p50"] is not None
     assert (out / "results.md").read_text().startswith("# Emulation vs simulation")

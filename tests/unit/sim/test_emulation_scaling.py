@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sim.emulation import PLANS, scaled_profile, scaled_topology
+from sim.emulation import PLANS, pace_of, scaled_profile, scaled_topology
 from sim.emulation_report import kendall_tau, paired
 from sim.metrics import RequestRecord
 from sim.profiles import H100_LLAMA_3_1_8B, L4_LLAMA_3_1_8B, BatchShape, Profile
@@ -73,3 +73,14 @@ def test_kendall_tau_reads_orderings() -> None:
     assert kendall_tau([1, 2, 3], [30, 20, 10]) == -1.0
     assert kendall_tau([1, 2, 3], [10, 30, 20]) == pytest.approx(1 / 3)
     assert math.isnan(kendall_tau([1], [1]))
+
+
+def test_the_engines_pace_over_a_run_is_the_difference_of_two_readings() -> None:
+    before = {"steps": 100.0, "late_steps": 10.0, "late_s": 0.02, "absorbed_s": 0.5,
+              "busy_s": 3.0}
+    after = {"steps": 300.0, "late_steps": 60.0, "late_s": 0.12, "absorbed_s": 0.75,
+             "busy_s": 9.5, "idle_wake_s": 0.01}
+    assert pace_of(before, after) == {"steps": 200, "late_share": 0.25, "late_ms_mean": 2.0,
+                                      "absorbed_s": 0.25, "busy_s": 6.5}
+    assert pace_of({}, {}) == {"steps": 0, "late_share": 0.0, "late_ms_mean": 0.0,
+                               "absorbed_s": 0.0, "busy_s": 0.0}
