@@ -11,11 +11,11 @@ region it forwards into:
 - **queue delay per waiting request, KV-barrier scale and overhead**: from every request,
   ``observed - prefill - interference = overhead + kv_scale * barrier + queue_delay *
   waiting``, fitted one Theil-Sen slope at a time (each against the residual of the other),
-  the overhead being the median residual (never below the fastest first token priced no
-  prefill): the delay a waiting request really adds, how much of the model's barrier for a
-  nearly full KV cache the engine really shows in a TTFT, and what a first token costs
-  beyond the model's parts (HTTP, step overheads). The prefill is priced at each refit with
-  the rate and knee then current;
+  the overhead being the median residual (never below the fastest of several first tokens
+  priced no prefill): the delay a waiting request really adds, how much of the model's
+  barrier for a nearly full KV cache the engine really shows in a TTFT, and what a first
+  token costs beyond the model's parts (HTTP, step overheads). The prefill is priced at
+  each refit with the rate and knee then current;
 - **forward round trip** per region, from forwards: the observed TTFT less the model's
   engine-side parts. Membership probes (and configured/emulated delays) are its prior.
 
@@ -337,10 +337,14 @@ class ReplicaModel:
         """Every few samples: queue delay, barrier scale, then the overhead (intercept), each
         of the residuals of the prefill as priced now.
 
-        The overhead is never below the fastest first token of a request that found no
-        queue and is priced no prefill (at or below the knee): the model prices such a
-        request at the overhead (and decode interference), and one that came back faster
-        than that price is the least it can be."""
+        The overhead is never below the fastest of at least ``MIN_SAMPLES`` first tokens
+        of requests that found no queue and are priced no prefill (at or below the knee):
+        the model prices such a request at the overhead (and decode interference), and the
+        fastest of several is the least it can be. The median residual can fall below it
+        when the queue-delay slope overshoots (the intercept goes below 0), which priced a
+        short idle request at about 0 s. With fewer such requests there is no bound (the
+        fastest of two or three stuck behind a queue the router did not see says nothing
+        about the floor)."""
         self._since_rest += 1
         if len(self.rest) < MIN_SAMPLES or self._since_rest < EVERY:
             return False
@@ -357,7 +361,8 @@ class ReplicaModel:
         if slope is not None:
             changed |= self.kv_scale.step_to(slope)
         s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
-        fastest = min((y for u, y in self.idle if u <= knee), default=0.0)
+        floor = [y for u, y in self.idle if u <= knee]
+        fastest = min(floor) if len(floor) >= MIN_SAMPLES else 0.0
         changed |= self.overhead.step_to(
             max(statistics.median(y - s * kv - q * w for w, kv, y in pts), fastest))
         return changed
