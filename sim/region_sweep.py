@@ -85,6 +85,9 @@ class SweepPlan:
     """Seeds of the simulator's resolution runs (mesh and no-peers only, ``sim_horizon_s``
     long): one short p90 rests on a few dozen tail requests and cannot resolve 5%."""
     sim_horizon_s: float = 300.0
+    variants: tuple[str, ...] = ()
+    """Labels of the variants to run (empty: all). Mesh and no-peers alone are what the
+    ratio needs: a longer window then fits one locked command."""
     sim_ties: int = 0
     """Near-tie streams of the simulator's twin runs (``FleetSpec.tie_stream`` 0..n-1): the
     emulation's seed and window, only the routers' random draws changed. Every emulated run
@@ -99,6 +102,9 @@ class SweepPlan:
             variants=(*EMULATED, *SIMULATED_ONLY), defaults=tuple(v.label for v in EMULATED),
             rtt_scale=1.0,
         )
+
+    def runs(self, variants: Sequence[EmulatedVariant]) -> list[EmulatedVariant]:
+        return [v for v in variants if not self.variants or v.label in self.variants]
 
     def horizon_of(self, label: str) -> float:
         return self.mesh_horizon_s if label == MESH else self.horizon_s
@@ -386,7 +392,7 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
                     log(f"region-sweep: 6 engines (x{plan.speedup:g}), 3 routers; logs in {wd}")
                     await mesh.start_engines(session)
                     for load in plan.loads:
-                        for v in EMULATED:
+                        for v in plan.runs(EMULATED):
                             log(f"- load {load:g} ({skew_clients(load)}): {v.label}, emulating")
                             rows.append(await emulate(mesh, session, plan, load, v, log))
                 finally:
@@ -398,7 +404,7 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
             elif temp:
                 log(f"logs kept in {wd}")
     for load in plan.loads:
-        for v in (*EMULATED, *SIMULATED_ONLY):
+        for v in plan.runs((*EMULATED, *SIMULATED_ONLY)):
             log(f"- load {load:g}: {v.label}, simulating")
             rows.append(simulate(plan, load, v))
     pairs = []
@@ -651,6 +657,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sim-ties", type=int, default=d.sim_ties,
                    help="twin runs: the emulation's seed and window simulated with this many "
                         "near-tie streams (how far one window moves on decisions alone)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated variants to run (default: all of "
+                        f"{', '.join(v.label for v in (*EMULATED, *SIMULATED_ONLY))})")
     p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
     p.add_argument("--out", default="results/region-sweep")
     p.add_argument("--workdir", help="keep configs and process logs here")
@@ -678,9 +687,16 @@ def main(argv: list[str]) -> int:
         loads = tuple(float(x) for x in args.loads.split(",") if x)
         if not loads or any(x <= 0 for x in loads):
             raise ValueError("--loads expects positive numbers")
+        known = [v.label for v in (*EMULATED, *SIMULATED_ONLY)]
+        variants = tuple(x.strip() for x in args.variants.split(",") if x.strip())
+        unknown = [x for x in variants if x not in known]
+        if unknown:
+            raise ValueError(f"--variants: unknown {', '.join(unknown)} "
+                             f"(known: {', '.join(known)})")
         plan = SweepPlan(args.speedup, loads, args.warmup, args.horizon, args.mesh_horizon,
                          args.error_after, seed=args.seed, sim_seeds=_seeds(args.sim_seeds),
-                         sim_horizon_s=args.sim_horizon, sim_ties=args.sim_ties)
+                         sim_horizon_s=args.sim_horizon, sim_ties=args.sim_ties,
+                         variants=variants)
         if plan.sim_ties < 0:
             raise ValueError("--sim-ties expects a count >= 0")
         if plan.sim_seeds and plan.sim_horizon_s <= plan.warmup_s:

@@ -47,6 +47,18 @@ def test_a_small_simulated_sweep_reports_every_variant(tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(capsys: object) -> None:
     assert main(["--loads", "0"]) == 2
     assert main(["--warmup", "50", "--horizon", "40"]) == 2
+    assert main(["--variants", "kvmesh,round-robin"]) == 2
+
+
+def test_the_variants_asked_for_are_the_ones_run(tmp_path: Path) -> None:
+    plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                     mesh_horizon_s=20.0, error_after_s=10.0, drain_s=5.0,
+                     variants=(MESH, NO_PEERS))
+    sw = asyncio.run(run_sweep(plan, "test", emulate_too=False, log=lambda s: None))
+    assert {r.variant for r in sw.rows} == {MESH, NO_PEERS}
+    assert sw.ratio(0.25, "simulated") is not None
+    assert "| 0.25 (8/2/1) | least_load-local | - / - |" in tables(sw)
+    assert write(sw, tmp_path / "out").exists()
 
 
 def test_resolution_runs_report_each_seed_and_the_pooled_ratio(tmp_path: Path) -> None:
