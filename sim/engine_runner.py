@@ -183,8 +183,11 @@ class EngineRunner:
         while True:
             await self._wake.wait()
             if self._pause_until > loop.time():
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that comes as the event is set, and close would wait forever.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._resumed.wait(), self._pause_until - loop.time())
+                    async with asyncio.timeout(self._pause_until - loop.time()):
+                        await self._resumed.wait()
                 self.now()  # a stall is engine time: count it
                 self._due = None
                 continue
