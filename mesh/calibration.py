@@ -383,8 +383,10 @@ class Calibrator:
         m = self.replicas.get(replica)
         if m is None:
             prior = configured_rate or self.default_rate
-            m = self.replicas[replica] = ReplicaModel(BoundedMedian(prior, 1.0, 1e9),
-                                                      configured=configured_rate or None)
+            m = self.replicas[replica] = ReplicaModel(BoundedMedian(prior, 1.0, 1e9))
+        # As configured now (a reload may set or clear an engine's rate): the refits price
+        # the prefill as the policy does.
+        m.configured = configured_rate or None
         return m
 
     def observe_local(self, p: Prediction, uncached: int, observed: float,

@@ -184,6 +184,18 @@ def test_configured_rates_are_the_prior() -> None:
     assert cal.published("e0").prefill_rate is None  # not learned yet
 
 
+def test_the_refits_price_the_prefill_as_configured_now() -> None:
+    # A reload that sets an engine's rate: the overhead is refitted with the prefill at
+    # that rate, not at the one the engine's model was created with.
+    cal = Calibrator(default_rate=8000.0)
+    cal.observe_local(local(100), 100, 0.05)
+    assert cal.replicas["e0"].pricing(8000.0) == (8000.0, 0.0)
+    cal.observe_local(local(100), 100, 0.05, configured_rate=1000.0)
+    assert cal.replicas["e0"].pricing(8000.0) == (1000.0, 0.0)
+    cal.observe_local(local(100), 100, 0.05)  # and cleared again
+    assert cal.replicas["e0"].pricing(8000.0)[0] == 8000.0
+
+
 def test_the_forward_round_trip_is_learned_from_forwards() -> None:
     cal = Calibrator()
     for _ in range(40):
