@@ -17,7 +17,8 @@ region it forwards into:
   token costs beyond the model's parts (HTTP, step overheads). The prefill is priced at
   each refit with the rate and knee then current;
 - **forward round trip** per region, from forwards: the observed TTFT less the model's
-  engine-side parts. Membership probes (and configured/emulated delays) are its prior.
+  engine-side parts. Membership probes (and configured/emulated delays) are its prior, and
+  with no fresh forward it ages back to that prior (``RTT_FRESH_S``, below).
 
 Every estimate is a :class:`BoundedMedian`: the median of a window of samples (one outlier
 moves nothing), re-published every few samples and never more than a bounded step from the
@@ -60,6 +61,22 @@ MIN_SPREAD_WAITING = 1.0
 """Two points closer than this in estimated waiting requests say nothing about its delay."""
 IDLE_WAITING = 0.5
 """Estimated waiting requests below which a request found no queue."""
+RTT_FRESH_S = 10.0
+"""A learned round trip with no forward sample for longer than this ages back to its prior.
+
+It is the observed TTFT less the model's engine-side parts, so it also holds the remote
+prediction's error: a burst of forwards that lost (a remote queue the model missed) raises
+it well above the network's figure, and a region priced out by it gets no forward again, so
+no sample could ever bring it back. Past this, the excess over the prior (the measured round
+trip) halves every ``RTT_HALF_LIFE_S``; the old samples describe another time and are
+dropped at the next forward, which restarts the estimate from the aged value. While
+forwards flow (a sample at least this often) nothing changes. Chosen over a cap at a
+multiple of the measured round trip because that would also bound the figure while
+forwards keep showing it, and over aging the forwarding band, because the band is the
+prediction error's own measure; the round trip is the input that should be a network
+figure."""
+RTT_HALF_LIFE_S = 10.0
+"""Half-life of a stale learned round trip's distance from its prior."""
 MIN_RISE = 6
 """Points a hinge fit's rising part needs (fewer cannot show a trend: see ``RISE_Z``)."""
 RISE_Z = 2.5
@@ -376,6 +393,8 @@ class Calibrator:
     """The policy's prefill rate: the prior of replicas configured without one."""
     replicas: dict[str, ReplicaModel] = field(default_factory=dict)
     rtt: dict[str, BoundedMedian] = field(default_factory=dict)
+    rtt_at: dict[str, float] = field(default_factory=dict)
+    """Region -> when its newest forward sample came (the caller's clock)."""
     version: int = 0
     """Bumped whenever a published replica figure changes (the meta record is rewritten)."""
 
@@ -412,9 +431,10 @@ class Calibrator:
         if changed:
             self.version += 1
 
-    def observe_forward(self, p: Prediction, observed: float) -> None:
-        """A forward into ``p.region`` got its first byte after ``observed`` seconds: what
-        the round trip really cost is the rest once the engine-side parts are taken off."""
+    def observe_forward(self, p: Prediction, observed: float, now: float) -> None:
+        """A forward into ``p.region`` got its first byte after ``observed`` seconds, at
+        ``now``: what the round trip really cost is the rest once the engine-side parts are
+        taken off."""
         if not (math.isfinite(observed) and observed > 0):
             return
         rtt = p.part("rtt")
@@ -423,20 +443,36 @@ class Calibrator:
         if est is None:
             est = self.rtt[p.region] = BoundedMedian(rtt if rtt > 0 else None, 0.0, 60.0,
                                                      MIN_STEP_S, jump_first=True)
+        elif now - self.rtt_at.get(p.region, now) > RTT_FRESH_S:
+            # Stale: restart from the aged value; the old samples describe another time.
+            est.value = self._aged(p.region, now)
+            est.samples.clear()
+        self.rtt_at[p.region] = now
         est.add(observed - engine)
+
+    def _aged(self, region: str, now: float) -> float | None:
+        est = self.rtt[region]
+        if est.value is None or est.prior is None:
+            return est.value
+        stale = now - self.rtt_at.get(region, now) - RTT_FRESH_S
+        if stale <= 0:
+            return est.value
+        return est.prior + (est.value - est.prior) * math.pow(0.5, stale / RTT_HALF_LIFE_S)
 
     def published(self, replica: str) -> Calibrated:
         m = self.replicas.get(replica)
         return m.published() if m is not None else Calibrated()
 
-    def learned_rtt(self) -> dict[str, float]:
-        return {r: e.value for r, e in self.rtt.items() if e.value is not None}
+    def learned_rtt(self, now: float) -> dict[str, float]:
+        """Region -> learned forward round trip at ``now`` (aged back towards its prior
+        when no forward was measured there lately: ``RTT_FRESH_S``)."""
+        return {r: v for r in self.rtt if (v := self._aged(r, now)) is not None}
 
-    def status(self) -> dict[str, object]:
+    def status(self, now: float) -> dict[str, object]:
         return {
             "replicas": {r: {**m.published().as_dict(),
                              "samples": {"prefill": len(m.idle), "rest": len(m.rest),
                                          "queue": len(m.queue_delay.samples)}}
                          for r, m in sorted(self.replicas.items())},
-            "rtt_s": {r: round(v, 5) for r, v in sorted(self.learned_rtt().items())},
+            "rtt_s": {r: round(v, 5) for r, v in sorted(self.learned_rtt(now).items())},
         }

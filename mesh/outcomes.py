@@ -98,6 +98,7 @@ class Outcomes:
     """Region -> learned forward round trip, seconds."""
     trace: deque[Traced] = field(default_factory=lambda: deque(maxlen=TRACE))
     _prior: float | None = None
+    _now: float = 0.0
 
     def __post_init__(self) -> None:
         self.calibrator = Calibrator(self.default_rate)
@@ -125,11 +126,15 @@ class Outcomes:
             self.calibrator.observe_local(p, pending.uncached, observed,
                                           self.configured_rate(p.replica))
         elif p.kind == "forwarded":
-            self.calibrator.observe_forward(p, observed)
-            self.rtt.update(self.calibrator.learned_rtt())
+            self.calibrator.observe_forward(p, observed, now)
             band = self.errors.band(p.region)
             if band is not None:
                 self.margins[p.region] = band
+        if self.calibrator.rtt:
+            # On every outcome, local ones too: a region no forward goes to any more ages
+            # back towards its measured round trip (``calibration.RTT_FRESH_S``).
+            self.rtt.update(self.calibrator.learned_rtt(now))
+        self._now = now
 
     def prior_margin(self) -> float | None:
         """The forwarding band of regions without a measured one (``TtftErrors.prior``)."""
@@ -140,7 +145,7 @@ class Outcomes:
         return self.calibrator.published(replica)
 
     def status(self) -> dict[str, Any]:
-        return {"errors": self.errors.status(), "calibration": self.calibrator.status()}
+        return {"errors": self.errors.status(), "calibration": self.calibrator.status(self._now)}
 
     def recent(self, limit: int = TRACE) -> list[dict[str, Any]]:
         """The newest ``limit`` outcomes, oldest first: predicted parts beside observed."""

@@ -11,6 +11,8 @@ from mesh.calibration import (
     EVERY,
     MAX_STEP,
     MIN_SAMPLES,
+    RTT_FRESH_S,
+    RTT_HALF_LIFE_S,
     BoundedMedian,
     Calibrated,
     Calibrator,
@@ -200,15 +202,34 @@ def test_the_forward_round_trip_is_learned_from_forwards() -> None:
     cal = Calibrator()
     for _ in range(40):
         p = Prediction("r", "us", "eu", 0.1 + 0.02, (("rtt", 0.1), ("prefill", 0.02)))
-        cal.observe_forward(p, 0.17)  # the round trip is 150 ms, not 100
-    assert cal.learned_rtt()["eu"] == pytest.approx(0.15, abs=0.005)
+        cal.observe_forward(p, 0.17, now=0.0)  # the round trip is 150 ms, not 100
+    assert cal.learned_rtt(now=0.0)["eu"] == pytest.approx(0.15, abs=0.005)
+
+
+def test_a_round_trip_priced_out_by_lost_forwards_ages_back_to_its_prior() -> None:
+    # A burst of forwards that lost (the remote side's queue was missed) is absorbed into
+    # the round trip; once no forward goes there, only aging can bring it back.
+    cal = Calibrator()
+    p = Prediction("r", "us", "eu", 0.08 + 0.02, (("rtt", 0.08), ("prefill", 0.02)))
+    for i in range(10):
+        cal.observe_forward(p, 0.8, now=1.0 + 0.1 * i)  # the last at 1.9 s
+    high = cal.learned_rtt(now=2.0)["eu"]
+    assert high > 0.5
+    assert cal.learned_rtt(now=1.9 + RTT_FRESH_S)["eu"] == high  # fresh: untouched
+    later = cal.learned_rtt(now=1.9 + RTT_FRESH_S + 4 * RTT_HALF_LIFE_S)["eu"]
+    assert later == pytest.approx(0.08 + (high - 0.08) / 16)
+    assert cal.learned_rtt(now=1e4)["eu"] == pytest.approx(0.08)
+    # The next forward restarts from the aged value, not from the old burst's samples.
+    cal.observe_forward(p, 0.1, now=1e4)
+    assert cal.learned_rtt(now=1e4)["eu"] == pytest.approx(0.08)
+    assert len(cal.rtt["eu"].samples) == 1
 
 
 def test_bad_observations_are_ignored() -> None:
     cal = Calibrator()
     cal.observe_local(local(100), 100, float("nan"))
     cal.observe_local(local(100), 100, -1.0)
-    cal.observe_forward(Prediction("r", "us", "eu", 0.1, ()), float("inf"))
+    cal.observe_forward(Prediction("r", "us", "eu", 0.1, ()), float("inf"), now=0.0)
     assert cal.replicas == {} and cal.rtt == {}
 
 
