@@ -29,7 +29,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from mesh.calibration import Calibrated, Calibrator
+from mesh.calibration import RTT_FRESH_S, Calibrated, Calibrator
 from mesh.config import RouterConfig
 from mesh.policies.base import Decision, Request, cached_tokens
 from mesh.ttft_error import Prediction, TtftErrors, prediction_of
@@ -132,8 +132,13 @@ class Outcomes:
                 self.margins[p.region] = band
         if self.calibrator.rtt:
             # On every outcome, local ones too: a region no forward goes to any more ages
-            # back towards its measured round trip (``calibration.RTT_FRESH_S``).
+            # back towards its measured round trip (``calibration.RTT_FRESH_S``), and its
+            # band, measured on forwards that old, back to the prior band.
             self.rtt.update(self.calibrator.learned_rtt(now))
+            for region, at in self.calibrator.rtt_at.items():
+                if now - at > RTT_FRESH_S and region in self.margins:
+                    del self.margins[region]
+                    self.errors.into.pop(region, None)
         self._now = now
 
     def prior_margin(self) -> float | None:

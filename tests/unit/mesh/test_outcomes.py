@@ -73,6 +73,34 @@ def test_forward_outcomes_update_the_views_band_and_round_trip_in_place() -> Non
     assert rtt is out.rtt and rtt["eu"] == pytest.approx(0.3 - 0.1, abs=0.01)
 
 
+def test_a_region_priced_out_by_lost_forwards_reopens_once_they_are_old() -> None:
+    policy = make_policy("kvmesh", {"prefill_rate": 4000.0})
+    out = Outcomes("us", policy_rate(policy))
+    home = ReplicaView("http://a", "us", waiting=10)
+    v = View("us", (home, ReplicaView("http://e", "eu")),
+             {"us": RegionView("us"), "eu": RegionView("eu", rtt=0.08, margin=0.0)},
+             mean_prompt_tokens=400.0)
+    for i in range(10):  # a burst of forwards that lost by most of a second
+        d = policy.decide(REQ, v, 0.0, random.Random(0))
+        assert d.replica == "http://e"
+        pending = out.begin(d, REQ, False, 1.0 + 0.1 * i)
+        assert pending is not None
+        out.first_byte(pending, 1.0 + 0.1 * i + 1.0)
+    assert out.rtt["eu"] > 0.5 and out.margins["eu"] > 0.5
+    # Only local outcomes from now on: the region's figures age.
+    local = View("us", (home,), {"us": RegionView("us")}, mean_prompt_tokens=400.0)
+    d = policy.decide(REQ, local, 0.0, random.Random(0))
+    pending = out.begin(d, REQ, True, 5.0)
+    assert pending is not None
+    out.first_byte(pending, 5.2)  # fresh: nothing moved
+    assert out.rtt["eu"] > 0.5 and out.margins["eu"] > 0.5
+    pending = out.begin(d, REQ, True, 300.0)
+    assert pending is not None
+    out.first_byte(pending, 300.2)
+    assert out.rtt["eu"] == pytest.approx(0.08, abs=0.001)
+    assert "eu" not in out.margins and "eu" not in out.errors.into  # the prior band again
+
+
 def test_a_pinned_placement_has_no_prediction() -> None:
     from mesh.policies import Decision
     assert Outcomes("us").begin(Decision("a", "us", "pinned"), REQ, True, 0.0) is None
