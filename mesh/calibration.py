@@ -72,9 +72,8 @@ trip) halves every ``RTT_HALF_LIFE_S``; the old samples describe another time an
 dropped at the next forward, which restarts the estimate from the aged value. While
 forwards flow (a sample at least this often) nothing changes. Chosen over a cap at a
 multiple of the measured round trip because that would also bound the figure while
-forwards keep showing it, and over aging the forwarding band, because the band is the
-prediction error's own measure; the round trip is the input that should be a network
-figure."""
+forwards keep showing it. The region's forwarding band, measured on the same forwards,
+is dropped at the same point (``mesh.outcomes``), or it alone would keep the region shut."""
 RTT_HALF_LIFE_S = 10.0
 """Half-life of a stale learned round trip's distance from its prior."""
 MIN_RISE = 6
