@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from sim.emulation import (
 from sim.localmesh import LocalMesh
 from sim.metrics import RequestRecord, RunCounters, Summary, percentile, summarize
 from sim.scenarios import PER_REGION, region_skew_workload, skew_clients
+from sim.sweep_pool import PickSpread, PooledRatio, pick_one_per_seed, pooled_ratio, relative
 from sim.workloads import Workload
 
 SCENARIO = "region-skew"
@@ -68,6 +69,8 @@ SIMULATED_ONLY = (
     EmulatedVariant("least_load-local", "least_load", peers=False, set_prefill_rate=False),
 )
 SINGLE_REGION = ("kvmesh-no-peers", "precise_prefix-local", "least_load-local")
+AGREE = 0.10
+"""The simulator and the emulation agree on the mesh / no-peers ratio within this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,11 @@ class SweepPlan:
     mesh_horizon_s: float = 75.0
     error_after_s: float = 60.0
     drain_s: float = 10.0
-    seed: int = 1
+    seeds: tuple[int, ...] = (1,)
+    """Seeds of the measured runs, emulated and simulated, every variant (each seed's
+    variants on fresh routers and cold engines). With several, every figure is over their
+    requests pooled, each seed's own beside it: at an overloaded home one window's p90 ratio
+    moves by 15% on the routers' near-tie draws alone (``sim/sweep_pool.py``)."""
     sim_seeds: tuple[int, ...] = ()
     """Seeds of the simulator's resolution runs (mesh and no-peers only, ``sim_horizon_s``
     long): one short p90 rests on a few dozen tail requests and cannot resolve 5%."""
@@ -92,7 +99,8 @@ class SweepPlan:
     """Near-tie streams of the simulator's twin runs (``FleetSpec.tie_stream`` 0..n-1): the
     emulation's seed and window, only the routers' random draws changed. Every emulated run
     replays that one seed, and timing makes its decisions part from the simulator's after
-    the first different draw: the twins show how far one window moves on that alone."""
+    the first different draw: the twins show how far one window moves on that alone.
+    Run for every seed of ``seeds``; the simulator's pooled figure is over all of them."""
 
     def emulation_plan(self, load: float, horizon: float) -> EmulationPlan:
         return EmulationPlan(
@@ -115,10 +123,10 @@ def _workload(seed: int, horizon: float, speedup: float, load: float,
     return region_skew_workload(seed, horizon, load, speedup)
 
 
-def _scaled(plan: SweepPlan, load: float, horizon: float) -> Scaled:
+def _scaled(plan: SweepPlan, load: float, horizon: float, seed: int) -> Scaled:
     ep = plan.emulation_plan(load, horizon)
     sc, topo, replicas = ep.fleet()
-    return Scaled(ep, sc, topo, replicas, scaled_profile(sc.profile, plan.speedup), plan.seed)
+    return Scaled(ep, sc, topo, replicas, scaled_profile(sc.profile, plan.speedup), seed)
 
 
 # -- one measured run ----------------------------------------------------------------------------
@@ -144,37 +152,46 @@ class Row:
     """Emulated runs: what the processes cost and how late the load generator was (mean
     cores by kind of process, lag p50 / p99, the engines' own mean TTFT in real seconds):
     what the simulator does not model."""
+    seed: int = 1
+    window: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Per client region, the TTFTs of the requests sent in ``[warmup, horizon)`` (what
+    pooling over seeds needs)."""
+    rel_errors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    """Per route kind, the relative errors ``errors`` takes the median of."""
 
 
-def _errors(records: Sequence[RequestRecord], after: float) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for kind in ("local", "forwarded"):
-        rel = [abs(r.ttft - r.predicted_ttft) / r.ttft for r in records
-               if r.sent >= after and r.predicted_ttft is not None and r.first_token is not None
-               and r.ttft > 0 and (r.forwards > 0) == (kind == "forwarded")]
-        out[kind] = {"median_abs_rel_error": round(statistics.median(rel), 4) if rel else None,
-                     "n": len(rel)}
-    return out
+def _rel_errors(records: Sequence[RequestRecord], after: float) -> dict[str, tuple[float, ...]]:
+    return {kind: tuple(abs(r.ttft - r.predicted_ttft) / r.ttft for r in records
+                        if r.sent >= after and r.predicted_ttft is not None
+                        and r.first_token is not None and r.ttft > 0
+                        and (r.forwards > 0) == (kind == "forwarded"))
+            for kind in ("local", "forwarded")}
 
 
-def _row(plan: SweepPlan, load: float, label: str, side: str,
+def _medians(rel: Mapping[str, Sequence[float]]) -> dict[str, dict[str, Any]]:
+    return {kind: {"median_abs_rel_error": round(statistics.median(xs), 4) if xs else None,
+                   "n": len(xs)} for kind, xs in rel.items()}
+
+
+def _row(plan: SweepPlan, load: float, label: str, side: str, seed: int,
          records: Sequence[RequestRecord], counters: RunCounters) -> Row:
     s = summarize(label, records, counters, warmup=plan.warmup_s, horizon=plan.horizon_s)
     measured = [r for r in records if plan.warmup_s <= r.sent < plan.horizon_s]
     regions = sorted({r.region for r in measured})
-    p90 = {g: round(percentile([r.ttft for r in measured if r.region == g], 90), 4)
-           for g in regions}
-    errors = _errors(records, plan.error_after_s) if label == MESH else {}
-    return Row(load, label, side, s, p90, errors)
+    window = {g: tuple(r.ttft for r in measured if r.region == g) for g in regions}
+    p90 = {g: round(percentile(window[g], 90), 4) for g in regions}
+    rel = _rel_errors(records, plan.error_after_s) if label == MESH else {}
+    return Row(load, label, side, s, p90, _medians(rel), seed=seed, window=window,
+               rel_errors=rel)
 
 
-def simulate(plan: SweepPlan, load: float, v: EmulatedVariant) -> Row:
-    scaled = _scaled(plan, load, plan.horizon_of(v.label))
+def simulate(plan: SweepPlan, load: float, v: EmulatedVariant, seed: int) -> Row:
+    scaled = _scaled(plan, load, plan.horizon_of(v.label), seed)
     spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
     spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate)
     fleet = ObservedFleet(spec)
     result = fleet.run(scaled.workload(), drain_s=plan.drain_s)
-    row = _row(plan, load, v.label, "simulated", result.records, result.counters)
+    row = _row(plan, load, v.label, "simulated", seed, result.records, result.counters)
     if v.label == MESH:
         row.routers = {r.id: r.outcomes.status() for r in fleet.routers}
         row.trace = {r.id: r.outcomes.recent() for r in fleet.routers}
@@ -182,8 +199,8 @@ def simulate(plan: SweepPlan, load: float, v: EmulatedVariant) -> Row:
 
 
 async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPlan,
-                  load: float, v: EmulatedVariant, log: Any) -> Row:
-    scaled = _scaled(plan, load, plan.horizon_of(v.label))
+                  load: float, v: EmulatedVariant, seed: int, log: Any) -> Row:
+    scaled = _scaled(plan, load, plan.horizon_of(v.label), seed)
     status: dict[str, Any] = {}
     trace: dict[str, list[dict[str, Any]]] = {}
     blind: dict[str, list[str]] = {}
@@ -210,7 +227,7 @@ async def emulate(mesh: LocalMesh, session: aiohttp.ClientSession, plan: SweepPl
     run = await emulate_variant(mesh, session, scaled, v, log, read_status)
     records = [o.record for o in run.observations]
     counters = RunCounters()
-    row = _row(plan, load, v.label, "emulated", records, counters)
+    row = _row(plan, load, v.label, "emulated", seed, records, counters)
     row.routers = status
     row.trace = trace
     lags = [o.lag for o in run.observations]
@@ -265,11 +282,10 @@ class Pair:
 
 def simulate_pair(plan: SweepPlan, load: float, seed: int) -> Pair:
     """Mesh and no-peers on ``seed`` over ``[warmup, sim_horizon)`` (the resolution runs)."""
-    p = replace(plan, seed=seed, horizon_s=plan.sim_horizon_s,
-                mesh_horizon_s=plan.sim_horizon_s)
+    p = replace(plan, horizon_s=plan.sim_horizon_s, mesh_horizon_s=plan.sim_horizon_s)
     out: dict[str, list[RequestRecord]] = {}
     for v in EMULATED[:2]:
-        scaled = _scaled(p, load, p.sim_horizon_s)
+        scaled = _scaled(p, load, p.sim_horizon_s, seed)
         spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
         spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate)
         result = ObservedFleet(spec).run(scaled.workload(), drain_s=p.drain_s)
@@ -281,31 +297,73 @@ def simulate_pair(plan: SweepPlan, load: float, seed: int) -> Pair:
 
 @dataclass(frozen=True, slots=True)
 class Twin:
-    """The mesh / no-peers p90 ratio of the emulation's own seed and window, simulated with
-    the routers' near-tie stream ``stream``."""
+    """The mesh / no-peers p90 ratio of an emulated seed and window, simulated with the
+    routers' near-tie stream ``stream``."""
 
     load: float
     stream: int
     ratio: float
     forwarded: float
+    seed: int = 1
+    mesh: tuple[float, ...] = ()
+    """TTFTs of the requests sent in the window (what pooling needs)."""
+    no_peers: tuple[float, ...] = ()
 
 
-def simulate_twin(plan: SweepPlan, load: float, stream: int) -> Twin:
-    """Mesh and no-peers on the emulation's seed over ``[warmup, horizon)``, tie stream
+def simulate_twin(plan: SweepPlan, load: float, stream: int, seed: int) -> Twin:
+    """Mesh and no-peers on an emulated seed over ``[warmup, horizon)``, tie stream
     ``stream`` (0: the simulated rows of the tables)."""
     p90: dict[str, float] = {}
+    ttfts: dict[str, tuple[float, ...]] = {}
     forwarded = 0.0
     for v in EMULATED[:2]:
-        scaled = _scaled(plan, load, plan.horizon_s)
+        scaled = _scaled(plan, load, plan.horizon_s, seed)
         spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
         spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate,
                        tie_stream=stream)
         result = ObservedFleet(spec).run(scaled.workload(), drain_s=plan.drain_s)
         window = [r for r in result.records if plan.warmup_s <= r.sent < plan.horizon_s]
-        p90[v.label] = percentile([r.ttft for r in window], 90)
+        ttfts[v.label] = tuple(r.ttft for r in window)
+        p90[v.label] = percentile(ttfts[v.label], 90)
         if v.label == MESH and window:
             forwarded = sum(1 for r in window if r.forwards) / len(window)
-    return Twin(load, stream, p90[MESH] / p90[NO_PEERS], forwarded)
+    return Twin(load, stream, p90[MESH] / p90[NO_PEERS], forwarded, seed, ttfts[MESH],
+                ttfts[NO_PEERS])
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """One variant on one side at one load, over the requests of every seed run pooled
+    (with one seed: that run's own figures)."""
+
+    seeds: tuple[int, ...]
+    sent: int
+    ttft_p90: float
+    ttft_p99: float
+    ttft_mean: float
+    throughput_rps: float
+    """Mean over the seeds (every seed has the same window)."""
+    forwarded: float
+    region_p90: dict[str, float]
+    errors: dict[str, dict[str, Any]]
+    """As ``Row.errors``, the median over every seed's requests."""
+
+
+def pool(rows: Sequence[Row]) -> Pool:
+    ttfts = [x for r in rows for w in r.window.values() for x in w]
+    finite = [x for x in ttfts if math.isfinite(x)]
+    regions = sorted({g for r in rows for g in r.window})
+    sent = sum(r.summary.sent for r in rows)
+    kinds = sorted({k for r in rows for k in r.rel_errors})
+    return Pool(
+        seeds=tuple(r.seed for r in rows), sent=sent,
+        ttft_p90=percentile(ttfts, 90), ttft_p99=percentile(ttfts, 99),
+        ttft_mean=statistics.fmean(finite) if finite else math.nan,
+        throughput_rps=statistics.fmean(r.summary.throughput_rps for r in rows),
+        forwarded=sum(r.summary.router_forwards for r in rows) / sent if sent else math.nan,
+        region_p90={g: round(percentile([x for r in rows for x in r.window.get(g, ())], 90), 4)
+                    for g in regions},
+        errors=_medians({k: [x for r in rows for x in r.rel_errors.get(k, ())] for k in kinds}))
 
 
 @dataclass(slots=True)
@@ -318,13 +376,16 @@ class Sweep:
     pairs: list[Pair] = field(default_factory=list)
     twins: list[Twin] = field(default_factory=list)
 
-    def twin_spread(self, load: float) -> dict[str, Any] | None:
-        """The twins at ``load``: ratios, mean, sd, range (None: no twins run)."""
-        ts = [t for t in self.twins if t.load == load]
+    def twin_spread(self, load: float, seed: int | None = None) -> dict[str, Any] | None:
+        """The twins of ``seed`` (default: the first) at ``load``: ratios, mean, sd, range
+        (None: no twins run)."""
+        seed = self.plan.seeds[0] if seed is None else seed
+        ts = [t for t in self.twins if t.load == load and t.seed == seed]
         if not ts:
             return None
         ratios = [t.ratio for t in ts]
-        return {"streams": [t.stream for t in ts], "ratios": [round(r, 4) for r in ratios],
+        return {"seed": seed, "streams": [t.stream for t in ts],
+                "ratios": [round(r, 4) for r in ratios],
                 "mean": statistics.fmean(ratios),
                 "sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                 "range": (min(ratios), max(ratios)),
@@ -337,39 +398,80 @@ class Sweep:
         if not ps:
             return None
         ratios = [p.ratio() for p in ps]
-        mesh = [x for p in ps for x in p.mesh]
-        alone = [x for p in ps for x in p.no_peers]
+        pooled = pooled_ratio([p.mesh for p in ps], [p.no_peers for p in ps])
         return {
             "seeds": [p.seed for p in ps], "ratios": [round(r, 4) for r in ratios],
             "mean": statistics.fmean(ratios),
             "sd": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
-            "pooled_p90": (percentile(mesh, 90), percentile(alone, 90)),
-            "pooled": percentile(mesh, 90) / percentile(alone, 90),
-            "requests": (len(mesh), len(alone)),
+            "pooled_p90": (pooled.mesh_p90, pooled.alone_p90),
+            "pooled": pooled.ratio,
+            "requests": pooled.requests,
             "forwarded": statistics.fmean(p.forwarded for p in ps),
         }
 
-    def get(self, load: float, variant: str, side: str) -> Row | None:
+    def get(self, load: float, variant: str, side: str, seed: int | None = None) -> Row | None:
+        """The run of ``seed`` (default: the first)."""
+        seed = self.plan.seeds[0] if seed is None else seed
         for r in self.rows:
-            if r.load == load and r.variant == variant and r.side == side:
+            if r.load == load and r.variant == variant and r.side == side and r.seed == seed:
                 return r
         return None
 
+    def pooled(self, load: float, variant: str, side: str) -> Pool | None:
+        """Every seed's run of ``variant`` pooled (None: not run)."""
+        rows = [r for r in self.rows if r.load == load and r.variant == variant
+                and r.side == side]
+        return pool(rows) if rows else None
+
     def ratio(self, load: float, side: str, metric: str = "ttft_p90") -> float | None:
-        a, b = self.get(load, MESH, side), self.get(load, NO_PEERS, side)
+        """Mesh over no-peers, every seed pooled."""
+        a, b = self.pooled(load, MESH, side), self.pooled(load, NO_PEERS, side)
         if a is None or b is None:
             return None
-        x, y = getattr(a.summary, metric), getattr(b.summary, metric)
+        x, y = getattr(a, metric), getattr(b, metric)
         return x / y if y and math.isfinite(x) and math.isfinite(y) else None
+
+    def seed_ratio(self, load: float, side: str, seed: int) -> float | None:
+        a, b = self.get(load, MESH, side, seed), self.get(load, NO_PEERS, side, seed)
+        if a is None or b is None or not b.summary.ttft_p90:
+            return None
+        return a.summary.ttft_p90 / b.summary.ttft_p90
+
+    def simulated_pooled(self, load: float) -> tuple[PooledRatio, int] | None:
+        """The simulator's mesh / no-peers p90 ratio over every seed and, when twins ran,
+        every twin of every seed, pooled; and how many runs of each variant that is."""
+        ts = [t for t in self.twins if t.load == load]
+        if ts:
+            return pooled_ratio([t.mesh for t in ts], [t.no_peers for t in ts]), len(ts)
+        rows = {v: [r for r in self.rows if r.load == load and r.variant == v
+                    and r.side == "simulated"] for v in (MESH, NO_PEERS)}
+        if not rows[MESH] or not rows[NO_PEERS]:
+            return None
+        windows = {v: [tuple(x for w in r.window.values() for x in w) for r in rs]
+                   for v, rs in rows.items()}
+        return pooled_ratio(windows[MESH], windows[NO_PEERS]), len(rows[MESH])
+
+    def pick_spread(self, load: float) -> PickSpread | None:
+        """How far one pooled run moves on decisions alone: the pooled ratio over the ways
+        of taking one twin per seed, against the simulator's pooled figure (needs twins)."""
+        ref = self.simulated_pooled(load)
+        by_seed: dict[int, list[tuple[tuple[float, ...], tuple[float, ...]]]] = {}
+        for t in self.twins:
+            if t.load == load:
+                by_seed.setdefault(t.seed, []).append((t.mesh, t.no_peers))
+        if ref is None or not by_seed:
+            return None
+        return pick_one_per_seed(by_seed, ref[0].ratio, AGREE)
 
     def best_single_region(self, load: float, side: str) -> dict[str, tuple[str, float]]:
         best: dict[str, tuple[str, float]] = {}
-        for r in self.rows:
-            if r.load != load or r.side != side or r.variant not in SINGLE_REGION:
+        for label in SINGLE_REGION:
+            p = self.pooled(load, label, side)
+            if p is None:
                 continue
-            for region, v in r.region_p90.items():
+            for region, v in p.region_p90.items():
                 if region not in best or v < best[region][1]:
-                    best[region] = (r.variant, v)
+                    best[region] = (label, v)
         return best
 
 
@@ -377,8 +479,13 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
                     workdir: Path | None = None, log: Any = print) -> Sweep:
     started = time.perf_counter()
     rows: list[Row] = []
+    several = len(plan.seeds) > 1
+
+    def tag(load: float, seed: int) -> str:
+        return f"load {load:g} ({skew_clients(load)})" + (f", seed {seed}" if several else "")
+
     if emulate_too:
-        first = _scaled(plan, plan.loads[0], plan.horizon_s)
+        first = _scaled(plan, plan.loads[0], plan.horizon_s, plan.seeds[0])
         temp = workdir is None
         wd = workdir or Path(tempfile.mkdtemp(prefix="kvmesh-region-sweep-"))
         wd.mkdir(parents=True, exist_ok=True)
@@ -392,9 +499,11 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
                     log(f"region-sweep: 6 engines (x{plan.speedup:g}), 3 routers; logs in {wd}")
                     await mesh.start_engines(session)
                     for load in plan.loads:
-                        for v in plan.runs(EMULATED):
-                            log(f"- load {load:g} ({skew_clients(load)}): {v.label}, emulating")
-                            rows.append(await emulate(mesh, session, plan, load, v, log))
+                        for seed in plan.seeds:
+                            for v in plan.runs(EMULATED):
+                                log(f"- {tag(load, seed)}: {v.label}, emulating")
+                                rows.append(await emulate(mesh, session, plan, load, v, seed,
+                                                          log))
                 finally:
                     await mesh.stop()
             ok = True
@@ -404,9 +513,10 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
             elif temp:
                 log(f"logs kept in {wd}")
     for load in plan.loads:
-        for v in plan.runs((*EMULATED, *SIMULATED_ONLY)):
-            log(f"- load {load:g}: {v.label}, simulating")
-            rows.append(simulate(plan, load, v))
+        for seed in plan.seeds:
+            for v in plan.runs((*EMULATED, *SIMULATED_ONLY)):
+                log(f"- {tag(load, seed)}: {v.label}, simulating")
+                rows.append(simulate(plan, load, v, seed))
     pairs = []
     for load in plan.loads:
         for seed in plan.sim_seeds:
@@ -415,10 +525,11 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
             pairs.append(simulate_pair(plan, load, seed))
     twins = []
     for load in plan.loads:
-        for stream in range(plan.sim_ties):
-            log(f"- load {load:g}: seed {plan.seed}, tie stream {stream}, mesh and no-peers, "
-                f"simulating")
-            twins.append(simulate_twin(plan, load, stream))
+        for seed in plan.seeds:
+            for stream in range(plan.sim_ties):
+                log(f"- load {load:g}: seed {seed}, tie stream {stream}, mesh and no-peers, "
+                    f"simulating")
+                twins.append(simulate_twin(plan, load, stream, seed))
     return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg(), pairs,
                  twins)
 
@@ -434,28 +545,32 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.1%}"
 
 
+def _seeds_text(seeds: Sequence[int]) -> str:
+    return ",".join(map(str, seeds))
+
+
 def tables(sw: Sweep) -> str:
     sides = ("emulated", "simulated")
-    out = ["| load (users us/eu/asia) | variant | TTFT p90 (s) emu / sim | TTFT p99 (s) | "
-           "req/s | forwarded |",
-           "|---|---|---:|---:|---:|---:|"]
+    several = len(sw.plan.seeds) > 1
+    out = [f"Every seed's requests pooled (seeds {_seeds_text(sw.plan.seeds)}; req/s: the "
+           f"mean over the seeds; each seed's own ratio in the per-seed table below):", ""] \
+        if several else []
+    out += ["| load (users us/eu/asia) | variant | TTFT p90 (s) emu / sim | TTFT p99 (s) | "
+            "req/s | forwarded |",
+            "|---|---|---:|---:|---:|---:|"]
     for load in sw.plan.loads:
         users = "/".join(str(n) for n in skew_clients(load).values())
         for v in (*EMULATED, *SIMULATED_ONLY):
-            e, s = sw.get(load, v.label, sides[0]), sw.get(load, v.label, sides[1])
+            e, s = sw.pooled(load, v.label, sides[0]), sw.pooled(load, v.label, sides[1])
 
-            def both(attr: str, fmt: Any = _f, e: Row | None = e, s: Row | None = s) -> str:
-                a = fmt(getattr(e.summary, attr)) if e else "-"
-                b = fmt(getattr(s.summary, attr)) if s else "-"
+            def both(attr: str, fmt: Any = _f, e: Pool | None = e, s: Pool | None = s) -> str:
+                a = fmt(getattr(e, attr)) if e else "-"
+                b = fmt(getattr(s, attr)) if s else "-"
                 return f"{a} / {b}"
-
-            def fwd(r: Row | None) -> str:
-                return _pct(r.summary.router_forwards / r.summary.sent) if r and r.summary.sent \
-                    else "-"
 
             out.append(f"| {load:g} ({users}) | {v.label} | {both('ttft_p90')} | "
                        f"{both('ttft_p99')} | {both('throughput_rps', lambda x: _f(x, 1))} | "
-                       f"{fwd(e)} / {fwd(s)} |")
+                       f"{both('forwarded', _pct)} |")
     out += ["", "| load | mesh / no-peers TTFT p90 emu | sim | emu vs sim | mean TTFT emu | "
             "sim | emu vs sim | req/s emu | sim | best single-region p90 per region "
             "(emu; sim) |",
@@ -479,14 +594,19 @@ def tables(sw: Sweep) -> str:
             "| load | side | local: median (n) | forwarded: median (n) |", "|---|---|---:|---:|"]
     for load in sw.plan.loads:
         for side in sides:
-            r = sw.get(load, MESH, side)
-            if r is None:
+            pm = sw.pooled(load, MESH, side)
+            if pm is None:
                 continue
-            cells = [f"{_pct(r.errors[k]['median_abs_rel_error'])} ({r.errors[k]['n']})"
+            cells = [f"{_pct(pm.errors[k]['median_abs_rel_error'])} ({pm.errors[k]['n']})"
                      for k in ("local", "forwarded")]
             out.append(f"| {load:g} | {side} | {cells[0]} | {cells[1]} |")
-    parts = [(f"{r.load:g} {r.side}", error_parts.summary(
-                 error_parts.local_rows(r.trace, sw.plan.error_after_s)))
+    if several:
+        out += ["", *per_seed_table(sw)]
+    agreement = agreement_table(sw)
+    if agreement:
+        out += ["", *agreement]
+    parts = [(f"{r.load:g} {r.side}" + (f" seed {r.seed}" if several else ""),
+              error_parts.summary(error_parts.local_rows(r.trace, sw.plan.error_after_s)))
              for r in sw.rows if r.trace]
     if parts:
         out += ["", f"Local decisions' error taken apart (the routers' outcome traces: TTFT "
@@ -506,6 +626,7 @@ def tables(sw: Sweep) -> str:
                 "|---|---|---|---|---:|---:|---|---|"]
         for r in machine:
             m = r.machine
+            load_ = f"{r.load:g}" + (f" (seed {r.seed})" if several else "")
             c = m.get("cpu_cores", {})
             cores = " / ".join(_f(c.get(k), 2) for k in ("engines", "routers", "netdelay",
                                                           "load generator"))
@@ -514,7 +635,7 @@ def tables(sw: Sweep) -> str:
             pace = m.get("engine_pace") or {}
             paced = (f"{100 * pace['late_share']:.0f}% ({pace['late_ms_mean']:.1f}) / "
                      f"{pace['absorbed_s']:.2f}" if pace.get("steps") else "-")
-            out.append(f"| {r.load:g} | {r.variant} | {cores} | {_f(m.get('lag_p50_s'))} / "
+            out.append(f"| {load_} | {r.variant} | {cores} | {_f(m.get('lag_p50_s'))} / "
                        f"{_f(m.get('lag_p99_s'))} | {_f(m.get('engine_ttft_mean_s'))} | "
                        f"{_f(r.summary.ttft_mean)} | {paced} | {blind} |")
     if sw.pairs:
@@ -534,30 +655,97 @@ def tables(sw: Sweep) -> str:
                        f"{res['requests'][1]}) | {res['pooled']:.3f} | {_pct(res['forwarded'])} |")
     if sw.twins:
         p = sw.plan
-        out += ["", f"Twin runs (simulator, seed {p.seed} as emulated, TTFT over "
+        out += ["", f"Twin runs (simulator, the emulated seeds and window, TTFT over "
                 f"[{p.warmup_s:g}, {p.horizon_s:g}) s, the routers' near-tie stream "
                 f"varied): how far one window moves on decisions alone:", "",
-                "| load | mesh / no-peers p90 per tie stream | mean (sd) | range | "
-                "forwarded |", "|---|---|---:|---|---:|"]
+                "| load | seed | mesh / no-peers p90 per tie stream | mean (sd) | range | "
+                "forwarded |", "|---|---|---|---:|---|---:|"]
         for load in sw.plan.loads:
-            tw = sw.twin_spread(load)
-            if tw is None:
-                continue
-            lo, hi = tw["range"]
-            out.append(f"| {load:g} | {' '.join(f'{x:.3f}' for x in tw['ratios'])} | "
-                       f"{tw['mean']:.3f} ({tw['sd']:.3f}) | {lo:.3f}-{hi:.3f} | "
-                       f"{_pct(tw['forwarded'])} |")
+            for seed in sw.plan.seeds:
+                tw = sw.twin_spread(load, seed)
+                if tw is None:
+                    continue
+                lo, hi = tw["range"]
+                out.append(f"| {load:g} | {seed} | "
+                           f"{' '.join(f'{x:.3f}' for x in tw['ratios'])} | "
+                           f"{tw['mean']:.3f} ({tw['sd']:.3f}) | {lo:.3f}-{hi:.3f} | "
+                           f"{_pct(tw['forwarded'])} |")
     return "\n".join(out)
 
 
+def per_seed_table(sw: Sweep) -> list[str]:
+    """Each seed's own runs: the ratio emulated and simulated (stream 0, and the mean of its
+    twins when they ran), the p90s it is made of, the share forwarded."""
+    out = ["Each seed on its own (mesh / no-peers TTFT p90; sim: tie stream 0, and the mean "
+           "(sd) of its twins when they ran):", "",
+           "| load | seed | emu | sim | twins' mean (sd) | emu vs sim | emu vs twins' mean | "
+           "mesh p90 (s) emu / sim | no-peers p90 (s) emu / sim | forwarded emu / sim |",
+           "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+    for load in sw.plan.loads:
+        for seed in sw.plan.seeds:
+            re_, rs = (sw.seed_ratio(load, side, seed) for side in ("emulated", "simulated"))
+            tw = sw.twin_spread(load, seed)
+
+            def p90(variant: str, seed: int = seed, load: float = load) -> str:
+                rows = [sw.get(load, variant, side, seed) for side in ("emulated", "simulated")]
+                return " / ".join(_f(r.summary.ttft_p90) if r else "-" for r in rows)
+
+            def fwd(side: str, seed: int = seed, load: float = load) -> str:
+                r = sw.get(load, MESH, side, seed)
+                return _pct(r.summary.router_forwards / r.summary.sent) \
+                    if r and r.summary.sent else "-"
+
+            twins = f"{tw['mean']:.3f} ({tw['sd']:.3f})" if tw else "-"
+            out.append(
+                f"| {load:g} | {seed} | {_f(re_)} | {_f(rs)} | {twins} | "
+                f"{_pct(relative(re_, rs))} | "
+                f"{_pct(relative(re_, tw['mean'] if tw else None))} | {p90(MESH)} | "
+                f"{p90(NO_PEERS)} | {fwd('emulated')} / {fwd('simulated')} |")
+    return out
+
+
+def agreement_table(sw: Sweep) -> list[str]:
+    """The criterion: the emulated ratio over every seed pooled against the simulator's over
+    the same seeds (and their twins) pooled, with how far one pooled run moves on decisions
+    alone (the simulator's picks of one twin per seed)."""
+    lines = []
+    for load in sw.plan.loads:
+        sim = sw.simulated_pooled(load)
+        if sim is None:
+            continue
+        emu = sw.ratio(load, "emulated")
+        d = relative(emu, sim[0].ratio)
+        spread = sw.pick_spread(load)
+        noise = (f"{spread.rel_sd:.1%} ({spread.within:.0%} of {spread.picks})"
+                 if spread else "-")
+        verdict = "-" if d is None else "yes" if abs(d) <= AGREE else "NO"
+        lines.append(f"| {load:g} | {_seeds_text(sw.plan.seeds)} | {_f(emu)} | "
+                     f"{sim[0].ratio:.3f} ({sim[1]} runs, {sim[0].requests[0]} / "
+                     f"{sim[0].requests[1]} requests) | {_pct(d)} | {noise} | {verdict} |")
+    if not lines:
+        return []
+    return [f"Agreement on the mesh / no-peers TTFT p90 ratio, every seed's requests pooled "
+            f"(the simulator over the same seeds and windows, each seed's twins too when they "
+            f"ran). Decision noise: the simulator's pooled ratio when one twin per seed is "
+            f"taken, as one emulated run takes one trajectory per seed: relative sd over the "
+            f"ways to pick, and the share of them within {AGREE:.0%} of the simulator's "
+            f"pooled figure:", "",
+            "| load | seeds | emu pooled | sim pooled | emu vs sim | decision noise: sd (picks "
+            f"within {AGREE:.0%}) | within {AGREE:.0%} |", "|---|---|---:|---|---:|---|---|",
+            *lines]
+
+
 def acceptance(sw: Sweep) -> list[str]:
-    """The acceptance checks, each with the figures it reads (emulated unless said)."""
+    """The acceptance checks, each with the figures it reads (emulated unless said; with
+    several seeds, over every seed's requests pooled)."""
     side = "emulated" if any(r.side == "emulated" for r in sw.rows) else "simulated"
     loads = sw.plan.loads
+    seeds = sw.plan.seeds
+    over = f", seeds {_seeds_text(seeds)} pooled" if len(seeds) > 1 else ""
     out = []
     light, heavy = loads[0], loads[-1]
     r = sw.ratio(light, side)
-    out.append(f"light load {light:g}: mesh p90 / no-peers p90 = {_f(r)} "
+    out.append(f"light load {light:g}{over}: mesh p90 / no-peers p90 = {_f(r)} "
                f"(within 5%: {'yes' if r is not None and abs(r - 1) <= 0.05 else 'NO'})")
     res = sw.resolution(light)
     if res is not None:
@@ -569,34 +757,79 @@ def acceptance(sw: Sweep) -> list[str]:
     r = sw.ratio(heavy, side)
     t = sw.ratio(heavy, side, "throughput_rps")
     ok = r is not None and r <= 0.70 and t is not None and t > 1.0
-    out.append(f"overloaded load {heavy:g}: mesh p90 / no-peers p90 = {_f(r)}, req/s ratio "
-               f"{_f(t)} (>= 30% lower and higher throughput: {'yes' if ok else 'NO'})")
+    out.append(f"overloaded load {heavy:g}{over}: mesh p90 / no-peers p90 = {_f(r)}, req/s "
+               f"ratio {_f(t)} (>= 30% lower and higher throughput: {'yes' if ok else 'NO'})")
     for load in loads:
-        m = sw.get(load, MESH, side)
+        m = sw.pooled(load, MESH, side)
         if m is None:
             continue
         lo, fw = (m.errors[k]["median_abs_rel_error"] for k in ("local", "forwarded"))
         ok_l = lo is not None and lo <= 0.25
         ok_f = fw is None or fw <= 0.35
-        out.append(f"load {load:g}: median abs error local {_pct(lo)} (<= 25%: "
+        out.append(f"load {load:g}{over}: median abs error local {_pct(lo)} (<= 25%: "
                    f"{'yes' if ok_l else 'NO'}), forwarded {_pct(fw)} (n="
                    f"{m.errors['forwarded']['n']}; <= 35%: {'yes' if ok_f else 'NO'})")
-    if any(r.side == "emulated" for r in sw.rows):
-        for load in loads:
-            re_, rs = sw.ratio(load, "emulated"), sw.ratio(load, "simulated")
-            d = (re_ / rs - 1.0) if re_ is not None and rs else None
-            ok = d is not None and abs(d) <= 0.10
-            out.append(f"load {load:g}: mesh/no-peers ratio emu {_f(re_)} vs sim {_f(rs)} "
-                       f"({_pct(d)}; within 10%: {'yes' if ok else 'NO'})")
-            tw = sw.twin_spread(load)
-            if tw is not None and re_ is not None:
-                d = re_ / tw["mean"] - 1.0
-                lo, hi = tw["range"]
-                out.append(f"load {load:g}: emu {_f(re_)} vs the mean of {len(tw['ratios'])} "
-                           f"simulated twins {tw['mean']:.3f} ({_pct(d)}; within 10%: "
-                           f"{'yes' if abs(d) <= 0.10 else 'NO'}; inside their range "
-                           f"{lo:.3f}-{hi:.3f}: {'yes' if lo <= re_ <= hi else 'NO'})")
+    if side != "emulated":
+        return out
+    for load in loads:
+        re_ = sw.ratio(load, "emulated")
+        sim = sw.simulated_pooled(load)
+        rs = sim[0].ratio if sim else None
+        d = relative(re_, rs)
+        ok = d is not None and abs(d) <= AGREE
+        what = "" if sim is None or sim[1] == len(seeds) else \
+            f" over {sim[1]} runs ({sim[1] // len(seeds)} twins a seed)"
+        line = (f"load {load:g}{over}: mesh/no-peers ratio emu {_f(re_)} vs sim {_f(rs)}{what} "
+                f"({_pct(d)}; within {AGREE:.0%}: {'yes' if ok else 'NO'})")
+        if len(seeds) > 1:
+            per = [(sw.seed_ratio(load, "emulated", x), sw.seed_ratio(load, "simulated", x))
+                   for x in seeds]
+            line += "; per seed emu / sim " + ", ".join(
+                f"{x}: {_f(e)} / {_f(s_)}" for x, (e, s_) in zip(seeds, per, strict=True))
+        spread = sw.pick_spread(load)
+        if spread is not None:
+            line += (f"; one pooled run moves by sd {spread.rel_sd:.1%} on decisions alone "
+                     f"({spread.within:.0%} of the simulator's own picks within "
+                     f"{AGREE:.0%})")
+        out.append(line)
+        tw = sw.twin_spread(load)
+        if len(seeds) == 1 and tw is not None and re_ is not None:
+            d = re_ / tw["mean"] - 1.0
+            lo, hi = tw["range"]
+            out.append(f"load {load:g}: emu {_f(re_)} vs the mean of {len(tw['ratios'])} "
+                       f"simulated twins {tw['mean']:.3f} ({_pct(d)}; within 10%: "
+                       f"{'yes' if abs(d) <= 0.10 else 'NO'}; inside their range "
+                       f"{lo:.3f}-{hi:.3f}: {'yes' if lo <= re_ <= hi else 'NO'})")
     return out
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def pooled_json(sw: Sweep, load: float) -> dict[str, Any] | None:
+    """The comparison at ``load``: pooled ratios of both sides, each seed's own, the
+    decision noise of one pooled run."""
+    sim = sw.simulated_pooled(load)
+    if sim is None:
+        return None
+    spread = sw.pick_spread(load)
+    emu = sw.ratio(load, "emulated")
+    return {
+        "seeds": list(sw.plan.seeds),
+        "emulated": emu,
+        "simulated": _finite(sim[0].ratio),
+        "simulated_runs": sim[1],
+        "simulated_p90": (_finite(sim[0].mesh_p90), _finite(sim[0].alone_p90)),
+        "simulated_requests": sim[0].requests,
+        "difference": relative(emu, sim[0].ratio),
+        "per_seed": {str(x): {"emulated": sw.seed_ratio(load, "emulated", x),
+                              "simulated": sw.seed_ratio(load, "simulated", x)}
+                     for x in sw.plan.seeds},
+        "decision_noise": None if spread is None else {
+            "picks": spread.picks, "mean": spread.mean, "sd": spread.sd,
+            "rel_sd": spread.rel_sd, "within": spread.within},
+    }
 
 
 def to_json(sw: Sweep) -> dict[str, Any]:
@@ -606,16 +839,21 @@ def to_json(sw: Sweep) -> dict[str, Any]:
         "plan": asdict(sw.plan),
         "wall_s": round(sw.wall_s, 1),
         "load_average": sw.load_average,
-        "rows": [{"load": r.load, "variant": r.variant, "side": r.side,
+        "rows": [{"load": r.load, "variant": r.variant, "side": r.side, "seed": r.seed,
                   "summary": {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                               for k, v in asdict(r.summary).items()},
                   "region_p90": r.region_p90, "errors": r.errors, "routers": r.routers,
-                  "machine": r.machine}
+                  "machine": r.machine,
+                  "ttft": {g: [round(x, 4) if math.isfinite(x) else None for x in w]
+                           for g, w in r.window.items()}}
                  for r in sw.rows],
+        "pooled": {f"{load:g}": pooled_json(sw, load) for load in sw.plan.loads
+                   if sw.simulated_pooled(load) is not None},
         "resolution": {f"{load:g}": sw.resolution(load) for load in sw.plan.loads
                        if sw.resolution(load) is not None},
-        "twins": {f"{load:g}": sw.twin_spread(load) for load in sw.plan.loads
-                  if sw.twin_spread(load) is not None},
+        "twins": {f"{load:g} seed {seed}": sw.twin_spread(load, seed)
+                  for load in sw.plan.loads for seed in sw.plan.seeds
+                  if sw.twin_spread(load, seed) is not None},
         "acceptance": acceptance(sw),
     }
 
@@ -649,7 +887,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh-horizon", type=float, default=d.mesh_horizon_s)
     p.add_argument("--warmup", type=float, default=d.warmup_s)
     p.add_argument("--error-after", type=float, default=d.error_after_s)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int,
+                   help=f"the one seed of the measured runs (default {d.seeds[0]})")
+    p.add_argument("--seeds",
+                   help="several seeds of the measured runs, e.g. 1-3 or 1,4: every variant, "
+                        "emulated and simulated (and --sim-ties twins), on each; figures "
+                        "and the agreement verdict over every seed's requests pooled, each "
+                        "seed's own beside them")
     p.add_argument("--sim-seeds", default="",
                    help="seeds of the simulator's resolution runs (mesh and no-peers, "
                         "--sim-horizon long), e.g. 1-8 or 1,2,3")
@@ -666,7 +910,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def _seeds(text: str, option: str = "--sim-seeds") -> tuple[int, ...]:
     """``1-8`` or ``1,2,5`` (empty: none)."""
     out: list[int] = []
     for part in filter(None, (x.strip() for x in text.split(","))):
@@ -674,11 +918,23 @@ def _seeds(text: str) -> tuple[int, ...]:
         try:
             first, last = int(lo), int(hi) if sep else int(lo)
         except ValueError:
-            raise ValueError(f"--sim-seeds: expected numbers or ranges, got {part!r}") from None
+            raise ValueError(f"{option}: expected numbers or ranges, got {part!r}") from None
         if last < first:
-            raise ValueError(f"--sim-seeds: empty range {part!r}")
+            raise ValueError(f"{option}: empty range {part!r}")
         out.extend(range(first, last + 1))
     return tuple(dict.fromkeys(out))
+
+
+def _measured_seeds(seed: int | None, seeds: str | None) -> tuple[int, ...]:
+    """``--seed`` or ``--seeds`` (not both; neither: the plan's default)."""
+    if seed is not None and seeds is not None:
+        raise ValueError("give --seed or --seeds, not both")
+    if seeds is not None:
+        out = _seeds(seeds, "--seeds")
+        if not out:
+            raise ValueError("--seeds: expected at least one seed")
+        return out
+    return (seed,) if seed is not None else SweepPlan().seeds
 
 
 def main(argv: list[str]) -> int:
@@ -694,7 +950,8 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--variants: unknown {', '.join(unknown)} "
                              f"(known: {', '.join(known)})")
         plan = SweepPlan(args.speedup, loads, args.warmup, args.horizon, args.mesh_horizon,
-                         args.error_after, seed=args.seed, sim_seeds=_seeds(args.sim_seeds),
+                         args.error_after, seeds=_measured_seeds(args.seed, args.seeds),
+                         sim_seeds=_seeds(args.sim_seeds),
                          sim_horizon_s=args.sim_horizon, sim_ties=args.sim_ties,
                          variants=variants)
         if plan.sim_ties < 0:

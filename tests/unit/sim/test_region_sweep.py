@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -114,3 +115,89 @@ def test_twin_runs_replay_the_emulated_seed_with_other_tie_streams(tmp_path: Pat
     sw.rows += [replace(r, side="emulated") for r in sw.rows if r.variant in (MESH, NO_PEERS)]
     (line,) = [x for x in acceptance(sw) if "simulated twins" in x]
     assert line.startswith("load 0.25: emu ") and "inside their range" in line
+
+
+def test_several_seeds_are_pooled_and_each_shown(tmp_path: Path) -> None:
+    from sim.metrics import percentile
+    plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                     mesh_horizon_s=20.0, error_after_s=10.0, drain_s=5.0,
+                     variants=(MESH, NO_PEERS), seeds=(1, 2), sim_ties=2)
+    sw = asyncio.run(run_sweep(plan, "test", emulate_too=False, log=lambda s: None))
+    assert sorted((r.seed, r.variant) for r in sw.rows) == [
+        (1, MESH), (1, NO_PEERS), (2, MESH), (2, NO_PEERS)]
+    assert sorted((t.seed, t.stream) for t in sw.twins) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+    def window(variant: str) -> list[float]:
+        return [x for r in sw.rows if r.variant == variant for w in r.window.values()
+                for x in w]
+
+    # The pooled p90 is over every seed's requests, not a mean of per-seed p90s.
+    pm = sw.pooled(0.25, MESH, "simulated")
+    assert pm is not None and pm.seeds == (1, 2)
+    assert pm.sent == sum(r.summary.sent for r in sw.rows if r.variant == MESH)
+    assert pm.ttft_p90 == percentile(window(MESH), 90)
+    assert sw.ratio(0.25, "simulated") == pytest.approx(
+        percentile(window(MESH), 90) / percentile(window(NO_PEERS), 90))
+    # Each seed's own ratio is its own run's, and stream 0 of its twins is that run.
+    for seed in (1, 2):
+        own = sw.seed_ratio(0.25, "simulated", seed)
+        (t0,) = [t for t in sw.twins if t.seed == seed and t.stream == 0]
+        assert own == pytest.approx(t0.ratio)
+    # The simulator's pooled figure is over every seed's every twin.
+    sim = sw.simulated_pooled(0.25)
+    assert sim is not None and sim[1] == 4
+    assert sim[0].requests[0] == sum(len(t.mesh) for t in sw.twins)
+    spread = sw.pick_spread(0.25)
+    assert spread is not None and spread.picks == 4  # 2 twins of seed 1 x 2 of seed 2
+    text = tables(sw)
+    assert "Every seed's requests pooled (seeds 1,2" in text
+    assert "Each seed on its own" in text and "| 0.25 | 2 |" in text
+    assert "Agreement on the mesh / no-peers TTFT p90 ratio" in text
+    assert any(x.startswith("light load 0.25, seeds 1,2 pooled") for x in acceptance(sw))
+    # Beside emulated runs, the verdict is pooled against pooled, every seed shown.
+    sw.rows += [replace(r, side="emulated") for r in list(sw.rows)]
+    emu = sw.ratio(0.25, "emulated")
+    assert emu == pytest.approx(sw.ratio(0.25, "simulated"))
+    (line,) = [x for x in acceptance(sw) if "mesh/no-peers ratio emu" in x]
+    assert f"emu {emu:.3f} vs sim {sim[0].ratio:.3f} over 4 runs (2 twins a seed)" in line
+    assert "per seed emu / sim 1: " in line and "; 2: " not in line and ", 2: " in line
+    assert "one pooled run moves by sd" in line
+    write(sw, tmp_path / "out")
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["plan"]["seeds"] == [1, 2]
+    assert doc["pooled"]["0.25"]["emulated"] == pytest.approx(emu)
+    assert set(doc["pooled"]["0.25"]["per_seed"]) == {"1", "2"}
+    assert {r["seed"] for r in doc["rows"]} == {1, 2}
+
+
+def test_one_seed_pooled_is_that_runs_own_figures() -> None:
+    plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                     mesh_horizon_s=20.0, error_after_s=10.0, drain_s=5.0,
+                     variants=(MESH, NO_PEERS))
+    sw = asyncio.run(run_sweep(plan, "test", emulate_too=False, log=lambda s: None))
+    for label in (MESH, NO_PEERS):
+        row, pooled = sw.get(0.25, label, "simulated"), sw.pooled(0.25, label, "simulated")
+        assert row is not None and pooled is not None
+        assert pooled.ttft_p90 == row.summary.ttft_p90
+        assert pooled.ttft_p99 == row.summary.ttft_p99
+        assert pooled.throughput_rps == row.summary.throughput_rps
+        assert pooled.region_p90 == row.region_p90 and pooled.errors == row.errors
+    assert "Each seed on its own" not in tables(sw)
+
+
+def test_measured_seeds_are_parsed_and_bad_ones_refused(capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    from sim.region_sweep import _measured_seeds
+    assert _measured_seeds(None, None) == (1,)
+    assert _measured_seeds(4, None) == (4,)
+    assert _measured_seeds(None, "1-3") == (1, 2, 3)
+    assert _measured_seeds(None, "2,1,2") == (2, 1)
+    for seed, seeds, why in ((1, "1-2", "not both"), (None, "", "at least one seed"),
+                             (None, "3-1", "--seeds: empty range"),
+                             (None, "a-b", "--seeds: expected numbers")):
+        with pytest.raises(ValueError, match=why):
+            _measured_seeds(seed, seeds)
+    assert main(["--seeds", "1-x"]) == 2
+    assert "--seeds: expected numbers or ranges, got '1-x'" in capsys.readouterr().err
+    assert main(["--seed", "2", "--seeds", "1-3"]) == 2
+    assert "give --seed or --seeds, not both" in capsys.readouterr().err
