@@ -844,8 +844,10 @@ def to_json(sw: Sweep) -> dict[str, Any]:
                               for k, v in asdict(r.summary).items()},
                   "region_p90": r.region_p90, "errors": r.errors, "routers": r.routers,
                   "machine": r.machine,
-                  "ttft": {g: [round(x, 4) if math.isfinite(x) else None for x in w]
-                           for g, w in r.window.items()}}
+                  "ttft": {g: [round(x, 6) if math.isfinite(x) else None for x in w]
+                           for g, w in r.window.items()},
+                  "rel_errors": {k: [round(x, 6) for x in xs]
+                                 for k, xs in r.rel_errors.items()}}
                  for r in sw.rows],
         "pooled": {f"{load:g}": pooled_json(sw, load) for load in sw.plan.loads
                    if sw.simulated_pooled(load) is not None},
