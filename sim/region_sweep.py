@@ -375,6 +375,8 @@ class Sweep:
     load_average: tuple[float, float, float]
     pairs: list[Pair] = field(default_factory=list)
     twins: list[Twin] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    """Earlier runs whose emulated rows this one pools (``--emulated-from``)."""
 
     def twin_spread(self, load: float, seed: int | None = None) -> dict[str, Any] | None:
         """The twins of ``seed`` (default: the first) at ``load``: ratios, mean, sd, range
@@ -433,9 +435,10 @@ class Sweep:
 
     def seed_ratio(self, load: float, side: str, seed: int) -> float | None:
         a, b = self.get(load, MESH, side, seed), self.get(load, NO_PEERS, side, seed)
-        if a is None or b is None or not b.summary.ttft_p90:
+        if a is None or b is None:
             return None
-        return a.summary.ttft_p90 / b.summary.ttft_p90
+        r = pool([a]).ttft_p90 / pool([b]).ttft_p90
+        return r if math.isfinite(r) else None
 
     def simulated_pooled(self, load: float) -> tuple[PooledRatio, int] | None:
         """The simulator's mesh / no-peers p90 ratio over every seed and, when twins ran,
@@ -475,10 +478,110 @@ class Sweep:
         return best
 
 
-async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
-                    workdir: Path | None = None, log: Any = print) -> Sweep:
-    started = time.perf_counter()
+@dataclass(frozen=True, slots=True)
+class Source:
+    """An earlier run (its ``results.json``) whose emulated rows a report pools."""
+
+    path: str
+    command: str
+    wall_s: float
+    load_average: tuple[float, ...]
+    seeds: tuple[int, ...]
+
+
+SAME_WINDOWS = ("speedup", "warmup_s", "horizon_s", "mesh_horizon_s", "error_after_s",
+                "drain_s")
+"""What an earlier run must share with this one for its rows to be pooled with it."""
+
+
+def _number(v: Any) -> Any:
+    return math.nan if v is None else math.inf if v == "inf" else v
+
+
+def _row_of(doc: dict[str, Any], trace: dict[str, list[dict[str, Any]]]) -> Row:
+    summary = {k: _number(v) for k, v in doc["summary"].items()}
+    summary["per_region_ttft_p90"] = {g: _number(v) for g, v in
+                                      (summary.get("per_region_ttft_p90") or {}).items()}
+    return Row(float(doc["load"]), doc["variant"], doc["side"], Summary(**summary),
+               doc["region_p90"], doc["errors"], routers=doc.get("routers") or {}, trace=trace,
+               machine=doc.get("machine") or {}, seed=int(doc["seed"]),
+               # A TTFT saved as null is a request that never saw its first token.
+               window={g: tuple(math.inf if x is None else x for x in w)
+                       for g, w in doc["ttft"].items()},
+               rel_errors={k: tuple(xs) for k, xs in doc.get("rel_errors", {}).items()})
+
+
+def load_emulated(paths: Sequence[Path], plan: SweepPlan) -> tuple[list[Row], list[Source]]:
+    """The emulated rows of earlier runs (a ``results.json`` or the directory holding it) at
+    ``plan``'s loads and variants, checked to share its windows. Each (load, seed, variant)
+    once; every seed with the same variants at a load (a pooled ratio over seeds that ran
+    only one of its two variants would mix populations)."""
     rows: list[Row] = []
+    sources: list[Source] = []
+    seen: dict[tuple[float, int, str], Path] = {}
+    wanted = {v.label for v in plan.runs(EMULATED)}
+    for path in paths:
+        f = path / "results.json" if path.is_dir() else path
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--emulated-from {f}: cannot read it ({exc})") from None
+        theirs = doc.get("plan") if isinstance(doc, dict) else None
+        if not isinstance(theirs, dict) or doc.get("scenario") != SCENARIO:
+            raise ValueError(f"--emulated-from {f}: not a region-sweep results.json")
+        for k in SAME_WINDOWS:
+            if theirs.get(k) != getattr(plan, k):
+                raise ValueError(f"--emulated-from {f}: {k} was {theirs.get(k)}, here "
+                                 f"{getattr(plan, k)} (the simulator must replay the same "
+                                 f"windows)")
+        several = len(theirs.get("seeds") or ()) > 1
+        taken: list[Row] = []
+        for r in doc.get("rows") or []:
+            if r.get("side") != "emulated" or r.get("variant") not in wanted \
+                    or r.get("load") not in plan.loads:
+                continue
+            if "ttft" not in r or "seed" not in r:
+                raise ValueError(f"--emulated-from {f}: its rows lack their requests' TTFTs "
+                                 f"(written before runs could be pooled)")
+            key = (float(r["load"]), int(r["seed"]), str(r["variant"]))
+            if key in seen:
+                raise ValueError(f"--emulated-from: load {key[0]:g} seed {key[1]} {key[2]} "
+                                 f"is in both {seen[key]} and {f}")
+            seen[key] = f
+            trace_file = f.parent / _outcomes_name("emulated", key[0], key[1], several)
+            trace = json.loads(trace_file.read_text()) if trace_file.exists() else {}
+            taken.append(_row_of(r, trace))
+        if not taken:
+            raise ValueError(f"--emulated-from {f}: no emulated run of "
+                             f"{', '.join(sorted(wanted))} at load "
+                             f"{', '.join(f'{x:g}' for x in plan.loads)}")
+        rows += taken
+        sources.append(Source(str(f), str(doc.get("command", "")), float(doc.get("wall_s", 0)),
+                              tuple(doc.get("load_average") or ()),
+                              tuple(sorted({r.seed for r in taken}))))
+    for load in plan.loads:
+        by_variant = {v: sorted(s for (ld, s, x) in seen if ld == load and x == v)
+                      for v in wanted}
+        if not any(by_variant.values()):
+            raise ValueError(f"--emulated-from: no emulated run at load {load:g}")
+        if len({tuple(x) for x in by_variant.values()}) > 1:
+            raise ValueError(f"--emulated-from: at load {load:g} the variants ran on different "
+                             f"seeds ({'; '.join(f'{v}: {x}' for v, x in by_variant.items())})")
+    return rows, sources
+
+
+def _outcomes_name(side: str, load: float, seed: int, several: bool) -> str:
+    return f"outcomes-{side}-load{load:g}" + (f"-seed{seed}" if several else "") + ".json"
+
+
+async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
+                    workdir: Path | None = None, log: Any = print,
+                    emulated: Sequence[Row] = (), sources: Sequence[Source] = ()) -> Sweep:
+    """Emulate (unless ``emulated`` rows of earlier runs are given, or ``emulate_too`` is
+    off), then simulate the same seeds and windows."""
+    started = time.perf_counter()
+    rows: list[Row] = list(emulated)
+    emulate_too = emulate_too and not emulated
     several = len(plan.seeds) > 1
 
     def tag(load: float, seed: int) -> str:
@@ -531,7 +634,7 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
                     f"simulating")
                 twins.append(simulate_twin(plan, load, stream, seed))
     return Sweep(plan, command, rows, time.perf_counter() - started, os.getloadavg(), pairs,
-                 twins)
+                 twins, list(sources))
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -839,6 +942,7 @@ def to_json(sw: Sweep) -> dict[str, Any]:
         "plan": asdict(sw.plan),
         "wall_s": round(sw.wall_s, 1),
         "load_average": sw.load_average,
+        "sources": [asdict(x) for x in sw.sources],
         "rows": [{"load": r.load, "variant": r.variant, "side": r.side, "seed": r.seed,
                   "summary": {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                               for k, v in asdict(r.summary).items()},
@@ -865,12 +969,17 @@ def write(sw: Sweep, out: Path) -> Path:
     (out / "results.json").write_text(json.dumps(to_json(sw), indent=1, default=str) + "\n")
     for r in sw.rows:
         if r.trace:
-            (out / f"outcomes-{r.side}-load{r.load:g}.json").write_text(
-                json.dumps(r.trace, separators=(",", ":")) + "\n")
+            name = _outcomes_name(r.side, r.load, r.seed, len(sw.plan.seeds) > 1)
+            (out / name).write_text(json.dumps(r.trace, separators=(",", ":")) + "\n")
     md = out / "results.md"
     p = sw.plan
+    sources = "".join(
+        f"- seed {_seeds_text(x.seeds)}: `{x.command}` (wall {x.wall_s:.0f} s, load average "
+        f"{' '.join(f'{a:.1f}' for a in x.load_average)} at its end)\n" for x in sw.sources)
+    if sources:
+        sources = f"Emulated rows from earlier runs, one locked command each:\n\n{sources}\n"
     md.write_text(
-        f"# region-sweep\n\n`{sw.command}`\n\n"
+        f"# region-sweep\n\n`{sw.command}`\n\n{sources}"
         f"Engines at x{p.speedup:g}, round trips 80 / 150 / 200 ms unscaled; latency over "
         f"[{p.warmup_s:g}, {p.horizon_s:g}) s; wall {sw.wall_s:.0f} s, load average "
         f"{' '.join(f'{x:.1f}' for x in sw.load_average)}.\n\n{tables(sw)}\n\n"
@@ -907,6 +1016,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated variants to run (default: all of "
                         f"{', '.join(v.label for v in (*EMULATED, *SIMULATED_ONLY))})")
     p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
+    p.add_argument("--emulated-from", default="",
+                   help="comma-separated results.json files (or their directories) of "
+                        "earlier runs with the same windows: their emulated rows are pooled "
+                        "here (their seeds become this run's) and only the simulator runs; "
+                        "so runs too long for one locked command can be taken a seed at a time")
     p.add_argument("--out", default="results/region-sweep")
     p.add_argument("--workdir", help="keep configs and process logs here")
     return p
@@ -962,6 +1076,15 @@ def main(argv: list[str]) -> int:
             raise ValueError("--sim-horizon must exceed --warmup")
         if not plan.warmup_s < plan.horizon_s <= plan.mesh_horizon_s:
             raise ValueError("expected warmup < horizon <= mesh horizon")
+        emulated: list[Row] = []
+        sources: list[Source] = []
+        if args.emulated_from:
+            if args.seed is not None or args.seeds is not None:
+                raise ValueError("--emulated-from takes its seeds from the files: give no "
+                                 "--seed or --seeds")
+            emulated, sources = load_emulated(
+                [Path(x.strip()) for x in args.emulated_from.split(",") if x.strip()], plan)
+            plan = replace(plan, seeds=tuple(sorted({r.seed for r in emulated})))
     except ValueError as exc:
         print(f"kvmesh bench region-sweep: {exc}", file=sys.stderr)
         return 2
@@ -969,7 +1092,7 @@ def main(argv: list[str]) -> int:
     try:
         sw = asyncio.run(run_sweep(plan, command, not args.sim_only,
                                    Path(args.workdir) if args.workdir else None,
-                                   lambda s: print(s, flush=True)))
+                                   lambda s: print(s, flush=True), emulated, sources))
     except RuntimeError as exc:
         print(f"kvmesh bench region-sweep: failed: {exc}", file=sys.stderr)
         return 1

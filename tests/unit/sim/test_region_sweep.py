@@ -201,3 +201,45 @@ def test_measured_seeds_are_parsed_and_bad_ones_refused(capsys: pytest.CaptureFi
     assert "--seeds: expected numbers or ranges, got '1-x'" in capsys.readouterr().err
     assert main(["--seed", "2", "--seeds", "1-3"]) == 2
     assert "give --seed or --seeds, not both" in capsys.readouterr().err
+
+
+def test_emulated_rows_of_earlier_runs_are_pooled_with_a_fresh_simulator_side(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Two one-seed "emulations" (the simulator's own rows relabelled), written as a run would.
+    window = ["--speedup", "2.5", "--loads", "0.25", "--warmup", "5", "--horizon", "15",
+              "--mesh-horizon", "20", "--error-after", "10", "--variants", f"{MESH},{NO_PEERS}"]
+    dirs = []
+    for seed in (1, 2):
+        plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                         mesh_horizon_s=20.0, error_after_s=10.0, variants=(MESH, NO_PEERS),
+                         seeds=(seed,))
+        sw = asyncio.run(run_sweep(plan, f"run {seed}", emulate_too=False, log=lambda s: None))
+        sw.rows = [replace(r, side="emulated") for r in sw.rows]
+        write(sw, tmp_path / f"seed{seed}")
+        dirs.append(str(tmp_path / f"seed{seed}"))
+    out = tmp_path / "pooled"
+    assert main([*window, "--emulated-from", ",".join(dirs), "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["plan"]["seeds"] == [1, 2]
+    assert [s["command"] for s in doc["sources"]] == ["run 1", "run 2"]
+    assert sorted((r["side"], r["seed"]) for r in doc["rows"] if r["variant"] == MESH) == [
+        ("emulated", 1), ("emulated", 2), ("simulated", 1), ("simulated", 2)]
+    # The simulator is deterministic: its own rows, pooled again, agree to the last digit.
+    pooled = doc["pooled"]["0.25"]
+    assert pooled["emulated"] == pytest.approx(pooled["simulated"])
+    assert pooled["difference"] == pytest.approx(0.0, abs=1e-9)
+    md = (out / "results.md").read_text()
+    assert "- seed 1: `run 1`" in md and "within 10%: yes" in md
+    # Traces came along with their rows.
+    assert (out / "outcomes-emulated-load0.25-seed1.json").exists()
+    # Refused, with the reason: another window, the same run twice, seeds given too.
+    bad = [([*window[:6], "--horizon", "16", *window[8:], "--emulated-from", dirs[0]],
+            "horizon_s was 15.0, here 16.0"),
+           ([*window, "--emulated-from", f"{dirs[0]},{dirs[0]}"], "is in both"),
+           ([*window, "--emulated-from", dirs[0], "--seeds", "1-2"], "give no --seed"),
+           ([*window, "--emulated-from", str(tmp_path / "none")], "cannot read it"),
+           ([*window[:2], "--loads", "0.5", *window[4:], "--emulated-from", dirs[0]],
+            "no emulated run of")]
+    for argv, why in bad:
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        assert why in capsys.readouterr().err
