@@ -823,8 +823,9 @@ def agreement_table(sw: Sweep) -> list[str]:
                  if spread else "-")
         verdict = "-" if d is None else "yes" if abs(d) <= AGREE else "NO"
         lines.append(f"| {load:g} | {_seeds_text(sw.plan.seeds)} | {_f(emu)} | "
-                     f"{sim[0].ratio:.3f} ({sim[1]} runs, {sim[0].requests[0]} / "
-                     f"{sim[0].requests[1]} requests) | {_pct(d)} | {noise} | {verdict} |")
+                     f"{sim[0].ratio:.3f} ({sim[1]} run{'s' if sim[1] > 1 else ''}, "
+                     f"{sim[0].requests[0]} / {sim[0].requests[1]} requests) | {_pct(d)} | "
+                     f"{noise} | {verdict} |")
     if not lines:
         return []
     return [f"Agreement on the mesh / no-peers TTFT p90 ratio, every seed's requests pooled "
