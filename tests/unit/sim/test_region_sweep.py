@@ -243,3 +243,19 @@ def test_emulated_rows_of_earlier_runs_are_pooled_with_a_fresh_simulator_side(
     for argv, why in bad:
         assert main([*argv, "--out", str(tmp_path / "x")]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_each_load_is_judged_on_the_checks_that_apply_to_it() -> None:
+    from sim.region_sweep import Sweep
+    plan = SweepPlan(speedup=2.5, loads=(0.25,), warmup_s=5.0, horizon_s=15.0,
+                     mesh_horizon_s=20.0, error_after_s=10.0, drain_s=5.0,
+                     variants=(MESH, NO_PEERS))
+    sw = asyncio.run(run_sweep(plan, "test", emulate_too=False, log=lambda s: None))
+    light = acceptance(sw)
+    assert any(x.startswith("light load 0.25") for x in light)
+    assert not any(x.startswith("overloaded") for x in light)
+    # The same rows as an overloaded point: judged on paying, not on costing nothing.
+    heavy = acceptance(Sweep(replace(plan, loads=(3.0,)), "test",
+                             [replace(r, load=3.0) for r in sw.rows], 0.0, (0.0, 0.0, 0.0)))
+    assert any(x.startswith("overloaded load 3") for x in heavy)
+    assert not any(x.startswith("light") for x in heavy)
