@@ -16,6 +16,12 @@ No router is told its engines' prefill rate (default configuration): the cost mo
 (``mesh/calibration.py``). Latency and throughput are measured over ``[warmup, horizon)``; the
 mesh variant runs on to ``mesh_horizon`` so its prediction error is measured on requests sent
 after ``error_after`` seconds (the one-minute warm-up). Ratios come from one run, side by side.
+
+One window's p90 ratio at an overloaded home moves by 15% on the routers' near-tie draws
+alone, so ``--seeds`` runs every variant on several seeds and judges the figures over their
+requests pooled (``sim/sweep_pool.py``), each seed's own beside them; ``--emulated-from``
+pools the emulated rows of earlier runs (one locked command a seed) with a fresh simulator
+side.
 """
 
 from __future__ import annotations
