@@ -80,10 +80,66 @@ class UpstreamError(Exception):
         self.body = body
 
 
+class Early:
+    """An answer's head and first bytes written to the client from the engine connection's
+    own callback (``upstream.Pool.post(early=)``), before the request's task wakes.
+
+    The relay's path to the client otherwise waits for a loop turn, the answer objects and
+    the first-byte bookkeeping; here the client's bytes leave as soon as they are in, and
+    what is left runs after. The bytes are those :func:`relay` writes, in the same writes:
+    the same head (:meth:`FrontStream.begin_relay` from the same headers), the same body.
+    Only for the front end's own connections, an answer that is not a 5xx (those are tried
+    elsewhere) and a tap that passes bytes unchanged; else it does nothing and :func:`relay`
+    sends the answer as before. ``extra``: the router's own answer headers, set once the
+    request is written (None: not yet, nothing is sent early)."""
+
+    __slots__ = ("drain", "ended", "extra", "first", "request", "resp", "tap")
+
+    def __init__(self, request: FrontRequest) -> None:
+        self.request = request
+        self.extra: Mapping[str, str] | None = None
+        self.tap: Tap | None = None
+        self.resp: FrontStream | None = None
+        """Set once the head has gone out."""
+        self.first = b""
+        self.drain = False
+        """The client's buffer was full after the write: :func:`relay` waits on it."""
+        self.ended = False
+        """The whole answer was in: its end was written too."""
+
+    def __call__(self, conn: upstream._Conn) -> None:
+        extra, req, tap = self.extra, self.request, self.tap
+        front = req.conn
+        t = front.transport
+        headers = conn._headers
+        if (extra is None or headers is None or conn.status >= 500
+                or (tap is not None and tap.rewrites)
+                or front.closed or t is None or t.is_closing()):
+            return
+        try:
+            declared = headers.get("Content-Length")
+            length = int(declared) if declared is not None and declared.isdigit() else None
+            resp = FrontStream(req, status=conn.status)
+            resp.begin_relay(conn._raw_headers, _SKIP, extra, length)
+            first = conn.read_now()
+            if first is None:
+                return
+        except Exception:  # nothing sent: the relay decides, as without this
+            return
+        self.resp, self.first = resp, first
+        drain = resp.write_now(first) if first else False
+        if conn.at_eof:
+            drain = resp.write_eof_now() or drain
+            self.ended = True
+        self.drain = drain
+
+
 @dataclass(slots=True)
 class Upstream:
     resp: upstream.Response
     first: bytes
+    early: Early | None = None
+    """Set when the head and ``first`` went to the client already (:class:`Early`)."""
 
     @property
     def status(self) -> int:
@@ -112,10 +168,11 @@ class Forwarder:
     async def open(
         self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
         first_byte_timeout: float | None = None, sent: Callable[[], None] | None = None,
+        early: Early | None = None,
     ) -> Upstream:
         """POST ``body`` to ``url``; return once the first body bytes are in, or raise
         ``UpstreamError`` (``timeout``) after ``first_byte_timeout`` seconds. ``sent``: see
-        :meth:`mesh.upstream.Pool.post`."""
+        :meth:`mesh.upstream.Pool.post`; ``early``: :class:`Early`."""
         if delay > 0:
             # Emulated round trip to a far region (demo): the request leaves late.
             await asyncio.sleep(delay)
@@ -127,7 +184,8 @@ class Forwarder:
         started = loop.time()
         try:
             resp = await self.pool.post(url, body, headers,
-                                        total if limit is None else min(limit, total), sent)
+                                        total if limit is None else min(limit, total), sent,
+                                        early)
         except upstream.ConnectError as exc:
             raise UpstreamError("connect", str(exc)) from None
         except TimeoutError:
@@ -144,6 +202,10 @@ class Forwarder:
             finally:
                 resp.close()
             raise UpstreamError("status", f"answered {resp.status}", resp.status, data)
+        if early is not None and early.resp is not None:  # at the client already
+            if limit is not None and limit < total:
+                resp.deadline(max(0.0, total - (loop.time() - started)))
+            return Upstream(resp, early.first, early)
         try:
             got = resp.readany_now()  # the usual case: the first bytes came with the head
             first = got if got is not None else await resp.readany()
@@ -207,11 +269,14 @@ async def relay(
 
     A ``tap`` sees every chunk and says what to send on (a tap that rewrites makes the
     length unknown in advance, so the answer is then chunked)."""
+    early = up.early
     declared = up.resp.headers.get("Content-Length")
     length = (int(declared) if declared is not None and declared.isdigit()
               and (tap is None or not tap.rewrites) else None)
     resp: web.StreamResponse
-    if isinstance(request, FrontRequest):
+    if early is not None and early.resp is not None:
+        resp = early.resp  # its head is out (the same one, from the same headers)
+    elif isinstance(request, FrontRequest):
         resp = FrontStream(request, status=up.status)
         # The head from the upstream's headers and ours, as aiohttp would write them.
         resp.begin_relay(up.resp.raw_headers, _SKIP, extra_headers, length)
@@ -229,6 +294,17 @@ async def relay(
     front = resp if isinstance(resp, FrontStream) else None
     try:
         chunk = up.first
+        if early is not None:  # the head and first bytes are out (Early): what is left
+            if tap is not None and chunk:
+                tap.feed(chunk)  # passes them unchanged (else nothing went out early)
+            sent = len(chunk)
+            if early.drain and front is not None:
+                await front.drain()
+            if early.ended:
+                chunk = b""
+            else:
+                got = up.resp.readany_now()
+                chunk = got if got is not None else await up.resp.readany()
         while chunk:
             out = tap.feed(chunk) if tap is not None else chunk
             if out:

@@ -64,6 +64,7 @@ from mesh.proxy import (
     H_REGION,
     H_REPLICA,
     H_ROUTE,
+    Early,
     Forwarder,
     UpstreamError,
     relay,
@@ -542,6 +543,9 @@ class Router:
         self.edge.outliers.admit(replica, self.clock())
         check: Check | None = None
         extra: dict[str, str] | None = None
+        # A local engine's answer goes to a front-end client from the engine connection's
+        # callback, as soon as it is in (proxy.Early); the bookkeeping below follows it.
+        early = Early(request) if target.local and isinstance(request, FrontRequest) else None
 
         def written() -> None:
             """The request is on its way: while the engine works, the cache prediction for
@@ -554,10 +558,20 @@ class Router:
                                                concurrent, body)
             extra = self._answer_headers(d, target, req, request_id, forwarded, check,
                                          pending)
+            if early is not None:
+                early.extra = extra
+                early.tap = check.tap if check is not None else None
 
         try:
             try:
-                up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written)
+                up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written,
+                                               early)
+            except asyncio.CancelledError:
+                if early is not None and early.resp is not None:
+                    # The client left after its answer had begun: accounted as relay does.
+                    self.deferred.add(partial(self._relayed, req, check, early.resp.status,
+                                              False, forwarded, route, self.clock()))
+                raise
             except UpstreamError as exc:
                 self.metrics.retries.labels(exc.kind).inc()
                 log.warning("attempt on %s failed before the first byte: %s", url, exc)

@@ -62,6 +62,7 @@ class _Conn(asyncio.Protocol):
         "_read_waiter",
         "_timer",
         "closed",
+        "early",
         "got_bytes",
         "keep_alive",
         "loop",
@@ -94,6 +95,9 @@ class _Conn(asyncio.Protocol):
         self._error: BaseException | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
+        self.early: Callable[[_Conn], None] | None = None
+        """Called once from :meth:`data_received` when the answer's head and its first
+        body bytes (or its end) are in, before the request's task wakes (``Pool.post``)."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,6 +116,12 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"unparsable answer: {exc}"))
             self.abort()
+            return
+        early = self.early
+        if (early is not None and self._headers is not None and self._error is None
+                and (self._chunks or self._body_done)):
+            self.early = None
+            early(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -327,13 +337,17 @@ class Pool:
     async def post(self, url: str, body: bytes,
                    headers: Mapping[str, str] | list[tuple[str, str]],
                    limit: float | None = None,
-                   sent: Callable[[], None] | None = None) -> Response:
+                   sent: Callable[[], None] | None = None,
+                   early: Callable[[_Conn], None] | None = None) -> Response:
         """Send ``body``; return once the answer's head is in. ``ConnectError`` when no
         connection could be made; ``UpstreamBroken``, or ``TimeoutError`` after ``limit``
         seconds. The limit stays armed until :meth:`Response.deadline` changes it.
         ``sent``: called as soon as the request is written (again if it is sent again on a
         new connection), before the wait for the answer: work for the caller to do while
-        the server works."""
+        the server works. ``early``: called from the connection's own callback when the
+        head and the first body bytes (or the answer's end) are in, in the same loop turn
+        (:attr:`_Conn.early`; never once this returns): what the caller can do with them
+        before its task wakes."""
         origin = self._origins.get(url)
         if origin is None:
             origin = self._origin(url)
@@ -357,6 +371,7 @@ class Pool:
                 conn = await self._connect(key)
             conn.arm(limit, "no answer")
             assert conn.transport is not None
+            conn.early = early
             conn.transport.write(request)
             try:
                 if sent is not None:
@@ -365,14 +380,17 @@ class Pool:
                     self.on_sent()
                 await conn.head()
             except UpstreamBroken:
+                conn.early = None
                 conn.arm(None)
                 if reused and attempt == 0 and not conn.got_bytes:
                     continue  # closed by the server while idle: never reached it
                 raise
             except BaseException:
+                conn.early = None
                 conn.arm(None)
                 conn.abort()
                 raise
+            conn.early = None
             return Response(conn, self)
         raise AssertionError("unreachable")  # pragma: no cover
 
