@@ -171,6 +171,34 @@ class FrontStream(web.StreamResponse):
                 self._front_req, self.status, self.reason, headers.items(), has_type, length,
                 self.keep_alive)
 
+    def begin_relay_pre(self, upstream: Iterable[tuple[str, str]], skip: Container[str],
+                        pre: RelayExtra, length: int | None) -> None:
+        """:meth:`begin_relay` with ``extra`` rendered ahead (:class:`RelayExtra`): the
+        same bytes. Where the upstream repeats a name, or names one of ``extra``'s, the
+        merge decides positions and values: then :meth:`begin_relay` itself."""
+        if self._head is not None or self._ended:
+            return
+        if not pre.ok:
+            self.begin_relay(upstream, skip, pre.extra, length)
+            return
+        req = self._front_req
+        self._conn = req.conn
+        headers: dict[str, str] = {}
+        has_type = pre.has_type
+        names = pre.names
+        for name, value in upstream:
+            low = name.lower()
+            if low not in skip and low not in _OWN_HEADERS:
+                if name in headers or name in names:
+                    self.begin_relay(upstream, skip, pre.extra, length)
+                    return
+                headers[name] = value
+                if low == "content-type":
+                    has_type = True
+        self._head, self._chunk, self.keep = head_of(
+            req, self.status, self.reason, headers.items(), has_type, length, self.keep_alive,
+            filtered=True, pre=pre.block)
+
     def begin_relay(self, upstream: Iterable[tuple[str, str]], skip: Container[str],
                     extra: Mapping[str, str], length: int | None) -> None:
         """:meth:`begin` for a relayed answer: the upstream's headers (less the names in
@@ -244,6 +272,26 @@ class FrontStream(web.StreamResponse):
         self._head = b""
         self._ended = True
         return conn.push(out) if out else False
+
+
+class RelayExtra:
+    """The headers a router adds to a relayed answer, rendered while the engine works, for
+    :meth:`FrontStream.begin_relay_pre` (what is left when the answer comes is the
+    engine's own headers). ``ok`` False: a name or value holds a line break; the relay
+    then refuses it as :meth:`FrontStream.begin_relay` does."""
+
+    __slots__ = ("block", "extra", "has_type", "names", "ok")
+
+    def __init__(self, extra: Mapping[str, str]) -> None:
+        self.extra = extra
+        kept = [(name, value) for name, value in extra.items()
+                if name.lower() not in _OWN_HEADERS]  # as begin_relay: never copied
+        self.names = frozenset(name for name, _ in kept)
+        self.has_type = any(name.lower() == "content-type" for name, _ in kept)
+        self.block = "".join([f"{name}: {value}\r\n" for name, value in kept])
+        # Each line holds exactly one CR and one LF unless a name or value has a break.
+        self.ok = (self.block.count("\r") == len(kept)
+                   and self.block.count("\n") == len(kept))
 
 
 def chain(handler: Handler, middlewares: Iterable[Any]) -> Handler:
@@ -671,12 +719,13 @@ class FrontProtocol(asyncio.Protocol):
 
 def head_of(req: FrontRequest, status: int, reason: str, items: Iterable[tuple[str, str]],
             has_type: bool, length: int | None, keep_alive: bool | None,
-            filtered: bool = False) -> tuple[bytes, bool, bool]:
+            filtered: bool = False, pre: str = "") -> tuple[bytes, bool, bool]:
     """(head bytes, chunked, keep-alive after) of an answer to ``req``, as aiohttp writes
     them: ``items`` in order less the headers the server sets itself (``filtered``: the
-    caller left them out already), a default ``Content-Type`` when ``has_type`` is false,
-    the length or chunked framing, ``Date``, ``Server`` and the ``Connection`` header the
-    version needs."""
+    caller left them out already; then ``pre``, header lines rendered and checked ahead,
+    follow them), a default ``Content-Type`` when ``has_type`` is false, the length or
+    chunked framing, ``Date``, ``Server`` and the ``Connection`` header the version
+    needs."""
     keep = req.keep_alive and keep_alive is not False
     chunked = False
     if length is None and req.version >= (1, 1):
@@ -693,6 +742,8 @@ def head_of(req: FrontRequest, status: int, reason: str, items: Iterable[tuple[s
             for name, value in items:
                 if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
                     raise ValueError(f"header {name!r} has a line break")
+        if pre:
+            lines.append(pre)
     else:
         for name, value in items:
             if name.lower() in _OWN_HEADERS:

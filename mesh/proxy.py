@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from mesh import upstream
-from mesh.front import FrontRequest, FrontStream
+from mesh.front import FrontRequest, FrontStream, RelayExtra
 
 # Hop-by-hop or recomputed headers never copied from the upstream response.
 _SKIP = frozenset({
@@ -93,12 +93,14 @@ class Early:
     sends the answer as before. ``extra``: the router's own answer headers, set once the
     request is written (None: not yet, nothing is sent early)."""
 
-    __slots__ = ("drain", "ended", "extra", "first", "request", "resp", "tap")
+    __slots__ = ("drain", "ended", "extra", "first", "request", "resp", "stream", "tap")
 
     def __init__(self, request: FrontRequest) -> None:
         self.request = request
-        self.extra: Mapping[str, str] | None = None
+        self.extra: RelayExtra | None = None
         self.tap: Tap | None = None
+        self.stream: FrontStream | None = None
+        """The answer, made ahead (:meth:`ready`); its status is set when it comes."""
         self.resp: FrontStream | None = None
         """Set once the head has gone out."""
         self.first = b""
@@ -107,20 +109,28 @@ class Early:
         self.ended = False
         """The whole answer was in: its end was written too."""
 
+    def ready(self, extra: Mapping[str, str], tap: Tap | None) -> None:
+        """The request is written: what the answer's head needs besides the engine's own
+        headers, made while the engine works."""
+        self.extra = RelayExtra(extra)
+        self.tap = tap
+        self.stream = FrontStream(self.request)
+
     def __call__(self, conn: upstream._Conn) -> None:
-        extra, req, tap = self.extra, self.request, self.tap
+        extra, req, tap, resp = self.extra, self.request, self.tap, self.stream
         front = req.conn
         t = front.transport
         headers = conn._headers
-        if (extra is None or headers is None or conn.status >= 500
+        if (extra is None or resp is None or headers is None or conn.status >= 500
                 or (tap is not None and tap.rewrites)
                 or front.closed or t is None or t.is_closing()):
             return
         try:
             declared = headers.get("Content-Length")
             length = int(declared) if declared is not None and declared.isdigit() else None
-            resp = FrontStream(req, status=conn.status)
-            resp.begin_relay(conn._raw_headers, _SKIP, extra, length)
+            if conn.status != resp.status:
+                resp.set_status(conn.status)
+            resp.begin_relay_pre(conn._raw_headers, _SKIP, extra, length)
             first = conn.read_now()
             if first is None:
                 return

@@ -559,8 +559,7 @@ class Router:
             extra = self._answer_headers(d, target, req, request_id, forwarded, check,
                                          pending)
             if early is not None:
-                early.extra = extra
-                early.tap = check.tap if check is not None else None
+                early.ready(extra, check.tap if check is not None else None)
 
         try:
             try:
