@@ -381,6 +381,8 @@ class FrontProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.inner: asyncio.Protocol | None = None
         self.task: asyncio.Task[None] | None = None
+        self.req: FrontRequest | None = None
+        """The request ``task`` serves."""
         self.body: _Body | None = None
         self.closed = False
         self.paused = False
@@ -572,6 +574,7 @@ class FrontProtocol(asyncio.Protocol):
             self.body = _Body(fut, length)
             self._feed_body()
         self.front.served += 1
+        self.req = req
         self.task = loop.create_task(self._serve(req))
 
     def _feed_body(self) -> None:
@@ -656,6 +659,25 @@ class FrontProtocol(asyncio.Protocol):
                 if nl == 0:
                     return True
 
+    def may_go_on(self, req: FrontRequest, resp: FrontStream) -> bool:
+        """Could the connection go on to its next request now, ``req``'s answer ``resp``
+        being complete, before ``req``'s handler returns (as :meth:`_serve` would once it
+        has)?"""
+        fut = req._body
+        t = self.transport
+        return (self.req is req and resp.keep and resp._ended and fut is not None
+                and fut.done() and not self.closed and self.inner is None
+                and not self.front.closing and t is not None and not t.is_closing())
+
+    def go_on(self, req: FrontRequest) -> None:
+        """``req`` is answered (:meth:`may_go_on`): its handler finishes on its own, and
+        the connection serves its next request meanwhile (answers stay in order: this one
+        is out)."""
+        if self.req is req:
+            self.req = None
+            self.task = None
+            self._next()
+
     async def _serve(self, req: FrontRequest) -> None:
         keep = False
         try:
@@ -682,13 +704,15 @@ class FrontProtocol(asyncio.Protocol):
             keep = False
             log.exception("unexpected error serving %s", req.path)
         finally:
-            self.task = None
-            if not keep:
-                self.body = None
-                if self.transport is not None and not self.closed:
-                    self.transport.close()
-            elif not self.closed:
-                self._next()
+            if self.req is req:  # else answered and let go already (go_on)
+                self.task = None
+                self.req = None
+                if not keep:
+                    self.body = None
+                    if self.transport is not None and not self.closed:
+                        self.transport.close()
+                elif not self.closed:
+                    self._next()
 
     async def _write_whole(self, resp: web.StreamResponse, req: FrontRequest) -> bool:
         """Write a response that was not streamed (a ``web.Response``); keep-alive after?"""

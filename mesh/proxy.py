@@ -21,6 +21,7 @@ import contextlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import aiohttp
@@ -85,15 +86,24 @@ class Early:
     own callback (``upstream.Pool.post(early=)``), before the request's task wakes.
 
     The relay's path to the client otherwise waits for a loop turn, the answer objects and
-    the first-byte bookkeeping; here the client's bytes leave as soon as they are in, and
-    what is left runs after. The bytes are those :func:`relay` writes, in the same writes:
-    the same head (:meth:`FrontStream.begin_relay` from the same headers), the same body.
-    Only for the front end's own connections, an answer that is not a 5xx (those are tried
-    elsewhere) and a tap that passes bytes unchanged; else it does nothing and :func:`relay`
-    sends the answer as before. ``extra``: the router's own answer headers, set once the
-    request is written (None: not yet, nothing is sent early)."""
+    the first-byte bookkeeping; here the client's bytes leave as soon as they are in. The
+    bytes are those :func:`relay` writes, in the same writes: the same head
+    (:meth:`FrontStream.begin_relay` from the same headers), the same body. Only for the
+    front end's own connections, an answer that is not a 5xx (those are tried elsewhere)
+    and a tap that passes bytes unchanged; else it does nothing and :func:`relay` sends the
+    answer as before.
 
-    __slots__ = ("drain", "ended", "extra", "first", "request", "resp", "stream", "tap")
+    When the whole answer was in and is out, the request is over for its client, and what
+    is left of it (the answer objects, the relay's end, the handler's return, accounting)
+    need not come before the client's next request: the engine connection goes back to the
+    pool, the router's ledger and what decides the next request are updated
+    (``answered``), the client's connection goes on to its next request
+    (:meth:`mesh.front.FrontProtocol.go_on`), and the request's task is woken by ``later``
+    (``mesh.deferred``: once the next request is at its engine). :meth:`ready` sets what
+    this needs, once the request is written; until then nothing is sent early."""
+
+    __slots__ = ("answered", "at", "clock", "drain", "ended", "extra", "first", "later",
+                 "request", "resp", "response", "stream", "tap")
 
     def __init__(self, request: FrontRequest) -> None:
         self.request = request
@@ -108,15 +118,27 @@ class Early:
         """The client's buffer was full after the write: :func:`relay` waits on it."""
         self.ended = False
         """The whole answer was in: its end was written too."""
+        self.response: upstream.Response | None = None
+        """The whole answer, taken from its connection (``upstream.Early``)."""
+        self.at: float | None = None
+        """When it was taken (``clock``): its first byte, and its end, for the books."""
+        self.answered: Callable[[float, int], None] | None = None
+        self.later: Callable[[Callable[[], None]], None] | None = None
+        self.clock: Callable[[], float] | None = None
 
-    def ready(self, extra: Mapping[str, str], tap: Tap | None) -> None:
+    def ready(self, extra: Mapping[str, str], tap: Tap | None, *,
+              answered: Callable[[float, int], None] | None = None,
+              later: Callable[[Callable[[], None]], None] | None = None,
+              clock: Callable[[], float] | None = None) -> None:
         """The request is written: what the answer's head needs besides the engine's own
-        headers, made while the engine works."""
+        headers, made while the engine works; with ``answered``, ``later`` and ``clock``, a
+        whole answer also ends the request for its client (see the class)."""
         self.extra = RelayExtra(extra)
         self.tap = tap
         self.stream = FrontStream(self.request)
+        self.answered, self.later, self.clock = answered, later, clock
 
-    def __call__(self, conn: upstream._Conn) -> None:
+    def __call__(self, conn: upstream._Conn) -> bool:
         extra, req, tap, resp = self.extra, self.request, self.tap, self.stream
         front = req.conn
         t = front.transport
@@ -124,7 +146,7 @@ class Early:
         if (extra is None or resp is None or headers is None or conn.status >= 500
                 or (tap is not None and tap.rewrites)
                 or front.closed or t is None or t.is_closing()):
-            return
+            return False
         try:
             declared = headers.get("Content-Length")
             length = int(declared) if declared is not None and declared.isdigit() else None
@@ -133,15 +155,37 @@ class Early:
             resp.begin_relay_pre(conn._raw_headers, _SKIP, extra, length)
             first = conn.read_now()
             if first is None:
-                return
+                return False
         except Exception:  # nothing sent: the relay decides, as without this
-            return
+            return False
         self.resp, self.first = resp, first
         drain = resp.write_now(first) if first else False
         if conn.at_eof:
             drain = resp.write_eof_now() or drain
             self.ended = True
         self.drain = drain
+        answered, later, clock = self.answered, self.later, self.clock
+        if (not self.ended or drain or answered is None or later is None or clock is None
+                or not front.may_go_on(req, resp)):
+            return False
+        at = self.at = clock()
+        self.response, waiter = conn.hand_over()
+        try:
+            if tap is not None:  # what relay would show it (it passes the bytes unchanged)
+                if first:
+                    tap.feed(first)
+                tap.finish()
+            answered(at, conn.status)
+        finally:  # (it never raises; if it did, the task would still be woken)
+            front.go_on(req)
+            if waiter is not None:
+                later(partial(_wake, waiter))
+        return True
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(slots=True)

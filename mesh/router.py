@@ -238,6 +238,7 @@ class Router:
                  self.policy.name, len(self.config.engines))
 
     async def stop(self) -> None:
+        self.deferred.run()  # requests answered already finish their accounting
         self.dispatcher.clear()
         for fut in self._waiting.values():
             if not fut.done():
@@ -559,7 +560,23 @@ class Router:
             extra = self._answer_headers(d, target, req, request_id, forwarded, check,
                                          pending)
             if early is not None:
-                early.ready(extra, check.tap if check is not None else None)
+                early.ready(extra, check.tap if check is not None else None,
+                            answered=answered, later=self.deferred.add, clock=self.clock)
+
+        def answered(at: float, status: int) -> None:
+            """A whole answer is at its client (``early``): what decides the next request
+            is updated now, before that request is read, and its accounting queued (as
+            below); the task's own end waits until that request is at its engine."""
+            self.edge.dispatch_outcome(replica, True, at)
+            self.dispatcher.observe_first_token(req, at)
+            self.deferred.add(partial(self._first_byte, req, forwarded, arrival, at,
+                                      pending if status < 400 else None))
+            self.deferred.add(partial(self._relayed, req, check, status, True, forwarded,
+                                      route, at))
+            self.dispatcher.done(ticket)
+            self.kick()
+            if ticket.publish:
+                self._publish_soon()
 
         try:
             try:
@@ -579,6 +596,11 @@ class Router:
                 self.edge.dispatch_outcome(replica, False, self.clock(),
                                            sum(1 for _ in self._records(self.clock())))
                 return None
+            if early is not None and early.at is not None:
+                # At its client already, its engine connection back in the pool, and
+                # accounted for (answered): what is left is the handler's return.
+                assert early.resp is not None
+                return early.resp
             self.edge.dispatch_outcome(replica, True, self.clock())
             first_byte = self.clock()
             self.dispatcher.observe_first_token(req, first_byte)
