@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,7 @@ _SKIP = frozenset({
     "date", "server", "proxy-authenticate", "proxy-authorization", "te", "trailers", "upgrade",
 })
 ERROR_BODY_LIMIT = 4096
+log = logging.getLogger("kvmesh.router")
 
 H_REPLICA = "x-kvmesh-replica"
 H_REGION = "x-kvmesh-region"
@@ -176,7 +178,9 @@ class Early:
                     tap.feed(first)
                 tap.finish()
             answered(at, conn.status)
-        finally:  # (it never raises; if it did, the task would still be woken)
+        except Exception:  # bookkeeping only: the answer is out, the task still wakes
+            log.exception("accounting of an answer failed")
+        finally:
             front.go_on(req)
             if waiter is not None:
                 later(partial(_wake, waiter))

@@ -169,3 +169,41 @@ async def test_a_tap_that_rewrites_leaves_the_answer_to_the_relay(
     else:
         pytest.fail("this request's usage tap does not rewrite: the test needs one that does")
     assert b"t0" in raw and raw.endswith(b"0\r\n\r\n")
+
+
+async def test_a_whole_answer_lets_the_connection_go_on_before_its_handler_ends(
+        router: Router, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answered whole: the ledger and the engine connection are free at once, the client's
+    next request (here pipelined in the same write) is served on the same connections, and
+    the handler's own end and the accounting follow."""
+    monkeypatch.setattr(router_module, "Early", Recorded)
+    Recorded.made.clear()
+    data = json.dumps(CHAT).encode()
+    one = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+           b"Content-Type: application/json\r\n"
+           + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    try:
+        writer.write(one + one)  # two requests, pipelined
+        bodies = []
+        async with asyncio.timeout(10):
+            for _ in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                bodies.append(json.loads(await reader.readexactly(length)))
+        assert [b["choices"][0]["message"]["content"] for b in bodies] == ["hello", "hello"]
+        assert len(Recorded.made) == 2 and all(e.response is not None for e in Recorded.made)
+        assert router.dispatches.total() == 0  # the ledger was updated with each answer
+        assert router.forwarder is not None and router.forwarder.pool.opened == 1
+        writer.write(one)  # and the kept-alive connection serves the next one
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert router.forwarder.pool.opened == 1  # one engine connection for all three
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    router.deferred.run()
+    await wait_for(lambda: 'code="200",route="/v1/chat/completions"} 3.0'
+                   in router.metrics.render().decode())
