@@ -25,7 +25,8 @@ What the aiohttp path guaranteed and this one keeps:
   inside the handler, so it is counted and logged by the same code; a malformed chunk is a
   400 and the connection closes;
 - the client going away cancels the handler (so the upstream answer is closed and the
-  engine sees the disconnect, as with aiohttp's ``handler_cancellation``);
+  engine sees the disconnect, as with aiohttp's ``handler_cancellation``), unless its answer
+  is out already and the connection has gone on to its next request (:meth:`go_on`);
 - streamed answers go out as they come, head with the first bytes, chunked when the length is
   unknown; writes wait while the client's socket buffer is full (backpressure);
 - the connection guard's idle and header timeouts (``mesh.http_guard``) cover both paths.

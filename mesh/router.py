@@ -583,8 +583,9 @@ class Router:
                 up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written,
                                                early)
             except asyncio.CancelledError:
-                if early is not None and early.resp is not None:
-                    # The client left after its answer had begun: accounted as relay does.
+                if early is not None and early.resp is not None and early.at is None:
+                    # The client left after its answer had begun: accounted as relay does
+                    # (a whole answer taken early was accounted for when it was: answered).
                     self.deferred.add(partial(self._relayed, req, check, early.resp.status,
                                               False, forwarded, route, self.clock()))
                 raise
