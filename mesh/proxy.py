@@ -197,7 +197,8 @@ class Upstream:
     resp: upstream.Response
     first: bytes
     early: Early | None = None
-    """Set when the head and ``first`` went to the client already (:class:`Early`)."""
+    """The request's :class:`Early`: its ``resp`` is set when the head and ``first`` went
+    to the client already; else :func:`relay` uses what it made ahead."""
 
     @property
     def status(self) -> int:
@@ -284,7 +285,7 @@ class Forwarder:
         if limit is not None and limit < total:
             # The rest of the answer within the whole request's limit.
             resp.deadline(max(0.0, total - (loop.time() - started)))
-        return Upstream(resp, first)
+        return Upstream(resp, first, early)
 
 
 def sse_error(exc: BaseException) -> bytes:
@@ -328,12 +329,23 @@ async def relay(
     A ``tap`` sees every chunk and says what to send on (a tap that rewrites makes the
     length unknown in advance, so the answer is then chunked)."""
     early = up.early
+    pre = early.stream if early is not None and early.resp is None else None
+    if early is not None and early.resp is None:
+        early = None  # nothing went out early: the relay sends it all
     declared = up.resp.headers.get("Content-Length")
     length = (int(declared) if declared is not None and declared.isdigit()
               and (tap is None or not tap.rewrites) else None)
     resp: web.StreamResponse
     if early is not None and early.resp is not None:
         resp = early.resp  # its head is out (the same one, from the same headers)
+    elif (isinstance(request, FrontRequest) and pre is not None and up.early is not None
+          and up.early.extra is not None and pre._head is None
+          and up.early.extra.extra is extra_headers):
+        # Made while the engine worked (Early.ready): the same head as below.
+        resp = pre
+        if up.status != pre.status:
+            pre.set_status(up.status)
+        pre.begin_relay_pre(up.resp.raw_headers, _SKIP, up.early.extra, length)
     elif isinstance(request, FrontRequest):
         resp = FrontStream(request, status=up.status)
         # The head from the upstream's headers and ours, as aiohttp would write them.
