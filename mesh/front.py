@@ -25,8 +25,7 @@ What the aiohttp path guaranteed and this one keeps:
   inside the handler, so it is counted and logged by the same code; a malformed chunk is a
   400 and the connection closes;
 - the client going away cancels the handler (so the upstream answer is closed and the
-  engine sees the disconnect, as with aiohttp's ``handler_cancellation``), unless its answer
-  is out already and the connection has gone on to its next request (:meth:`go_on`);
+  engine sees the disconnect, as with aiohttp's ``handler_cancellation``);
 - streamed answers go out as they come, head with the first bytes, chunked when the length is
   unknown; writes wait while the client's socket buffer is full (backpressure);
 - the connection guard's idle and header timeouts (``mesh.http_guard``) cover both paths.
@@ -172,34 +171,6 @@ class FrontStream(web.StreamResponse):
                 self._front_req, self.status, self.reason, headers.items(), has_type, length,
                 self.keep_alive)
 
-    def begin_relay_pre(self, upstream: Iterable[tuple[str, str]], skip: Container[str],
-                        pre: RelayExtra, length: int | None) -> None:
-        """:meth:`begin_relay` with ``extra`` rendered ahead (:class:`RelayExtra`): the
-        same bytes. Where the upstream repeats a name, or names one of ``extra``'s, the
-        merge decides positions and values: then :meth:`begin_relay` itself."""
-        if self._head is not None or self._ended:
-            return
-        if not pre.ok:
-            self.begin_relay(upstream, skip, pre.extra, length)
-            return
-        req = self._front_req
-        self._conn = req.conn
-        headers: dict[str, str] = {}
-        has_type = pre.has_type
-        names = pre.names
-        for name, value in upstream:
-            low = name.lower()
-            if low not in skip and low not in _OWN_HEADERS:
-                if name in headers or name in names:
-                    self.begin_relay(upstream, skip, pre.extra, length)
-                    return
-                headers[name] = value
-                if low == "content-type":
-                    has_type = True
-        self._head, self._chunk, self.keep = head_of(
-            req, self.status, self.reason, headers.items(), has_type, length, self.keep_alive,
-            filtered=True, pre=pre.block)
-
     def begin_relay(self, upstream: Iterable[tuple[str, str]], skip: Container[str],
                     extra: Mapping[str, str], length: int | None) -> None:
         """:meth:`begin` for a relayed answer: the upstream's headers (less the names in
@@ -273,26 +244,6 @@ class FrontStream(web.StreamResponse):
         self._head = b""
         self._ended = True
         return conn.push(out) if out else False
-
-
-class RelayExtra:
-    """The headers a router adds to a relayed answer, rendered while the engine works, for
-    :meth:`FrontStream.begin_relay_pre` (what is left when the answer comes is the
-    engine's own headers). ``ok`` False: a name or value holds a line break; the relay
-    then refuses it as :meth:`FrontStream.begin_relay` does."""
-
-    __slots__ = ("block", "extra", "has_type", "names", "ok")
-
-    def __init__(self, extra: Mapping[str, str]) -> None:
-        self.extra = extra
-        kept = [(name, value) for name, value in extra.items()
-                if name.lower() not in _OWN_HEADERS]  # as begin_relay: never copied
-        self.names = frozenset(name for name, _ in kept)
-        self.has_type = any(name.lower() == "content-type" for name, _ in kept)
-        self.block = "".join([f"{name}: {value}\r\n" for name, value in kept])
-        # Each line holds exactly one CR and one LF unless a name or value has a break.
-        self.ok = (self.block.count("\r") == len(kept)
-                   and self.block.count("\n") == len(kept))
 
 
 def chain(handler: Handler, middlewares: Iterable[Any]) -> Handler:
@@ -382,8 +333,6 @@ class FrontProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.inner: asyncio.Protocol | None = None
         self.task: asyncio.Task[None] | None = None
-        self.req: FrontRequest | None = None
-        """The request ``task`` serves."""
         self.body: _Body | None = None
         self.closed = False
         self.paused = False
@@ -575,7 +524,6 @@ class FrontProtocol(asyncio.Protocol):
             self.body = _Body(fut, length)
             self._feed_body()
         self.front.served += 1
-        self.req = req
         self.task = loop.create_task(self._serve(req))
 
     def _feed_body(self) -> None:
@@ -660,25 +608,6 @@ class FrontProtocol(asyncio.Protocol):
                 if nl == 0:
                     return True
 
-    def may_go_on(self, req: FrontRequest, resp: FrontStream) -> bool:
-        """Could the connection go on to its next request now, ``req``'s answer ``resp``
-        being complete, before ``req``'s handler returns (as :meth:`_serve` would once it
-        has)?"""
-        fut = req._body
-        t = self.transport
-        return (self.req is req and resp.keep and resp._ended and fut is not None
-                and fut.done() and not self.closed and self.inner is None
-                and not self.front.closing and t is not None and not t.is_closing())
-
-    def go_on(self, req: FrontRequest) -> None:
-        """``req`` is answered (:meth:`may_go_on`): its handler finishes on its own, and
-        the connection serves its next request meanwhile (answers stay in order: this one
-        is out)."""
-        if self.req is req:
-            self.req = None
-            self.task = None
-            self._next()
-
     async def _serve(self, req: FrontRequest) -> None:
         keep = False
         try:
@@ -705,15 +634,13 @@ class FrontProtocol(asyncio.Protocol):
             keep = False
             log.exception("unexpected error serving %s", req.path)
         finally:
-            if self.req is req:  # else answered and let go already (go_on)
-                self.task = None
-                self.req = None
-                if not keep:
-                    self.body = None
-                    if self.transport is not None and not self.closed:
-                        self.transport.close()
-                elif not self.closed:
-                    self._next()
+            self.task = None
+            if not keep:
+                self.body = None
+                if self.transport is not None and not self.closed:
+                    self.transport.close()
+            elif not self.closed:
+                self._next()
 
     async def _write_whole(self, resp: web.StreamResponse, req: FrontRequest) -> bool:
         """Write a response that was not streamed (a ``web.Response``); keep-alive after?"""
@@ -744,13 +671,12 @@ class FrontProtocol(asyncio.Protocol):
 
 def head_of(req: FrontRequest, status: int, reason: str, items: Iterable[tuple[str, str]],
             has_type: bool, length: int | None, keep_alive: bool | None,
-            filtered: bool = False, pre: str = "") -> tuple[bytes, bool, bool]:
+            filtered: bool = False) -> tuple[bytes, bool, bool]:
     """(head bytes, chunked, keep-alive after) of an answer to ``req``, as aiohttp writes
     them: ``items`` in order less the headers the server sets itself (``filtered``: the
-    caller left them out already; then ``pre``, header lines rendered and checked ahead,
-    follow them), a default ``Content-Type`` when ``has_type`` is false, the length or
-    chunked framing, ``Date``, ``Server`` and the ``Connection`` header the version
-    needs."""
+    caller left them out already), a default ``Content-Type`` when ``has_type`` is false,
+    the length or chunked framing, ``Date``, ``Server`` and the ``Connection`` header the
+    version needs."""
     keep = req.keep_alive and keep_alive is not False
     chunked = False
     if length is None and req.version >= (1, 1):
@@ -767,8 +693,6 @@ def head_of(req: FrontRequest, status: int, reason: str, items: Iterable[tuple[s
             for name, value in items:
                 if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
                     raise ValueError(f"header {name!r} has a line break")
-        if pre:
-            lines.append(pre)
     else:
         for name, value in items:
             if name.lower() in _OWN_HEADERS:

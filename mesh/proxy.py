@@ -19,17 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
 from mesh import upstream
-from mesh.front import FrontRequest, FrontStream, RelayExtra
+from mesh.front import FrontRequest, FrontStream
 
 # Hop-by-hop or recomputed headers never copied from the upstream response.
 _SKIP = frozenset({
@@ -37,7 +35,6 @@ _SKIP = frozenset({
     "date", "server", "proxy-authenticate", "proxy-authorization", "te", "trailers", "upgrade",
 })
 ERROR_BODY_LIMIT = 4096
-log = logging.getLogger("kvmesh.router")
 
 H_REPLICA = "x-kvmesh-replica"
 H_REGION = "x-kvmesh-region"
@@ -83,122 +80,10 @@ class UpstreamError(Exception):
         self.body = body
 
 
-class Early:
-    """An answer's head and first bytes written to the client from the engine connection's
-    own callback (``upstream.Pool.post(early=)``), before the request's task wakes.
-
-    The relay's path to the client otherwise waits for a loop turn, the answer objects and
-    the first-byte bookkeeping; here the client's bytes leave as soon as they are in. The
-    bytes are those :func:`relay` writes, in the same writes: the same head
-    (:meth:`FrontStream.begin_relay` from the same headers), the same body. Only for the
-    front end's own connections, an answer that is not a 5xx (those are tried elsewhere)
-    and a tap that passes bytes unchanged; else it does nothing and :func:`relay` sends the
-    answer as before.
-
-    When the whole answer was in and is out, the request is over for its client, and what
-    is left of it (the answer objects, the relay's end, the handler's return, accounting)
-    need not come before the client's next request: the engine connection goes back to the
-    pool, the router's ledger and what decides the next request are updated
-    (``answered``), the client's connection goes on to its next request
-    (:meth:`mesh.front.FrontProtocol.go_on`), and the request's task is woken by ``later``
-    (``mesh.deferred``: once the next request is at its engine). :meth:`ready` sets what
-    this needs, once the request is written; until then nothing is sent early."""
-
-    __slots__ = ("answered", "at", "clock", "drain", "ended", "extra", "first", "later",
-                 "request", "resp", "response", "stream", "tap")
-
-    def __init__(self, request: FrontRequest) -> None:
-        self.request = request
-        self.extra: RelayExtra | None = None
-        self.tap: Tap | None = None
-        self.stream: FrontStream | None = None
-        """The answer, made ahead (:meth:`ready`); its status is set when it comes."""
-        self.resp: FrontStream | None = None
-        """Set once the head has gone out."""
-        self.first = b""
-        self.drain = False
-        """The client's buffer was full after the write: :func:`relay` waits on it."""
-        self.ended = False
-        """The whole answer was in: its end was written too."""
-        self.response: upstream.Response | None = None
-        """The whole answer, taken from its connection (``upstream.Early``)."""
-        self.at: float | None = None
-        """When it was taken (``clock``): its first byte, and its end, for the books."""
-        self.answered: Callable[[float, int], None] | None = None
-        self.later: Callable[[Callable[[], None]], None] | None = None
-        self.clock: Callable[[], float] | None = None
-
-    def ready(self, extra: Mapping[str, str], tap: Tap | None, *,
-              answered: Callable[[float, int], None] | None = None,
-              later: Callable[[Callable[[], None]], None] | None = None,
-              clock: Callable[[], float] | None = None) -> None:
-        """The request is written: what the answer's head needs besides the engine's own
-        headers, made while the engine works; with ``answered``, ``later`` and ``clock``, a
-        whole answer also ends the request for its client (see the class)."""
-        self.extra = RelayExtra(extra)
-        self.tap = tap
-        self.stream = FrontStream(self.request)
-        self.answered, self.later, self.clock = answered, later, clock
-
-    def __call__(self, conn: upstream._Conn) -> bool:
-        extra, req, tap, resp = self.extra, self.request, self.tap, self.stream
-        front = req.conn
-        t = front.transport
-        headers = conn._headers
-        if (extra is None or resp is None or headers is None or conn.status >= 500
-                or (tap is not None and tap.rewrites)
-                or front.closed or t is None or t.is_closing()):
-            return False
-        try:
-            declared = headers.get("Content-Length")
-            length = int(declared) if declared is not None and declared.isdigit() else None
-            if conn.status != resp.status:
-                resp.set_status(conn.status)
-            resp.begin_relay_pre(conn._raw_headers, _SKIP, extra, length)
-            first = conn.read_now()
-            if first is None:
-                return False
-        except Exception:  # nothing sent: the relay decides, as without this
-            return False
-        self.resp, self.first = resp, first
-        drain = resp.write_now(first) if first else False
-        if conn.at_eof:
-            drain = resp.write_eof_now() or drain
-            self.ended = True
-        self.drain = drain
-        answered, later, clock = self.answered, self.later, self.clock
-        if (not self.ended or drain or answered is None or later is None or clock is None
-                or not front.may_go_on(req, resp)):
-            return False
-        at = self.at = clock()
-        self.response, waiter = conn.hand_over()
-        try:
-            if tap is not None:  # what relay would show it (it passes the bytes unchanged)
-                if first:
-                    tap.feed(first)
-                tap.finish()
-            answered(at, conn.status)
-        except Exception:  # bookkeeping only: the answer is out, the task still wakes
-            log.exception("accounting of an answer failed")
-        finally:
-            front.go_on(req)
-            if waiter is not None:
-                later(partial(_wake, waiter))
-        return True
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 @dataclass(slots=True)
 class Upstream:
     resp: upstream.Response
     first: bytes
-    early: Early | None = None
-    """The request's :class:`Early`: its ``resp`` is set when the head and ``first`` went
-    to the client already; else :func:`relay` uses what it made ahead."""
 
     @property
     def status(self) -> int:
@@ -227,11 +112,10 @@ class Forwarder:
     async def open(
         self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
         first_byte_timeout: float | None = None, sent: Callable[[], None] | None = None,
-        early: Early | None = None,
     ) -> Upstream:
         """POST ``body`` to ``url``; return once the first body bytes are in, or raise
         ``UpstreamError`` (``timeout``) after ``first_byte_timeout`` seconds. ``sent``: see
-        :meth:`mesh.upstream.Pool.post`; ``early``: :class:`Early`."""
+        :meth:`mesh.upstream.Pool.post`."""
         if delay > 0:
             # Emulated round trip to a far region (demo): the request leaves late.
             await asyncio.sleep(delay)
@@ -243,8 +127,7 @@ class Forwarder:
         started = loop.time()
         try:
             resp = await self.pool.post(url, body, headers,
-                                        total if limit is None else min(limit, total), sent,
-                                        early)
+                                        total if limit is None else min(limit, total), sent)
         except upstream.ConnectError as exc:
             raise UpstreamError("connect", str(exc)) from None
         except TimeoutError:
@@ -261,10 +144,6 @@ class Forwarder:
             finally:
                 resp.close()
             raise UpstreamError("status", f"answered {resp.status}", resp.status, data)
-        if early is not None and early.resp is not None:  # at the client already
-            if limit is not None and limit < total:
-                resp.deadline(max(0.0, total - (loop.time() - started)))
-            return Upstream(resp, early.first, early)
         try:
             got = resp.readany_now()  # the usual case: the first bytes came with the head
             first = got if got is not None else await resp.readany()
@@ -285,7 +164,7 @@ class Forwarder:
         if limit is not None and limit < total:
             # The rest of the answer within the whole request's limit.
             resp.deadline(max(0.0, total - (loop.time() - started)))
-        return Upstream(resp, first, early)
+        return Upstream(resp, first)
 
 
 def sse_error(exc: BaseException) -> bytes:
@@ -328,25 +207,11 @@ async def relay(
 
     A ``tap`` sees every chunk and says what to send on (a tap that rewrites makes the
     length unknown in advance, so the answer is then chunked)."""
-    early = up.early
-    pre = early.stream if early is not None and early.resp is None else None
-    if early is not None and early.resp is None:
-        early = None  # nothing went out early: the relay sends it all
     declared = up.resp.headers.get("Content-Length")
     length = (int(declared) if declared is not None and declared.isdigit()
               and (tap is None or not tap.rewrites) else None)
     resp: web.StreamResponse
-    if early is not None and early.resp is not None:
-        resp = early.resp  # its head is out (the same one, from the same headers)
-    elif (isinstance(request, FrontRequest) and pre is not None and up.early is not None
-          and up.early.extra is not None and pre._head is None
-          and up.early.extra.extra is extra_headers):
-        # Made while the engine worked (Early.ready): the same head as below.
-        resp = pre
-        if up.status != pre.status:
-            pre.set_status(up.status)
-        pre.begin_relay_pre(up.resp.raw_headers, _SKIP, up.early.extra, length)
-    elif isinstance(request, FrontRequest):
+    if isinstance(request, FrontRequest):
         resp = FrontStream(request, status=up.status)
         # The head from the upstream's headers and ours, as aiohttp would write them.
         resp.begin_relay(up.resp.raw_headers, _SKIP, extra_headers, length)
@@ -364,17 +229,6 @@ async def relay(
     front = resp if isinstance(resp, FrontStream) else None
     try:
         chunk = up.first
-        if early is not None:  # the head and first bytes are out (Early): what is left
-            if tap is not None and chunk:
-                tap.feed(chunk)  # passes them unchanged (else nothing went out early)
-            sent = len(chunk)
-            if early.drain and front is not None:
-                await front.drain()
-            if early.ended:
-                chunk = b""
-            else:
-                got = up.resp.readany_now()
-                chunk = got if got is not None else await up.resp.readany()
         while chunk:
             out = tap.feed(chunk) if tap is not None else chunk
             if out:

@@ -64,7 +64,6 @@ from mesh.proxy import (
     H_REGION,
     H_REPLICA,
     H_ROUTE,
-    Early,
     Forwarder,
     UpstreamError,
     relay,
@@ -238,7 +237,6 @@ class Router:
                  self.policy.name, len(self.config.engines))
 
     async def stop(self) -> None:
-        self.deferred.run()  # requests answered already finish their accounting
         self.dispatcher.clear()
         for fut in self._waiting.values():
             if not fut.done():
@@ -544,9 +542,6 @@ class Router:
         self.edge.outliers.admit(replica, self.clock())
         check: Check | None = None
         extra: dict[str, str] | None = None
-        # A local engine's answer goes to a front-end client from the engine connection's
-        # callback, as soon as it is in (proxy.Early); the bookkeeping below follows it.
-        early = Early(request) if target.local and isinstance(request, FrontRequest) else None
 
         def written() -> None:
             """The request is on its way: while the engine works, the cache prediction for
@@ -559,36 +554,10 @@ class Router:
                                                concurrent, body)
             extra = self._answer_headers(d, target, req, request_id, forwarded, check,
                                          pending)
-            if early is not None:
-                early.ready(extra, check.tap if check is not None else None,
-                            answered=answered, later=self.deferred.add, clock=self.clock)
-
-        def answered(at: float, status: int) -> None:
-            """A whole answer is at its client (``early``): what decides the next request
-            is updated now, before that request is read, and its accounting queued (as
-            below); the task's own end waits until that request is at its engine."""
-            self.edge.dispatch_outcome(replica, True, at)
-            self.dispatcher.observe_first_token(req, at)
-            self.deferred.add(partial(self._first_byte, req, forwarded, arrival, at,
-                                      pending if status < 400 else None))
-            self.deferred.add(partial(self._relayed, req, check, status, True, forwarded,
-                                      route, at))
-            self.dispatcher.done(ticket)
-            self.kick()
-            if ticket.publish:
-                self._publish_soon()
 
         try:
             try:
-                up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written,
-                                               early)
-            except asyncio.CancelledError:
-                if early is not None and early.resp is not None and early.at is None:
-                    # The client left after its answer had begun: accounted as relay does
-                    # (a whole answer taken early was accounted for when it was: answered).
-                    self.deferred.add(partial(self._relayed, req, check, early.resp.status,
-                                              False, forwarded, route, self.clock()))
-                raise
+                up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written)
             except UpstreamError as exc:
                 self.metrics.retries.labels(exc.kind).inc()
                 log.warning("attempt on %s failed before the first byte: %s", url, exc)
@@ -597,11 +566,6 @@ class Router:
                 self.edge.dispatch_outcome(replica, False, self.clock(),
                                            sum(1 for _ in self._records(self.clock())))
                 return None
-            if early is not None and early.at is not None:
-                # At its client already, its engine connection back in the pool, and
-                # accounted for (answered): what is left is the handler's return.
-                assert early.resp is not None
-                return early.resp
             self.edge.dispatch_outcome(replica, True, self.clock())
             first_byte = self.clock()
             self.dispatcher.observe_first_token(req, first_byte)

@@ -25,7 +25,6 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -48,18 +47,6 @@ class UpstreamBroken(Exception):
     """The answer ended abnormally: connection lost or unparsable. Not a client reset."""
 
 
-class Early(Protocol):
-    """What ``Pool.post(early=)`` calls when an answer's head and first bytes are in."""
-
-    response: Response | None
-    """Set when the call took the whole answer (:meth:`_Conn.hand_over`): ``post`` returns
-    it, and the connection is no longer this request's."""
-
-    def __call__(self, conn: _Conn) -> bool:
-        """True: the call took the whole answer and wakes the request itself, later."""
-        ...
-
-
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "_body_done",
@@ -75,12 +62,10 @@ class _Conn(asyncio.Protocol):
         "_read_waiter",
         "_timer",
         "closed",
-        "early",
         "got_bytes",
         "keep_alive",
         "loop",
         "parser",
-        "pool",
         "status",
         "transport",
     )
@@ -92,7 +77,6 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self._pool_key: tuple[str, int, bool] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.pool: Pool | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -110,10 +94,6 @@ class _Conn(asyncio.Protocol):
         self._error: BaseException | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
-        self.early: Early | None = None
-        """Called once from :meth:`data_received` when the answer's head and its first
-        body bytes (or its end) are in, before the request's task wakes (``Pool.post``);
-        the head's waiter is woken after it, unless it took the answer."""
 
     # -- asyncio.Protocol --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,13 +112,6 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamBroken(f"unparsable answer: {exc}"))
             self.abort()
-            return
-        early = self.early
-        if early is not None and self._headers is not None:
-            self.early = None
-            if not (self._error is None and (self._chunks or self._body_done)
-                    and early(self)):
-                self._wake_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -166,23 +139,9 @@ class _Conn(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         self._headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
-        if self.early is None:  # else once the early call has seen it (data_received)
-            self._wake_head()
-
-    def _wake_head(self) -> None:
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def hand_over(self) -> tuple[Response, asyncio.Future[None] | None]:
-        """A whole answer taken by the early call: its :class:`Response` (closed: the
-        connection goes back to the pool now, for the next request) and the waiter of
-        the request's task, no longer this connection's (the caller wakes it)."""
-        assert self.pool is not None
-        resp = Response(self, self.pool)
-        waiter, self._head_waiter = self._head_waiter, None
-        resp.close()
-        return resp, waiter
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -234,12 +193,11 @@ class _Conn(asyncio.Protocol):
         if self._headers is None:
             if self._error is not None:
                 raise self._error
-            waiter = self._head_waiter = self.loop.create_future()
+            self._head_waiter = self.loop.create_future()
             try:
-                await waiter
+                await self._head_waiter
             finally:
-                if self._head_waiter is waiter:  # (handed over: maybe another's by now)
-                    self._head_waiter = None
+                self._head_waiter = None
 
     async def read(self) -> bytes:
         """The next body bytes; b"" at the end of the answer."""
@@ -334,8 +292,7 @@ class Response:
 
     def deadline(self, seconds: float | None) -> None:
         """From now on, fail the answer with ``TimeoutError`` after ``seconds``."""
-        if not self._released:
-            self._conn.arm(seconds, "answer not complete")
+        self._conn.arm(seconds, "answer not complete")
 
 
 class Pool:
@@ -370,18 +327,13 @@ class Pool:
     async def post(self, url: str, body: bytes,
                    headers: Mapping[str, str] | list[tuple[str, str]],
                    limit: float | None = None,
-                   sent: Callable[[], None] | None = None,
-                   early: Early | None = None) -> Response:
+                   sent: Callable[[], None] | None = None) -> Response:
         """Send ``body``; return once the answer's head is in. ``ConnectError`` when no
         connection could be made; ``UpstreamBroken``, or ``TimeoutError`` after ``limit``
         seconds. The limit stays armed until :meth:`Response.deadline` changes it.
         ``sent``: called as soon as the request is written (again if it is sent again on a
         new connection), before the wait for the answer: work for the caller to do while
-        the server works. ``early``: called from the connection's own callback when the
-        head and the first body bytes (or the answer's end) are in, in the same loop turn
-        (:attr:`_Conn.early`; never once this returns): what the caller can do with them
-        before its task wakes; when it takes the whole answer, ``post`` returns its
-        ``response`` and touches the connection no more."""
+        the server works."""
         origin = self._origins.get(url)
         if origin is None:
             origin = self._origin(url)
@@ -405,7 +357,6 @@ class Pool:
                 conn = await self._connect(key)
             conn.arm(limit, "no answer")
             assert conn.transport is not None
-            conn.early = early
             conn.transport.write(request)
             try:
                 if sent is not None:
@@ -414,22 +365,14 @@ class Pool:
                     self.on_sent()
                 await conn.head()
             except UpstreamBroken:
-                if early is not None and early.response is not None:
-                    raise  # (never: a taken answer wakes its waiter with no error)
-                conn.early = None
                 conn.arm(None)
                 if reused and attempt == 0 and not conn.got_bytes:
                     continue  # closed by the server while idle: never reached it
                 raise
             except BaseException:
-                if early is None or early.response is None:  # else not ours any more
-                    conn.early = None
-                    conn.arm(None)
-                    conn.abort()
+                conn.arm(None)
+                conn.abort()
                 raise
-            if early is not None and early.response is not None:
-                return early.response  # the connection may serve another request by now
-            conn.early = None
             return Response(conn, self)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -458,7 +401,6 @@ class Pool:
         loop = asyncio.get_running_loop()
         conn = _Conn(loop)
         conn._pool_key = key
-        conn.pool = self
         context: ssl.SSLContext | None = None
         if tls:
             context = self.ssl if self.ssl is not None else ssl.create_default_context()
