@@ -360,7 +360,21 @@ class ReplicaModel:
         when the queue-delay slope overshoots (the intercept goes below 0), which priced a
         short idle request at about 0 s. With fewer such requests there is no bound (the
         fastest of two or three stuck behind a queue the router did not see says nothing
-        about the floor)."""
+        about the floor).
+
+        The overhead steps towards the slowest of the newest ``EVERY`` residuals when all of
+        them found no queue and are more than one step (``MAX_STEP``) below the window's
+        median (a request that found no queue measures the overhead most directly). The median
+        follows a change only once half the window shows it, and a burst the model does not
+        see (the startup's queues, priced as none) can fill a replica's window with residuals
+        of 0.5-1 s: the replica is then priced out, gets a request now and then, and its
+        window would take half a minute to turn over while each of those requests comes back
+        several times faster (in the region sweep, a home engine priced 0.65 s too slow for
+        35 s while the other engine and the forwards carried its load). A whole refit's worth
+        of residuals that far below is a regime, not noise (the local decisions' median error
+        is about 15%). The older samples are then dropped (the queue delay and barrier scale
+        are refitted once ``MIN_SAMPLES`` newer ones are in): kept, the next refit's median
+        would pull the figure back up. Steps stay bounded: one refit halves it at most."""
         self._since_rest += 1
         if len(self.rest) < MIN_SAMPLES or self._since_rest < EVERY:
             return False
@@ -379,8 +393,18 @@ class ReplicaModel:
         s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
         floor = [y for u, y in self.idle if u <= knee]
         fastest = min(floor) if len(floor) >= MIN_SAMPLES else 0.0
-        changed |= self.overhead.step_to(
-            max(statistics.median(y - s * kv - q * w for w, kv, y in pts), fastest))
+        res = [y - s * kv - q * w for w, kv, y in pts]
+        target = statistics.median(res)
+        newest = max(res[-EVERY:])
+        if newest < (1.0 - MAX_STEP) * target and not any(w for w, _, _ in pts[-EVERY:]):
+            # Every request since the last refit found no queue and paid less than one step
+            # below the window's median: the window describes another time (the docstring),
+            # and only these requests are kept to fit the next steps on.
+            target = newest
+            fresh = list(self.rest)[-EVERY:]
+            self.rest.clear()
+            self.rest.extend(fresh)
+        changed |= self.overhead.step_to(max(target, fastest))
         return changed
 
 

@@ -357,3 +357,47 @@ def test_the_overhead_is_never_below_the_fastest_first_token_priced_no_prefill()
         cal.observe_local(local(u, rate=2000.0), u, t, configured_rate=2000.0)
     got = cal.published("e0")
     assert got.overhead is not None and got.overhead >= min(cached) > 0
+
+
+def test_an_overhead_learned_in_a_burst_follows_the_requests_that_come_back_fast() -> None:
+    # A startup burst the model priced as no queue fills the window with 0.7 s residuals;
+    # the replica, priced out, then gets a request now and then, each back in 80 ms. The
+    # window's median would stay at 0.7 s until half the window turned over.
+    cal = Calibrator(default_rate=8000.0)
+    for _ in range(28):
+        cal.observe_local(local(40), 40, 0.7)
+    assert cal.published("e0").overhead == pytest.approx(0.7, abs=0.01)
+    for _ in range(4 * EVERY):
+        cal.observe_local(local(40), 40, 0.08)
+    got = cal.published("e0").overhead
+    assert got is not None and got < 0.1
+
+
+def test_the_burst_does_not_pull_the_overhead_back_up() -> None:
+    # Once a refit's worth of requests showed the burst over, slower requests after it are
+    # weighed against the requests since, not against the burst.
+    cal = Calibrator(default_rate=8000.0)
+    for _ in range(28):
+        cal.observe_local(local(40), 40, 0.7)
+    for _ in range(EVERY):
+        cal.observe_local(local(40), 40, 0.08)
+    stepped = cal.published("e0").overhead
+    assert stepped is not None and stepped < 0.7 * (1 - MAX_STEP) + 0.01
+    for _ in range(EVERY):
+        cal.observe_local(local(40), 40, 0.4)
+    got = cal.published("e0").overhead
+    assert got is not None and got <= stepped
+
+
+def test_noisy_residuals_around_a_steady_overhead_keep_it() -> None:
+    # The local decisions' error (15% median) never looks like a new regime: the overhead
+    # (a 70 ms first token less the 5 ms its 40-token prefill is priced) stays near 65 ms.
+    cal = Calibrator(default_rate=8000.0)
+    rng = random.Random(7)
+    seen = []
+    for _ in range(400):
+        cal.observe_local(local(40), 40, 0.07 * rng.uniform(0.7, 1.3))
+        if (o := cal.published("e0").overhead) is not None:
+            seen.append(o)
+    assert len(seen) > 300
+    assert min(seen) > 0.065 * 0.8 and max(seen) < 0.065 * 1.2
