@@ -35,7 +35,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mesh.ttft_error import Prediction
 
@@ -76,6 +76,19 @@ forwards keep showing it. The region's forwarding band, measured on the same for
 is dropped at the same point (``mesh.outcomes``), or it alone would keep the region shut."""
 RTT_HALF_LIFE_S = 10.0
 """Half-life of a stale learned round trip's distance from its prior."""
+OVERHEAD_FRESH_S = 10.0
+"""A replica's overhead above its peers' with fewer than a refit's worth (``EVERY``) of
+samples in this long ages towards the peers' median (the other owned replicas' overheads).
+
+A burst the model does not see can leave one engine's overhead several times its peers';
+priced out, it gets a request now and then, too few to turn its window over, and keeps the
+figure that prices it out (the same trap as a round trip's, ``RTT_FRESH_S``). A replica the
+policy still picks gets a refit's worth within a second even at light load, so this is
+quiet only for one it no longer picks. Only the excess over the peers ages (an overhead
+below theirs is not what keeps a replica out); at the next sample the aged value stands and
+the older samples are dropped, as the round trip's."""
+OVERHEAD_HALF_LIFE_S = 10.0
+"""Half-life of a quiet replica's overhead excess over its peers' median."""
 MIN_RISE = 6
 """Points a hinge fit's rising part needs (fewer cannot show a trend: see ``RISE_Z``)."""
 RISE_Z = 2.5
@@ -118,11 +131,14 @@ class BoundedMedian:
         self._since = 0
         return self.step_to(statistics.median(self.samples))
 
-    def step_to(self, target: float) -> bool:
+    def step_to(self, target: float, first_from: float | None = None) -> bool:
         """Publish a bounded step from the current value towards ``target``; True if it
-        changed. (Estimates fitted elsewhere, e.g. a line's slope, publish through this.)"""
+        changed. (Estimates fitted elsewhere, e.g. a line's slope, publish through this.)
+        ``first_from``: where a first value steps from instead of jumping (``jump_first``)."""
         base = self.value if self.value is not None else self.prior
-        if base is None or (self.value is None and self.jump_first):
+        if self.value is None and first_from is not None:
+            base = first_from
+        if base is None or (self.value is None and self.jump_first and first_from is None):
             new = target
         else:
             step = max(self.min_step, MAX_STEP * abs(base))
@@ -320,6 +336,8 @@ class ReplicaModel:
     """What a first token costs beyond the model's parts (HTTP and step overheads)."""
     queue_delay: BoundedMedian = field(
         default_factory=lambda: BoundedMedian(None, 0.0, 600.0, MIN_STEP_S))
+    at: deque[float] = field(default_factory=lambda: deque(maxlen=EVERY))
+    """When the newest ``EVERY`` samples came (the caller's clock; ``OVERHEAD_FRESH_S``)."""
     _since_idle: int = 0
     _since_rest: int = 0
 
@@ -349,7 +367,7 @@ class ReplicaModel:
         changed = self.prefill_rate.step_to(1.0 / slope)
         return self.prefill_knee.step_to(knee) or changed
 
-    def refit_rest(self, default_rate: float) -> bool:
+    def refit_rest(self, default_rate: float, peers: float | None = None) -> bool:
         """Every few samples: queue delay, barrier scale, then the overhead (intercept), each
         of the residuals of the prefill as priced now.
 
@@ -374,7 +392,13 @@ class ReplicaModel:
         of residuals that far below is a regime, not noise (the local decisions' median error
         is about 15%). The older samples are then dropped (the queue delay and barrier scale
         are refitted once ``MIN_SAMPLES`` newer ones are in): kept, the next refit's median
-        would pull the figure back up. Steps stay bounded: one refit halves it at most."""
+        would pull the figure back up. Steps stay bounded: one refit halves it at most.
+
+        The first published overhead is one bounded step from ``peers`` (the median of the
+        router's other replicas' overheads) when there is one, not the samples' own median:
+        a startup burst can fill a new window with residuals many times the truth, and the
+        replica's peers are the best prior there is (the view prices an unknown overhead at
+        its peers' median too). With no peer it is the samples' median, as before."""
         self._since_rest += 1
         if len(self.rest) < MIN_SAMPLES or self._since_rest < EVERY:
             return False
@@ -404,7 +428,7 @@ class ReplicaModel:
             fresh = list(self.rest)[-EVERY:]
             self.rest.clear()
             self.rest.extend(fresh)
-        changed |= self.overhead.step_to(max(target, fastest))
+        changed |= self.overhead.step_to(max(target, fastest), peers)
         return changed
 
 
@@ -432,12 +456,22 @@ class Calibrator:
         return m
 
     def observe_local(self, p: Prediction, uncached: int, observed: float,
-                      configured_rate: float | None = None) -> None:
+                      configured_rate: float | None = None, now: float | None = None) -> None:
         """A request this router sent to its own engine got its first byte after
-        ``observed`` seconds (from the decision)."""
+        ``observed`` seconds (from the decision), at ``now`` (None: no aging)."""
         if not (math.isfinite(observed) and observed > 0):
             return
         m = self.own(p.replica, configured_rate)
+        if now is not None:
+            aged = self._aged_overhead(p.replica, now)
+            if aged != m.overhead.value:
+                # Quiet long enough to age: the aged value stands, the old samples describe
+                # another time (``OVERHEAD_FRESH_S``).
+                m.overhead.value = aged
+                m.rest.clear()
+                m.at.clear()
+                self.version += 1
+            m.at.append(now)
         decode, kv = p.part("decode"), p.part("kv")
         waiting = p.part("waiting")
         idle = waiting < IDLE_WAITING
@@ -450,7 +484,7 @@ class Calibrator:
             changed |= m.refit_rate()
         m.rest.append((waiting if not idle else 0.0, kv,
                        observed - p.part("rtt") - interference, float(uncached)))
-        changed |= m.refit_rest(self.default_rate)
+        changed |= m.refit_rest(self.default_rate, self._peer_overhead(p.replica))
         if changed:
             self.version += 1
 
@@ -482,9 +516,35 @@ class Calibrator:
             return est.value
         return est.prior + (est.value - est.prior) * math.pow(0.5, stale / RTT_HALF_LIFE_S)
 
-    def published(self, replica: str) -> Calibrated:
+    def _peer_overhead(self, replica: str) -> float | None:
+        """The median published overhead of the other owned replicas (None: none has one)."""
+        known = [o for r, m in self.replicas.items()
+                 if r != replica and (o := m.overhead.value) is not None]
+        return statistics.median(known) if known else None
+
+    def _aged_overhead(self, replica: str, now: float) -> float | None:
+        """The replica's overhead at ``now``: its excess over its peers' median halves every
+        ``OVERHEAD_HALF_LIFE_S`` once fewer than ``EVERY`` samples came in
+        ``OVERHEAD_FRESH_S``."""
+        m = self.replicas[replica]
+        value, peers = m.overhead.value, self._peer_overhead(replica)
+        if value is None or peers is None or value <= peers or not m.at:
+            return value
+        stale = now - m.at[0] - OVERHEAD_FRESH_S
+        if stale <= 0:
+            return value
+        return peers + (value - peers) * math.pow(0.5, stale / OVERHEAD_HALF_LIFE_S)
+
+    def published(self, replica: str, now: float | None = None) -> Calibrated:
+        """The replica's figures (at ``now``: a quiet replica's overhead aged, see
+        ``OVERHEAD_FRESH_S``; None: as last fitted)."""
         m = self.replicas.get(replica)
-        return m.published() if m is not None else Calibrated()
+        if m is None:
+            return Calibrated()
+        got = m.published()
+        if now is None:
+            return got
+        return replace(got, overhead=self._aged_overhead(replica, now))
 
     def learned_rtt(self, now: float) -> dict[str, float]:
         """Region -> learned forward round trip at ``now`` (aged back towards its prior
