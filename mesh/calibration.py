@@ -35,7 +35,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mesh.ttft_error import Prediction
 
@@ -76,19 +76,6 @@ forwards keep showing it. The region's forwarding band, measured on the same for
 is dropped at the same point (``mesh.outcomes``), or it alone would keep the region shut."""
 RTT_HALF_LIFE_S = 10.0
 """Half-life of a stale learned round trip's distance from its prior."""
-OVERHEAD_FRESH_S = 10.0
-"""A replica's overhead above its peers' with fewer than a refit's worth (``EVERY``) of
-samples in this long ages towards the peers' median (the other owned replicas' overheads).
-
-A burst the model does not see can leave one engine's overhead several times its peers';
-priced out, it gets a request now and then, too few to turn its window over, and keeps the
-figure that prices it out (the same trap as a round trip's, ``RTT_FRESH_S``). A replica the
-policy still picks gets a refit's worth within a second even at light load, so this is
-quiet only for one it no longer picks. Only the excess over the peers ages (an overhead
-below theirs is not what keeps a replica out); at the next sample the aged value stands and
-the older samples are dropped, as the round trip's."""
-OVERHEAD_HALF_LIFE_S = 10.0
-"""Half-life of a quiet replica's overhead excess over its peers' median."""
 MIN_RISE = 6
 """Points a hinge fit's rising part needs (fewer cannot show a trend: see ``RISE_Z``)."""
 RISE_Z = 2.5
@@ -336,8 +323,6 @@ class ReplicaModel:
     """What a first token costs beyond the model's parts (HTTP and step overheads)."""
     queue_delay: BoundedMedian = field(
         default_factory=lambda: BoundedMedian(None, 0.0, 600.0, MIN_STEP_S))
-    at: deque[float] = field(default_factory=lambda: deque(maxlen=EVERY))
-    """When the newest ``EVERY`` samples came (the caller's clock; ``OVERHEAD_FRESH_S``)."""
     _since_idle: int = 0
     _since_rest: int = 0
 
@@ -456,22 +441,12 @@ class Calibrator:
         return m
 
     def observe_local(self, p: Prediction, uncached: int, observed: float,
-                      configured_rate: float | None = None, now: float | None = None) -> None:
+                      configured_rate: float | None = None) -> None:
         """A request this router sent to its own engine got its first byte after
-        ``observed`` seconds (from the decision), at ``now`` (None: no aging)."""
+        ``observed`` seconds (from the decision)."""
         if not (math.isfinite(observed) and observed > 0):
             return
         m = self.own(p.replica, configured_rate)
-        if now is not None:
-            aged = self._aged_overhead(p.replica, now)
-            if aged != m.overhead.value:
-                # Quiet long enough to age: the aged value stands, the old samples describe
-                # another time (``OVERHEAD_FRESH_S``).
-                m.overhead.value = aged
-                m.rest.clear()
-                m.at.clear()
-                self.version += 1
-            m.at.append(now)
         decode, kv = p.part("decode"), p.part("kv")
         waiting = p.part("waiting")
         idle = waiting < IDLE_WAITING
@@ -522,29 +497,9 @@ class Calibrator:
                  if r != replica and (o := m.overhead.value) is not None]
         return statistics.median(known) if known else None
 
-    def _aged_overhead(self, replica: str, now: float) -> float | None:
-        """The replica's overhead at ``now``: its excess over its peers' median halves every
-        ``OVERHEAD_HALF_LIFE_S`` once fewer than ``EVERY`` samples came in
-        ``OVERHEAD_FRESH_S``."""
-        m = self.replicas[replica]
-        value, peers = m.overhead.value, self._peer_overhead(replica)
-        if value is None or peers is None or value <= peers or not m.at:
-            return value
-        stale = now - m.at[0] - OVERHEAD_FRESH_S
-        if stale <= 0:
-            return value
-        return peers + (value - peers) * math.pow(0.5, stale / OVERHEAD_HALF_LIFE_S)
-
-    def published(self, replica: str, now: float | None = None) -> Calibrated:
-        """The replica's figures (at ``now``: a quiet replica's overhead aged, see
-        ``OVERHEAD_FRESH_S``; None: as last fitted)."""
+    def published(self, replica: str) -> Calibrated:
         m = self.replicas.get(replica)
-        if m is None:
-            return Calibrated()
-        got = m.published()
-        if now is None:
-            return got
-        return replace(got, overhead=self._aged_overhead(replica, now))
+        return m.published() if m is not None else Calibrated()
 
     def learned_rtt(self, now: float) -> dict[str, float]:
         """Region -> learned forward round trip at ``now`` (aged back towards its prior

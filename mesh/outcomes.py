@@ -124,7 +124,7 @@ class Outcomes:
                 self._prior = self.errors.prior()
         if pending.local:
             self.calibrator.observe_local(p, pending.uncached, observed,
-                                          self.configured_rate(p.replica), now)
+                                          self.configured_rate(p.replica))
         elif p.kind == "forwarded":
             self.calibrator.observe_forward(p, observed, now)
             band = self.errors.band(p.region)
@@ -147,7 +147,7 @@ class Outcomes:
 
     def published(self, replica: str) -> Calibrated:
         """An own replica's learned figures, for the view and the replicated meta record."""
-        return self.calibrator.published(replica, self._now)
+        return self.calibrator.published(replica)
 
     def status(self) -> dict[str, Any]:
         return {"errors": self.errors.status(), "calibration": self.calibrator.status(self._now)}

@@ -11,8 +11,6 @@ from mesh.calibration import (
     EVERY,
     MAX_STEP,
     MIN_SAMPLES,
-    OVERHEAD_FRESH_S,
-    OVERHEAD_HALF_LIFE_S,
     RTT_FRESH_S,
     RTT_HALF_LIFE_S,
     BoundedMedian,
@@ -425,57 +423,3 @@ def test_a_first_overhead_with_no_peer_is_the_samples_own() -> None:
     for _ in range(MIN_SAMPLES):
         cal.observe_local(local(40), 40, 0.7)
     assert cal.published("e0").overhead == pytest.approx(0.695, abs=0.003)
-
-
-def burst_then_quiet(cal: Calibrator) -> tuple[float, float]:
-    """e1 learns about 65 ms at t < 10 s; e0 is then priced out by a burst's 0.7 s first
-    tokens (at t = 10 s, once its figure has climbed) and gets no request after it.
-    Returns (e0's overhead, e1's) after the burst."""
-    t = 0.0
-    for _ in range(3 * MIN_SAMPLES):
-        cal.observe_local(local(40, replica="e1"), 40, 0.07, now=t)
-        t += 0.1
-    for _ in range(40):
-        cal.observe_local(local(40), 40, 0.7, now=10.0)
-    e0, e1 = cal.published("e0", 10.0).overhead, cal.published("e1", 10.0).overhead
-    assert e0 is not None and e1 is not None
-    return e0, e1
-
-
-def test_a_quiet_replicas_overhead_excess_ages_towards_its_peers() -> None:
-    cal = Calibrator(default_rate=8000.0)
-    high, peer = burst_then_quiet(cal)
-    assert high > 5 * peer
-    # Fresh for OVERHEAD_FRESH_S, then the excess over the peer halves every half-life.
-    assert cal.published("e0", 10.0 + OVERHEAD_FRESH_S).overhead == high
-    got = cal.published("e0", 10.0 + OVERHEAD_FRESH_S + OVERHEAD_HALF_LIFE_S).overhead
-    assert got == pytest.approx(peer + (high - peer) / 2)
-    got = cal.published("e0", 10.0 + OVERHEAD_FRESH_S + 8 * OVERHEAD_HALF_LIFE_S).overhead
-    assert got is not None and got < peer * 1.1
-    # The peer, busy, is not aged; nor is anything without a clock.
-    assert cal.published("e1", 100.0).overhead == peer
-    assert cal.published("e0").overhead == high
-
-
-def test_the_next_request_of_a_quiet_replica_starts_from_the_aged_overhead() -> None:
-    # Kept, the burst's samples would pull the figure back up at the next refit.
-    cal = Calibrator(default_rate=8000.0)
-    high, _ = burst_then_quiet(cal)
-    t = 10.0 + OVERHEAD_FRESH_S + 3 * OVERHEAD_HALF_LIFE_S
-    aged = cal.published("e0", t).overhead
-    assert aged is not None and aged < high / 4
-    seen = []
-    for i in range(3 * MIN_SAMPLES):
-        cal.observe_local(local(40), 40, 0.07, now=t + 0.1 * i)
-        seen.append(cal.published("e0", t + 0.1 * i).overhead)
-    assert all(o is not None and o <= aged + 1e-9 for o in seen)
-    assert seen[-1] == pytest.approx(0.065, abs=0.003)
-
-
-def test_an_overhead_below_its_peers_does_not_age() -> None:
-    cal = Calibrator(default_rate=8000.0)
-    for i in range(3 * MIN_SAMPLES):
-        cal.observe_local(local(40, replica="e1"), 40, 0.2, now=0.1 * i)
-        cal.observe_local(local(40), 40, 0.07, now=0.1 * i)
-    low = cal.published("e0", 3.0).overhead
-    assert low is not None and cal.published("e0", 1000.0).overhead == low

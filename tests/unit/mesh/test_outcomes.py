@@ -101,30 +101,6 @@ def test_a_region_priced_out_by_lost_forwards_reopens_once_they_are_old() -> Non
     assert "eu" not in out.margins and "eu" not in out.errors.into  # the prior band again
 
 
-def test_a_replica_priced_out_by_a_burst_ages_on_its_peers_outcomes() -> None:
-    # b's first tokens in a burst took most of a second; it is then not picked, while a's
-    # outcomes keep coming: the overhead b publishes ages towards a's.
-    policy = make_policy("kvmesh", {"prefill_rate": 4000.0, "calibrated": True})
-    out = Outcomes("us", policy_rate(policy))
-    short = Request("s", token_ids=list(range(40)), keys=[], block_size=16)
-
-    def place(replica: str, at: float, ttft: float) -> None:
-        v = View("us", (ReplicaView(replica, "us"),), {"us": RegionView("us")})
-        pending = out.begin(policy.decide(short, v, 0.0, random.Random(0)), short, True, at)
-        assert pending is not None
-        out.first_byte(pending, at + ttft)
-
-    for i in range(40):
-        place("http://a", 0.1 * i, 0.07)
-        place("http://b", 0.1 * i, 0.9)
-    high, peer = out.published("http://b").overhead, out.published("http://a").overhead
-    assert high is not None and peer is not None and high > 5 * peer
-    for i in range(1200):  # two minutes: a dozen half-lives
-        place("http://a", 4.0 + 0.1 * i, 0.07)
-    got = out.published("http://b").overhead
-    assert got is not None and got < peer * 1.1
-
-
 def test_a_pinned_placement_has_no_prediction() -> None:
     from mesh.policies import Decision
     assert Outcomes("us").begin(Decision("a", "us", "pinned"), REQ, True, 0.0) is None
