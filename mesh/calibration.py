@@ -459,7 +459,9 @@ class Calibrator:
             changed |= m.refit_rate()
         m.rest.append((waiting if not idle else 0.0, kv,
                        observed - p.part("rtt") - interference, float(uncached)))
-        changed |= m.refit_rest(self.default_rate, self._peer_overhead(p.replica))
+        # Only a first overhead steps from its peers': once published, it moves from itself.
+        peers = self._peer_overhead(p.replica) if m.overhead.value is None else None
+        changed |= m.refit_rest(self.default_rate, peers)
         if changed:
             self.version += 1
 
