@@ -21,6 +21,7 @@ import aiohttp
 
 EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LOWEST_PORT = 10000
+_HANDED_OUT: set[int] = set()
 
 
 def _ephemeral_floor() -> int | None:
@@ -39,6 +40,9 @@ def free_ports(n: int) -> list[int]:
     range can be taken in between by any outgoing connection, including a peer's retries
     to that very port before its listener is up (a TCP self-connect): the child then fails
     with "address already in use". Below the range only a listener can take it.
+
+    Ports handed out earlier in this process are not handed out again: callers bind them
+    later, so two calls (one engine's ports, then the next engine's) must not overlap.
     """
     socks: list[socket.socket] = []
     top = _ephemeral_floor()
@@ -47,9 +51,12 @@ def free_ports(n: int) -> list[int]:
         tries = 0
         while top is not None and len(socks) < n and tries < 64 * n:
             tries += 1
+            port = rng.randrange(LOWEST_PORT, top)
+            if port in _HANDED_OUT:
+                continue
             s = socket.socket()
             try:
-                s.bind(("127.0.0.1", rng.randrange(LOWEST_PORT, top)))
+                s.bind(("127.0.0.1", port))
             except OSError:
                 s.close()
                 continue
@@ -58,7 +65,11 @@ def free_ports(n: int) -> list[int]:
             s = socket.socket()
             s.bind(("127.0.0.1", 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        ports = [s.getsockname()[1] for s in socks]
+        if top is not None and len(_HANDED_OUT) + n > (top - LOWEST_PORT) // 2:
+            _HANDED_OUT.clear()  # a long-lived caller: forget the oldest rather than run dry
+        _HANDED_OUT.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()

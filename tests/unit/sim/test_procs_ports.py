@@ -30,3 +30,16 @@ def test_without_a_known_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "range").write_text("garbage\n")
     monkeypatch.setattr(procs, "EPHEMERAL", tmp_path / "range")
     assert procs._ephemeral_floor() is None
+
+
+def test_separate_calls_never_hand_out_the_same_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ports are bound later by children: a second call must not repeat an earlier one."""
+    if procs._ephemeral_floor() is None:
+        pytest.skip("no ephemeral range known here")
+    monkeypatch.setattr(procs, "_HANDED_OUT", set())
+    # A narrow range makes a repeat near certain without the memory of handed-out ports.
+    monkeypatch.setattr(procs, "LOWEST_PORT", procs._ephemeral_floor() - 40)  # type: ignore[operator]
+    seen: list[int] = []
+    for _ in range(6):
+        seen += procs.free_ports(3)
+    assert len(seen) == len(set(seen)) == 18
