@@ -282,7 +282,19 @@ def _explain(request: Request, reps: Sequence[ReplicaView], view: View,
                                replica_load(reps[i], p.load_half_life, life).waiting,
                                risk.barrier(reps[i], p.kv_weight, p.kv_cap))
                   for s, i in zip(scored, shortlist, strict=True)]
+    else:
+        scored = [_with_overhead(s, reps[i]) for s, i in zip(scored, shortlist, strict=True)]
     return tuple(scored)
+
+
+def _with_overhead(s: Scored, r: ReplicaView) -> Scored:
+    """The candidate as a predicted TTFT: its cost plus the replica's learned overhead.
+
+    Without ``calibrated`` the ranking leaves the overhead out (the step floor and HTTP,
+    about the same on every replica), and a prefill below the learned knee costs 0 there,
+    the floor being in the overhead. The prediction a decision reports (the answer's
+    header, the error metrics) must still be a time to first token, not 0."""
+    return Scored(s.replica, s.region, s.cost + r.overhead, (*s.parts, ("overhead", r.overhead)))
 
 
 def _costs(request: Request, reps: Sequence[ReplicaView], view: View,

@@ -223,6 +223,22 @@ def test_a_learned_knee_prices_a_short_prefill_at_the_floor() -> None:
     assert expected_ttft(long, v.replicas[0], v, 0, p).cost == pytest.approx(980 / 2500)
 
 
+def test_a_prefill_below_the_knee_is_predicted_at_the_overhead_not_zero() -> None:
+    """The ranking prices a short prefill at 0 (the floor is in the overhead); the TTFT the
+    decision predicts, which its answer reports and the error metrics judge, adds the
+    replica's learned overhead. The choice itself is unchanged."""
+    from mesh.ttft_error import prediction_of
+
+    short = Request("s", token_ids=list(range(100)), keys=[], block_size=16)
+    v = View("us", (rep("a", prefill_rate=2500.0, prefill_knee=120.0, overhead=0.031),),
+             REGIONS)
+    d = ExpectedTtft({}).decide(short, v, 0.0, random.Random(0))
+    assert d.reason.startswith("kvmesh ttft=0.0ms")
+    predicted = prediction_of(d, "us")
+    assert predicted is not None
+    assert predicted.cost == pytest.approx(0.031) and predicted.part("overhead") == 0.031
+
+
 def test_rechecking_pinned_forwards_is_opt_in() -> None:
     assert ExpectedTtft(PARAMS).rechecks_pins is False
     assert ExpectedTtft({**PARAMS, "recheck_pins": True}).rechecks_pins is True
@@ -247,6 +263,7 @@ def test_candidates_are_explained_when_first_read_and_equal_an_eager_decision(
 
     monkeypatch.setattr(ttft, "expected_ttft", counted)
     pol = make_policy("kvmesh")
+    assert isinstance(pol, ExpectedTtft)
     v = View("us", tuple(ReplicaView(f"r{i}", "us", True, float(i), 1.0, 0.2, 0.1)
                          for i in range(6)))
     d = pol.decide(Request("q", list(range(64)), []), v, 0.0, random.Random(1))
@@ -254,7 +271,8 @@ def test_candidates_are_explained_when_first_read_and_equal_an_eager_decision(
     first = d.candidates
     assert len(first) == 4 and len(calls) == 4 and d.candidates is first
     assert first[0].replica == d.replica
-    eager = [real(Request("q", list(range(64)), []), r, v, 0, pol.params) for r in v.replicas]
+    eager = [ttft._with_overhead(real(Request("q", list(range(64)), []), r, v, 0, pol.params), r)
+             for r in v.replicas]
     assert {c.replica: c for c in first} == {
         s.replica: s for s in sorted(eager, key=lambda s: s.cost)[:4]}
     plain = Decision(**{f.name: getattr(d, f.name) for f in dataclasses.fields(Decision)})
