@@ -300,11 +300,12 @@ class ReplicaModel:
     ``max(0, u - knee) / rate``, the floor below the knee being part of the overhead."""
     idle: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=PAIRS))
     """(uncached tokens, observed seconds) of requests that found no queue."""
-    rest: deque[tuple[float, float, float, float]] = field(
+    rest: deque[tuple[float, float, float, float, bool]] = field(
         default_factory=lambda: deque(maxlen=PAIRS))
     """(estimated waiting, the model's KV-barrier seconds, observed seconds less round trip
-    and decode interference, uncached tokens) of every request. Less the prefill as priced
-    at the refit (:meth:`prefill`), ``y = overhead + kv_scale * barrier + queue_delay *
+    and decode interference, uncached tokens, whether an earlier request of the router's to
+    the engine had no first token yet: ``behind``) of every request. Less the prefill as
+    priced at the refit (:meth:`prefill`), ``y = overhead + kv_scale * barrier + queue_delay *
     waiting``, fitted one slope at a time (each a Theil-Sen slope of the residual of the
     other, so an intercept or an outlier biases neither).
 
@@ -389,7 +390,8 @@ class ReplicaModel:
             return False
         self._since_rest = 0
         rate, knee = self.pricing(default_rate)
-        pts = [(w, kv, y - (u - knee if u > knee else 0.0) / rate) for w, kv, y, u in self.rest]
+        pts = [(w, kv, y - (u - knee if u > knee else 0.0) / rate)
+               for w, kv, y, u, _ in self.rest]
         changed = False
         s = self.kv_scale.current if self.kv_scale.current is not None else 1.0
         q = theil_sen_slope([(w, y - s * kv) for w, kv, y in pts], MIN_SPREAD_WAITING)
@@ -403,9 +405,15 @@ class ReplicaModel:
         floor = [y for u, y in self.idle if u <= knee]
         fastest = min(floor) if len(floor) >= MIN_SAMPLES else 0.0
         res = [y - s * kv - q * w for w, kv, y in pts]
-        target = statistics.median(res)
+        clear = [x for x, (*_, behind) in zip(res, self.rest, strict=True) if not behind]
+        if len(clear) < EVERY:
+            # Nearly every request queued behind the router's own (a burst): their
+            # residuals hold those prefills, not what one first token costs.
+            return changed
+        target = statistics.median(clear)
         newest = max(res[-EVERY:])
-        if newest < (1.0 - MAX_STEP) * target and not any(w for w, _, _ in pts[-EVERY:]):
+        if (newest < (1.0 - MAX_STEP) * target and not any(w for w, _, _ in pts[-EVERY:])
+                and not any(b for *_, b in list(self.rest)[-EVERY:])):
             # Every request since the last refit found no queue and paid less than one step
             # below the window's median: the window describes another time (the docstring),
             # and only these requests are kept to fit the next steps on.
@@ -441,15 +449,17 @@ class Calibrator:
         return m
 
     def observe_local(self, p: Prediction, uncached: int, observed: float,
-                      configured_rate: float | None = None) -> None:
+                      configured_rate: float | None = None, behind: bool = False) -> None:
         """A request this router sent to its own engine got its first byte after
-        ``observed`` seconds (from the decision)."""
+        ``observed`` seconds (from the decision). ``behind``: when it was sent, an earlier
+        request of this router's to the same engine had no first token yet (it queued
+        behind that prefill whatever the engine's waiting count said)."""
         if not (math.isfinite(observed) and observed > 0):
             return
         m = self.own(p.replica, configured_rate)
         decode, kv = p.part("decode"), p.part("kv")
         waiting = p.part("waiting")
-        idle = waiting < IDLE_WAITING
+        idle = waiting < IDLE_WAITING and not behind
         interference = decode - kv
         changed = False
         if idle:
@@ -457,8 +467,8 @@ class Calibrator:
             # model, right or wrong, do not bias a slope).
             m.idle.append((float(uncached), observed))
             changed |= m.refit_rate()
-        m.rest.append((waiting if not idle else 0.0, kv,
-                       observed - p.part("rtt") - interference, float(uncached)))
+        m.rest.append((waiting if waiting >= IDLE_WAITING else 0.0, kv,
+                       observed - p.part("rtt") - interference, float(uncached), behind))
         # Only a first overhead steps from its peers': once published, it moves from itself.
         peers = self._peer_overhead(p.replica) if m.overhead.value is None else None
         changed |= m.refit_rest(self.default_rate, peers)

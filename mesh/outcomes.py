@@ -44,12 +44,19 @@ class Pending:
     local: bool
     """Dispatched by this router to its own engine (a calibration sample of that engine)."""
     at: float
+    behind: bool = False
+    """A local placement sent while an earlier one of this router's to the same engine had
+    no first byte yet (:meth:`Outcomes.begin`)."""
+    seq: int = 0
 
 
 PRIOR_EVERY = 16
 """Local outcomes between refreshes of the prior band (every one of the first few dozen)."""
 TRACE = 1024
 """Outcomes kept for :meth:`Outcomes.recent` (the newest)."""
+OPEN_STALE_S = 60.0
+"""A local placement with no first byte after this long no longer counts as one a newer
+request queues behind (its answer failed or was cancelled: nothing reports that here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +106,10 @@ class Outcomes:
     trace: deque[Traced] = field(default_factory=lambda: deque(maxlen=TRACE))
     _prior: float | None = None
     _now: float = 0.0
+    _open: dict[str, dict[int, float]] = field(default_factory=dict)
+    """Own engine -> this router's placements there without a first byte yet (seq -> sent at,
+    oldest first)."""
+    _seq: int = 0
 
     def __post_init__(self) -> None:
         self.calibrator = Calibrator(self.default_rate)
@@ -110,7 +121,21 @@ class Outcomes:
         if p is None:
             return None
         uncached = req.num_tokens - cached_tokens(req, d.matched_blocks)
-        return Pending(p, uncached, local, now)
+        if not local:
+            return Pending(p, uncached, local, now)
+        # The engine's load record shows a request admitted to its batch as running while
+        # its prefill still holds the engine; the router knows its own such requests.
+        opened = self._open.get(p.replica)
+        if opened is None:
+            opened = self._open[p.replica] = {}
+        while opened:
+            seq = next(iter(opened))
+            if now - opened[seq] <= OPEN_STALE_S:
+                break
+            del opened[seq]
+        self._seq += 1
+        opened[self._seq] = now
+        return Pending(p, uncached, local, now, len(opened) > 1, self._seq)
 
     def first_byte(self, pending: Pending, now: float) -> None:
         """The answer's first byte is back: the observed TTFT (from the decision) is noted."""
@@ -123,8 +148,11 @@ class Outcomes:
             if n <= PRIOR_EVERY * 4 or n % PRIOR_EVERY == 0:
                 self._prior = self.errors.prior()
         if pending.local:
+            opened = self._open.get(p.replica)
+            if opened is not None:
+                opened.pop(pending.seq, None)
             self.calibrator.observe_local(p, pending.uncached, observed,
-                                          self.configured_rate(p.replica))
+                                          self.configured_rate(p.replica), pending.behind)
         elif p.kind == "forwarded":
             self.calibrator.observe_forward(p, observed, now)
             band = self.errors.band(p.region)
