@@ -423,3 +423,44 @@ def test_a_first_overhead_with_no_peer_is_the_samples_own() -> None:
     for _ in range(MIN_SAMPLES):
         cal.observe_local(local(40), 40, 0.7)
     assert cal.published("e0").overhead == pytest.approx(0.695, abs=0.003)
+
+
+def test_requests_sent_behind_the_routers_own_leave_the_overhead_alone() -> None:
+    # e1's overhead is learned at about 65 ms. e0 starts inside a burst: each request was
+    # sent while the router's earlier ones to e0 had no first token yet, and the engine
+    # showed them as running, not waiting (estimate 0), so every first token took 0.6-1 s.
+    # Those residuals hold the prefills ahead, not what one first token costs: before, the
+    # overhead climbed a bounded step per refit to 0.6 s in as many samples as a 2 s burst
+    # gives, and the engine, priced out, took 85 s to unlearn it.
+    cal = Calibrator(default_rate=8000.0)
+    for _ in range(3 * MIN_SAMPLES):
+        cal.observe_local(local(40, replica="e1"), 40, 0.07)
+    peer = cal.published("e1").overhead
+    assert peer is not None
+    rng = random.Random(3)
+    for _ in range(30):
+        cal.observe_local(local(300, replica="e0"), 300, rng.uniform(0.6, 1.0), behind=True)
+    assert cal.published("e0").overhead is None  # unknown: the view prices it as its peers
+    assert cal.published("e0").prefill_rate is None
+    assert len(cal.replicas["e0"].idle) == 0  # and no point of the rate fit
+    for _ in range(2 * EVERY):
+        cal.observe_local(local(40, replica="e0"), 40, 0.07)
+    got = cal.published("e0").overhead
+    assert got is not None and got == pytest.approx(peer, abs=0.01)
+
+
+def test_the_overhead_is_the_median_of_the_requests_that_queued_behind_none() -> None:
+    # A window with a few requests that found the engine free and many sent behind the
+    # router's own: the overhead is what the free ones paid.
+    cal = Calibrator(default_rate=8000.0)
+    for _ in range(MIN_SAMPLES):
+        cal.observe_local(local(40), 40, 0.07)
+    first = cal.published("e0").overhead
+    assert first == pytest.approx(0.065, abs=0.003)
+    for _ in range(5 * EVERY):
+        cal.observe_local(local(40), 40, 0.7, behind=True)
+    assert cal.published("e0").overhead == pytest.approx(first, abs=1e-9)
+    for _ in range(2 * MIN_SAMPLES):
+        cal.observe_local(local(40), 40, 0.09)
+    # The free ones alone move it (a 90 ms first token less its 5 ms of prefill).
+    assert cal.published("e0").overhead == pytest.approx(0.085, abs=0.003)

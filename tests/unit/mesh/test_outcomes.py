@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from mesh.calibration import Calibrated
+from mesh.calibration import MIN_SAMPLES, Calibrated
 from mesh.config import EngineConfig, RouterConfig
 from mesh.engines import EngineLoad, EngineState
-from mesh.outcomes import TRACE, Outcomes, policy_rate
+from mesh.outcomes import OPEN_STALE_S, TRACE, Outcomes, policy_rate
 from mesh.policies import RegionView, ReplicaView, Request, View, make_policy
 from mesh.state import MeshState
 
@@ -164,3 +164,50 @@ def test_the_local_error_is_the_band_of_regions_no_forward_measured_yet() -> Non
     assert out.status()["errors"]["prior_band_s"] == 0.07
     (g,) = [m for m in out.metrics() if m.name == "kvmesh_forward_band_prior_seconds"]
     assert g.samples[0].value == pytest.approx(0.07)
+
+
+def _decided(out: Outcomes, engine: str = "http://a") -> Any:
+    policy = make_policy("kvmesh", {"prefill_rate": 4000.0, "calibrated": True})
+    v = View("us", (ReplicaView(engine, "us"),), {"us": RegionView("us")})
+    return policy.decide(REQ, v, 0.0, random.Random(0))
+
+
+def test_a_placement_sent_while_the_routers_own_awaits_its_first_byte_is_behind() -> None:
+    out = Outcomes("us", 4000.0)
+    d, other = _decided(out), _decided(out, "http://b")
+    a = out.begin(d, REQ, True, 0.0)
+    b = out.begin(d, REQ, True, 0.1)
+    assert a is not None and b is not None and not a.behind and b.behind
+    elsewhere = out.begin(other, REQ, True, 0.15)  # another engine: its own queue
+    assert elsewhere is not None and not elsewhere.behind
+    out.first_byte(a, 0.2)
+    c = out.begin(d, REQ, True, 0.3)  # b still has no first byte
+    assert c is not None and c.behind
+    out.first_byte(b, 0.4)
+    out.first_byte(c, 0.5)
+    e = out.begin(d, REQ, True, 0.6)
+    assert e is not None and not e.behind
+    # A placement that never got a first byte (failed) stops counting after a minute.
+    late = out.begin(d, REQ, True, 0.6 + OPEN_STALE_S + 1.0)
+    assert late is not None and not late.behind
+
+
+def test_a_burst_of_the_routers_own_requests_does_not_become_the_overhead() -> None:
+    # Ten requests sent 30 ms apart to one engine come back 0.6-0.9 s later (each behind
+    # the prefills sent before it, the engine counting them running): no overhead is
+    # published from them; the quiet requests after the burst set it.
+    out = Outcomes("us", 4000.0)
+    d = _decided(out)
+    for burst in range(3):
+        t0 = 10.0 * burst
+        sent = [out.begin(d, REQ, True, t0 + 0.03 * i) for i in range(10)]
+        for i, p in enumerate(sent):
+            assert p is not None
+            out.first_byte(p, t0 + 0.6 + 0.03 * i)
+    assert out.published("http://a").overhead is None
+    for i in range(2 * MIN_SAMPLES):
+        p = out.begin(d, REQ, True, 40.0 + i)
+        assert p is not None and not p.behind
+        out.first_byte(p, 40.0 + i + 0.1 + 400 / 4000)
+    got = out.published("http://a").overhead
+    assert got is not None and got == pytest.approx(0.1, abs=0.01)
