@@ -11,8 +11,9 @@ region it forwards into:
 - **queue delay per waiting request, KV-barrier scale and overhead**: from every request,
   ``observed - prefill - interference = overhead + kv_scale * barrier + queue_delay *
   waiting``, fitted one Theil-Sen slope at a time (each against the residual of the other),
-  the overhead being the median residual (never below the fastest of several first tokens
-  priced no prefill): the delay a waiting request really adds, how much of the model's
+  the overhead being the median residual of the requests not sent behind one of the
+  router's own still without its first token (never below the fastest of several first
+  tokens priced no prefill): the delay a waiting request really adds, how much of the model's
   barrier for a nearly full KV cache the engine really shows in a TTFT, and what a first
   token costs beyond the model's parts (HTTP, step overheads). The prefill is priced at
   each refit with the rate and knee then current;
@@ -384,7 +385,16 @@ class ReplicaModel:
         router's other replicas' overheads) when there is one, not the samples' own median:
         a startup burst can fill a new window with residuals many times the truth, and the
         replica's peers are the best prior there is (the view prices an unknown overhead at
-        its peers' median too). With no peer it is the samples' median, as before."""
+        its peers' median too). With no peer it is the samples' median, as before.
+
+        The overhead's residuals are those of requests not sent ``behind`` one of the
+        router's own to the engine that had no first token yet: the engine counts a request
+        admitted to its batch as running while its prefill still holds the engine, so the
+        waiting estimate misses that queue and the residual holds the prefills ahead. In a
+        burst every residual is such a one (0.6-1 s for a 70 ms overhead, on real
+        processes), and a bounded step per refit still climbed to 0.6 s in the burst's two
+        seconds. With fewer than ``EVERY`` other residuals in the window the overhead stays
+        (unpublished, the view prices it as its peers)."""
         self._since_rest += 1
         if len(self.rest) < MIN_SAMPLES or self._since_rest < EVERY:
             return False
