@@ -137,6 +137,15 @@ class Outcomes:
         opened[self._seq] = now
         return Pending(p, uncached, local, now, len(opened) > 1, self._seq)
 
+    def ended(self, pending: Pending) -> None:
+        """The placement no longer holds its engine's prefill: its first byte came, or it
+        never will (the attempt failed, the engine answered an error, the client left).
+        Idempotent; without it a failed placement would mark the engine's requests as
+        sent behind it for ``OPEN_STALE_S``, and they teach the overhead nothing."""
+        opened = self._open.get(pending.prediction.replica)
+        if opened is not None:
+            opened.pop(pending.seq, None)
+
     def first_byte(self, pending: Pending, now: float) -> None:
         """The answer's first byte is back: the observed TTFT (from the decision) is noted."""
         observed = now - pending.at
@@ -148,9 +157,7 @@ class Outcomes:
             if n <= PRIOR_EVERY * 4 or n % PRIOR_EVERY == 0:
                 self._prior = self.errors.prior()
         if pending.local:
-            opened = self._open.get(p.replica)
-            if opened is not None:
-                opened.pop(pending.seq, None)
+            self.ended(pending)
             self.calibrator.observe_local(p, pending.uncached, observed,
                                           self.configured_rate(p.replica), pending.behind)
         elif p.kind == "forwarded":

@@ -568,6 +568,8 @@ class Router:
                 return None
             self.edge.dispatch_outcome(replica, True, self.clock())
             first_byte = self.clock()
+            if pending is not None:
+                self.outcomes.ended(pending)  # now, not when the figures are taken
             self.dispatcher.observe_first_token(req, first_byte)
             # Figures, the SLO judgement, and error and calibration bookkeeping (a refit of
             # the prefill rate is a few hundred microseconds): after the next dispatch.
@@ -597,6 +599,8 @@ class Router:
                 log.info("stream %s to %s ended early", request_id, target.replica)
             return resp
         finally:
+            if pending is not None:
+                self.outcomes.ended(pending)  # a failed or cancelled one, too
             self.dispatcher.done(ticket)
             self.kick()  # a completion: re-evaluate a waiting head
             if ticket.publish:

@@ -192,6 +192,21 @@ def test_a_placement_sent_while_the_routers_own_awaits_its_first_byte_is_behind(
     assert late is not None and not late.behind
 
 
+def test_a_placement_that_ended_without_a_first_byte_holds_nothing_up() -> None:
+    """A failed attempt, an error answer or a client gone: the router ends the placement, and
+    the next request to that engine is not counted as behind it (it teaches the overhead)."""
+    out = Outcomes("us", 4000.0)
+    d = _decided(out)
+    failed = out.begin(d, REQ, True, 0.0)
+    assert failed is not None
+    out.ended(failed)
+    nxt = out.begin(d, REQ, True, 0.1)
+    assert nxt is not None and not nxt.behind
+    out.ended(nxt)
+    out.first_byte(nxt, 0.2)  # ended twice (at the first byte, then at the end): no harm
+    assert not out.begin(d, REQ, True, 0.3).behind  # type: ignore[union-attr]
+
+
 def test_a_burst_of_the_routers_own_requests_does_not_become_the_overhead() -> None:
     # Ten requests sent 30 ms apart to one engine come back 0.6-0.9 s later (each behind
     # the prefills sent before it, the engine counting them running): no overhead is
