@@ -3,12 +3,18 @@
 Under ``CI=true`` an integration or chaos test that skips (no Docker, no Redis, a
 missing binary) is turned into a failure: in CI, infrastructure that cannot run
 is a broken build, not a pass.
+
+A run stopped with SIGTERM (a timeout, a CI job cancelled) ends like Ctrl-C: the fixtures'
+teardowns still run, so the engines, routers and containers a test started are stopped
+rather than left running (they live in their own sessions and would outlive the run).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Generator
+from types import FrameType
 
 import pytest
 
@@ -26,3 +32,12 @@ def pytest_runtest_makereport(
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
