@@ -10,7 +10,8 @@ For every healthy replica ``r`` in a reachable region::
     queue     = load.waiting * mean_prompt_tokens / rate            (prefill-bound)
     prefill   = max(uncached - r.prefill_knee, 0) / rate   (knee: the learned step floor)
     decode    = (queue + prefill) * decode_weight * load.running
-                + kv_weight * k / (1 - k)                  (k = KV usage, capped at kv_cap)
+                + kv_weight * k / (1 - k)                  (k = KV usage, capped at kv_cap,
+                  less the share of the sequences ended since the record)
     step      = decode_step * (1 + batch_weight * load.running)     (one decode step now)
     kv_wait   = ramp(k; kv_knee..kv_cap) * (load.waiting + 1)
                 * mean_output_tokens * step / max(load.running, 1)  (decode-bound)
@@ -68,6 +69,7 @@ from mesh.policies.base import (
     no_replica,
 )
 from mesh.policies.headroom import fitting, headroom
+from mesh.policies.kv_release import kv_in_use
 from mesh.policies.params import parse_params
 
 OBJECTIVES = ("ttft", "e2e")
@@ -116,6 +118,12 @@ class TtftParams:
     hold_retry: float = 0.05
     """Re-decide a held request after this long at the latest (completions re-decide it
     sooner)."""
+    kv_release: bool = True
+    """Take the KV of sequences that ended since a replica's load record out of its usage
+    (:mod:`mesh.policies.kv_release`: the record's requests less those still counted in
+    flight). Off: the reported usage, for engines that also serve traffic outside the
+    mesh. Not applied with ``calibrated`` (its learned barrier share was fitted on the
+    reported usage)."""
     recheck_pins: bool = False
     """Decide a forward that names one of this router's engines again among its own
     engines, on their fresh load and prefix state (:meth:`mesh.dispatch.Dispatcher.
@@ -172,7 +180,8 @@ def expected_ttft(
     rtt = p.rtt_weight * view.rtt(r.region)
     queue = load.waiting * view.mean_prompt_tokens / rate
     prefill = (uncached - r.prefill_knee if uncached > r.prefill_knee else 0.0) / rate
-    k = min(max(r.kv_usage, 0.0), p.kv_cap)
+    k = min(max(kv_in_use(r) if p.kv_release and not p.calibrated else r.kv_usage, 0.0),
+            p.kv_cap)
     decode = (queue + prefill) * p.decode_weight * load.running + p.kv_weight * k / (1.0 - k)
     step = p.decode_step * (1.0 + p.batch_weight * load.running)
     if k > p.kv_knee:
@@ -317,6 +326,7 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     gen_base = out_tokens * decode_step
     step_shared = decode_step * batch_weight
     mix_weight = p.mix_weight
+    release = p.kv_release and not p.calibrated
     rtts: dict[str, float] = {}
     inf, exp = math.inf, math.exp
     # ``max(x, 0.0)`` and ``min(x, cap)`` written as comparisons (same values, NaN included).
@@ -354,6 +364,12 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
         knee = r.prefill_knee
         prefill = (uncached - knee if uncached > knee else 0.0) / rate
         k = r.kv_usage
+        if release and r.running > 0.0 and r.inflight > 0 and k > 0.0:
+            # ``kv_in_use(r)``, inlined (the same floats).
+            run = r.running
+            ended = r.waiting + run - (r.inflight - r.fresh)
+            if ended > 0.0:
+                k = k * (1.0 - (ended if ended < run else run) / run)
         if k < 0.0:
             k = 0.0
         if k > kv_cap:
