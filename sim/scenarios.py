@@ -183,6 +183,25 @@ LIVE_LOAD = (
         note="kvmesh with every engine's live load and in-flight count (prefixes and "
              "regions still from the replicated state)",
     ),
+    Variant(
+        "kvmesh-reported-kv",
+        "kvmesh",
+        "mesh",
+        "events",
+        PER_REGION,
+        params={"kv_release": False},
+        note="kvmesh pricing the KV barrier on the reported usage, without the sequences "
+             "ended since the record (mesh/policies/kv_release.py)",
+    ),
+    Variant(
+        "oracle-reported-kv",
+        "kvmesh",
+        "oracle",
+        "events",
+        PER_REGION,
+        params={"kv_release": False},
+        note="the oracle pricing the KV barrier on the reported usage",
+    ),
 )
 SKYLB_VARIANTS = (*BASELINES_GLOBAL, SKYLB, KVMESH, ORACLE)
 

@@ -28,3 +28,13 @@ def test_a_variant_differs_from_kvmesh_in_its_mesh_option_and_tie_stream_is_pass
     assert base.tie_stream == 0 and own.tie_stream == 2
     assert dict(own.mesh_options) == {**sc.mesh_options, "live_load": "own"}
     assert own.policy_params == base.policy_params and own.plane == base.plane == "mesh"
+
+
+def test_the_reported_kv_variants_differ_only_in_kv_release() -> None:
+    sc = SCENARIOS["skylb-wildchat-332"]
+    assert "kvmesh-reported-kv" not in _labels("skylb-wildchat-332", RunOptions(extra=True))
+    by = {v.label: v for v in (*sc.variants, *sc.named_variants)}
+    for label, twin in (("kvmesh-reported-kv", "kvmesh"), ("oracle-reported-kv", "oracle")):
+        spec, base = fleet_spec(sc, by[label], 7), fleet_spec(sc, by[twin], 7)
+        assert dict(spec.policy_params) == {**base.policy_params, "kv_release": False}
+        assert spec.plane == base.plane and spec.mesh_options == base.mesh_options
