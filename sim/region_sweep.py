@@ -105,6 +105,10 @@ class SweepPlan:
     variants: tuple[str, ...] = ()
     """Labels of the variants to run (empty: all). Mesh and no-peers alone are what the
     ratio needs: a longer window then fits one locked command."""
+    calibrated: bool = True
+    """The kvmesh variants run ``calibrated`` (the question asked: does the learned model
+    forward only when it pays). False (``--uncalibrated``): the policy's default parameters,
+    to measure what a router configured with none does."""
     sim_ties: int = 0
     """Near-tie streams of the simulator's twin runs (``FleetSpec.tie_stream`` 0..n-1): the
     emulation's seed and window, only the routers' random draws changed. Every emulated run
@@ -117,9 +121,17 @@ class SweepPlan:
             scenario=SCENARIO, speedup=self.speedup, horizon_s=horizon,
             warmup_s=self.warmup_s, drain_s=self.drain_s, load=load,
             load_unit="x 32/6/3 users", scenario_load="1", workload=_workload,
-            variants=(*EMULATED, *SIMULATED_ONLY), defaults=tuple(v.label for v in EMULATED),
+            variants=(*self.emulated(), *SIMULATED_ONLY),
+            defaults=tuple(v.label for v in EMULATED),
             rtt_scale=1.0,
         )
+
+    def emulated(self) -> tuple[EmulatedVariant, ...]:
+        """:data:`EMULATED` with the kvmesh variants' parameters this plan measures."""
+        if self.calibrated:
+            return EMULATED
+        return tuple(replace(v, params={}) if v.label in (MESH, NO_PEERS) else v
+                     for v in EMULATED)
 
     def runs(self, variants: Sequence[EmulatedVariant]) -> list[EmulatedVariant]:
         return [v for v in variants if not self.variants or v.label in self.variants]
@@ -294,7 +306,7 @@ def simulate_pair(plan: SweepPlan, load: float, seed: int) -> Pair:
     """Mesh and no-peers on ``seed`` over ``[warmup, sim_horizon)`` (the resolution runs)."""
     p = replace(plan, horizon_s=plan.sim_horizon_s, mesh_horizon_s=plan.sim_horizon_s)
     out: dict[str, list[RequestRecord]] = {}
-    for v in EMULATED[:2]:
+    for v in p.emulated()[:2]:
         scaled = _scaled(p, load, p.sim_horizon_s, seed)
         spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
         spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate)
@@ -326,7 +338,7 @@ def simulate_twin(plan: SweepPlan, load: float, stream: int, seed: int) -> Twin:
     p90: dict[str, float] = {}
     ttfts: dict[str, tuple[float, ...]] = {}
     forwarded = 0.0
-    for v in EMULATED[:2]:
+    for v in plan.emulated()[:2]:
         scaled = _scaled(plan, load, plan.horizon_s, seed)
         spec = scaled.spec(v.label, v.policy, v.params, PER_REGION, "mesh", "events")
         spec = replace(spec, region_local=not v.peers, configured_rate=v.set_prefill_rate,
@@ -529,7 +541,7 @@ def load_emulated(paths: Sequence[Path], plan: SweepPlan) -> tuple[list[Row], li
     rows: list[Row] = []
     sources: list[Source] = []
     seen: dict[tuple[float, int, str], Path] = {}
-    wanted = {v.label for v in plan.runs(EMULATED)}
+    wanted = {v.label for v in plan.runs(plan.emulated())}
     for path in paths:
         f = path / "results.json" if path.is_dir() else path
         try:
@@ -539,6 +551,9 @@ def load_emulated(paths: Sequence[Path], plan: SweepPlan) -> tuple[list[Row], li
         theirs = doc.get("plan") if isinstance(doc, dict) else None
         if not isinstance(theirs, dict) or doc.get("scenario") != SCENARIO:
             raise ValueError(f"--emulated-from {f}: not a region-sweep results.json")
+        if theirs.get("calibrated", True) != plan.calibrated:
+            raise ValueError(f"--emulated-from {f}: its kvmesh variants ran with calibrated "
+                             f"{theirs.get('calibrated', True)}, here {plan.calibrated}")
         for k in SAME_WINDOWS:
             if theirs.get(k) != getattr(plan, k):
                 raise ValueError(f"--emulated-from {f}: {k} was {theirs.get(k)}, here "
@@ -613,7 +628,7 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
                     await mesh.start_engines(session)
                     for load in plan.loads:
                         for seed in plan.seeds:
-                            for v in plan.runs(EMULATED):
+                            for v in plan.runs(plan.emulated()):
                                 log(f"- {tag(load, seed)}: {v.label}, emulating")
                                 rows.append(await emulate(mesh, session, plan, load, v, seed,
                                                           log))
@@ -627,7 +642,7 @@ async def run_sweep(plan: SweepPlan, command: str, emulate_too: bool = True,
                 log(f"logs kept in {wd}")
     for load in plan.loads:
         for seed in plan.seeds:
-            for v in plan.runs((*EMULATED, *SIMULATED_ONLY)):
+            for v in plan.runs((*plan.emulated(), *SIMULATED_ONLY)):
                 log(f"- {tag(load, seed)}: {v.label}, simulating")
                 rows.append(simulate(plan, load, v, seed))
     pairs = []
@@ -1030,6 +1045,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated variants to run (default: all of "
                         f"{', '.join(v.label for v in (*EMULATED, *SIMULATED_ONLY))})")
     p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="run the kvmesh variants with the policy's default parameters "
+                        "(calibrated off) instead of the calibrated policy")
     p.add_argument("--emulated-from", default="",
                    help="comma-separated results.json files (or their directories) of "
                         "earlier runs with the same windows: their emulated rows are pooled "
@@ -1083,7 +1101,7 @@ def main(argv: list[str]) -> int:
                          args.error_after, seeds=_measured_seeds(args.seed, args.seeds),
                          sim_seeds=_seeds(args.sim_seeds),
                          sim_horizon_s=args.sim_horizon, sim_ties=args.sim_ties,
-                         variants=variants)
+                         variants=variants, calibrated=not args.uncalibrated)
         if plan.sim_ties < 0:
             raise ValueError("--sim-ties expects a count >= 0")
         if plan.sim_seeds and plan.sim_horizon_s <= plan.warmup_s:

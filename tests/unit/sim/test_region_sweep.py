@@ -239,7 +239,9 @@ def test_emulated_rows_of_earlier_runs_are_pooled_with_a_fresh_simulator_side(
            ([*window, "--emulated-from", dirs[0], "--seeds", "1-2"], "give no --seed"),
            ([*window, "--emulated-from", str(tmp_path / "none")], "cannot read it"),
            ([*window[:2], "--loads", "0.5", *window[4:], "--emulated-from", dirs[0]],
-            "no emulated run of")]
+            "no emulated run of"),
+           ([*window, "--uncalibrated", "--emulated-from", dirs[0]],
+            "ran with calibrated True, here False")]
     for argv, why in bad:
         assert main([*argv, "--out", str(tmp_path / "x")]) == 2
         assert why in capsys.readouterr().err
@@ -259,3 +261,24 @@ def test_each_load_is_judged_on_the_checks_that_apply_to_it() -> None:
                              [replace(r, load=3.0) for r in sw.rows], 0.0, (0.0, 0.0, 0.0)))
     assert any(x.startswith("overloaded load 3") for x in heavy)
     assert not any(x.startswith("light") for x in heavy)
+
+
+def test_the_uncalibrated_sweep_runs_the_default_kvmesh_policy(tmp_path: Path) -> None:
+    """``--uncalibrated``: both kvmesh variants with the policy's default parameters (what a
+    router configured with none does), recorded in the plan; the calibrated sweep otherwise."""
+    calibrated = SweepPlan(variants=(MESH, NO_PEERS))
+    assert {v.label: dict(v.params) for v in calibrated.runs(calibrated.emulated())} == {
+        MESH: {"calibrated": True}, NO_PEERS: {"calibrated": True}}
+    default = replace(calibrated, calibrated=False)
+    assert {v.label: dict(v.params) for v in default.runs(default.emulated())} == {
+        MESH: {}, NO_PEERS: {}}
+    assert all(not v.params for v in default.emulation_plan(1.0, 60.0).variants
+               if v.label in (MESH, NO_PEERS))
+    out = tmp_path / "out"
+    assert main(["--sim-only", "--uncalibrated", "--speedup", "2.5", "--loads", "0.25",
+                 "--warmup", "5", "--horizon", "15", "--mesh-horizon", "20",
+                 "--error-after", "10", "--variants", f"{MESH},{NO_PEERS}",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["plan"]["calibrated"] is False
+    assert "--uncalibrated" in doc["command"]
