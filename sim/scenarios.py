@@ -202,6 +202,16 @@ LIVE_LOAD = (
         params={"kv_release": False},
         note="the oracle pricing the KV barrier on the reported usage",
     ),
+    Variant(
+        "kvmesh-calibrated",
+        "kvmesh",
+        "mesh",
+        "events",
+        PER_REGION,
+        params={"calibrated": True},
+        note="kvmesh with its learned corrections and forwarding band (calibrated: true, "
+             "the policy kvmesh bench region-sweep measures)",
+    ),
 )
 SKYLB_VARIANTS = (*BASELINES_GLOBAL, SKYLB, KVMESH, ORACLE)
 

@@ -38,3 +38,12 @@ def test_the_reported_kv_variants_differ_only_in_kv_release() -> None:
         spec, base = fleet_spec(sc, by[label], 7), fleet_spec(sc, by[twin], 7)
         assert dict(spec.policy_params) == {**base.policy_params, "kv_release": False}
         assert spec.plane == base.plane and spec.mesh_options == base.mesh_options
+
+
+def test_the_calibrated_variant_differs_only_in_calibrated() -> None:
+    sc = SCENARIOS["skylb-wildchat-332"]
+    assert "kvmesh-calibrated" not in _labels("skylb-wildchat-332", RunOptions(extra=True))
+    by = {v.label: v for v in (*sc.variants, *sc.named_variants)}
+    spec, base = fleet_spec(sc, by["kvmesh-calibrated"], 7), fleet_spec(sc, by["kvmesh"], 7)
+    assert dict(spec.policy_params) == {**base.policy_params, "calibrated": True}
+    assert spec.plane == base.plane and spec.mesh_options == base.mesh_options
