@@ -48,6 +48,7 @@ class Pending:
     """A local placement sent while an earlier one of this router's to the same engine had
     no first byte yet (:meth:`Outcomes.begin`)."""
     seq: int = 0
+    """Its key among the engine's open placements (:meth:`Outcomes.ended`)."""
 
 
 PRIOR_EVERY = 16

@@ -130,8 +130,8 @@ class SweepPlan:
         """:data:`EMULATED` with the kvmesh variants' parameters this plan measures."""
         if self.calibrated:
             return EMULATED
-        return tuple(replace(v, params={}) if v.label in (MESH, NO_PEERS) else v
-                     for v in EMULATED)
+        return tuple(replace(v, params={k: x for k, x in v.params.items() if k != "calibrated"})
+                     if v.label in (MESH, NO_PEERS) else v for v in EMULATED)
 
     def runs(self, variants: Sequence[EmulatedVariant]) -> list[EmulatedVariant]:
         return [v for v in variants if not self.variants or v.label in self.variants]
