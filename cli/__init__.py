@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 from collections.abc import Callable, Sequence
+from types import FrameType
 
 # name -> (module path, one-line help). Keep sorted by name.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -42,8 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    # SIGTERM (a timeout, a killed job) ends a command like Ctrl-C, so the engines, routers
+    # and proxies a bench or the demo started (in sessions of their own, which would
+    # outlive it) are stopped by its cleanup. Long-running nodes install their own handler.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     return func(args)
 
