@@ -277,38 +277,43 @@ def _explain(request: Request, reps: Sequence[ReplicaView], view: View,
              matches: Mapping[str, int], p: TtftParams, costs: Sequence[float],
              predicted: Sequence[float], chosen: int) -> tuple[Scored, ...]:
     """The decision's candidates, explained: the best four by cost (the chosen one always
-    among them), each cost taken apart (:func:`expected_ttft`; with ``calibrated``, the
-    learned corrections and the forwarding premium too). Read lazily (``Explained``)."""
+    among them), each cost taken apart (:func:`expected_ttft`), with the learned
+    corrections and what the ranking adds to the prediction (``premium``). Read lazily
+    (``Explained``).
+
+    The predicted TTFT of every candidate is the calibrated one, with ``calibrated`` or
+    without: the learned corrections (:func:`mesh.policies.risk.corrected`) applied to the
+    cost model on the reported KV usage, which is what they were fitted on. Without
+    ``calibrated`` they do not rank, but the prediction a decision reports (the answer's
+    header, the error metrics, the forwarding band) is still the router's best estimate of
+    a time to first token: the plain cost is a price, with the whole KV barrier in it, the
+    step floor and HTTP left out, and a prefill below the learned knee at 0."""
     shortlist = heapq.nsmallest(4, range(len(costs)), key=costs.__getitem__)
     if chosen not in shortlist:
         shortlist[-1] = chosen
     scored = [expected_ttft(request, reps[i], view, matches.get(reps[i].replica, 0), p)
               for i in shortlist]
-    if p.calibrated:
-        home = risk.home_best(predicted, reps, view.region)
-        life = view.mean_output_tokens * p.decode_step
-        scored = [risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
-                               replica_load(reps[i], p.load_half_life, life).waiting,
-                               risk.barrier(reps[i], p.kv_weight, p.kv_cap))
-                  for s, i in zip(scored, shortlist, strict=True)]
-    else:
-        scored = [_with_overhead(s, reps[i]) for s, i in zip(scored, shortlist, strict=True)]
-    return tuple(scored)
-
-
-def _with_overhead(s: Scored, r: ReplicaView) -> Scored:
-    """The candidate as a predicted TTFT: its cost plus the replica's learned overhead.
-
-    Without ``calibrated`` the ranking leaves the overhead out (the step floor and HTTP,
-    about the same on every replica), and a prefill below the learned knee costs 0 there,
-    the floor being in the overhead. The prediction a decision reports (the answer's
-    header, the error metrics) must still be a time to first token, not 0."""
-    return Scored(s.replica, s.region, s.cost + r.overhead, (*s.parts, ("overhead", r.overhead)))
+    life = view.mean_output_tokens * p.decode_step
+    if not p.calibrated:
+        reported = (_costs(request, reps, view, matches, p, release=False) if p.kv_release
+                    else costs)
+        predicted, _ = risk.corrected(reported, reps, view, p.prefill_rate,
+                                      p.load_half_life, p.prior_band, p.kv_weight,
+                                      p.kv_cap, p.kv_knee, life)
+    home = risk.home_best(predicted, reps, view.region)
+    return tuple(risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
+                              replica_load(reps[i], p.load_half_life, life).waiting,
+                              risk.barrier(reps[i], p.kv_weight, p.kv_cap))
+                 for s, i in zip(scored, shortlist, strict=True))
 
 
 def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
-           matches: Mapping[str, int], p: TtftParams) -> list[float]:
+           matches: Mapping[str, int], p: TtftParams, release: bool | None = None
+           ) -> list[float]:
     """``expected_ttft(...).cost`` of every replica, without building explanations.
+
+    ``release``: take the KV released since each record out of its usage (default: as
+    :func:`expected_ttft` does, ``kv_release`` without ``calibrated``).
 
     The same arithmetic in the same order as :func:`expected_ttft` and
     :func:`replica_load` (so the same floats), inlined: this loop runs
@@ -326,7 +331,8 @@ def _costs(request: Request, reps: Sequence[ReplicaView], view: View,
     gen_base = out_tokens * decode_step
     step_shared = decode_step * batch_weight
     mix_weight = p.mix_weight
-    release = p.kv_release and not p.calibrated
+    if release is None:
+        release = p.kv_release and not p.calibrated
     rtts: dict[str, float] = {}
     inf, exp = math.inf, math.exp
     # ``max(x, 0.0)`` and ``min(x, cap)`` written as comparisons (same values, NaN included).

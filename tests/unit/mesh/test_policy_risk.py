@@ -105,3 +105,21 @@ def test_near_ties_do_not_cross_the_border() -> None:
     loose = {make_policy("kvmesh", {**PARAMS, "calibrated": False}).decide(
         REQ, v, 0.0, random.Random(s)).replica for s in range(40)}
     assert loose == {"http://a", "http://e"}
+
+
+def test_without_calibrated_the_prediction_is_still_the_calibrated_one() -> None:
+    """The learned figures rank only with ``calibrated``; the TTFT a decision predicts (its
+    header, the error metrics) is the corrected one either way, and with a KV barrier the
+    engine does not show, learned at share 0, the plain cost's barrier is not in it."""
+    learned = view(1, 1.0, overhead=0.01, queue_delay=0.03, prefill_rate=8000.0,
+                   kv_usage=0.5, kv_scale=0.0)
+    on = make_policy("kvmesh", PARAMS).decide(REQ, learned, 0.0, random.Random(0))
+    off = make_policy("kvmesh", {**PARAMS, "calibrated": False}).decide(
+        REQ, learned, 0.0, random.Random(0))
+    assert on.replica == off.replica == "http://a"
+    p_on, p_off = prediction_of(on, "us"), prediction_of(off, "us")
+    assert p_on is not None and p_off is not None
+    assert p_off.cost == pytest.approx(p_on.cost) == pytest.approx(0.03 + 0.05 + 0.01)
+    # The plain cost the uncalibrated ranking used: 400 tokens queued at 8000/s, the
+    # prefill, and the whole barrier (0.05 x 0.5 / 0.5).
+    assert off.candidates[0].cost == pytest.approx(0.05 + 0.05 + 0.05)
