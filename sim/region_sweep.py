@@ -64,10 +64,10 @@ SCENARIO = "region-skew"
 MESH = "kvmesh"
 NO_PEERS = "kvmesh-no-peers"
 CALIBRATED = {"calibrated": True}
-"""The sweep measures the calibrated policy (opt-in: see docs/router.md)."""
+"""``--calibrated``: the kvmesh variants ranking by the learned figures (opt-in, docs/router.md)."""
 EMULATED = (
-    EmulatedVariant(MESH, "kvmesh", params=CALIBRATED, set_prefill_rate=False),
-    EmulatedVariant(NO_PEERS, "kvmesh", params=CALIBRATED, peers=False, set_prefill_rate=False),
+    EmulatedVariant(MESH, "kvmesh", set_prefill_rate=False),
+    EmulatedVariant(NO_PEERS, "kvmesh", peers=False, set_prefill_rate=False),
     EmulatedVariant("precise_prefix-local", "precise_prefix", peers=False,
                     set_prefill_rate=False),
 )
@@ -105,10 +105,10 @@ class SweepPlan:
     variants: tuple[str, ...] = ()
     """Labels of the variants to run (empty: all). Mesh and no-peers alone are what the
     ratio needs: a longer window then fits one locked command."""
-    calibrated: bool = True
-    """The kvmesh variants run ``calibrated`` (the question asked: does the learned model
-    forward only when it pays). False (``--uncalibrated``): the policy's default parameters,
-    to measure what a router configured with none does."""
+    calibrated: bool = False
+    """False: the kvmesh variants run the policy's default parameters (what a router
+    configured with nothing does). True (``--calibrated``): with ``calibrated: true``, the
+    learned figures and the forwarding band ranking the replicas."""
     sim_ties: int = 0
     """Near-tie streams of the simulator's twin runs (``FleetSpec.tie_stream`` 0..n-1): the
     emulation's seed and window, only the routers' random draws changed. Every emulated run
@@ -128,9 +128,9 @@ class SweepPlan:
 
     def emulated(self) -> tuple[EmulatedVariant, ...]:
         """:data:`EMULATED` with the kvmesh variants' parameters this plan measures."""
-        if self.calibrated:
+        if not self.calibrated:
             return EMULATED
-        return tuple(replace(v, params={k: x for k, x in v.params.items() if k != "calibrated"})
+        return tuple(replace(v, params={**v.params, **CALIBRATED})
                      if v.label in (MESH, NO_PEERS) else v for v in EMULATED)
 
     def runs(self, variants: Sequence[EmulatedVariant]) -> list[EmulatedVariant]:
@@ -1045,9 +1045,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated variants to run (default: all of "
                         f"{', '.join(v.label for v in (*EMULATED, *SIMULATED_ONLY))})")
     p.add_argument("--sim-only", action="store_true", help="the simulator's side only")
-    p.add_argument("--uncalibrated", action="store_true",
-                   help="run the kvmesh variants with the policy's default parameters "
-                        "(calibrated off) instead of the calibrated policy")
+    p.add_argument("--calibrated", action="store_true",
+                   help="run the kvmesh variants with calibrated: true instead of the "
+                        "policy's default parameters")
     p.add_argument("--emulated-from", default="",
                    help="comma-separated results.json files (or their directories) of "
                         "earlier runs with the same windows: their emulated rows are pooled "
@@ -1101,7 +1101,7 @@ def main(argv: list[str]) -> int:
                          args.error_after, seeds=_measured_seeds(args.seed, args.seeds),
                          sim_seeds=_seeds(args.sim_seeds),
                          sim_horizon_s=args.sim_horizon, sim_ties=args.sim_ties,
-                         variants=variants, calibrated=not args.uncalibrated)
+                         variants=variants, calibrated=args.calibrated)
         if plan.sim_ties < 0:
             raise ValueError("--sim-ties expects a count >= 0")
         if plan.sim_seeds and plan.sim_horizon_s <= plan.warmup_s:

@@ -240,8 +240,8 @@ def test_emulated_rows_of_earlier_runs_are_pooled_with_a_fresh_simulator_side(
            ([*window, "--emulated-from", str(tmp_path / "none")], "cannot read it"),
            ([*window[:2], "--loads", "0.5", *window[4:], "--emulated-from", dirs[0]],
             "no emulated run of"),
-           ([*window, "--uncalibrated", "--emulated-from", dirs[0]],
-            "ran with calibrated True, here False")]
+           ([*window, "--calibrated", "--emulated-from", dirs[0]],
+            "ran with calibrated False, here True")]
     for argv, why in bad:
         assert main([*argv, "--out", str(tmp_path / "x")]) == 2
         assert why in capsys.readouterr().err
@@ -263,22 +263,24 @@ def test_each_load_is_judged_on_the_checks_that_apply_to_it() -> None:
     assert not any(x.startswith("light") for x in heavy)
 
 
-def test_the_uncalibrated_sweep_runs_the_default_kvmesh_policy(tmp_path: Path) -> None:
-    """``--uncalibrated``: both kvmesh variants with the policy's default parameters (what a
-    router configured with none does), recorded in the plan; the calibrated sweep otherwise."""
-    calibrated = SweepPlan(variants=(MESH, NO_PEERS))
-    assert {v.label: dict(v.params) for v in calibrated.runs(calibrated.emulated())} == {
-        MESH: {"calibrated": True}, NO_PEERS: {"calibrated": True}}
-    default = replace(calibrated, calibrated=False)
+def test_the_sweep_runs_the_default_kvmesh_policy_unless_told_calibrated(
+        tmp_path: Path) -> None:
+    """By default both kvmesh variants run the policy's default parameters (what a router
+    configured with none does); ``--calibrated`` sets ``calibrated: true``, recorded in the
+    plan."""
+    default = SweepPlan(variants=(MESH, NO_PEERS))
     assert {v.label: dict(v.params) for v in default.runs(default.emulated())} == {
         MESH: {}, NO_PEERS: {}}
     assert all(not v.params for v in default.emulation_plan(1.0, 60.0).variants
                if v.label in (MESH, NO_PEERS))
+    calibrated = replace(default, calibrated=True)
+    assert {v.label: dict(v.params) for v in calibrated.runs(calibrated.emulated())} == {
+        MESH: {"calibrated": True}, NO_PEERS: {"calibrated": True}}
     out = tmp_path / "out"
-    assert main(["--sim-only", "--uncalibrated", "--speedup", "2.5", "--loads", "0.25",
+    assert main(["--sim-only", "--calibrated", "--speedup", "2.5", "--loads", "0.25",
                  "--warmup", "5", "--horizon", "15", "--mesh-horizon", "20",
                  "--error-after", "10", "--variants", f"{MESH},{NO_PEERS}",
                  "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
-    assert doc["plan"]["calibrated"] is False
-    assert "--uncalibrated" in doc["command"]
+    assert doc["plan"]["calibrated"] is True
+    assert "--calibrated" in doc["command"]
