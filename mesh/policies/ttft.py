@@ -295,16 +295,35 @@ def _explain(request: Request, reps: Sequence[ReplicaView], view: View,
               for i in shortlist]
     life = view.mean_output_tokens * p.decode_step
     if not p.calibrated:
-        reported = (_costs(request, reps, view, matches, p, release=False) if p.kv_release
-                    else costs)
-        predicted, _ = risk.corrected(reported, reps, view, p.prefill_rate,
-                                      p.load_half_life, p.prior_band, p.kv_weight,
-                                      p.kv_cap, p.kv_knee, life)
+        predicted = _predicted(request, reps, view, matches, p, costs, shortlist, life)
     home = risk.home_best(predicted, reps, view.region)
     return tuple(risk.explain(s, reps[i], predicted[i], costs[i], home, view.region,
                               replica_load(reps[i], p.load_half_life, life).waiting,
                               risk.barrier(reps[i], p.kv_weight, p.kv_cap))
                  for s, i in zip(scored, shortlist, strict=True))
+
+
+def _predicted(request: Request, reps: Sequence[ReplicaView], view: View,
+               matches: Mapping[str, int], p: TtftParams, costs: Sequence[float],
+               shortlist: Sequence[int], life: float) -> list[float]:
+    """The calibrated predictions an uncalibrated decision's explanation reads: those of the
+    shortlist, and of every home replica when a forward is among it (its ``home`` part);
+    the others are left at ``inf``, unread. Only they are priced: this runs on every
+    request."""
+    home = view.region
+    wanted = set(shortlist)
+    if any(reps[i].region != home for i in shortlist):
+        wanted.update(i for i, r in enumerate(reps) if r.region == home)
+    idx = sorted(wanted)
+    sub = [reps[i] for i in idx]
+    reported = (_costs(request, sub, view, matches, p, release=False) if p.kv_release
+                else [costs[i] for i in idx])
+    pred, _ = risk.corrected(reported, sub, view, p.prefill_rate, p.load_half_life,
+                             p.prior_band, p.kv_weight, p.kv_cap, p.kv_knee, life)
+    out = [math.inf] * len(reps)
+    for i, v in zip(idx, pred, strict=True):
+        out[i] = v
+    return out
 
 
 def _costs(request: Request, reps: Sequence[ReplicaView], view: View,

@@ -123,3 +123,25 @@ def test_without_calibrated_the_prediction_is_still_the_calibrated_one() -> None
     # The plain cost the uncalibrated ranking used: 400 tokens queued at 8000/s, the
     # prefill, and the whole barrier (0.05 x 0.5 / 0.5).
     assert off.candidates[0].cost == pytest.approx(0.05 + 0.05 + 0.05)
+
+
+def test_the_uncalibrated_explanation_prices_only_what_it_reads() -> None:
+    """Without ``calibrated`` the explanation prices the calibrated prediction of its
+    shortlist (and of the home replicas when a forward is on it) only, with the same
+    values as pricing every replica."""
+    from mesh.policies import ttft
+
+    regions = {"us": RegionView("us"), "eu": RegionView("eu", rtt=0.08, margin=0.05)}
+    reps = (*(rep(f"u{i}", waiting=i, overhead=0.01 * i, queue_delay=0.02, kv_usage=0.5,
+                  kv_scale=0.5) for i in range(6)), rep("e", "eu"))
+    v = View("us", reps, regions, mean_prompt_tokens=400.0)
+    p = make_policy("kvmesh", {**PARAMS, "calibrated": False}).params  # type: ignore[attr-defined]
+    costs = ttft._costs(REQ, reps, v, {}, p)
+    full, _ = ttft.risk.corrected(ttft._costs(REQ, reps, v, {}, p, release=False), reps, v,
+                                  p.prefill_rate, p.load_half_life, p.prior_band,
+                                  p.kv_weight, p.kv_cap, p.kv_knee, 1.0)
+    for shortlist in ([0, 1, 2, 3], [6, 0, 1, 2]):
+        got = ttft._predicted(REQ, reps, v, {}, p, costs, shortlist, 1.0)
+        read = set(shortlist) | ({0, 1, 2, 3, 4, 5} if 6 in shortlist else set())
+        assert all(got[i] == full[i] for i in read)
+        assert all(got[i] == float("inf") for i in range(7) if i not in read)
