@@ -48,13 +48,17 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def sigterm_like_ctrl_c() -> None:
+    """Make SIGTERM (a timeout, a killed job) end this process like Ctrl-C, so the cleanup
+    of what it started runs: engines, routers and proxies live in sessions of their own and
+    would outlive it. Leaves a handler already installed alone."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    # SIGTERM (a timeout, a killed job) ends a command like Ctrl-C, so the engines, routers
-    # and proxies a bench or the demo started (in sessions of their own, which would
-    # outlive it) are stopped by its cleanup. Long-running nodes install their own handler.
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_like_ctrl_c()  # long-running nodes install their own handler
     return func(args)
 

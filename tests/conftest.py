@@ -12,11 +12,11 @@ rather than left running (they live in their own sessions and would outlive the 
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Generator
-from types import FrameType
 
 import pytest
+
+from cli import sigterm_like_ctrl_c
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 _STRICT_MARKERS = ("integration", "chaos", "redis", "real")
@@ -34,10 +34,5 @@ def pytest_runtest_makereport(
         report.longrepr = f"skipped under CI=true, which counts as a failure: {reason}"
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _interrupt)
+    sigterm_like_ctrl_c()
