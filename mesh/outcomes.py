@@ -12,6 +12,9 @@ the decision, on the shell's clock. Each outcome goes to
   overhead (published into the replicated meta record, read back into every router's view)
   and the forward round trip per region (``RegionView.rtt``).
 
+Every scrape of an own engine also goes to its KV outlook (:meth:`Outcomes.scraped`,
+:mod:`mesh.kv_outlook`), which the view reads for that engine.
+
 The newest :data:`TRACE` outcomes are kept as they were predicted and observed (every
 predicted part beside the observed TTFT: ``recent``, served at ``/dashboard/api/outcomes``
 and read by ``kvmesh bench region-sweep``), so an error can be taken apart.
@@ -31,6 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from mesh.calibration import RTT_FRESH_S, Calibrated, Calibrator
 from mesh.config import RouterConfig
+from mesh.kv_outlook import Outlooks
 from mesh.policies.base import Decision, Request, cached_tokens
 from mesh.ttft_error import Prediction, TtftErrors, prediction_of
 
@@ -111,6 +115,8 @@ class Outcomes:
     """Own engine -> this router's placements there without a first byte yet (seq -> sent at,
     oldest first)."""
     _seq: int = 0
+    kv: Outlooks = field(default_factory=Outlooks)
+    """Own engines' KV history (``mesh.kv_outlook``): read by the view, never gossiped."""
 
     def __post_init__(self) -> None:
         self.calibrator = Calibrator(self.default_rate)
@@ -137,6 +143,10 @@ class Outcomes:
         self._seq += 1
         opened[self._seq] = now
         return Pending(p, uncached, local, now, len(opened) > 1, self._seq)
+
+    def scraped(self, replica: str, kv_usage: float, at: float) -> None:
+        """An own engine's load was read, as measured at ``at``: its KV outlook learns it."""
+        self.kv.observe(replica, kv_usage, at)
 
     def ended(self, pending: Pending) -> None:
         """The placement no longer holds its engine's prefill: its first byte came, or it

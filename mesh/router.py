@@ -267,6 +267,8 @@ class Router:
 
     def _engine_update(self, state: EngineState) -> None:
         self.backend.publish_engine(state, self.config.region, self.clock())
+        if state.healthy and state.load is not None:
+            self.outcomes.scraped(state.url, state.load.kv_usage, state.measured_at)
         self.kick()  # a load change: re-evaluate a waiting head
 
     def _engine_healthy(self, replica: str) -> bool:
@@ -278,7 +280,7 @@ class Router:
         own = ((url, region, states.get(url), eng.prefill_rate)
                for url, eng in self.local_engines.items())
         return view_records(own, self.local_engines, self.backend, now,
-                            self.outcomes.published)
+                            self.outcomes.published, self.outcomes.kv.get)
 
     def view(self, now: float | None = None) -> View:
         return self.dispatcher.view(self.clock() if now is None else now)

@@ -28,6 +28,7 @@ from kvevents.sources import EventSource, open_event_source
 from mesh.calibration import Calibrated
 from mesh.config import RouterConfig
 from mesh.engines import EngineState
+from mesh.kv_outlook import KvHistory
 from mesh.metrics import gauge
 from mesh.node import MeshConfig, MeshNode
 from mesh.policies.base import NoPrefixes, PrefixLookup
@@ -47,15 +48,22 @@ def _not_learned(replica: str) -> Calibrated:
     return Calibrated()
 
 
+def _no_outlook(replica: str) -> KvHistory | None:
+    return None
+
+
 def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: MeshBackend,
                  now: float, learned: Callable[[str], Calibrated] = _not_learned,
+                 outlook: Callable[[str], KvHistory | None] = _no_outlook,
                  ) -> Iterator[ReplicaRecord]:
     """What a router's view is built from: its own engines as it probes them (no load known
-    yet: not healthy) with what this router learned of them, then every other replica as the
-    replicated state has it (its owner's learned figures included)."""
+    yet: not healthy) with what this router learned of them and their KV outlook, then every
+    other replica as the replicated state has it (its owner's learned figures included)."""
     for url, region, st, rate in own:
         others = backend.others_inflight(url)
         cal = learned(url)
+        kv = outlook(url)
+        peak, trend = (kv.peak, kv.trend) if kv is not None else (None, None)
         knee = 0.0
         if rate is None:  # a configured rate is taken as given; the learned one fills in
             rate, knee = cal.prefill_rate, cal.prefill_knee or 0.0
@@ -69,7 +77,7 @@ def view_records(own: Iterable[OwnEngine], own_set: Container[str], backend: Mes
                             load.kv_usage, max(0.0, now - st.measured_at), others, rate,
                             st.models, queue_delay=cal.queue_delay,
                             overhead=cal.overhead, kv_scale=cal.kv_scale,
-                            prefill_knee=knee)
+                            prefill_knee=knee, kv_peak=peak, kv_trend=trend)
     for rec in backend.remote_records(now):
         if rec.replica not in own_set:
             yield rec

@@ -60,6 +60,10 @@ class ReplicaRecord(NamedTuple):
     """Learned share of the KV-barrier term, published by the replica's owner."""
     prefill_knee: float = 0.0
     """Learned tokens a prefill gets for the step floor (with the learned rate only)."""
+    kv_peak: float | None = None
+    """The highest KV usage the engine reported lately, published by the replica's owner."""
+    kv_trend: float | None = None
+    """The recent slope of its KV usage, per second, published by the replica's owner."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,7 +300,7 @@ class ViewBuilder:
                 rec.replica, region, rec.healthy, rec.waiting, rec.running, rec.kv_usage, age,
                 rec.others_inflight + own, fresh(rec.replica, now - age) if own else 0,
                 rate, rec.owner, work(rec.replica, 0.0), rec.queue_delay, overhead,
-                rec.kv_scale, knee,
+                rec.kv_scale, knee, rec.kv_peak, rec.kv_trend,
             ))
         regions: dict[str, RegionView] = {self.region: self._home}
         prior_margin = self.prior_margin()

@@ -220,6 +220,8 @@ class MeshPlane:
         for st in states:
             rm.local[st.url] = st
             rm.state.publish_engine(st, router.region, now)
+            if st.load is not None:
+                router.outcomes.scraped(st.url, st.load.kv_usage, st.measured_at)
         router.kick()  # a load change: re-evaluate a waiting head
 
     def _publish(self, router: SimRouter) -> None:
@@ -270,7 +272,8 @@ class MeshPlane:
         rm = self._routers[router.id]
         rate = self.fleet.configured_rate
         own = ((r, e.region, rm.local.get(r), rate) for r, e in router.managed.items())
-        return view_records(own, router.managed, rm.state, now, router.outcomes.published)
+        return view_records(own, router.managed, rm.state, now, router.outcomes.published,
+                            router.outcomes.kv.get)
 
     def _live(self, router: SimRouter, records: Iterable[ReplicaRecord], everywhere: bool
               ) -> list[ReplicaRecord]:

@@ -55,6 +55,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+from mesh.kv_outlook import reach
 from mesh.policies import risk
 from mesh.policies.base import (
     Decision,
@@ -124,6 +125,12 @@ class TtftParams:
     flight). Off: the reported usage, for engines that also serve traffic outside the
     mesh. Not applied with ``calibrated`` (its learned barrier share was fitted on the
     reported usage)."""
+    kv_outlook: bool = True
+    """A forward is not paid by the KV barrier of a home cache that is not expected to
+    reach ``kv_knee`` within a request's life (its recent peak and trend, published by its
+    owner: :mod:`mesh.kv_outlook`); there, it would only add a round trip. Off: the barrier
+    ranks forwards at any usage. Not applied with ``calibrated`` (its risk step has a
+    rule of its own)."""
     recheck_pins: bool = False
     """Decide a forward that names one of this router's engines again among its own
     engines, on their fresh load and prefix state (:meth:`mesh.dispatch.Dispatcher.
@@ -229,6 +236,8 @@ class ExpectedTtft:
         # ``Scored`` rows are built only for the winner and the best few.
         costs = _costs(request, reps, view, matches, p)
         predicted = costs
+        if p.kv_outlook and not p.calibrated:
+            costs = _outlook(costs, reps, view, p)
         if p.calibrated:
             # Learned corrections, then the forwarding premium (mesh/policies/risk.py).
             predicted, costs = risk.corrected(costs, reps, view, p.prefill_rate,
@@ -323,6 +332,48 @@ def _predicted(request: Request, reps: Sequence[ReplicaView], view: View,
     out = [math.inf] * len(reps)
     for i, v in zip(idx, pred, strict=True):
         out[i] = v
+    return out
+
+
+def _kv(r: ReplicaView, p: TtftParams, release: bool) -> float:
+    """The KV usage ``_costs`` prices ``r`` at (released since the record, capped)."""
+    k = kv_in_use(r) if release else r.kv_usage
+    return 0.0 if k < 0.0 else (p.kv_cap if k > p.kv_cap else k)
+
+
+def _outlook(costs: list[float], reps: Sequence[ReplicaView], view: View, p: TtftParams
+             ) -> list[float]:
+    """The costs as ranked: a remote replica carries at least the KV barrier of the best
+    home replica when that home cache is not expected to reach ``kv_knee`` within a
+    request's life (:func:`mesh.kv_outlook.reach`), so that barrier alone never pays a
+    round trip. Unchanged when the home replica's outlook is not known, or reaches the
+    knee: there the barrier is the price of a cache that will bound admission and preempt,
+    and a forward may avoid it."""
+    home = view.region
+    best = -1
+    for i, r in enumerate(reps):
+        if r.region == home and (best < 0 or costs[i] < costs[best]):
+            best = i
+    if best < 0:
+        return costs
+    h = reps[best]
+    if h.kv_peak is None:
+        return costs
+    life = view.mean_output_tokens * p.decode_step
+    if reach(h.kv_usage, h.kv_peak, h.kv_trend, life) >= p.kv_knee:
+        return costs
+    release = p.kv_release
+    k = _kv(h, p, release)
+    floor = p.kv_weight * k / (1.0 - k)
+    out = costs
+    for i, r in enumerate(reps):
+        if r.region != home:
+            kr = _kv(r, p, release)
+            gap = floor - p.kv_weight * kr / (1.0 - kr)
+            if gap > 0.0:
+                if out is costs:
+                    out = list(costs)
+                out[i] += gap
     return out
 
 
