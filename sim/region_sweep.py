@@ -573,8 +573,10 @@ def load_emulated(paths: Sequence[Path], plan: SweepPlan) -> tuple[list[Row], li
                 raise ValueError(f"--emulated-from: load {key[0]:g} seed {key[1]} {key[2]} "
                                  f"is in both {seen[key]} and {f}")
             seen[key] = f
+            # The outcome traces are the mesh's (the file is per load and seed, not variant).
             trace_file = f.parent / _outcomes_name("emulated", key[0], key[1], several)
-            trace = json.loads(trace_file.read_text()) if trace_file.exists() else {}
+            trace = (json.loads(trace_file.read_text())
+                     if key[2] == MESH and trace_file.exists() else {})
             taken.append(_row_of(r, trace))
         if not taken:
             raise ValueError(f"--emulated-from {f}: no emulated run of "
@@ -874,16 +876,18 @@ def acceptance(sw: Sweep) -> list[str]:
     out = []
     light, heavy = min(loads), max(loads)
     r = sw.ratio(light, side)
+    # "Forwarding costs nothing when it is not needed": at most 5% above the routers
+    # without peers (a mesh that is faster still meets it).
     if light <= LIGHT:
         out.append(f"light load {light:g}{over}: mesh p90 / no-peers p90 = {_f(r)} "
-                   f"(within 5%: {'yes' if r is not None and abs(r - 1) <= 0.05 else 'NO'})")
+                   f"(at most 5% above: {'yes' if r is not None and r <= 1.05 else 'NO'})")
     res = sw.resolution(light)
     if res is not None and light <= LIGHT:
-        ok = abs(res["pooled"] - 1) <= 0.05
+        ok = res["pooled"] <= 1.05
         out.append(f"light load {light:g}, simulator over {len(res['seeds'])} seeds x "
                    f"{sw.plan.sim_horizon_s - sw.plan.warmup_s:g} s: pooled p90 ratio "
                    f"{res['pooled']:.3f}, per seed {res['mean']:.3f} +- {res['sd']:.3f} "
-                   f"(within 5%: {'yes' if ok else 'NO'})")
+                   f"(at most 5% above: {'yes' if ok else 'NO'})")
     r = sw.ratio(heavy, side)
     t = sw.ratio(heavy, side, "throughput_rps")
     ok = r is not None and r <= 0.70 and t is not None and t > 1.0

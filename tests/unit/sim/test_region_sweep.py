@@ -230,8 +230,11 @@ def test_emulated_rows_of_earlier_runs_are_pooled_with_a_fresh_simulator_side(
     assert pooled["difference"] == pytest.approx(0.0, abs=1e-9)
     md = (out / "results.md").read_text()
     assert "- seed 1: `run 1`" in md and "within 10%: yes" in md
-    # Traces came along with their rows.
+    # Traces came along with their rows: the mesh's, once per seed (the no-peers rows
+    # have none, though the file is per load and seed).
     assert (out / "outcomes-emulated-load0.25-seed1.json").exists()
+    emulated_parts = [x for x in md.splitlines() if x.startswith("| 0.25 emulated seed 1 | all")]
+    assert len(emulated_parts) == 1
     # Refused, with the reason: another window, the same run twice, seeds given too.
     bad = [([*window[:6], "--horizon", "16", *window[8:], "--emulated-from", dirs[0]],
             "horizon_s was 15.0, here 16.0"),
