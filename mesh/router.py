@@ -822,7 +822,8 @@ class Router:
                  "age_s": None if r.load_age == float("inf") else round(r.load_age, 3),
                  "inflight": r.inflight, "fresh": r.fresh,
                  "prefill_rate": r.prefill_rate, "queue_delay": r.queue_delay,
-                 "overhead": r.overhead, "kv_scale": r.kv_scale}
+                 "overhead": r.overhead, "kv_scale": r.kv_scale,
+                 "kv_peak": r.kv_peak, "kv_trend": r.kv_trend}
                 for r in view.replicas
             ],
             "regions": {k: {"rtt_s": v.rtt, "reachable": v.reachable, "queue": v.queue,

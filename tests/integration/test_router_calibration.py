@@ -107,3 +107,7 @@ async def test_outcomes_are_measured_and_the_owners_figures_reach_the_peer(
                          what="eu's view of the us engine carries us's learned figures")
         theirs = await learned_at(s, eu, us_engine.url)
         assert theirs["prefill_rate"] != 8000.0  # learned, not the policy's default
+        # The KV outlook: kept by the router that scrapes the engine, never gossiped.
+        mine = await learned_at(s, us, us_engine.url)
+        assert 0.0 <= mine["kv_peak"] <= 1.0 and mine["kv_trend"] is not None
+        assert theirs["kv_peak"] is None and theirs["kv_trend"] is None
