@@ -61,9 +61,9 @@ class ReplicaRecord(NamedTuple):
     prefill_knee: float = 0.0
     """Learned tokens a prefill gets for the step floor (with the learned rate only)."""
     kv_peak: float | None = None
-    """The highest KV usage the engine reported lately, published by the replica's owner."""
+    """The highest KV usage the engine reported lately (this router's own engines only)."""
     kv_trend: float | None = None
-    """The recent slope of its KV usage, per second, published by the replica's owner."""
+    """The recent slope of its KV usage, per second (this router's own engines only)."""
 
 
 @dataclass(frozen=True, slots=True)

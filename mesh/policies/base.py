@@ -110,8 +110,8 @@ class ReplicaView(NamedTuple):
     """Learned uncached tokens a prefill gets for the engine's minimum step time (its cost is
     in ``overhead``); 0 with a configured rate or none learned."""
     kv_peak: float | None = None
-    """The highest KV usage the engine reported lately, published by its owner (None: not
-    known; ``mesh.kv_outlook``)."""
+    """The highest KV usage the engine reported lately, kept by the router that scrapes it
+    (None: not known here; ``mesh.kv_outlook``)."""
     kv_trend: float | None = None
     """The recent slope of its KV usage, per second (None: not known)."""
 

@@ -127,10 +127,10 @@ class TtftParams:
     reported usage)."""
     kv_outlook: bool = True
     """A forward is not paid by the KV barrier of a home cache that is not expected to
-    reach ``kv_knee`` within a request's life (its recent peak and trend, published by its
-    owner: :mod:`mesh.kv_outlook`); there, it would only add a round trip. Off: the barrier
-    ranks forwards at any usage. Not applied with ``calibrated`` (its risk step has a
-    rule of its own)."""
+    reach ``kv_knee`` within a request's life (its recent peak and trend, kept by the
+    router that scrapes it: :mod:`mesh.kv_outlook`); there, it would only add a round
+    trip. Off: the barrier ranks forwards at any usage. Not applied with ``calibrated``
+    (its risk step has a rule of its own)."""
     recheck_pins: bool = False
     """Decide a forward that names one of this router's engines again among its own
     engines, on their fresh load and prefix state (:meth:`mesh.dispatch.Dispatcher.
