@@ -89,7 +89,7 @@ class Target:
     region: str
     local: bool
     delay: float = 0.0
-    """Round trip the forwarding client adds in user space (emulated regions)."""
+    """Emulated round trip (``emulate_rtt``) the receiving router holds the forward for."""
 
     @property
     def ledger_key(self) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -47,6 +48,24 @@ H_PREDICTED_TTFT = "x-kvmesh-predicted-ttft"
 """On answers to clients: the TTFT, in seconds from the decision, the cost model predicted."""
 H_PREDICTED = "x-kvmesh-predicted-cached-tokens"
 """On answers from this router's own engines: the cached prompt tokens it predicted there."""
+H_EMULATED_RTT = "x-kvmesh-emulated-rtt"
+"""On a forward from a router with ``emulate_rtt``: the seconds the receiving router holds it
+before deciding, as a network that far away would deliver it late."""
+MAX_EMULATED_RTT = 10.0
+
+
+def emulated_hold(value: str | None) -> float:
+    """Seconds a forward is held for (0 without the header); ``ValueError`` when unusable."""
+    if value is None:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0.0 <= seconds <= MAX_EMULATED_RTT:
+        raise ValueError(f"{H_EMULATED_RTT}: expected seconds in [0, {MAX_EMULATED_RTT:g}], "
+                         f"got {value[:40]!r}")
+    return seconds
 
 
 def upstream_headers(incoming: Mapping[str, str], request_id: str, *, local: bool,
@@ -110,15 +129,12 @@ class Forwarder:
         """Kept while it runs: each ``asyncio.get_running_loop()`` is a ``getpid`` call."""
 
     async def open(
-        self, url: str, body: bytes, headers: Mapping[str, str], delay: float = 0.0,
+        self, url: str, body: bytes, headers: Mapping[str, str],
         first_byte_timeout: float | None = None, sent: Callable[[], None] | None = None,
     ) -> Upstream:
         """POST ``body`` to ``url``; return once the first body bytes are in, or raise
         ``UpstreamError`` (``timeout``) after ``first_byte_timeout`` seconds. ``sent``: see
         :meth:`mesh.upstream.Pool.post`."""
-        if delay > 0:
-            # Emulated round trip to a far region (demo): the request leaves late.
-            await asyncio.sleep(delay)
         limit = first_byte_timeout or self.first_byte_timeout
         total = self.request_timeout
         loop = self._loop

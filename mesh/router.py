@@ -59,6 +59,7 @@ from mesh.policies.base import View, cached_tokens
 from mesh.precision import Check, Precision
 from mesh.proxy import (
     H_CLIENT_ID,
+    H_EMULATED_RTT,
     H_PREDICTED,
     H_PREDICTED_TTFT,
     H_REGION,
@@ -66,6 +67,7 @@ from mesh.proxy import (
     H_ROUTE,
     Forwarder,
     UpstreamError,
+    emulated_hold,
     relay,
     upstream_headers,
 )
@@ -405,6 +407,18 @@ class Router:
         except ApiError as exc:
             self.metrics.requests.labels(route, str(exc.status)).inc()
             return exc.response()
+        if fwd is not None and H_EMULATED_RTT in request.headers:
+            try:
+                hold = emulated_hold(request.headers[H_EMULATED_RTT])
+            except ValueError as exc:
+                self.metrics.requests.labels(route, "400").inc()
+                return error_response(400, str(exc), code="bad_forward",
+                                      headers={H_REGION: self.config.region})
+            # An emulated far region (``emulate_rtt``): the forward is decided as late as a
+            # network that far would deliver it. Held here, not by the sender, so that the
+            # hop costs one wake-up of this router, as a real network's would.
+            await asyncio.sleep(hold)
+            arrival = self.clock()
         # The router owns request ids (unique per dispatch); the client's id is echoed back.
         request_id = fwd.request_id if fwd else f"{self._id_prefix}{next(self._ids):08x}"
         keys = self.precision.keys_for(inf, arrival)
@@ -530,6 +544,8 @@ class Router:
             headers.update(self.edge.sign_forward(
                 target.replica, request_id, inf,
                 forward_value(req.tier, req.deadline, self.clock())))
+            if target.delay > 0:
+                headers[H_EMULATED_RTT] = f"{target.delay:.6f}"
             self.metrics.forwards.labels(target.region).inc()
         body = self.precision.body_for(inf) if target.local else inf.raw
         concurrent = target.local and self.dispatches.inflight(target.replica) > 0
@@ -559,7 +575,7 @@ class Router:
 
         try:
             try:
-                up = await self.forwarder.open(url, body, headers, target.delay, ttfb, written)
+                up = await self.forwarder.open(url, body, headers, ttfb, written)
             except UpstreamError as exc:
                 self.metrics.retries.labels(exc.kind).inc()
                 log.warning("attempt on %s failed before the first byte: %s", url, exc)

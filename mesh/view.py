@@ -246,7 +246,8 @@ class ViewBuilder:
     static_rtt: Mapping[str, float] = field(default_factory=dict)
     """Configured round trips, used until one is measured."""
     emulated_rtt: Mapping[str, float] = field(default_factory=dict)
-    """Round trip the forwarding client adds in user space (demo), on top of the measured."""
+    """Emulated round trip (``emulate_rtt``: the receiving router holds a forward that long),
+    on top of the measured."""
     default_rtt: float = 0.1
     """Round trip assumed for a region with routers but neither a measurement nor a setting."""
     learned_rtt: Mapping[str, float] = field(default_factory=dict)

@@ -6,10 +6,10 @@ What runs (all subprocesses on 127.0.0.1, free ports):
   ZMQ KV events, timing from the L4 / Llama-3.1-8B profile divided by ``--speedup``) and one
   ``kvmesh router`` that subscribes to its engines' events and gossips with the other two;
 - the processes are :class:`sim.localmesh.LocalMesh`'s (this is one scenario on it);
-- inter-region round trips are added in user space by each router's forwarding client
-  (config ``emulate_rtt``): a request forwarded into a region leaves that much later, which
-  is what a real round trip costs before the first byte. The routers' cost models are told
-  the same figures. Gossip between routers is not delayed.
+- inter-region round trips are added in user space by the routers (config ``emulate_rtt``):
+  a request forwarded into a region is held by the router there that long before it is
+  decided, which is what a real round trip costs before the first byte. The routers' cost
+  models are told the same figures. Gossip between routers is not delayed.
 
 Then, per policy (round_robin, skylb, kvmesh by default): engine caches are reset, three
 fresh routers start with that policy, closed-loop chat clients in every region (more in us:

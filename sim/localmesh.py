@@ -8,9 +8,9 @@ a path for half its round trip. Which hops are delayed, and how:
 - router -> own engines (HTTP, KV events, replay) through one gateway with the region's
   in-region round trip, when that is at least ``min_delay_ms`` (below it, loopback's own
   latency is already of that order);
-- router -> router forwards by the routers' own ``emulate_rtt`` (a forward into a region
-  leaves one round trip later): a router has one advertised address, so a per-pair proxy
-  cannot sit on that path. Gossip between routers is not delayed;
+- router -> router forwards by the routers' own ``emulate_rtt`` (the router a forward goes
+  to holds it for the round trip before deciding): a router has one advertised address, so
+  a per-pair proxy cannot sit on that path. Gossip between routers is not delayed;
 - client -> router through gateways the load generator opens (``open_gateway``).
 
 Process handling is :mod:`sim.procs`; ``kvmesh demo`` (:mod:`sim.demo`) is one scenario on

@@ -26,6 +26,7 @@ from router_support import (
 )
 
 from mesh.forward_auth import body_digest, sign_headers
+from mesh.proxy import H_EMULATED_RTT
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +124,20 @@ async def test_forwarded_request_is_never_forwarded_again(procs: Procs) -> None:
             assert resp.status == 403
             err = (await resp.json())["error"]
             assert err["code"] == "bad_forward_signature"
+        # An emulated far region: the receiver holds the forward for the round trip it names.
+        started = time.monotonic()
+        async with s.post(f"{eu}/v1/chat/completions", data=raw,
+                          headers={**hop(eu_engine.url, "r4"), H_EMULATED_RTT: "0.4"}) as resp:
+            assert resp.status == 200
+            await resp.read()
+        assert time.monotonic() - started >= 0.4
+        for bad in ("-1", "nan", "11", "soon"):
+            async with s.post(f"{eu}/v1/chat/completions", data=raw,
+                              headers={**hop(eu_engine.url, f"r5{bad}"), H_EMULATED_RTT: bad}) \
+                    as resp:
+                assert resp.status == 400
+                err = (await resp.json())["error"]
+                assert err["code"] == "bad_forward" and H_EMULATED_RTT in err["message"]
         async with s.get(f"{eu}/metrics") as resp:
             metrics = await resp.text()
     assert "kvmesh_router_forwards_total{" not in metrics  # eu forwarded nothing

@@ -11,6 +11,7 @@ from mesh.forward_auth import (
     body_digest,
     sign_headers,
 )
+from mesh.proxy import H_EMULATED_RTT, emulated_hold
 
 KEY = "forward unit-test key, 32 bytes!"
 PATH = "/v1/chat/completions"
@@ -67,3 +68,16 @@ def test_a_full_replay_table_refuses_what_it_forgot() -> None:
     v.verify(signed("c", wall=1002.0), PATH, body_digest(b"{}"), 1002.0)
     assert len(v) == 2
     assert reason(v, first, wall=1003.0) == "stale_timestamp"  # evicted, still refused
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 0.0), ("0", 0.0), ("0.08", 0.08),
+                                                ("10", 10.0)])
+def test_an_emulated_round_trip_is_held_for_the_seconds_it_names(
+        value: str | None, seconds: float) -> None:
+    assert emulated_hold(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["-0.1", "10.5", "nan", "inf", "", "soon"])
+def test_an_unusable_emulated_round_trip_is_refused_with_the_header_named(value: str) -> None:
+    with pytest.raises(ValueError, match=H_EMULATED_RTT):
+        emulated_hold(value)
