@@ -60,7 +60,7 @@ from sim.emulation_report import (
 from sim.engine_model import RequestOutput
 from sim.fleet import Fleet, FleetSpec, Flight, RouterLayout, SimRouter
 from sim.loadgen import UNFINISHED, Entry, LoadGenerator, Observation
-from sim.localmesh import LocalFleetSpec, LocalMesh
+from sim.localmesh import MIN_DELAY_MS, LocalFleetSpec, LocalMesh
 from sim.metrics import RequestRecord, RunCounters, percentile, summarize
 from sim.procs import free_ports
 from sim.profiles import Profile
@@ -123,8 +123,9 @@ class EmulationPlan:
     ratio kept)."""
     replicas: Mapping[str, int] | None = None
     """None: the scenario's. Its regions (keys) restrict the topology."""
-    min_delay_ms: float = 1.0
-    """Hops whose scaled mean round trip is below this are not delayed (loopback's own)."""
+    min_delay_ms: float = MIN_DELAY_MS
+    """Hops whose scaled mean round trip is below this are not delayed (a direct loopback hop
+    is nearer such a link than a gateway: :data:`sim.localmesh.MIN_DELAY_MS`)."""
 
     @property
     def network_scale(self) -> float:
